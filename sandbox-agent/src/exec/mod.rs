@@ -1,0 +1,817 @@
+//! Commands: starting them under a supervisor, collecting their output into
+//! bounded buffers, and keeping their results after they end so that a
+//! client that lost its connection can collect them with `Attach`.
+
+pub mod output;
+pub mod shim;
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::cgroup::OwnCgroup;
+use crate::fs::Workspace;
+use crate::pid1::{ChildExit, Reaper};
+pub use output::{Item, OutputBuffer, Stream};
+use shim::ShimSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no exec with id {0:?}")]
+    NotFound(String),
+    #[error("exec {0:?} has already finished")]
+    Finished(String),
+    #[error("exec {0:?} is still running; stop it before releasing it")]
+    StillRunning(String),
+    #[error("exec {0:?} has no {1}")]
+    NoSuchStream(String, &'static str),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+    #[error("{context}: {source}")]
+    Io {
+        context: &'static str,
+        source: std::io::Error,
+    },
+}
+
+fn io_err(context: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { context, source }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Rlimits {
+    pub cpu_seconds: Option<u64>,
+    pub address_space_bytes: Option<u64>,
+    pub file_size_bytes: Option<u64>,
+    pub open_files: Option<u64>,
+    pub processes: Option<u64>,
+    pub core_bytes: Option<u64>,
+    pub stack_bytes: Option<u64>,
+}
+
+impl Rlimits {
+    fn to_shim(&self) -> Vec<(String, u64)> {
+        [
+            ("cpu", self.cpu_seconds),
+            ("as", self.address_space_bytes),
+            ("fsize", self.file_size_bytes),
+            ("nofile", self.open_files),
+            ("nproc", self.processes),
+            ("core", self.core_bytes),
+            ("stack", self.stack_bytes),
+        ]
+        .into_iter()
+        .filter_map(|(n, v)| v.map(|v| (n.to_string(), v)))
+        .collect()
+    }
+}
+
+/// A validated request to start a command.
+#[derive(Debug, Clone, Default)]
+pub struct ExecSpec {
+    pub exec_id: String,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub clear_env: bool,
+    pub cwd: String,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub stdin: bool,
+    pub pty: Option<(u16, u16)>,
+    pub timeout: Option<Duration>,
+    pub kill_grace: Option<Duration>,
+    pub rlimits: Rlimits,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ExitInfo {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub killed: bool,
+    pub oom_killed: bool,
+    pub duration: Duration,
+    pub user_cpu_us: u64,
+    pub system_cpu_us: u64,
+    pub max_rss_bytes: u64,
+    pub output_bytes: u64,
+    pub output_dropped_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Exited(ExitInfo),
+    SpawnFailed { reason: String, errno: i32 },
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Output bytes kept per exec (head + tail).
+    pub output_cap: usize,
+    /// How long a finished exec's result is kept for Attach.
+    pub retention: Duration,
+    /// Finished execs kept at most; the oldest go first.
+    pub max_retained: usize,
+    pub default_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            output_cap: 8 << 20,
+            retention: Duration::from_secs(3600),
+            max_retained: 1024,
+            default_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+enum Control {
+    Kill,
+    Signal(i32),
+}
+
+struct State {
+    output: OutputBuffer,
+    outcome: Option<Outcome>,
+    finished_at: Option<Instant>,
+    timed_out: bool,
+    killed: bool,
+}
+
+pub struct Exec {
+    pub id: String,
+    pub argv: Vec<String>,
+    pub started_unix_ms: u64,
+    pid: std::sync::atomic::AtomicU32,
+    state: Mutex<State>,
+    /// Bumped on every change to `state`; readers wait on it.
+    changed: watch::Sender<u64>,
+    control: mpsc::UnboundedSender<Control>,
+    stdin: tokio::sync::Mutex<Option<tokio::net::unix::pipe::Sender>>,
+    pty_master: Option<Arc<OwnedFd>>,
+}
+
+impl Exec {
+    pub fn pid(&self) -> u32 {
+        self.pid.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.lock().outcome.clone()
+    }
+
+    pub fn output_total(&self) -> u64 {
+        self.lock().output.total()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Output from `from` (at most `max` bytes), and the outcome if the exec
+    /// has finished and everything up to the end has been returned.
+    pub fn read(&self, from: u64, max: usize) -> (Vec<Item>, u64, Option<Outcome>) {
+        let st = self.lock();
+        let (items, next) = st.output.read_from(from, max);
+        let done = if items.is_empty() && next >= st.output.total() {
+            st.outcome.clone()
+        } else {
+            None
+        };
+        (items, next, done)
+    }
+
+    pub async fn write_stdin(&self, data: &[u8]) -> Result<(), Error> {
+        let mut guard = self.stdin.lock().await;
+        let Some(pipe) = guard.as_mut() else {
+            return Err(Error::NoSuchStream(self.id.clone(), "open stdin"));
+        };
+        if let Err(e) = pipe.write_all(data).await {
+            // The command closed its stdin: further input is discarded.
+            *guard = None;
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                return Err(Error::Io {
+                    context: "writing stdin",
+                    source: e,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn close_stdin(&self) {
+        self.stdin.lock().await.take();
+    }
+
+    pub fn signal(&self, sig: i32) -> Result<(), Error> {
+        if self.lock().outcome.is_some() {
+            return Err(Error::Finished(self.id.clone()));
+        }
+        let _ = self.control.send(Control::Signal(sig));
+        Ok(())
+    }
+
+    /// Stops the whole command tree (SIGTERM, then SIGKILL after the grace).
+    pub fn kill(&self) -> Result<(), Error> {
+        {
+            let mut st = self.lock();
+            if st.outcome.is_some() {
+                return Err(Error::Finished(self.id.clone()));
+            }
+            st.killed = true;
+        }
+        let _ = self.control.send(Control::Kill);
+        Ok(())
+    }
+
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), Error> {
+        let Some(master) = &self.pty_master else {
+            return Err(Error::NoSuchStream(self.id.clone(), "terminal"));
+        };
+        set_winsize(master.as_raw_fd(), rows, cols).map_err(io_err("resizing the terminal"))
+    }
+}
+
+fn set_winsize(fd: i32, rows: u16, cols: u16) -> std::io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ with a valid winsize on a pty fd.
+    if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// All execs of this agent, running and retained.
+pub struct Execs {
+    table: Mutex<HashMap<String, Arc<Exec>>>,
+    limits: Limits,
+    ws: Arc<Workspace>,
+    reaper: Arc<Reaper>,
+    cgroup: Arc<OwnCgroup>,
+    shutting_down: std::sync::atomic::AtomicBool,
+}
+
+impl Execs {
+    pub fn new(limits: Limits, ws: Arc<Workspace>, reaper: Arc<Reaper>, cgroup: Arc<OwnCgroup>) -> Arc<Self> {
+        Arc::new(Self {
+            table: Mutex::new(HashMap::new()),
+            limits,
+            ws,
+            reaper,
+            cgroup,
+            shutting_down: false.into(),
+        })
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Exec>>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<Exec>, Error> {
+        self.table().get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))
+    }
+
+    pub fn list(&self) -> Vec<Arc<Exec>> {
+        let mut v: Vec<_> = self.table().values().cloned().collect();
+        v.sort_by_key(|e| e.started_unix_ms);
+        v
+    }
+
+    pub fn counts(&self) -> (u32, u32) {
+        let t = self.table();
+        let running = t.values().filter(|e| e.outcome().is_none()).count() as u32;
+        (running, t.len() as u32 - running)
+    }
+
+    pub fn release(&self, id: &str) -> Result<(), Error> {
+        let mut t = self.table();
+        let exec = t.get(id).ok_or_else(|| Error::NotFound(id.into()))?;
+        if exec.outcome().is_none() {
+            return Err(Error::StillRunning(id.into()));
+        }
+        t.remove(id);
+        Ok(())
+    }
+
+    /// Starts a command, or returns the existing exec with the same id
+    /// (`true` = attached to an existing one). Waits until the command is
+    /// running or has failed to start, never longer.
+    pub async fn start(self: &Arc<Self>, mut spec: ExecSpec) -> Result<(Arc<Exec>, bool), Error> {
+        if self.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::ShuttingDown);
+        }
+        if spec.exec_id.is_empty() {
+            spec.exec_id = format!("exec-{:016x}", crate::fs::rand_u64());
+        }
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (changed, _) = watch::channel(0u64);
+
+        // Everything that can fail before the command exists is prepared
+        // first, so a failure is reported as a spawn failure of this exec.
+        let prepared = self.prepare(&spec);
+        let pty_master = prepared.as_ref().ok().and_then(|p| p.pty_master.clone());
+        let exec = Arc::new(Exec {
+            id: spec.exec_id.clone(),
+            argv: spec.argv.clone(),
+            started_unix_ms: unix_ms(SystemTime::now()),
+            pid: 0.into(),
+            state: Mutex::new(State {
+                output: OutputBuffer::new(self.limits.output_cap),
+                outcome: None,
+                finished_at: None,
+                timed_out: false,
+                killed: false,
+            }),
+            changed,
+            control: control_tx,
+            stdin: tokio::sync::Mutex::new(None),
+            pty_master,
+        });
+        {
+            let mut t = self.table();
+            if let Some(existing) = t.get(&spec.exec_id) {
+                return Ok((existing.clone(), true));
+            }
+            t.insert(spec.exec_id.clone(), exec.clone());
+        }
+        match prepared {
+            Ok(p) => self.clone().launch(exec.clone(), spec, p, control_rx).await,
+            Err((reason, errno)) => finish(&exec, Outcome::SpawnFailed { reason, errno }),
+        }
+        self.gc();
+        Ok((exec, false))
+    }
+
+    fn prepare(&self, spec: &ExecSpec) -> Result<Prepared, (String, i32)> {
+        let fail = |what: String, e: std::io::Error| (format!("{what}: {e}"), e.raw_os_error().unwrap_or(libc::EIO));
+        let rel = self.ws.relative(&spec.cwd).map_err(|e| (format!("cwd {e}"), libc::EXDEV))?;
+        let cwd = self
+            .ws
+            .open(&rel, libc::O_PATH | libc::O_DIRECTORY, 0)
+            .map_err(|e| (format!("cwd {e}"), errno_of(&e)))?;
+        let (stdout_r, stdout_w, stderr_r, stderr_w, pty_master, pty_slave) = match spec.pty {
+            Some((rows, cols)) => {
+                let (master, slave) = open_pty().map_err(|e| fail("opening a terminal".into(), e))?;
+                set_winsize(master.as_raw_fd(), rows, cols).map_err(|e| fail("sizing the terminal".into(), e))?;
+                (None, None, None, None, Some(Arc::new(master)), Some(slave))
+            }
+            None => {
+                let (or, ow) = pipe().map_err(|e| fail("pipe".into(), e))?;
+                let (er, ew) = pipe().map_err(|e| fail("pipe".into(), e))?;
+                (Some(or), Some(ow), Some(er), Some(ew), None, None)
+            }
+        };
+        let stdin = if spec.stdin && spec.pty.is_none() {
+            Some(pipe().map_err(|e| fail("pipe".into(), e))?)
+        } else {
+            None
+        };
+        let (ctl_agent, ctl_shim) =
+            std::os::unix::net::UnixStream::pair().map_err(|e| fail("control socket".into(), e))?;
+        Ok(Prepared {
+            cwd,
+            stdout_r,
+            stdout_w,
+            stderr_r,
+            stderr_w,
+            pty_master,
+            pty_slave,
+            stdin,
+            ctl_agent,
+            ctl_shim,
+        })
+    }
+
+    async fn launch(self: Arc<Self>, exec: Arc<Exec>, spec: ExecSpec, p: Prepared, control_rx: mpsc::UnboundedReceiver<Control>) {
+        let shim = ShimSpec {
+            grace_ms: spec.kill_grace.unwrap_or(self.limits.default_grace).as_millis() as u64,
+            pty: spec.pty.is_some(),
+            uid: spec.uid,
+            gid: spec.gid,
+            rlimits: spec.rlimits.to_shim(),
+            argv: spec.argv.clone(),
+        };
+        let mut cmd = std::process::Command::new("/proc/self/exe");
+        cmd.arg0("sandbox-agent: exec").args(shim.to_args());
+        if spec.clear_env {
+            cmd.env_clear();
+        }
+        cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
+        let dup = |fd: &OwnedFd| fd.try_clone().map(std::process::Stdio::from);
+        let stdio = (|| -> std::io::Result<_> {
+            Ok(match (&p.pty_slave, &p.stdout_w, &p.stderr_w) {
+                (Some(slave), _, _) => (dup(slave)?, dup(slave)?, dup(slave)?),
+                (None, Some(ow), Some(ew)) => {
+                    let input = match &p.stdin {
+                        Some((r, _)) => dup(r)?,
+                        None => std::process::Stdio::null(),
+                    };
+                    (input, dup(ow)?, dup(ew)?)
+                }
+                _ => unreachable!("prepare sets either a pty or pipes"),
+            })
+        })();
+        let (i, o, e) = match stdio {
+            Ok(s) => s,
+            Err(err) => return finish(&exec, spawn_failed("setting up stdio", &err)),
+        };
+        cmd.stdin(i).stdout(o).stderr(e);
+        let ctl_fd = p.ctl_shim.as_raw_fd();
+        let cwd_fd = p.cwd.as_raw_fd();
+        // SAFETY: only async-signal-safe calls (dup2, fcntl, fchdir) run
+        // between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if ctl_fd == shim::CONTROL_FD {
+                    libc::fcntl(ctl_fd, libc::F_SETFD, 0);
+                } else if libc::dup2(ctl_fd, shim::CONTROL_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::fchdir(cwd_fd) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let oom_before = self.cgroup.oom_kills();
+        let started = Instant::now();
+        let (shim_pid, exit_rx) = match self.reaper.spawn(&mut cmd) {
+            Ok(v) => v,
+            Err(err) => return finish(&exec, spawn_failed("starting the exec supervisor", &err)),
+        };
+        drop(cmd);
+        let Prepared {
+            stdout_r,
+            stderr_r,
+            pty_master,
+            stdin,
+            ctl_agent,
+            ..
+        } = p;
+        if let Some((_, w)) = stdin {
+            match tokio::net::unix::pipe::Sender::from_owned_fd(w) {
+                Ok(s) => *exec.stdin.lock().await = Some(s),
+                Err(err) => tracing::warn!(error = %err, "stdin pipe unusable"),
+            }
+        }
+
+        // Readers drain output into the bounded buffer whatever the clients do.
+        let mut readers = Vec::new();
+        if let Some(r) = stdout_r {
+            readers.push(tokio::spawn(drain_pipe(exec.clone(), r, Stream::Stdout)));
+        }
+        if let Some(r) = stderr_r {
+            readers.push(tokio::spawn(drain_pipe(exec.clone(), r, Stream::Stderr)));
+        }
+        if let Some(m) = pty_master {
+            readers.push(tokio::spawn(drain_pty(exec.clone(), m)));
+        }
+
+        let ctl = match ctl_agent.set_nonblocking(true).and_then(|_| tokio::net::UnixStream::from_std(ctl_agent)) {
+            Ok(c) => c,
+            Err(err) => {
+                // SAFETY: kill(2) of our own child.
+                unsafe { libc::kill(shim_pid as i32, libc::SIGKILL) };
+                return finish(&exec, spawn_failed("control socket", &err));
+            }
+        };
+        let (ctl_read, ctl_write) = ctl.into_split();
+        let mut lines = tokio::io::BufReader::new(ctl_read).lines();
+
+        // The first line says whether the command started.
+        let first = lines.next_line().await.ok().flatten().unwrap_or_default();
+        if let Some(rest) = first.strip_prefix("spawned ") {
+            exec.pid.store(rest.trim().parse().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+            exec.bump();
+        } else {
+            let (errno, stage) = first
+                .strip_prefix("spawn_failed ")
+                .and_then(|r| r.split_once(' '))
+                .map(|(e, s)| (e.parse().unwrap_or(libc::EIO), s.to_string()))
+                .unwrap_or((libc::EIO, "supervisor exited".into()));
+            let err = std::io::Error::from_raw_os_error(errno);
+            let reason = match stage.as_str() {
+                "exec" => format!("cannot execute {:?}: {err}", spec.argv[0]),
+                "setuid" | "setgid" => format!(
+                    "cannot switch to uid {:?} gid {:?}: {err} (the sandbox was started without CAP_SETUID/CAP_SETGID)",
+                    spec.uid, spec.gid
+                ),
+                other => format!("{other}: {err}"),
+            };
+            let _ = exit_rx.await;
+            for r in readers {
+                let _ = r.await;
+            }
+            return finish(&exec, Outcome::SpawnFailed { reason, errno });
+        }
+
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.supervise(exec, spec.timeout, started, oom_before, lines, ctl_write, control_rx, exit_rx, readers)
+                .await
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn supervise(
+        self: Arc<Self>,
+        exec: Arc<Exec>,
+        timeout: Option<Duration>,
+        started: Instant,
+        oom_before: u64,
+        mut lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+        mut ctl_write: tokio::net::unix::OwnedWriteHalf,
+        mut control_rx: mpsc::UnboundedReceiver<Control>,
+        mut exit_rx: tokio::sync::oneshot::Receiver<ChildExit>,
+        readers: Vec<tokio::task::JoinHandle<()>>,
+    ) {
+        let deadline = tokio::time::sleep_until(tokio::time::Instant::from_std(
+            started + timeout.unwrap_or(Duration::from_secs(100 * 365 * 86400)),
+        ));
+        tokio::pin!(deadline);
+        let mut deadline_armed = timeout.is_some();
+        let mut main_status: (Option<i32>, Option<i32>) = (None, None);
+        let mut ctl_open = true;
+        let shim_exit = loop {
+            tokio::select! {
+                res = &mut exit_rx => break res.ok(),
+                line = lines.next_line(), if ctl_open => match line {
+                    Ok(Some(l)) => {
+                        if let Some(c) = l.strip_prefix("exited code ") {
+                            main_status = (c.trim().parse().ok(), None);
+                        } else if let Some(s) = l.strip_prefix("exited signal ") {
+                            main_status = (None, s.trim().parse().ok());
+                        }
+                    }
+                    _ => ctl_open = false,
+                },
+                Some(cmd) = control_rx.recv() => {
+                    let line = match cmd {
+                        Control::Kill => "kill\n".to_string(),
+                        Control::Signal(s) => format!("signal {s}\n"),
+                    };
+                    let _ = ctl_write.write_all(line.as_bytes()).await;
+                }
+                _ = &mut deadline, if deadline_armed => {
+                    deadline_armed = false;
+                    {
+                        let mut st = exec.lock();
+                        st.timed_out = true;
+                        st.killed = true;
+                    }
+                    let _ = ctl_write.write_all(b"kill\n").await;
+                }
+            }
+        };
+        // The supervisor has exited, so every process of the command is gone
+        // and the pipes are at EOF unless something outside the tree holds
+        // them. Output still in flight is collected, for a bounded time:
+        // the process exit, not EOF, ends an exec.
+        while ctl_open {
+            match lines.next_line().await {
+                Ok(Some(l)) => {
+                    if let Some(c) = l.strip_prefix("exited code ") {
+                        main_status = (c.trim().parse().ok(), None);
+                    } else if let Some(s) = l.strip_prefix("exited signal ") {
+                        main_status = (None, s.trim().parse().ok());
+                    }
+                }
+                _ => ctl_open = false,
+            }
+        }
+        let drain = futures::future::join_all(readers);
+        let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+        let duration = started.elapsed();
+        let oom_after = self.cgroup.oom_kills();
+        let (timed_out, killed, total, dropped) = {
+            let st = exec.lock();
+            (st.timed_out, st.killed, st.output.total(), st.output.dropped())
+        };
+        let usage = shim_exit.unwrap_or(ChildExit {
+            status: 0,
+            user_cpu_us: 0,
+            system_cpu_us: 0,
+            max_rss_bytes: 0,
+        });
+        let (code, signal) = main_status;
+        // Without a cgroup of its own per exec, an OOM kill is attributed to
+        // the exec when the container's oom_kill counter moved while it ran
+        // and the command did not succeed.
+        let oom_killed = oom_after > oom_before && code != Some(0);
+        finish(
+            &exec,
+            Outcome::Exited(ExitInfo {
+                code,
+                signal,
+                timed_out,
+                killed,
+                oom_killed,
+                duration,
+                user_cpu_us: usage.user_cpu_us,
+                system_cpu_us: usage.system_cpu_us,
+                max_rss_bytes: usage.max_rss_bytes,
+                output_bytes: total,
+                output_dropped_bytes: dropped,
+            }),
+        );
+    }
+
+    /// Drops finished execs past the retention window, and the oldest
+    /// finished ones beyond the retention count.
+    pub fn gc(&self) {
+        let mut t = self.table();
+        let now = Instant::now();
+        t.retain(|_, e| match e.lock().finished_at {
+            Some(at) => now.duration_since(at) < self.limits.retention,
+            None => true,
+        });
+        let mut finished: Vec<(Instant, String)> = t
+            .iter()
+            .filter_map(|(id, e)| e.lock().finished_at.map(|at| (at, id.clone())))
+            .collect();
+        if finished.len() > self.limits.max_retained {
+            finished.sort();
+            let excess = finished.len() - self.limits.max_retained;
+            for (_, id) in finished.into_iter().take(excess) {
+                t.remove(&id);
+            }
+        }
+    }
+
+    /// Refuses new execs, stops every running one and waits (bounded by
+    /// `wait`) for them to finish.
+    pub async fn shutdown(&self, wait: Duration) {
+        self.shutting_down.store(true, std::sync::atomic::Ordering::Relaxed);
+        let running: Vec<_> = self.list().into_iter().filter(|e| e.outcome().is_none()).collect();
+        for e in &running {
+            let _ = e.kill();
+        }
+        let all = futures::future::join_all(running.iter().map(|e| wait_finished(e.clone())));
+        let _ = tokio::time::timeout(wait, all).await;
+    }
+}
+
+pub async fn wait_finished(exec: Arc<Exec>) {
+    let mut rx = exec.subscribe();
+    while exec.outcome().is_none() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn finish(exec: &Exec, outcome: Outcome) {
+    {
+        let mut st = exec.lock();
+        st.outcome = Some(outcome);
+        st.finished_at = Some(Instant::now());
+    }
+    exec.bump();
+}
+
+fn spawn_failed(what: &str, err: &std::io::Error) -> Outcome {
+    Outcome::SpawnFailed {
+        reason: format!("{what}: {err}"),
+        errno: err.raw_os_error().unwrap_or(libc::EIO),
+    }
+}
+
+fn errno_of(e: &crate::fs::Error) -> i32 {
+    use crate::fs::Error as F;
+    match e {
+        F::NotFound { .. } => libc::ENOENT,
+        F::NotDirectory { .. } => libc::ENOTDIR,
+        F::PermissionDenied { .. } => libc::EACCES,
+        F::Escapes { .. } => libc::EXDEV,
+        F::SymlinkLoop { .. } => libc::ELOOP,
+        F::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        _ => libc::EINVAL,
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+const READ_CHUNK: usize = 64 * 1024;
+
+async fn drain_pipe(exec: Arc<Exec>, fd: OwnedFd, stream: Stream) {
+    let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+        return;
+    };
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        match rx.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                exec.lock().output.append(stream, Bytes::copy_from_slice(&buf[..n]));
+                exec.bump();
+            }
+        }
+    }
+}
+
+async fn drain_pty(exec: Arc<Exec>, master: Arc<OwnedFd>) {
+    // A dup so the AsyncFd owns its own fd while `master` stays usable for
+    // resizes.
+    let Ok(fd) = master.try_clone() else { return };
+    // SAFETY: F_SETFL on a valid fd.
+    unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+    // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open
+    // and refers to the same file for the AsyncFd's whole life.
+    let Ok(afd) = (unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }) else {
+        return;
+    };
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let Ok(mut guard) = afd.readable().await else { return };
+        // SAFETY: read into a valid buffer from a valid fd.
+        let n = unsafe { libc::read(afd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n > 0 {
+            exec.lock().output.append(Stream::Stdout, Bytes::copy_from_slice(&buf[..n as usize]));
+            exec.bump();
+        } else if n == 0 {
+            return;
+        } else {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::WouldBlock {
+                guard.clear_ready();
+                continue;
+            }
+            // EIO: every holder of the terminal's slave side has exited.
+            return;
+        }
+    }
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 into a valid array; both fds are owned below.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fds from pipe2.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // The agent's read end must not block the runtime.
+    // SAFETY: F_SETFL on a valid fd.
+    unsafe { libc::fcntl(r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    Ok((r, w))
+}
+
+fn open_pty() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    // SAFETY: posix_openpt/grantpt/unlockpt/ptsname_r on fds we own.
+    unsafe {
+        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        if m < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let master = OwnedFd::from_raw_fd(m);
+        if libc::grantpt(m) < 0 || libc::unlockpt(m) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // TIOCGPTPEER opens the slave from the master without a path lookup.
+        let s = libc::ioctl(m, libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        if s < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((master, OwnedFd::from_raw_fd(s)))
+    }
+}
+
+struct Prepared {
+    cwd: OwnedFd,
+    stdout_r: Option<OwnedFd>,
+    stdout_w: Option<OwnedFd>,
+    stderr_r: Option<OwnedFd>,
+    stderr_w: Option<OwnedFd>,
+    pty_master: Option<Arc<OwnedFd>>,
+    pty_slave: Option<OwnedFd>,
+    stdin: Option<(OwnedFd, OwnedFd)>,
+    ctl_agent: std::os::unix::net::UnixStream,
+    ctl_shim: std::os::unix::net::UnixStream,
+}

@@ -1,0 +1,472 @@
+//! The per-exec supervisor.
+//!
+//! Every command runs under its own short-lived supervisor: the agent binary
+//! re-executed as `sandbox-agent __exec-shim ... -- argv`. The supervisor sets
+//! `PR_SET_CHILD_SUBREAPER`, so everything the command starts (including
+//! processes that `setsid`, double-fork or ignore SIGTERM) re-parents to it
+//! rather than escaping to PID 1. To stop the command it signals every
+//! descendant it can find in /proc, SIGTERM first and SIGKILL after a grace
+//! period, repeating until it has no children left. When the command's main
+//! process exits, whatever it left behind is stopped the same way, so an exec
+//! never leaks processes.
+//!
+//! The supervisor is plain blocking code run before any runtime or thread
+//! exists. It talks to the agent over fd 3, a Unix stream socket, with one
+//! text line per message:
+//!
+//! * supervisor → agent: `spawned <pid>`, `spawn_failed <errno> <stage>`,
+//!   `exited code <n>` or `exited signal <n>`, then `done` just before it exits.
+//! * agent → supervisor: `kill` (stop the whole tree), `signal <n>` (deliver
+//!   to the command's main process). EOF on fd 3 is treated as `kill`.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::time::{Duration, Instant};
+
+pub const SHIM_ARG: &str = "__exec-shim";
+pub const CONTROL_FD: i32 = 3;
+
+/// Resource limits applied in the command before exec, as (resource, value).
+#[derive(Debug, Default, Clone)]
+pub struct ShimSpec {
+    pub grace_ms: u64,
+    pub pty: bool,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub rlimits: Vec<(String, u64)>,
+    pub argv: Vec<String>,
+}
+
+impl ShimSpec {
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![SHIM_ARG.to_string(), format!("grace_ms={}", self.grace_ms)];
+        if self.pty {
+            a.push("pty=1".into());
+        }
+        if let Some(uid) = self.uid {
+            a.push(format!("uid={uid}"));
+        }
+        if let Some(gid) = self.gid {
+            a.push(format!("gid={gid}"));
+        }
+        for (name, v) in &self.rlimits {
+            a.push(format!("rlimit.{name}={v}"));
+        }
+        a.push("--".into());
+        a.extend(self.argv.iter().cloned());
+        a
+    }
+
+    fn parse(args: &[std::ffi::OsString]) -> Result<Self, String> {
+        let mut spec = ShimSpec::default();
+        let mut it = args.iter();
+        for arg in it.by_ref() {
+            let s = arg.to_str().ok_or("non-UTF-8 option")?;
+            if s == "--" {
+                break;
+            }
+            let (k, v) = s.split_once('=').ok_or_else(|| format!("bad option {s}"))?;
+            let num = |v: &str| v.parse::<u64>().map_err(|_| format!("bad number in {s}"));
+            match k {
+                "grace_ms" => spec.grace_ms = num(v)?,
+                "pty" => spec.pty = v == "1",
+                "uid" => spec.uid = Some(num(v)? as u32),
+                "gid" => spec.gid = Some(num(v)? as u32),
+                _ if k.starts_with("rlimit.") => spec.rlimits.push((k["rlimit.".len()..].to_string(), num(v)?)),
+                _ => return Err(format!("unknown option {s}")),
+            }
+        }
+        spec.argv = it.map(|a| a.to_string_lossy().into_owned()).collect();
+        if spec.argv.is_empty() {
+            return Err("no command".into());
+        }
+        Ok(spec)
+    }
+}
+
+pub fn rlimit_resource(name: &str) -> Option<libc::__rlimit_resource_t> {
+    Some(match name {
+        "cpu" => libc::RLIMIT_CPU,
+        "as" => libc::RLIMIT_AS,
+        "fsize" => libc::RLIMIT_FSIZE,
+        "nofile" => libc::RLIMIT_NOFILE,
+        "nproc" => libc::RLIMIT_NPROC,
+        "core" => libc::RLIMIT_CORE,
+        "stack" => libc::RLIMIT_STACK,
+        _ => return None,
+    })
+}
+
+struct Control {
+    fd: i32,
+    inbuf: Vec<u8>,
+}
+
+impl Control {
+    fn send(&self, line: &str) {
+        let msg = format!("{line}\n");
+        let mut f = std::mem::ManuallyDrop::new(unsafe_file(self.fd));
+        // The agent may be gone; there is nothing useful to do about it here.
+        let _ = f.write_all(msg.as_bytes());
+    }
+}
+
+fn unsafe_file(fd: i32) -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: callers wrap the result in ManuallyDrop, so the fd is borrowed.
+    unsafe { std::fs::File::from_raw_fd(fd) }
+}
+
+/// Entry point of `sandbox-agent __exec-shim ...`. Never returns.
+pub fn main(args: &[std::ffi::OsString]) -> ! {
+    let ctl = Control {
+        fd: CONTROL_FD,
+        inbuf: Vec::new(),
+    };
+    let spec = match ShimSpec::parse(args) {
+        Ok(s) => s,
+        Err(e) => {
+            ctl.send(&format!("spawn_failed {} supervisor:{}", libc::EINVAL, e.replace(' ', "_")));
+            ctl.send("done");
+            std::process::exit(1);
+        }
+    };
+    // SAFETY: all of the following are plain syscalls on this process.
+    unsafe {
+        libc::fcntl(CONTROL_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+    let code = supervise(ctl, spec);
+    std::process::exit(code)
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
+    // Block the signals we handle through a signalfd; the command gets a
+    // clean mask and default dispositions back before exec.
+    let mut mask: libc::sigset_t = zeroed();
+    let mut old: libc::sigset_t = zeroed();
+    // SAFETY: sigset manipulation on valid local structs.
+    let sfd = unsafe {
+        libc::sigemptyset(&mut mask);
+        for s in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut mask, s);
+        }
+        libc::sigprocmask(libc::SIG_BLOCK, &mask, &mut old);
+        libc::signalfd(-1, &mask, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+    };
+    if sfd < 0 {
+        ctl.send(&format!("spawn_failed {} supervisor:signalfd", errno()));
+        ctl.send("done");
+        return 1;
+    }
+
+    // Everything the child needs is prepared before fork: only async-signal-
+    // safe calls happen between fork and exec.
+    let argv_c: Vec<CString> = match spec.argv.iter().map(|a| CString::new(a.as_bytes())).collect() {
+        Ok(v) => v,
+        Err(_) => {
+            ctl.send(&format!("spawn_failed {} argv:contains_NUL", libc::EINVAL));
+            ctl.send("done");
+            return 1;
+        }
+    };
+    let mut argv_p: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
+    argv_p.push(std::ptr::null());
+    let program = resolve_program(&spec.argv[0]);
+    let rlimits: Vec<(libc::__rlimit_resource_t, u64)> = spec
+        .rlimits
+        .iter()
+        .filter_map(|(n, v)| rlimit_resource(n).map(|r| (r, *v)))
+        .collect();
+
+    let mut errpipe = [0i32; 2];
+    // SAFETY: pipe2 into a valid array.
+    if unsafe { libc::pipe2(errpipe.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        ctl.send(&format!("spawn_failed {} supervisor:pipe", errno()));
+        ctl.send("done");
+        return 1;
+    }
+
+    // SAFETY: fork in a single-threaded process.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        ctl.send(&format!("spawn_failed {} fork", errno()));
+        ctl.send("done");
+        return 1;
+    }
+    if pid == 0 {
+        // Child: only async-signal-safe calls from here to exec.
+        // SAFETY: raw syscalls on our own process; on any failure the errno
+        // and the stage are reported through the CLOEXEC pipe and we _exit.
+        unsafe {
+            let fail = |stage: u8| -> ! {
+                let e = *libc::__errno_location();
+                let msg = [stage, (e & 0xff) as u8, ((e >> 8) & 0xff) as u8, 0];
+                libc::write(errpipe[1], msg.as_ptr().cast(), 4);
+                libc::_exit(127);
+            };
+            libc::close(errpipe[0]);
+            for s in 1..32 {
+                if s != libc::SIGKILL && s != libc::SIGSTOP {
+                    libc::signal(s, libc::SIG_DFL);
+                }
+            }
+            libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            if libc::setsid() < 0 {
+                fail(b's');
+            }
+            if spec.pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                fail(b't');
+            }
+            for (res, v) in &rlimits {
+                let lim = libc::rlimit { rlim_cur: *v, rlim_max: *v };
+                if libc::setrlimit(*res, &lim) < 0 {
+                    fail(b'r');
+                }
+            }
+            if let Some(gid) = spec.gid {
+                if libc::setgroups(0, std::ptr::null()) < 0 && *libc::__errno_location() != libc::EPERM {
+                    fail(b'g');
+                }
+                if libc::setgid(gid) < 0 {
+                    fail(b'g');
+                }
+            }
+            if let Some(uid) = spec.uid {
+                if libc::setuid(uid) < 0 {
+                    fail(b'u');
+                }
+            }
+            match &program {
+                Some(p) => {
+                    libc::execv(p.as_ptr(), argv_p.as_ptr());
+                }
+                None => {
+                    libc::execvp(argv_p[0], argv_p.as_ptr());
+                }
+            }
+            fail(b'e');
+        }
+    }
+
+    // SAFETY: closing our copy of the write end.
+    unsafe { libc::close(errpipe[1]) };
+    let mut msg = [0u8; 4];
+    // SAFETY: read into a valid 4-byte buffer; EOF (0) means exec succeeded.
+    let n = loop {
+        let n = unsafe { libc::read(errpipe[0], msg.as_mut_ptr().cast(), 4) };
+        if n < 0 && errno() == libc::EINTR {
+            continue;
+        }
+        break n;
+    };
+    // SAFETY: closing the read end.
+    unsafe { libc::close(errpipe[0]) };
+    if n == 4 {
+        let e = msg[1] as i32 | (msg[2] as i32) << 8;
+        let stage = match msg[0] {
+            b's' => "setsid",
+            b't' => "controlling_terminal",
+            b'r' => "rlimit",
+            b'g' => "setgid",
+            b'u' => "setuid",
+            _ => "exec",
+        };
+        let mut status = 0;
+        // SAFETY: reaping the child that failed to exec.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        ctl.send(&format!("spawn_failed {e} {stage}"));
+        ctl.send("done");
+        return 0;
+    }
+    ctl.send(&format!("spawned {pid}"));
+
+    let grace = Duration::from_millis(spec.grace_ms);
+    let mut main_alive = true;
+    // When set, the tree is being stopped: SIGTERM was sent at .0, SIGKILL
+    // follows once .0 + grace has passed.
+    let mut stopping: Option<Instant> = None;
+    let mut ctl_open = true;
+    loop {
+        // Reap everything that has exited.
+        loop {
+            let mut status = 0;
+            // SAFETY: non-blocking waitpid for any child.
+            let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if r <= 0 {
+                if r < 0 && errno() == libc::ECHILD && !main_alive {
+                    ctl.send("done");
+                    return 0;
+                }
+                break;
+            }
+            if r == pid {
+                main_alive = false;
+                if libc::WIFEXITED(status) {
+                    ctl.send(&format!("exited code {}", libc::WEXITSTATUS(status)));
+                } else if libc::WIFSIGNALED(status) {
+                    ctl.send(&format!("exited signal {}", libc::WTERMSIG(status)));
+                }
+                if stopping.is_none() {
+                    // The command is done; whatever it left running goes too.
+                    stopping = Some(Instant::now());
+                    signal_descendants(libc::SIGTERM);
+                }
+            }
+        }
+        if let Some(since) = stopping {
+            if since.elapsed() >= grace {
+                signal_descendants(libc::SIGKILL);
+            }
+        }
+        let timeout_ms = match stopping {
+            Some(since) if since.elapsed() < grace => (grace - since.elapsed()).as_millis().clamp(1, 50) as i32,
+            Some(_) => 10,
+            None => -1,
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd: sfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if ctl_open { CONTROL_FD } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: poll on a valid array of two pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+        if n < 0 {
+            continue;
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            let mut info: libc::signalfd_siginfo = zeroed();
+            // SAFETY: read one siginfo from the signalfd into a valid struct.
+            while unsafe {
+                libc::read(
+                    sfd,
+                    (&mut info as *mut libc::signalfd_siginfo).cast(),
+                    std::mem::size_of::<libc::signalfd_siginfo>(),
+                )
+            } > 0
+            {
+                if info.ssi_signo as i32 != libc::SIGCHLD && stopping.is_none() {
+                    stopping = Some(Instant::now());
+                    signal_descendants(libc::SIGTERM);
+                }
+            }
+        }
+        if ctl_open && fds[1].revents != 0 {
+            let mut buf = [0u8; 256];
+            // SAFETY: read into a valid buffer.
+            let n = unsafe { libc::read(CONTROL_FD, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                // The agent is gone: nobody will collect the result, so do
+                // not leave the command running.
+                ctl_open = false;
+                if stopping.is_none() {
+                    stopping = Some(Instant::now());
+                    signal_descendants(libc::SIGTERM);
+                }
+                continue;
+            }
+            ctl.inbuf.extend_from_slice(&buf[..n as usize]);
+            while let Some(nl) = ctl.inbuf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = ctl.inbuf.drain(..=nl).collect();
+                let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+                if line == "kill" {
+                    if stopping.is_none() {
+                        stopping = Some(Instant::now());
+                        signal_descendants(libc::SIGTERM);
+                    }
+                } else if let Some(sig) = line.strip_prefix("signal ").and_then(|s| s.parse::<i32>().ok()) {
+                    if main_alive {
+                        // SAFETY: signalling our own, not yet reaped, child.
+                        unsafe { libc::kill(pid, sig) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn zeroed<T>() -> T {
+    // SAFETY: only used for plain C structs (sigset_t, siginfo) where all-zero is valid.
+    unsafe { std::mem::zeroed() }
+}
+
+/// execvp semantics without allocation after fork: a name without a slash is
+/// searched in PATH here, in the supervisor, before forking.
+fn resolve_program(name: &str) -> Option<CString> {
+    if name.contains('/') {
+        return CString::new(name).ok();
+    }
+    let path = std::env::var_os("PATH")?;
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(name);
+        let c = CString::new(candidate.as_os_str().as_bytes()).ok()?;
+        // SAFETY: access(2) with a NUL-terminated path.
+        if unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0 {
+            return Some(c);
+        }
+    }
+    // Let execvp report ENOENT (or EACCES) itself.
+    None
+}
+
+/// Sends `sig` to every process below this supervisor, found by walking
+/// parent links in /proc (a process that re-parented to us is our child).
+fn signal_descendants(sig: i32) {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    let mut parents: Vec<(i32, i32)> = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Some(ppid) = read_ppid(pid) {
+            parents.push((pid, ppid));
+        }
+    }
+    let mut tree = vec![me];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        for (pid, ppid) in &parents {
+            if *ppid == p && !tree.contains(pid) {
+                tree.push(*pid);
+            }
+        }
+        i += 1;
+    }
+    for pid in tree.into_iter().skip(1) {
+        // SAFETY: kill(2) of a descendant pid.
+        unsafe { libc::kill(pid, sig) };
+        if sig == libc::SIGTERM {
+            // A stopped process does not act on SIGTERM until continued.
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+}
+
+fn read_ppid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain anything, so parse
+    // from the last ')'.
+    let close = stat.iter().rposition(|b| *b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    let mut fields = rest.split_whitespace();
+    fields.next()?; // state
+    fields.next()?.parse().ok()
+}

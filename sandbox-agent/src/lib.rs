@@ -1,0 +1,159 @@
+//! bridle's sandbox agent: the gRPC server that runs as PID 1 inside every
+//! sandbox container and executes commands, file I/O and snapshots there.
+//!
+//! `main.rs` only parses [`Config`] and calls [`run`]; everything else lives
+//! here so tests can start the server on a socket of their own.
+
+pub mod cgroup;
+pub mod exec;
+pub mod fs;
+pub mod pid1;
+pub mod service;
+pub mod snapshot;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bridle_proto::sandbox::v1::sandbox_agent_server::SandboxAgentServer;
+
+/// Everything the agent can be told, from flags or `BRIDLE_AGENT_*`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "sandbox-agent", version, about = "bridle's in-sandbox execution server")]
+pub struct Config {
+    /// Unix socket to serve on.
+    #[arg(long, env = "BRIDLE_AGENT_SOCKET", default_value = "/run/bridle/agent.sock")]
+    pub socket: PathBuf,
+    /// Also serve on this TCP address (no authentication: only for trusted networks).
+    #[arg(long, env = "BRIDLE_AGENT_TCP")]
+    pub tcp: Option<SocketAddr>,
+    /// Root of every file operation; commands start here by default.
+    #[arg(long, env = "BRIDLE_AGENT_WORKSPACE", default_value = "/workspace")]
+    pub workspace: PathBuf,
+    /// Output bytes kept per exec (head and tail halves).
+    #[arg(long, env = "BRIDLE_AGENT_OUTPUT_CAP", default_value_t = 8 << 20)]
+    pub output_cap: usize,
+    /// Seconds a finished exec's result and output are kept for Attach.
+    #[arg(long, env = "BRIDLE_AGENT_RETENTION_SECS", default_value_t = 3600)]
+    pub retention_secs: u64,
+    /// Finished execs kept at most.
+    #[arg(long, env = "BRIDLE_AGENT_MAX_RETAINED", default_value_t = 1024)]
+    pub max_retained: usize,
+    /// Milliseconds between SIGTERM and SIGKILL when a command tree is stopped.
+    #[arg(long, env = "BRIDLE_AGENT_KILL_GRACE_MS", default_value_t = 2000)]
+    pub kill_grace_ms: u64,
+    /// Seconds of silence after which an exec stream gets a keepalive.
+    #[arg(long, env = "BRIDLE_AGENT_KEEPALIVE_SECS", default_value_t = 15)]
+    pub keepalive_secs: u64,
+    /// Concurrent gRPC streams per connection.
+    #[arg(long, env = "BRIDLE_AGENT_MAX_STREAMS", default_value_t = 256)]
+    pub max_streams: u32,
+}
+
+/// Serves until `shutdown` resolves, then stops every running command
+/// (SIGTERM, SIGKILL after the grace period) and returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let ws = fs::Workspace::at(&config.workspace)
+        .with_context(|| format!("opening workspace {}", config.workspace.display()))?;
+    let ws = Arc::new(ws);
+    let reaper = pid1::Reaper::new();
+    tokio::spawn(reaper.clone().run());
+    let cgroup = Arc::new(cgroup::OwnCgroup::detect());
+    let execs = exec::Execs::new(
+        exec::Limits {
+            output_cap: config.output_cap.max(2),
+            retention: Duration::from_secs(config.retention_secs),
+            max_retained: config.max_retained,
+            default_grace: Duration::from_millis(config.kill_grace_ms),
+        },
+        ws.clone(),
+        reaper,
+        cgroup.clone(),
+    );
+    let svc = service::AgentService {
+        ws: ws.clone(),
+        execs: execs.clone(),
+        cgroup,
+        started,
+        keepalive: Duration::from_secs(config.keepalive_secs.max(1)),
+    };
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<SandboxAgentServer<service::AgentService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(bridle_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let agent = SandboxAgentServer::new(svc)
+        .max_decoding_message_size(8 << 20)
+        .max_encoding_message_size(8 << 20);
+
+    if let Some(dir) = config.socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(&config.socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", config.socket.display())),
+    }
+    let uds = tokio::net::UnixListener::bind(&config.socket)
+        .with_context(|| format!("binding {}", config.socket.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Anyone who can reach the socket directory may talk to the agent:
+        // access is controlled by who can see that directory (the control
+        // plane's per-sandbox host directory), not by the socket's owner.
+        std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o666))
+            .with_context(|| format!("chmod {}", config.socket.display()))?;
+    }
+    tracing::info!(socket = %config.socket.display(), workspace = %ws.root_path().display(), "sandbox agent serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(Some(config.max_streams))
+        .tcp_nodelay(true)
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(agent);
+
+    let gc_execs = execs.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            gc_execs.gc();
+        }
+    });
+
+    let uds_stream = tokio_stream::wrappers::UnixListenerStream::new(uds);
+    let result = match config.tcp {
+        Some(addr) => {
+            let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+            let tcp_stream = tokio_stream::wrappers::TcpListenerStream::new(tcp);
+            let tcp_router = router.clone();
+            let a = router.serve_with_incoming_shutdown(uds_stream, stopped(stop_rx.clone()));
+            let b = tcp_router.serve_with_incoming_shutdown(tcp_stream, stopped(stop_rx.clone()));
+            tokio::try_join!(a, b).map(|_| ())
+        }
+        None => router.serve_with_incoming_shutdown(uds_stream, stopped(stop_rx.clone())).await,
+    };
+    execs
+        .shutdown(Duration::from_millis(config.kill_grace_ms) + Duration::from_secs(2))
+        .await;
+    let _ = std::fs::remove_file(&config.socket);
+    result.context("serving gRPC")
+}
