@@ -6,6 +6,9 @@ fn main() -> std::process::ExitCode {
     if args.get(1).is_some_and(|a| a == sandbox_agent::exec::shim::SHIM_ARG) {
         sandbox_agent::exec::shim::main(&args[2..]);
     }
+    // Descriptors inherited from whoever started the agent are never passed on.
+    // SAFETY: close_range only sets flags on this process's own fds.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
     let config = sandbox_agent::Config::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

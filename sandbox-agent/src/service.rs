@@ -166,6 +166,7 @@ async fn follow(exec: Arc<exec::Exec>, mut from: u64, tx: mpsc::Sender<Result<pb
     loop {
         changed.borrow_and_update();
         let (items, next, done) = exec.read(from, OUTPUT_BATCH);
+        let sent_some = !items.is_empty();
         for item in items {
             let ev = match item {
                 Item::Chunk(c) => pb::exec_event::Event::Output(pb::OutputChunk {
@@ -190,7 +191,9 @@ async fn follow(exec: Arc<exec::Exec>, mut from: u64, tx: mpsc::Sender<Result<pb
             let _ = tx.send(Ok(outcome_event(&outcome))).await;
             return;
         }
-        if next < exec.output_total() {
+        // Only an empty read may wait: anything else re-reads at once (the
+        // exec may have finished while we sent, with no change left to see).
+        if sent_some {
             continue;
         }
         match tokio::time::timeout(keepalive, changed.changed()).await {

@@ -1,1 +1,55 @@
+//! Support for bridle's end-to-end tests, benchmark and quick start: a thin
+//! client for the sandbox agent, the agent started as a host process, and
+//! sandbox containers started from locally built images on the real Docker
+//! daemon.
 
+pub mod client;
+pub mod docker;
+pub mod host;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+/// The workspace's root directory (where Cargo.toml and images/ live).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// The `sandbox-agent` binary built alongside the running test or tool:
+/// `$BRIDLE_AGENT_BIN`, else the same target directory as this executable.
+/// If it is missing (only `-p bridle-tests` was built) it is built now.
+pub fn agent_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("BRIDLE_AGENT_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("locating the current executable")?;
+    let mut dir = exe.parent().context("executable has no directory")?.to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let candidate = dir.join("sandbox-agent");
+    if candidate.exists() {
+        return Ok(candidate);
+    }
+    let release = dir.ends_with("release");
+    let mut cmd = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "-p", "sandbox-agent", "--bin", "sandbox-agent"]).current_dir(repo_root());
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("running cargo build -p sandbox-agent")?;
+    if !status.success() || !candidate.exists() {
+        bail!(
+            "sandbox-agent binary not found at {} (build it with `cargo build -p sandbox-agent`)",
+            candidate.display()
+        );
+    }
+    Ok(candidate)
+}
+
+/// sha256 of a byte slice, as lowercase hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}

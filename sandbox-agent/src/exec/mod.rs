@@ -378,13 +378,13 @@ impl Execs {
                 (None, None, None, None, Some(Arc::new(master)), Some(slave))
             }
             None => {
-                let (or, ow) = pipe().map_err(|e| fail("pipe".into(), e))?;
-                let (er, ew) = pipe().map_err(|e| fail("pipe".into(), e))?;
+                let (or, ow) = pipe(0).map_err(|e| fail("pipe".into(), e))?;
+                let (er, ew) = pipe(0).map_err(|e| fail("pipe".into(), e))?;
                 (Some(or), Some(ow), Some(er), Some(ew), None, None)
             }
         };
         let stdin = if spec.stdin && spec.pty.is_none() {
-            Some(pipe().map_err(|e| fail("pipe".into(), e))?)
+            Some(pipe(1).map_err(|e| fail("pipe".into(), e))?)
         } else {
             None
         };
@@ -463,14 +463,22 @@ impl Execs {
         };
         drop(cmd);
         let Prepared {
+            cwd,
             stdout_r,
+            stdout_w,
             stderr_r,
+            stderr_w,
             pty_master,
+            pty_slave,
             stdin,
             ctl_agent,
-            ..
+            ctl_shim,
         } = p;
-        if let Some((_, w)) = stdin {
+        // The command's ends belong to the command now: holding them here
+        // would keep the output pipes from ever reaching EOF.
+        drop((cwd, stdout_w, stderr_w, pty_slave, ctl_shim));
+        if let Some((r, w)) = stdin {
+            drop(r);
             match tokio::net::unix::pipe::Sender::from_owned_fd(w) {
                 Ok(s) => *exec.stdin.lock().await = Some(s),
                 Err(err) => tracing::warn!(error = %err, "stdin pipe unusable"),
@@ -769,7 +777,9 @@ async fn drain_pty(exec: Arc<Exec>, master: Arc<OwnedFd>) {
     }
 }
 
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+/// A pipe whose `agent_end` (0 = read, 1 = write) is non-blocking for the
+/// runtime; the command's end stays blocking, as programs expect.
+fn pipe(agent_end: usize) -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 into a valid array; both fds are owned below.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
@@ -777,9 +787,9 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: fresh fds from pipe2.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // The agent's read end must not block the runtime.
+    let agent = if agent_end == 0 { &r } else { &w };
     // SAFETY: F_SETFL on a valid fd.
-    unsafe { libc::fcntl(r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    unsafe { libc::fcntl(agent.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
     Ok((r, w))
 }
 

@@ -135,6 +135,9 @@ pub fn main(args: &[std::ffi::OsString]) -> ! {
     // SAFETY: all of the following are plain syscalls on this process.
     unsafe {
         libc::fcntl(CONTROL_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        // Whatever else this process inherited must not reach the command:
+        // it gets fds 0-2 and nothing more.
+        libc::syscall(libc::SYS_close_range, CONTROL_FD as u32 + 1, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     }
     let code = supervise(ctl, spec);

@@ -1,0 +1,267 @@
+//! A small client for `bridle.sandbox.v1.SandboxAgent` over a Unix socket.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bridle_proto::sandbox::v1 as pb;
+use bridle_proto::sandbox::v1::sandbox_agent_client::SandboxAgentClient;
+use bytes::Bytes;
+use futures::StreamExt;
+use hyper_util::rt::TokioIo;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub type Agent = SandboxAgentClient<Channel>;
+
+/// Connects to the agent's socket (lazily: the first call dials).
+pub fn connect(socket: &Path) -> anyhow::Result<Agent> {
+    let path: PathBuf = socket.to_path_buf();
+    // The URI is required by the API but unused: the connector dials the socket.
+    let channel = Endpoint::try_from("http://agent.local")?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+        }));
+    Ok(SandboxAgentClient::new(channel)
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20))
+}
+
+/// Waits until the agent answers its health check, never by sleeping a
+/// fixed time.
+pub async fn wait_healthy(socket: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut last_err = String::from("socket never appeared");
+    while start.elapsed() < timeout {
+        if socket.exists() {
+            let path = socket.to_path_buf();
+            let channel = Endpoint::try_from("http://agent.local")?
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                }))
+                .await;
+            match channel {
+                Ok(ch) => {
+                    let mut health = tonic_health_client(ch);
+                    match health.check(health_request()).await {
+                        Ok(r) if r.get_ref().status == 1 => return Ok(()),
+                        Ok(r) => last_err = format!("health status {}", r.get_ref().status),
+                        Err(e) => last_err = e.to_string(),
+                    }
+                }
+                Err(e) => last_err = e.to_string(),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("agent at {} not healthy after {timeout:?}: {last_err}", socket.display())
+}
+
+fn tonic_health_client(ch: Channel) -> tonic_health::pb::health_client::HealthClient<Channel> {
+    tonic_health::pb::health_client::HealthClient::new(ch)
+}
+
+fn health_request() -> tonic_health::pb::HealthCheckRequest {
+    tonic_health::pb::HealthCheckRequest { service: String::new() }
+}
+
+/// Everything an exec produced, collected.
+#[derive(Debug, Default, Clone)]
+pub struct ExecResult {
+    pub exec_id: String,
+    pub pid: u32,
+    pub attached: bool,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub dropped: Vec<(u64, u64)>,
+    pub exited: Option<pb::ExecExited>,
+    pub spawn_failed: Option<pb::SpawnFailed>,
+    pub keepalives: u32,
+    /// Offset after the last output byte seen.
+    pub next_offset: u64,
+}
+
+impl ExecResult {
+    pub fn code(&self) -> Option<i32> {
+        self.exited.as_ref().and_then(|e| e.code)
+    }
+
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+pub fn start(argv: &[&str]) -> pb::ExecStart {
+    pb::ExecStart {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+pub fn shell(cmd: &str) -> pb::ExecStart {
+    pb::ExecStart {
+        shell: cmd.to_string(),
+        ..Default::default()
+    }
+}
+
+fn start_request(s: pb::ExecStart) -> pb::ExecRequest {
+    pb::ExecRequest {
+        request: Some(pb::exec_request::Request::Start(s)),
+    }
+}
+
+/// Collects an event stream until it ends.
+pub async fn collect(mut events: tonic::Streaming<pb::ExecEvent>) -> anyhow::Result<ExecResult> {
+    let mut r = ExecResult::default();
+    while let Some(ev) = events.message().await? {
+        apply(&mut r, ev);
+    }
+    Ok(r)
+}
+
+pub fn apply(r: &mut ExecResult, ev: pb::ExecEvent) {
+    use pb::exec_event::Event;
+    match ev.event {
+        Some(Event::Started(s)) => {
+            r.exec_id = s.exec_id;
+            r.pid = s.pid;
+            r.attached = s.attached;
+        }
+        Some(Event::Output(o)) => {
+            r.next_offset = o.offset + o.data.len() as u64;
+            if o.stream == pb::OutputStream::Stderr as i32 {
+                r.stderr.extend_from_slice(&o.data);
+            } else {
+                r.stdout.extend_from_slice(&o.data);
+            }
+        }
+        Some(Event::Dropped(d)) => {
+            r.next_offset = d.to_offset;
+            r.dropped.push((d.from_offset, d.to_offset));
+        }
+        Some(Event::Exited(e)) => r.exited = Some(e),
+        Some(Event::SpawnFailed(f)) => r.spawn_failed = Some(f),
+        Some(Event::Keepalive(_)) => r.keepalives += 1,
+        None => {}
+    }
+}
+
+/// Runs a command to completion with no stdin.
+pub async fn run(agent: &mut Agent, s: pb::ExecStart) -> anyhow::Result<ExecResult> {
+    let events = agent
+        .exec(futures::stream::iter([start_request(s)]))
+        .await
+        .context("Exec")?
+        .into_inner();
+    collect(events).await
+}
+
+/// Starts a command and returns the sender for later requests (stdin,
+/// signals) with the event stream.
+pub async fn start_interactive(
+    agent: &mut Agent,
+    s: pb::ExecStart,
+) -> anyhow::Result<(mpsc::Sender<pb::ExecRequest>, tonic::Streaming<pb::ExecEvent>)> {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(start_request(s)).await?;
+    let events = agent.exec(ReceiverStream::new(rx)).await.context("Exec")?.into_inner();
+    Ok((tx, events))
+}
+
+pub fn stdin(data: &[u8]) -> pb::ExecRequest {
+    pb::ExecRequest {
+        request: Some(pb::exec_request::Request::Stdin(Bytes::copy_from_slice(data))),
+    }
+}
+
+pub fn close_stdin() -> pb::ExecRequest {
+    pb::ExecRequest {
+        request: Some(pb::exec_request::Request::CloseStdin(pb::CloseStdin {})),
+    }
+}
+
+pub async fn attach(agent: &mut Agent, exec_id: &str, from_offset: u64) -> anyhow::Result<ExecResult> {
+    let events = agent
+        .attach(pb::AttachRequest {
+            exec_id: exec_id.into(),
+            from_offset,
+        })
+        .await
+        .context("Attach")?
+        .into_inner();
+    collect(events).await
+}
+
+pub const CHUNK: usize = 1 << 20;
+
+pub fn write_header(path: &str) -> pb::WriteFileHeader {
+    pb::WriteFileHeader {
+        path: path.into(),
+        create_parents: true,
+        ..Default::default()
+    }
+}
+
+/// Uploads `data` in 1 MiB messages.
+pub async fn write_file(agent: &mut Agent, header: pb::WriteFileHeader, data: Bytes) -> Result<pb::WriteFileResponse, tonic::Status> {
+    let mut msgs = vec![pb::WriteFileRequest {
+        request: Some(pb::write_file_request::Request::Header(header)),
+    }];
+    let mut off = 0;
+    while off < data.len() {
+        let end = (off + CHUNK).min(data.len());
+        msgs.push(pb::WriteFileRequest {
+            request: Some(pb::write_file_request::Request::Data(data.slice(off..end))),
+        });
+        off = end;
+    }
+    Ok(agent.write_file(futures::stream::iter(msgs)).await?.into_inner())
+}
+
+pub async fn read_file(agent: &mut Agent, path: &str) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = agent
+        .read_file(pb::ReadFileRequest {
+            path: path.into(),
+            offset: 0,
+            length: 0,
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk?.data);
+    }
+    Ok(out)
+}
+
+pub async fn snapshot(agent: &mut Agent, req: pb::SnapshotRequest) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = agent.snapshot(req).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk?.data);
+    }
+    Ok(out)
+}
+
+pub async fn restore(agent: &mut Agent, path: &str, archive: Bytes) -> Result<pb::RestoreResponse, tonic::Status> {
+    let mut msgs = vec![pb::RestoreRequest {
+        request: Some(pb::restore_request::Request::Header(pb::RestoreHeader {
+            path: path.into(),
+            compression: 0,
+        })),
+    }];
+    let mut off = 0;
+    while off < archive.len() {
+        let end = (off + CHUNK).min(archive.len());
+        msgs.push(pb::RestoreRequest {
+            request: Some(pb::restore_request::Request::Data(archive.slice(off..end))),
+        });
+        off = end;
+    }
+    Ok(agent.restore(futures::stream::iter(msgs)).await?.into_inner())
+}

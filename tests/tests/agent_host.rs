@@ -1,0 +1,472 @@
+//! The agent binary on the host, over a Unix socket in a tempdir: the exec
+//! contract (idempotency, attach, stdin, timeouts that kill whole trees,
+//! spawn failures) and the file and snapshot RPCs.
+
+use std::time::Duration;
+
+use bridle_proto::sandbox::v1 as pb;
+use bridle_tests::client::{self, shell, start};
+use bridle_tests::host::{alive, HostAgent};
+use bytes::Bytes;
+use tonic::Code;
+
+#[tokio::test]
+async fn runs_a_command_and_reports_its_exit() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let r = client::run(&mut c, shell("echo out; echo err >&2; exit 3")).await.unwrap();
+    assert_eq!(r.stdout, b"out\n");
+    assert_eq!(r.stderr, b"err\n");
+    let exited = r.exited.unwrap();
+    assert_eq!(exited.code, Some(3));
+    assert!(!exited.timed_out && !exited.oom_killed && !exited.killed);
+    assert!(r.pid > 0);
+
+    let r = client::run(&mut c, shell("kill -USR1 $$")).await.unwrap();
+    assert_eq!(r.exited.unwrap().signal, Some(libc::SIGUSR1));
+}
+
+#[tokio::test]
+async fn spawn_failures_are_distinct_and_immediate() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    std::fs::write(agent.workspace.join("not-exec"), b"#!/bin/sh\n").unwrap();
+    let cases = [
+        (start(&["/definitely/missing"]), libc::ENOENT),
+        (start(&["no-such-command-anywhere"]), libc::ENOENT),
+        (start(&["./not-exec"]), libc::EACCES),
+        (
+            pb::ExecStart {
+                cwd: "missing-dir".into(),
+                ..start(&["true"])
+            },
+            libc::ENOENT,
+        ),
+        (
+            pb::ExecStart {
+                cwd: "../..".into(),
+                ..start(&["true"])
+            },
+            libc::EXDEV,
+        ),
+    ];
+    for (s, errno) in cases {
+        let what = format!("{:?} in {:?}", s.argv, s.cwd);
+        let r = tokio::time::timeout(Duration::from_secs(10), client::run(&mut c, s))
+            .await
+            .expect("a spawn failure must not hang")
+            .unwrap();
+        let f = r.spawn_failed.clone().unwrap_or_else(|| panic!("{what}: expected spawn failure, got {r:?}"));
+        assert_eq!(f.errno, errno, "{what}: {}", f.reason);
+        assert!(r.exited.is_none());
+    }
+}
+
+#[tokio::test]
+async fn bad_requests_get_invalid_argument() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    for s in [
+        pb::ExecStart::default(),
+        pb::ExecStart {
+            argv: vec!["true".into()],
+            shell: "true".into(),
+            ..Default::default()
+        },
+        pb::ExecStart {
+            env: [("A=B".to_string(), "x".to_string())].into(),
+            ..start(&["true"])
+        },
+    ] {
+        let err = client::run(&mut c, s).await.unwrap_err();
+        let status = err.downcast_ref::<tonic::Status>().expect("a gRPC status");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+}
+
+#[tokio::test]
+async fn exec_id_is_idempotent_and_attach_replays() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let counter = agent.workspace.join("count");
+    let s = pb::ExecStart {
+        exec_id: "job-1".into(),
+        ..shell("echo run >> count; echo hello")
+    };
+    let first = client::run(&mut c, s.clone()).await.unwrap();
+    assert!(!first.attached);
+    let second = client::run(&mut c, s).await.unwrap();
+    assert!(second.attached, "same exec_id attaches");
+    assert_eq!(second.stdout, b"hello\n");
+    assert_eq!(std::fs::read_to_string(&counter).unwrap(), "run\n", "the command ran once");
+
+    let replay = client::attach(&mut c, "job-1", 2).await.unwrap();
+    assert_eq!(replay.stdout, b"llo\n");
+    assert_eq!(replay.code(), Some(0));
+
+    let listed = c.list_execs(pb::ListExecsRequest {}).await.unwrap().into_inner();
+    assert!(listed.execs.iter().any(|e| e.exec_id == "job-1" && e.state == pb::ExecState::Exited as i32));
+    c.release_exec(pb::ReleaseExecRequest { exec_id: "job-1".into() }).await.unwrap();
+    let err = client::attach(&mut c, "job-1", 0).await.unwrap_err();
+    assert_eq!(err.downcast_ref::<tonic::Status>().unwrap().code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn a_running_exec_survives_its_client_and_can_be_reattached() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let s = pb::ExecStart {
+        exec_id: "long".into(),
+        ..shell("echo one; read x; echo two")
+    };
+    let s = pb::ExecStart { stdin: true, ..s };
+    let (tx, mut events) = client::start_interactive(&mut c, s).await.unwrap();
+    // Read until "one" arrives, then drop the stream (the client "crashes").
+    let mut r = client::ExecResult::default();
+    while r.stdout != b"one\n" {
+        client::apply(&mut r, events.message().await.unwrap().unwrap());
+    }
+    drop(events);
+    drop(tx); // stdin closes: `read` returns and "two" is printed
+    let again = client::attach(&mut c, "long", r.next_offset).await.unwrap();
+    assert_eq!(again.stdout, b"two\n");
+    assert_eq!(again.code(), Some(0));
+}
+
+#[tokio::test]
+async fn stdin_streams_and_closes() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let (tx, events) = client::start_interactive(
+        &mut c,
+        pb::ExecStart {
+            stdin: true,
+            ..start(&["cat"])
+        },
+    )
+    .await
+    .unwrap();
+    tx.send(client::stdin(b"abc")).await.unwrap();
+    tx.send(client::stdin(b"def")).await.unwrap();
+    tx.send(client::close_stdin()).await.unwrap();
+    let r = client::collect(events).await.unwrap();
+    assert_eq!(r.stdout, b"abcdef");
+    assert_eq!(r.code(), Some(0));
+}
+
+#[tokio::test]
+async fn pty_gives_a_terminal_and_resizes() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let r = client::run(
+        &mut c,
+        pb::ExecStart {
+            pty: Some(pb::PtySize { rows: 33, cols: 101 }),
+            ..shell("test -t 0 && test -t 1 && stty size")
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.code(), Some(0), "{}", r.stdout_str());
+    assert!(r.stdout_str().contains("33 101"), "{:?}", r.stdout_str());
+}
+
+/// Writes the pids of a command tree that tries every way out: a setsid'd
+/// grandchild, a double fork, and one that ignores SIGTERM, all holding the
+/// output pipe open.
+const ESCAPEES: &str = r#"
+setsid sh -c 'echo $$ > pids.setsid; exec sleep 1000' &
+sh -c 'sh -c "echo \$\$ > pids.double; exec sleep 1000" &' &
+sh -c 'trap "" TERM; echo $$ > pids.trap; while :; do sleep 1; done' &
+while [ ! -s pids.setsid ] || [ ! -s pids.double ] || [ ! -s pids.trap ]; do sleep 0.05; done
+echo ready
+sleep 1000
+"#;
+
+fn escapee_pids(ws: &std::path::Path) -> Vec<i32> {
+    ["pids.setsid", "pids.double", "pids.trap"]
+        .iter()
+        .map(|f| std::fs::read_to_string(ws.join(f)).unwrap().trim().parse().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn timeout_kills_the_whole_tree_even_escapees() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let r = client::run(
+        &mut c,
+        pb::ExecStart {
+            timeout_ms: 1500,
+            kill_grace_ms: 300,
+            ..shell(ESCAPEES)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.stdout, b"ready\n");
+    let exited = r.exited.unwrap();
+    assert!(exited.timed_out && exited.killed, "{exited:?}");
+    for pid in escapee_pids(&agent.workspace) {
+        assert!(!alive(pid), "process {pid} outlived the timeout");
+    }
+}
+
+#[tokio::test]
+async fn kill_tree_signal_and_normal_exit_leave_nothing_behind() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let (_tx, mut events) = client::start_interactive(
+        &mut c,
+        pb::ExecStart {
+            exec_id: "tree".into(),
+            kill_grace_ms: 200,
+            ..shell(ESCAPEES)
+        },
+    )
+    .await
+    .unwrap();
+    let mut r = client::ExecResult::default();
+    while r.stdout != b"ready\n" {
+        client::apply(&mut r, events.message().await.unwrap().unwrap());
+    }
+    c.signal(pb::SignalRequest {
+        exec_id: "tree".into(),
+        signal: 0,
+        kill_tree: true,
+    })
+    .await
+    .unwrap();
+    while let Some(ev) = events.message().await.unwrap() {
+        client::apply(&mut r, ev);
+    }
+    assert!(r.exited.unwrap().killed);
+    for pid in escapee_pids(&agent.workspace) {
+        assert!(!alive(pid), "process {pid} survived kill_tree");
+    }
+
+    // A command that exits normally still takes its leftovers with it.
+    let r = client::run(&mut c, shell("sleep 1000 & echo $! > bg.pid")).await.unwrap();
+    assert_eq!(r.code(), Some(0));
+    let bg: i32 = std::fs::read_to_string(agent.workspace.join("bg.pid")).unwrap().trim().parse().unwrap();
+    assert!(!alive(bg));
+}
+
+#[tokio::test]
+async fn commands_inherit_only_stdio() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let r = client::run(&mut c, start(&["ls", "/proc/self/fd"])).await.unwrap();
+    // 0, 1, 2 and the fd `ls` itself opened to read the directory.
+    let fds: Vec<String> = r.stdout_str().split_whitespace().map(String::from).collect();
+    assert!(fds.len() <= 4, "leaked fds: {fds:?}");
+    for fd in ["0", "1", "2"] {
+        assert!(fds.contains(&fd.to_string()));
+    }
+}
+
+#[tokio::test]
+async fn rlimits_apply_to_the_command() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let r = client::run(
+        &mut c,
+        pb::ExecStart {
+            rlimits: Some(pb::Rlimits {
+                open_files: Some(17),
+                file_size_bytes: Some(4096),
+                ..Default::default()
+            }),
+            ..shell("ulimit -n; ulimit -f")
+        },
+    )
+    .await
+    .unwrap();
+    // ulimit -f reports 512-byte blocks.
+    assert_eq!(r.stdout_str(), "17\n8\n");
+}
+
+#[tokio::test]
+async fn output_is_bounded_and_marks_what_was_dropped() {
+    let agent = HostAgent::start(&["--output-cap", "65536"]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    // A reader that is not there while the output is produced (it reads
+    // only after the command ended) finds the head, the tail and the gap.
+    let (_tx, events) = client::start_interactive(
+        &mut c,
+        pb::ExecStart {
+            exec_id: "loud".into(),
+            ..shell("head -c 10000000 /dev/zero | tr '\\0' x; echo END")
+        },
+    )
+    .await
+    .unwrap();
+    drop(events);
+    loop {
+        let list = c.list_execs(pb::ListExecsRequest {}).await.unwrap().into_inner();
+        if list.execs.iter().any(|e| e.exec_id == "loud" && e.state == pb::ExecState::Exited as i32) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = client::attach(&mut c, "loud", 0).await.unwrap();
+    let exited = r.exited.unwrap();
+    assert_eq!(exited.output_bytes, 10_000_004);
+    assert_eq!(r.stdout.len(), 65536);
+    assert!(r.stdout.ends_with(b"END\n"));
+    assert_eq!(r.dropped.len(), 1);
+    let (from, to) = r.dropped[0];
+    assert_eq!((from, to), (32768, 10_000_004 - 32768));
+    assert_eq!(exited.output_dropped_bytes, to - from);
+}
+
+#[tokio::test]
+async fn files_round_trip_and_refuse_escapes() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let data = Bytes::from((0..3_000_000u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let resp = client::write_file(&mut c, client::write_header("a/b/data.bin"), data.clone()).await.unwrap();
+    assert_eq!(resp.size, data.len() as u64);
+    assert_eq!(resp.sha256, bridle_tests::sha256_hex(&data));
+    assert_eq!(client::read_file(&mut c, "a/b/data.bin").await.unwrap(), data);
+    let abs = format!("{}/a/b/data.bin", agent.workspace.display());
+    assert_eq!(client::read_file(&mut c, &abs).await.unwrap().len(), data.len());
+
+    let mut part = c
+        .read_file(pb::ReadFileRequest {
+            path: "a/b/data.bin".into(),
+            offset: 10,
+            length: 5,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let chunk = part.message().await.unwrap().unwrap();
+    assert_eq!((chunk.offset, &chunk.data[..]), (10, &data[10..15]));
+
+    std::os::unix::fs::symlink("/etc", agent.workspace.join("etc-link")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/root", agent.workspace.join("root-link")).unwrap();
+    for path in ["../outside", "/etc/passwd", "etc-link/passwd", "root-link/etc/passwd", "a/../../x", "/proc/self/root/etc/passwd"] {
+        let err = client::read_file(&mut c, path).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{path}: {err:?}");
+        let err = client::write_file(&mut c, client::write_header(path), Bytes::from_static(b"x")).await.unwrap_err();
+        assert!(
+            matches!(err.code(), Code::PermissionDenied | Code::InvalidArgument),
+            "{path}: {err:?}"
+        );
+    }
+    assert!(!agent.dir.path().join("outside").exists());
+
+    let st = c.stat(pb::StatRequest { path: "etc-link".into() }).await.unwrap().into_inner().info.unwrap();
+    assert_eq!(st.r#type, pb::FileType::Symlink as i32);
+    assert_eq!(st.symlink_target, "/etc");
+
+    c.make_dir(pb::MakeDirRequest {
+        path: "d/e".into(),
+        parents: true,
+        mode: 0,
+    })
+    .await
+    .unwrap();
+    c.r#move(pb::MoveRequest {
+        from: "a/b/data.bin".into(),
+        to: "d/e/moved.bin".into(),
+        overwrite: false,
+    })
+    .await
+    .unwrap();
+    let listing = c.list_dir(pb::ListDirRequest { path: "d".into(), depth: 2 }).await.unwrap().into_inner();
+    let paths: Vec<_> = listing.entries.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["d/e", "d/e/moved.bin"]);
+    let err = c.remove(pb::RemoveRequest { path: "d".into(), recursive: false }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    c.remove(pb::RemoveRequest { path: "d".into(), recursive: true }).await.unwrap();
+    let err = c.stat(pb::StatRequest { path: "d".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn an_aborted_upload_changes_nothing() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    std::fs::write(agent.workspace.join("f"), b"original").unwrap();
+    // A header followed by a second header is a malformed stream.
+    let msgs = vec![
+        pb::WriteFileRequest {
+            request: Some(pb::write_file_request::Request::Header(client::write_header("f"))),
+        },
+        pb::WriteFileRequest {
+            request: Some(pb::write_file_request::Request::Data(Bytes::from_static(b"partial"))),
+        },
+        pb::WriteFileRequest {
+            request: Some(pb::write_file_request::Request::Header(client::write_header("f"))),
+        },
+    ];
+    let err = c.write_file(futures::stream::iter(msgs)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(std::fs::read(agent.workspace.join("f")).unwrap(), b"original");
+    assert_eq!(std::fs::read_dir(&agent.workspace).unwrap().count(), 1, "no temp file left");
+}
+
+#[tokio::test]
+async fn snapshot_and_restore_round_trip() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let r = client::run(
+        &mut c,
+        shell("mkdir -p src/deep && echo a > src/a && echo b > src/deep/b && ln -s deep/b src/link && chmod 0750 src/deep && mkdir skip && echo x > skip/x"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.code(), Some(0));
+    for compression in [pb::Compression::None, pb::Compression::Zstd] {
+        let tar = client::snapshot(
+            &mut c,
+            pb::SnapshotRequest {
+                exclude: vec!["skip".into()],
+                compression: compression as i32,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        client::run(&mut c, shell("rm -rf src skip; echo junk > junk")).await.unwrap();
+        let resp = client::restore(&mut c, "", Bytes::from(tar)).await.unwrap();
+        assert!(resp.entries >= 5);
+        let r = client::run(&mut c, shell("find . | sort; cat src/link; stat -c %a src/deep")).await.unwrap();
+        assert_eq!(
+            r.stdout_str(),
+            ".\n./src\n./src/a\n./src/deep\n./src/deep/b\n./src/link\nb\n750\n",
+            "{compression:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn info_reports_version_cgroup_and_capabilities() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
+    assert!(info.capabilities.iter().any(|c| c == "files.openat2"));
+    assert_eq!(info.kill_mode, "subreaper");
+    let cg = info.cgroup.unwrap();
+    assert!(cg.version == 1 || cg.version == 2, "{cg:?}");
+    assert!(info.agent_rss_bytes > 0);
+}
+
+#[tokio::test]
+async fn sigterm_stops_running_commands_and_exits_cleanly() {
+    let mut agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let (_tx, mut events) = client::start_interactive(&mut c, shell("echo $$ > main.pid; echo up; sleep 1000")).await.unwrap();
+    let mut r = client::ExecResult::default();
+    while r.stdout != b"up\n" {
+        client::apply(&mut r, events.message().await.unwrap().unwrap());
+    }
+    let main: i32 = std::fs::read_to_string(agent.workspace.join("main.pid")).unwrap().trim().parse().unwrap();
+    let status = agent.terminate().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!alive(main));
+    assert!(!agent.socket.exists(), "socket removed on exit");
+}
