@@ -81,7 +81,9 @@ impl OwnCgroup {
     pub fn delegated(&self) -> bool {
         match &self.v2_dir {
             Some(dir) => {
-                let c = std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_encoded_bytes()).ok();
+                let c =
+                    std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
+                        .ok();
                 // SAFETY: access(2) with a NUL-terminated path.
                 c.is_some_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0)
             }

@@ -22,10 +22,18 @@ use bridle_proto::sandbox::v1::sandbox_agent_server::SandboxAgentServer;
 
 /// Everything the agent can be told, from flags or `BRIDLE_AGENT_*`.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "sandbox-agent", version, about = "bridle's in-sandbox execution server")]
+#[command(
+    name = "sandbox-agent",
+    version,
+    about = "bridle's in-sandbox execution server"
+)]
 pub struct Config {
     /// Unix socket to serve on.
-    #[arg(long, env = "BRIDLE_AGENT_SOCKET", default_value = "/run/bridle/agent.sock")]
+    #[arg(
+        long,
+        env = "BRIDLE_AGENT_SOCKET",
+        default_value = "/run/bridle/agent.sock"
+    )]
     pub socket: PathBuf,
     /// Also serve on this TCP address (no authentication: only for trusted networks).
     #[arg(long, env = "BRIDLE_AGENT_TCP")]
@@ -55,7 +63,10 @@ pub struct Config {
 
 /// Serves until `shutdown` resolves, then stops every running command
 /// (SIGTERM, SIGKILL after the grace period) and returns.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let ws = fs::Workspace::at(&config.workspace)
         .with_context(|| format!("opening workspace {}", config.workspace.display()))?;
@@ -83,7 +94,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     };
 
     let (health, health_svc) = tonic_health::server::health_reporter();
-    health.set_serving::<SandboxAgentServer<service::AgentService>>().await;
+    health
+        .set_serving::<SandboxAgentServer<service::AgentService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(bridle_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -99,7 +112,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     match std::fs::remove_file(&config.socket) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", config.socket.display())),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("removing stale socket {}", config.socket.display()))
+        }
     }
     let uds = tokio::net::UnixListener::bind(&config.socket)
         .with_context(|| format!("binding {}", config.socket.display()))?;
@@ -113,10 +129,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     }
     tracing::info!(socket = %config.socket.display(), workspace = %ws.root_path().display(), "sandbox agent serving");
 
+    // On shutdown: stop accepting, and stop every running command so that
+    // open exec streams end with their exit event; then the server drains.
+    let grace = Duration::from_millis(config.kill_grace_ms) + Duration::from_secs(2);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let stopping_execs = execs.clone();
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
+        stopping_execs.shutdown(grace).await;
+        let _ = drained_tx.send(());
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
@@ -140,20 +163,43 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     });
 
     let uds_stream = tokio_stream::wrappers::UnixListenerStream::new(uds);
-    let result = match config.tcp {
-        Some(addr) => {
-            let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-            let tcp_stream = tokio_stream::wrappers::TcpListenerStream::new(tcp);
-            let tcp_router = router.clone();
-            let a = router.serve_with_incoming_shutdown(uds_stream, stopped(stop_rx.clone()));
-            let b = tcp_router.serve_with_incoming_shutdown(tcp_stream, stopped(stop_rx.clone()));
-            tokio::try_join!(a, b).map(|_| ())
-        }
-        None => router.serve_with_incoming_shutdown(uds_stream, stopped(stop_rx.clone())).await,
+    let tcp = match config.tcp {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?,
+        ),
+        None => None,
     };
-    execs
-        .shutdown(Duration::from_millis(config.kill_grace_ms) + Duration::from_secs(2))
-        .await;
+    let serve = async move {
+        match tcp {
+            Some(tcp) => {
+                let tcp_stream = tokio_stream::wrappers::TcpListenerStream::new(tcp);
+                let tcp_router = router.clone();
+                let a = router.serve_with_incoming_shutdown(uds_stream, stopped(stop_rx.clone()));
+                let b =
+                    tcp_router.serve_with_incoming_shutdown(tcp_stream, stopped(stop_rx.clone()));
+                tokio::try_join!(a, b).map(|_| ())
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(uds_stream, stopped(stop_rx.clone()))
+                    .await
+            }
+        }
+    };
+    // A client that keeps a stream open after its command ended must not
+    // keep PID 1 alive: once the commands are stopped, connections get a
+    // short time to finish.
+    let give_up = async move {
+        let _ = drained_rx.await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    let result = tokio::select! {
+        r = serve => r,
+        _ = give_up => Ok(()),
+    };
+    execs.shutdown(grace).await;
     let _ = std::fs::remove_file(&config.socket);
     result.context("serving gRPC")
 }

@@ -3,16 +3,27 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // The per-exec supervisor mode must run before any thread exists.
-    if args.get(1).is_some_and(|a| a == sandbox_agent::exec::shim::SHIM_ARG) {
+    if args
+        .get(1)
+        .is_some_and(|a| a == sandbox_agent::exec::shim::SHIM_ARG)
+    {
         sandbox_agent::exec::shim::main(&args[2..]);
     }
     // Descriptors inherited from whoever started the agent are never passed on.
     // SAFETY: close_range only sets flags on this process's own fds.
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
     let config = sandbox_agent::Config::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BRIDLE_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("BRIDLE_AGENT_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -39,7 +50,10 @@ fn main() -> std::process::ExitCode {
 /// SIGTERM (what `docker stop` sends PID 1) or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without handlers PID 1 would ignore SIGTERM; better to say so.
         eprintln!("sandbox-agent: cannot install signal handlers");
         return std::future::pending().await;

@@ -39,10 +39,14 @@ pub fn fs_status(e: fs::Error) -> Status {
     let msg = e.to_string();
     match e {
         E::NotFound { .. } => Status::not_found(msg),
-        E::Escapes { .. } | E::SymlinkLoop { .. } | E::PermissionDenied { .. } => Status::permission_denied(msg),
+        E::Escapes { .. } | E::SymlinkLoop { .. } | E::PermissionDenied { .. } => {
+            Status::permission_denied(msg)
+        }
         E::InvalidPath { .. } => Status::invalid_argument(msg),
         E::AlreadyExists { .. } => Status::already_exists(msg),
-        E::IsDirectory { .. } | E::NotDirectory { .. } | E::NotEmpty { .. } => Status::failed_precondition(msg),
+        E::IsDirectory { .. } | E::NotDirectory { .. } | E::NotEmpty { .. } => {
+            Status::failed_precondition(msg)
+        }
         E::Io { .. } => Status::internal(msg),
     }
 }
@@ -53,7 +57,9 @@ pub fn exec_status(e: exec::Error) -> Status {
     match e {
         E::Invalid(_) => Status::invalid_argument(msg),
         E::NotFound(_) => Status::not_found(msg),
-        E::Finished(_) | E::StillRunning(_) | E::NoSuchStream(..) => Status::failed_precondition(msg),
+        E::Finished(_) | E::StillRunning(_) | E::NoSuchStream(..) => {
+            Status::failed_precondition(msg)
+        }
         E::ShuttingDown => Status::unavailable(msg),
         E::Io { .. } => Status::internal(msg),
     }
@@ -63,7 +69,9 @@ pub fn snapshot_status(e: snapshot::Error) -> Status {
     use snapshot::Error as E;
     match e {
         E::Fs(e) => fs_status(e),
-        e @ (E::BadPattern { .. } | E::Refused { .. } | E::Corrupt(_)) => Status::invalid_argument(e.to_string()),
+        e @ (E::BadPattern { .. } | E::Refused { .. } | E::Corrupt(_)) => {
+            Status::invalid_argument(e.to_string())
+        }
         e @ E::Io { .. } => Status::internal(e.to_string()),
     }
 }
@@ -76,7 +84,11 @@ impl TryFrom<pb::ExecStart> for ExecSpec {
             (false, true) => s.argv,
             (true, false) => vec!["/bin/sh".into(), "-c".into(), s.shell],
             (true, true) => return Err(Status::invalid_argument("start needs argv or shell")),
-            (false, false) => return Err(Status::invalid_argument("start takes argv or shell, not both")),
+            (false, false) => {
+                return Err(Status::invalid_argument(
+                    "start takes argv or shell, not both",
+                ))
+            }
         };
         if argv[0].is_empty() {
             return Err(Status::invalid_argument("argv[0] is empty"));
@@ -86,15 +98,21 @@ impl TryFrom<pb::ExecStart> for ExecSpec {
         }
         for (k, v) in &s.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return Err(Status::invalid_argument(format!("bad environment variable name or value: {k:?}")));
+                return Err(Status::invalid_argument(format!(
+                    "bad environment variable name or value: {k:?}"
+                )));
             }
         }
         if s.exec_id.len() > 128 || s.exec_id.chars().any(|c| c.is_control()) {
-            return Err(Status::invalid_argument("exec_id must be at most 128 printable characters"));
+            return Err(Status::invalid_argument(
+                "exec_id must be at most 128 printable characters",
+            ));
         }
         let pty = match s.pty {
             Some(p) if p.rows == 0 || p.cols == 0 || p.rows > 10_000 || p.cols > 10_000 => {
-                return Err(Status::invalid_argument("pty rows and cols must be between 1 and 10000"))
+                return Err(Status::invalid_argument(
+                    "pty rows and cols must be between 1 and 10000",
+                ))
             }
             Some(p) => Some((p.rows as u16, p.cols as u16)),
             None => None,
@@ -113,7 +131,8 @@ impl TryFrom<pb::ExecStart> for ExecSpec {
             stdin: s.stdin,
             pty,
             timeout: (s.timeout_ms > 0).then(|| Duration::from_millis(s.timeout_ms as u64)),
-            kill_grace: (s.kill_grace_ms > 0).then(|| Duration::from_millis(s.kill_grace_ms as u64)),
+            kill_grace: (s.kill_grace_ms > 0)
+                .then(|| Duration::from_millis(s.kill_grace_ms as u64)),
             rlimits: Rlimits {
                 cpu_seconds: r.cpu_seconds,
                 address_space_bytes: r.address_space_bytes,
@@ -152,16 +171,23 @@ fn exited_pb(x: &exec::ExitInfo) -> pb::ExecExited {
 fn outcome_event(o: &Outcome) -> pb::ExecEvent {
     match o {
         Outcome::Exited(x) => event(pb::exec_event::Event::Exited(exited_pb(x))),
-        Outcome::SpawnFailed { reason, errno } => event(pb::exec_event::Event::SpawnFailed(pb::SpawnFailed {
-            reason: reason.clone(),
-            errno: *errno,
-        })),
+        Outcome::SpawnFailed { reason, errno } => {
+            event(pb::exec_event::Event::SpawnFailed(pb::SpawnFailed {
+                reason: reason.clone(),
+                errno: *errno,
+            }))
+        }
     }
 }
 
 /// Streams an exec's output from `from` and then its outcome, following it
 /// live. Idle streams get a keepalive every `keepalive`.
-async fn follow(exec: Arc<exec::Exec>, mut from: u64, tx: mpsc::Sender<Result<pb::ExecEvent, Status>>, keepalive: Duration) {
+async fn follow(
+    exec: Arc<exec::Exec>,
+    mut from: u64,
+    tx: mpsc::Sender<Result<pb::ExecEvent, Status>>,
+    keepalive: Duration,
+) {
     let mut changed = exec.subscribe();
     loop {
         changed.borrow_and_update();
@@ -200,7 +226,13 @@ async fn follow(exec: Arc<exec::Exec>, mut from: u64, tx: mpsc::Sender<Result<pb
             Ok(Ok(())) => {}
             Ok(Err(_)) => return,
             Err(_) => {
-                if tx.send(Ok(event(pb::exec_event::Event::Keepalive(pb::Keepalive {})))).await.is_err() {
+                if tx
+                    .send(Ok(event(pb::exec_event::Event::Keepalive(
+                        pb::Keepalive {},
+                    ))))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -217,7 +249,9 @@ fn started_event(exec: &exec::Exec, attached: bool) -> pb::ExecEvent {
 }
 
 /// Runs blocking file work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Status::internal(format!("worker failed: {e}")))?
@@ -238,7 +272,10 @@ fn file_info_pb(i: fs::FileInfo) -> pb::FileInfo {
         mtime_unix_ms: i.mtime_unix_ms,
         uid: i.uid,
         gid: i.gid,
-        symlink_target: i.symlink_target.map(|t| t.to_string_lossy().into_owned()).unwrap_or_default(),
+        symlink_target: i
+            .symlink_target
+            .map(|t| t.to_string_lossy().into_owned())
+            .unwrap_or_default(),
     }
 }
 
@@ -253,7 +290,12 @@ impl std::io::Read for StreamReader {
         while self.cur.is_empty() {
             match self.rx.blocking_recv() {
                 Some(Ok(b)) => self.cur = b,
-                Some(Err(s)) => return Err(std::io::Error::other(format!("client stream failed: {}", s.message()))),
+                Some(Err(s)) => {
+                    return Err(std::io::Error::other(format!(
+                        "client stream failed: {}",
+                        s.message()
+                    )))
+                }
                 None => return Ok(0),
             }
         }
@@ -276,7 +318,10 @@ impl<T> ChunkWriter<T> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let data = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(STREAM_CHUNK)));
+        let data = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(STREAM_CHUNK),
+        ));
         self.tx
             .blocking_send(Ok((self.wrap)(data)))
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))
@@ -302,14 +347,18 @@ impl<T> std::io::Write for ChunkWriter<T> {
 impl pb::sandbox_agent_server::SandboxAgent for AgentService {
     type ExecStream = EventStream;
 
-    async fn exec(&self, request: Request<Streaming<pb::ExecRequest>>) -> Result<Response<EventStream>, Status> {
+    async fn exec(
+        &self,
+        request: Request<Streaming<pb::ExecRequest>>,
+    ) -> Result<Response<EventStream>, Status> {
         let mut input = request.into_inner();
-        let first = input
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("the exec stream ended before a start message"))?;
+        let first = input.message().await?.ok_or_else(|| {
+            Status::invalid_argument("the exec stream ended before a start message")
+        })?;
         let Some(pb::exec_request::Request::Start(start)) = first.request else {
-            return Err(Status::invalid_argument("the first message of an exec stream must be `start`"));
+            return Err(Status::invalid_argument(
+                "the first message of an exec stream must be `start`",
+            ));
         };
         let spec = ExecSpec::try_from(start)?;
         let (exec, attached) = self.execs.start(spec).await.map_err(exec_status)?;
@@ -344,7 +393,10 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
 
     type AttachStream = EventStream;
 
-    async fn attach(&self, request: Request<pb::AttachRequest>) -> Result<Response<EventStream>, Status> {
+    async fn attach(
+        &self,
+        request: Request<pb::AttachRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         let req = request.into_inner();
         let exec = self.execs.get(&req.exec_id).map_err(exec_status)?;
         let (tx, rx) = mpsc::channel(16);
@@ -353,7 +405,10 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn list_execs(&self, _: Request<pb::ListExecsRequest>) -> Result<Response<pb::ListExecsResponse>, Status> {
+    async fn list_execs(
+        &self,
+        _: Request<pb::ListExecsRequest>,
+    ) -> Result<Response<pb::ListExecsResponse>, Status> {
         self.execs.gc();
         let execs = self
             .execs
@@ -382,41 +437,61 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
         Ok(Response::new(pb::ListExecsResponse { execs }))
     }
 
-    async fn signal(&self, request: Request<pb::SignalRequest>) -> Result<Response<pb::SignalResponse>, Status> {
+    async fn signal(
+        &self,
+        request: Request<pb::SignalRequest>,
+    ) -> Result<Response<pb::SignalResponse>, Status> {
         let req = request.into_inner();
         let exec = self.execs.get(&req.exec_id).map_err(exec_status)?;
         if req.kill_tree {
             exec.kill().map_err(exec_status)?;
         } else {
             if req.signal <= 0 || req.signal >= 65 {
-                return Err(Status::invalid_argument(format!("{} is not a signal number", req.signal)));
+                return Err(Status::invalid_argument(format!(
+                    "{} is not a signal number",
+                    req.signal
+                )));
             }
             exec.signal(req.signal).map_err(exec_status)?;
         }
         Ok(Response::new(pb::SignalResponse {}))
     }
 
-    async fn release_exec(&self, request: Request<pb::ReleaseExecRequest>) -> Result<Response<pb::ReleaseExecResponse>, Status> {
-        self.execs.release(&request.into_inner().exec_id).map_err(exec_status)?;
+    async fn release_exec(
+        &self,
+        request: Request<pb::ReleaseExecRequest>,
+    ) -> Result<Response<pb::ReleaseExecResponse>, Status> {
+        self.execs
+            .release(&request.into_inner().exec_id)
+            .map_err(exec_status)?;
         Ok(Response::new(pb::ReleaseExecResponse {}))
     }
 
     type ReadFileStream = ChunkStream<pb::FileChunk>;
 
-    async fn read_file(&self, request: Request<pb::ReadFileRequest>) -> Result<Response<Self::ReadFileStream>, Status> {
+    async fn read_file(
+        &self,
+        request: Request<pb::ReadFileRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
         let req = request.into_inner();
         let ws = self.ws.clone();
         let path = req.path.clone();
         let (file, _) = blocking(move || fs::open_read(&ws, &path).map_err(fs_status)).await?;
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
-            let res = fs::read_range(file, req.offset, req.length, STREAM_CHUNK, |offset, data| {
-                tx.blocking_send(Ok(pb::FileChunk {
-                    offset,
-                    data: Bytes::from(data),
-                }))
-                .is_ok()
-            });
+            let res = fs::read_range(
+                file,
+                req.offset,
+                req.length,
+                STREAM_CHUNK,
+                |offset, data| {
+                    tx.blocking_send(Ok(pb::FileChunk {
+                        offset,
+                        data: Bytes::from(data),
+                    }))
+                    .is_ok()
+                },
+            );
             if let Err(e) = res {
                 let _ = tx.blocking_send(Err(Status::internal(format!("{}: {e}", req.path))));
             }
@@ -424,13 +499,18 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn write_file(&self, request: Request<Streaming<pb::WriteFileRequest>>) -> Result<Response<pb::WriteFileResponse>, Status> {
+    async fn write_file(
+        &self,
+        request: Request<Streaming<pb::WriteFileRequest>>,
+    ) -> Result<Response<pb::WriteFileResponse>, Status> {
         let mut input = request.into_inner();
         let Some(pb::WriteFileRequest {
             request: Some(pb::write_file_request::Request::Header(h)),
         }) = input.message().await?
         else {
-            return Err(Status::invalid_argument("the first message of WriteFile must be the header"));
+            return Err(Status::invalid_argument(
+                "the first message of WriteFile must be the header",
+            ));
         };
         let (tx, rx) = mpsc::channel::<Result<Bytes, Status>>(8);
         let ws = self.ws.clone();
@@ -462,7 +542,11 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
                     }
                 }
                 Ok(Some(_)) => {
-                    let _ = tx.send(Err(Status::invalid_argument("only data may follow the header"))).await;
+                    let _ = tx
+                        .send(Err(Status::invalid_argument(
+                            "only data may follow the header",
+                        )))
+                        .await;
                     break;
                 }
                 Ok(None) => break,
@@ -474,21 +558,30 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
             }
         }
         drop(tx);
-        let (size, sha256) = writer.await.map_err(|e| Status::internal(format!("writer failed: {e}")))??;
+        let (size, sha256) = writer
+            .await
+            .map_err(|e| Status::internal(format!("writer failed: {e}")))??;
         Ok(Response::new(pb::WriteFileResponse { size, sha256 }))
     }
 
-    async fn list_dir(&self, request: Request<pb::ListDirRequest>) -> Result<Response<pb::ListDirResponse>, Status> {
+    async fn list_dir(
+        &self,
+        request: Request<pb::ListDirRequest>,
+    ) -> Result<Response<pb::ListDirResponse>, Status> {
         let req = request.into_inner();
         let ws = self.ws.clone();
-        let (entries, truncated) = blocking(move || fs::list_dir(&ws, &req.path, req.depth).map_err(fs_status)).await?;
+        let (entries, truncated) =
+            blocking(move || fs::list_dir(&ws, &req.path, req.depth).map_err(fs_status)).await?;
         Ok(Response::new(pb::ListDirResponse {
             entries: entries.into_iter().map(file_info_pb).collect(),
             truncated,
         }))
     }
 
-    async fn stat(&self, request: Request<pb::StatRequest>) -> Result<Response<pb::StatResponse>, Status> {
+    async fn stat(
+        &self,
+        request: Request<pb::StatRequest>,
+    ) -> Result<Response<pb::StatResponse>, Status> {
         let req = request.into_inner();
         let ws = self.ws.clone();
         let info = blocking(move || fs::stat(&ws, &req.path).map_err(fs_status)).await?;
@@ -497,35 +590,54 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
         }))
     }
 
-    async fn make_dir(&self, request: Request<pb::MakeDirRequest>) -> Result<Response<pb::MakeDirResponse>, Status> {
+    async fn make_dir(
+        &self,
+        request: Request<pb::MakeDirRequest>,
+    ) -> Result<Response<pb::MakeDirResponse>, Status> {
         let req = request.into_inner();
         let ws = self.ws.clone();
-        blocking(move || fs::make_dir(&ws, &req.path, req.parents, req.mode).map_err(fs_status)).await?;
+        blocking(move || fs::make_dir(&ws, &req.path, req.parents, req.mode).map_err(fs_status))
+            .await?;
         Ok(Response::new(pb::MakeDirResponse {}))
     }
 
-    async fn remove(&self, request: Request<pb::RemoveRequest>) -> Result<Response<pb::RemoveResponse>, Status> {
+    async fn remove(
+        &self,
+        request: Request<pb::RemoveRequest>,
+    ) -> Result<Response<pb::RemoveResponse>, Status> {
         let req = request.into_inner();
         let ws = self.ws.clone();
         blocking(move || fs::remove(&ws, &req.path, req.recursive).map_err(fs_status)).await?;
         Ok(Response::new(pb::RemoveResponse {}))
     }
 
-    async fn r#move(&self, request: Request<pb::MoveRequest>) -> Result<Response<pb::MoveResponse>, Status> {
+    async fn r#move(
+        &self,
+        request: Request<pb::MoveRequest>,
+    ) -> Result<Response<pb::MoveResponse>, Status> {
         let req = request.into_inner();
         let ws = self.ws.clone();
-        blocking(move || fs::rename(&ws, &req.from, &req.to, req.overwrite).map_err(fs_status)).await?;
+        blocking(move || fs::rename(&ws, &req.from, &req.to, req.overwrite).map_err(fs_status))
+            .await?;
         Ok(Response::new(pb::MoveResponse {}))
     }
 
     type SnapshotStream = ChunkStream<pb::SnapshotChunk>;
 
-    async fn snapshot(&self, request: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+    async fn snapshot(
+        &self,
+        request: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
         let req = request.into_inner();
         let zstd_level = match pb::Compression::try_from(req.compression) {
             Ok(pb::Compression::Zstd) => Some(if req.level == 0 { 3 } else { req.level }),
             Ok(_) => None,
-            Err(_) => return Err(Status::invalid_argument(format!("unknown compression {}", req.compression))),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown compression {}",
+                    req.compression
+                )))
+            }
         };
         let opts = snapshot::SnapshotOptions {
             path: req.path,
@@ -537,12 +649,14 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
         let probe_path = opts.path.clone();
         blocking(move || {
             let rel = ws.relative(&probe_path).map_err(fs_status)?;
-            ws.open(&rel, libc::O_PATH | libc::O_DIRECTORY, 0).map_err(fs_status)?;
+            ws.open(&rel, libc::O_PATH | libc::O_DIRECTORY, 0)
+                .map_err(fs_status)?;
             Ok(())
         })
         .await?;
         for p in &opts.exclude {
-            globset::Glob::new(p).map_err(|e| Status::invalid_argument(format!("bad exclude pattern {p:?}: {e}")))?;
+            globset::Glob::new(p)
+                .map_err(|e| Status::invalid_argument(format!("bad exclude pattern {p:?}: {e}")))?;
         }
         let (tx, rx) = mpsc::channel(4);
         let ws = self.ws.clone();
@@ -565,24 +679,37 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn restore(&self, request: Request<Streaming<pb::RestoreRequest>>) -> Result<Response<pb::RestoreResponse>, Status> {
+    async fn restore(
+        &self,
+        request: Request<Streaming<pb::RestoreRequest>>,
+    ) -> Result<Response<pb::RestoreResponse>, Status> {
         let mut input = request.into_inner();
         let Some(pb::RestoreRequest {
             request: Some(pb::restore_request::Request::Header(h)),
         }) = input.message().await?
         else {
-            return Err(Status::invalid_argument("the first message of Restore must be the header"));
+            return Err(Status::invalid_argument(
+                "the first message of Restore must be the header",
+            ));
         };
         let compression = match pb::Compression::try_from(h.compression) {
             Ok(pb::Compression::Unspecified) => snapshot::Compression::Detect,
             Ok(pb::Compression::None) => snapshot::Compression::None,
             Ok(pb::Compression::Zstd) => snapshot::Compression::Zstd,
-            Err(_) => return Err(Status::invalid_argument(format!("unknown compression {}", h.compression))),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown compression {}",
+                    h.compression
+                )))
+            }
         };
         let (tx, rx) = mpsc::channel(8);
         let ws = self.ws.clone();
         let worker = tokio::task::spawn_blocking(move || {
-            let reader = StreamReader { rx, cur: Bytes::new() };
+            let reader = StreamReader {
+                rx,
+                cur: Bytes::new(),
+            };
             snapshot::restore(&ws, &h.path, compression, reader).map_err(snapshot_status)
         });
         loop {
@@ -595,7 +722,11 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
                     }
                 }
                 Ok(Some(_)) => {
-                    let _ = tx.send(Err(Status::invalid_argument("only data may follow the header"))).await;
+                    let _ = tx
+                        .send(Err(Status::invalid_argument(
+                            "only data may follow the header",
+                        )))
+                        .await;
                     break;
                 }
                 Ok(None) => break,
@@ -606,14 +737,19 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
             }
         }
         drop(tx);
-        let stats = worker.await.map_err(|e| Status::internal(format!("restore failed: {e}")))??;
+        let stats = worker
+            .await
+            .map_err(|e| Status::internal(format!("restore failed: {e}")))??;
         Ok(Response::new(pb::RestoreResponse {
             entries: stats.entries,
             bytes: stats.bytes,
         }))
     }
 
-    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
         let cgroup = self.cgroup.clone();
         let usage = blocking(move || Ok(cgroup.usage())).await?;
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -623,7 +759,11 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
                 .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
                 .unwrap_or_default()
         };
-        let rss_kb: u64 = field("VmRSS:").trim_end_matches(" kB").trim().parse().unwrap_or(0);
+        let rss_kb: u64 = field("VmRSS:")
+            .trim_end_matches(" kB")
+            .trim()
+            .parse()
+            .unwrap_or(0);
         let (running, retained) = self.execs.counts();
         let mut capabilities = vec![
             "exec".to_string(),
@@ -635,7 +775,14 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
             "snapshot.tar".into(),
             "snapshot.zstd".into(),
         ];
-        capabilities.push(if self.ws.uses_openat2() { "files.openat2" } else { "files.nofollow-walk" }.into());
+        capabilities.push(
+            if self.ws.uses_openat2() {
+                "files.openat2"
+            } else {
+                "files.nofollow-walk"
+            }
+            .into(),
+        );
         // SAFETY: getuid/getgid/getpid have no preconditions.
         let (uid, gid, pid) = unsafe { (libc::getuid(), libc::getgid(), libc::getpid()) };
         Ok(Response::new(pb::InfoResponse {

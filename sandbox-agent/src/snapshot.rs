@@ -91,7 +91,10 @@ fn write_tar(dir: OwnedFd, globs: &GlobSet, out: impl Write) -> Result<(), Error
     let mut b = tar::Builder::new(out);
     b.mode(tar::HeaderMode::Complete);
     add_dir(&mut b, dir, Path::new(""), globs, true)?;
-    b.into_inner().map_err(io("finishing the archive"))?.flush().map_err(io("flushing"))?;
+    b.into_inner()
+        .map_err(io("finishing the archive"))?
+        .flush()
+        .map_err(io("flushing"))?;
     Ok(())
 }
 
@@ -106,7 +109,13 @@ fn header_for(st: &libc::stat, kind: tar::EntryType, size: u64) -> tar::Header {
     h
 }
 
-fn add_dir<W: Write>(b: &mut tar::Builder<W>, dir: OwnedFd, rel: &Path, globs: &GlobSet, top: bool) -> Result<(), Error> {
+fn add_dir<W: Write>(
+    b: &mut tar::Builder<W>,
+    dir: OwnedFd,
+    rel: &Path,
+    globs: &GlobSet,
+    top: bool,
+) -> Result<(), Error> {
     let raw = dir.as_raw_fd();
     // SAFETY: F_DUPFD_CLOEXEC of a valid fd; read_dir_fd owns the dup.
     let dup = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 0) };
@@ -133,13 +142,20 @@ fn add_dir<W: Write>(b: &mut tar::Builder<W>, dir: OwnedFd, rel: &Path, globs: &
         match st.st_mode & libc::S_IFMT {
             libc::S_IFDIR => {
                 let mut h = header_for(&st, tar::EntryType::Directory, 0);
-                b.append_data(&mut h, &path, std::io::empty()).map_err(io(format!("archiving {}", path.display())))?;
+                b.append_data(&mut h, &path, std::io::empty())
+                    .map_err(io(format!("archiving {}", path.display())))?;
                 let sub = fs::open_dir_at(raw, &c, &path)?;
                 add_dir(b, sub, &path, globs, false)?;
             }
             libc::S_IFREG => {
                 // SAFETY: openat on a valid dirfd and NUL-terminated name.
-                let fd = unsafe { libc::openat(raw, c.as_ptr(), libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+                let fd = unsafe {
+                    libc::openat(
+                        raw,
+                        c.as_ptr(),
+                        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                    )
+                };
                 if fd < 0 {
                     return Err(fs::Error::io(&path, std::io::Error::last_os_error()).into());
                 }
@@ -149,13 +165,19 @@ fn add_dir<W: Write>(b: &mut tar::Builder<W>, dir: OwnedFd, rel: &Path, globs: &
                 let mut h = header_for(&st, tar::EntryType::Regular, size);
                 // The header promises `size` bytes: a file that changes while
                 // it is read is cut or zero-padded to that size.
-                let body = ExactSize { inner: file, left: size };
-                b.append_data(&mut h, &path, body).map_err(io(format!("archiving {}", path.display())))?;
+                let body = ExactSize {
+                    inner: file,
+                    left: size,
+                };
+                b.append_data(&mut h, &path, body)
+                    .map_err(io(format!("archiving {}", path.display())))?;
             }
             libc::S_IFLNK => {
-                let target = crate::fs::resolve::readlink_at(raw, &c).map_err(io(format!("readlink {}", path.display())))?;
+                let target = crate::fs::resolve::readlink_at(raw, &c)
+                    .map_err(io(format!("readlink {}", path.display())))?;
                 let mut h = header_for(&st, tar::EntryType::Symlink, 0);
-                b.append_link(&mut h, &path, Path::new(&target)).map_err(io(format!("archiving {}", path.display())))?;
+                b.append_link(&mut h, &path, Path::new(&target))
+                    .map_err(io(format!("archiving {}", path.display())))?;
             }
             // Sockets, FIFOs and devices have no place in a snapshot.
             _ => {}
@@ -202,7 +224,12 @@ pub enum Compression {
 
 /// Replaces the contents of directory `path` with the archive read from
 /// `input`. On any error the directory is left as it was.
-pub fn restore(ws: &Workspace, path: &str, compression: Compression, input: impl Read) -> Result<RestoreStats, Error> {
+pub fn restore(
+    ws: &Workspace,
+    path: &str,
+    compression: Compression,
+    input: impl Read,
+) -> Result<RestoreStats, Error> {
     let rel = ws.relative(path)?;
     let target = ws.open(&rel, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
     let staging_name = format!("{STAGING_PREFIX}{:016x}", fs::rand_u64());
@@ -224,7 +251,11 @@ pub fn restore(ws: &Workspace, path: &str, compression: Compression, input: impl
     result
 }
 
-fn unpack(staging: &Workspace, compression: Compression, input: impl Read) -> Result<RestoreStats, Error> {
+fn unpack(
+    staging: &Workspace,
+    compression: Compression,
+    input: impl Read,
+) -> Result<RestoreStats, Error> {
     let mut input = std::io::BufReader::with_capacity(1 << 20, input);
     let zstd = match compression {
         Compression::Zstd => true,
@@ -250,7 +281,10 @@ fn unpack_tar(staging: &Workspace, input: impl Read) -> Result<RestoreStats, Err
     for entry in archive.entries().map_err(Error::Corrupt)? {
         let mut entry = entry.map_err(Error::Corrupt)?;
         let kind = entry.header().entry_type();
-        if matches!(kind, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader) {
+        if matches!(
+            kind,
+            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader
+        ) {
             continue;
         }
         let raw_path = entry.path_bytes().into_owned();
@@ -274,7 +308,10 @@ fn unpack_tar(staging: &Workspace, input: impl Read) -> Result<RestoreStats, Err
                     let st = fs::lstat_at(dir.as_raw_fd(), &c, &rel).ok();
                     let is_dir = st.is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR);
                     if err.raw_os_error() != Some(libc::EEXIST) || !is_dir {
-                        return Err(refuse(&shown, "a directory where something else already is"));
+                        return Err(refuse(
+                            &shown,
+                            "a directory where something else already is",
+                        ));
                     }
                 }
                 dir_modes.push((rel, mode & 0o1777));
@@ -289,7 +326,11 @@ fn unpack_tar(staging: &Workspace, input: impl Read) -> Result<RestoreStats, Err
                     libc::openat(
                         dir.as_raw_fd(),
                         c.as_ptr(),
-                        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                        libc::O_WRONLY
+                            | libc::O_CREAT
+                            | libc::O_EXCL
+                            | libc::O_NOFOLLOW
+                            | libc::O_CLOEXEC,
                         0o600 as libc::c_uint,
                     )
                 };
@@ -329,7 +370,9 @@ fn unpack_tar(staging: &Workspace, input: impl Read) -> Result<RestoreStats, Err
                     .ok_or_else(|| refuse(&shown, "hard link to the archive root"))?;
                 // The target is resolved in staging with symlinks refused:
                 // only a file this archive already created can be linked.
-                let (tdir, tname) = staging.open_parent(&target_rel).map_err(|e| refuse(&shown, format!("hard link target: {e}")))?;
+                let (tdir, tname) = staging
+                    .open_parent(&target_rel)
+                    .map_err(|e| refuse(&shown, format!("hard link target: {e}")))?;
                 let tc = cstring(&tname)?;
                 let tst = fs::lstat_at(tdir.as_raw_fd(), &tc, &target_rel)
                     .map_err(|e| refuse(&shown, format!("hard link target: {e}")))?;
@@ -340,7 +383,16 @@ fn unpack_tar(staging: &Workspace, input: impl Read) -> Result<RestoreStats, Err
                 let c = cstring(&name)?;
                 unlink_existing(dir.as_raw_fd(), &c, &shown)?;
                 // SAFETY: linkat between valid dirfds without following links.
-                if unsafe { libc::linkat(tdir.as_raw_fd(), tc.as_ptr(), dir.as_raw_fd(), c.as_ptr(), 0) } < 0 {
+                if unsafe {
+                    libc::linkat(
+                        tdir.as_raw_fd(),
+                        tc.as_ptr(),
+                        dir.as_raw_fd(),
+                        c.as_ptr(),
+                        0,
+                    )
+                } < 0
+                {
                     return Err(fs::Error::io(&rel, std::io::Error::last_os_error()).into());
                 }
             }
@@ -356,7 +408,11 @@ fn unpack_tar(staging: &Workspace, input: impl Read) -> Result<RestoreStats, Err
     // stop its own children from being created.
     dir_modes.sort_by(|a, b| b.0.cmp(&a.0));
     for (rel, mode) in dir_modes {
-        let fd = staging.open(&rel, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
+        let fd = staging.open(
+            &rel,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )?;
         // SAFETY: fchmod on a valid fd.
         unsafe { libc::fchmod(fd.as_raw_fd(), mode) };
     }
@@ -372,10 +428,16 @@ fn clean_entry_path(p: &Path) -> Result<Option<PathBuf>, Error> {
             Component::Normal(n) => out.push(n),
             Component::CurDir => {}
             Component::ParentDir => return Err(refuse(p, "`..` in an entry path")),
-            Component::RootDir | Component::Prefix(_) => return Err(refuse(p, "absolute entry path")),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(refuse(p, "absolute entry path"))
+            }
         }
     }
-    Ok(if out.as_os_str().is_empty() { None } else { Some(out) })
+    Ok(if out.as_os_str().is_empty() {
+        None
+    } else {
+        Some(out)
+    })
 }
 
 /// A symlink may point only at a place inside the archive root, judged
@@ -387,7 +449,10 @@ fn check_link_target(link: &Path, target: &[u8]) -> Result<(), String> {
     if target[0] == b'/' {
         return Err("absolute symlink target".into());
     }
-    let mut depth: Vec<&OsStr> = link.parent().map(|p| p.iter().collect()).unwrap_or_default();
+    let mut depth: Vec<&OsStr> = link
+        .parent()
+        .map(|p| p.iter().collect())
+        .unwrap_or_default();
     for c in target.split(|b| *b == b'/') {
         match c {
             b"" | b"." => {}
@@ -404,7 +469,9 @@ fn check_link_target(link: &Path, target: &[u8]) -> Result<(), String> {
 
 fn unlink_existing(dir: RawFd, name: &std::ffi::CStr, shown: &Path) -> Result<(), Error> {
     match fs::lstat_at(dir, name, shown) {
-        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => Err(refuse(shown, "a file where a directory already is")),
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+            Err(refuse(shown, "a file where a directory already is"))
+        }
         Ok(_) => {
             // SAFETY: unlinkat on a valid dirfd.
             unsafe { libc::unlinkat(dir, name.as_ptr(), 0) };
@@ -437,7 +504,9 @@ fn swap_in(target: RawFd, staging: &std::ffi::CStr) -> Result<(), Error> {
     let trash = CString::new(trash_name.clone()).expect("no NUL");
     // SAFETY: mkdirat on a valid dirfd.
     if unsafe { libc::mkdirat(target, trash.as_ptr(), 0o700) } < 0 {
-        return Err(io("creating the trash directory")(std::io::Error::last_os_error()));
+        return Err(io("creating the trash directory")(
+            std::io::Error::last_os_error(),
+        ));
     }
     let list = |fd: RawFd| -> Result<Vec<OsString>, Error> {
         // SAFETY: F_DUPFD_CLOEXEC of a valid fd.
@@ -446,10 +515,12 @@ fn swap_in(target: RawFd, staging: &std::ffi::CStr) -> Result<(), Error> {
             return Err(io("dup")(std::io::Error::last_os_error()));
         }
         // SAFETY: a fresh fd we own.
-        Ok(fs::read_dir_fd(unsafe { OwnedFd::from_raw_fd(dup) }, Path::new("."))?
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect())
+        Ok(
+            fs::read_dir_fd(unsafe { OwnedFd::from_raw_fd(dup) }, Path::new("."))?
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect(),
+        )
     };
     let trash_fd = fs::open_dir_at(target, &trash, Path::new(&trash_name))?;
     let staging_fd = fs::open_dir_at(target, staging, Path::new("staging"))?;
@@ -458,7 +529,8 @@ fn swap_in(target: RawFd, staging: &std::ffi::CStr) -> Result<(), Error> {
         s.starts_with(STAGING_PREFIX) || s.starts_with(TRASH_PREFIX)
     };
     let mv = |from: RawFd, to: RawFd, name: &OsStr| -> std::io::Result<()> {
-        let c = CString::new(name.as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let c = CString::new(name.as_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: renameat between valid dirfds.
         if unsafe { libc::renameat(from, c.as_ptr(), to, c.as_ptr()) } < 0 {
             return Err(std::io::Error::last_os_error());
@@ -492,4 +564,304 @@ fn swap_in(target: RawFd, staging: &std::ffi::CStr) -> Result<(), Error> {
     drop(trash_fd);
     fs::remove_tree_at(target, &trash, Path::new(&trash_name))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use bridle_tests::tarcraft::{build, Entry, Kind};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Path → description of everything under `dir`, not following links.
+    fn tree(dir: &Path) -> BTreeMap<PathBuf, String> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                let md = std::fs::symlink_metadata(&p).unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                let mode = md.permissions().mode() & 0o7777;
+                let desc = if md.is_symlink() {
+                    format!("link {:?}", std::fs::read_link(&p).unwrap())
+                } else if md.is_dir() {
+                    stack.push(p.clone());
+                    format!("dir {mode:o}")
+                } else {
+                    format!("file {mode:o} {:?}", std::fs::read(&p).unwrap())
+                };
+                out.insert(p.strip_prefix(dir).unwrap().to_path_buf(), desc);
+            }
+        }
+        out
+    }
+
+    /// A jail holding a workspace with some content, and a sentinel next to
+    /// it that no archive may touch.
+    struct Jail {
+        dir: tempfile::TempDir,
+    }
+
+    impl Jail {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("ws/keep")).unwrap();
+            std::fs::write(dir.path().join("ws/keep/f"), b"original").unwrap();
+            std::fs::write(dir.path().join("sentinel"), b"untouched").unwrap();
+            Self { dir }
+        }
+        fn ws_path(&self) -> PathBuf {
+            self.dir.path().join("ws")
+        }
+        fn restore(&self, archive: &[u8]) -> Result<RestoreStats, Error> {
+            let ws = Workspace::at(&self.ws_path()).unwrap();
+            restore(&ws, "", Compression::Detect, archive)
+        }
+        /// Everything outside the workspace is as it was.
+        fn outside_intact(&self) {
+            let mut outside = tree(self.dir.path());
+            outside.retain(|p, _| !p.starts_with("ws"));
+            let expected: BTreeMap<PathBuf, String> = [(
+                PathBuf::from("sentinel"),
+                format!("file 644 {:?}", b"untouched"),
+            )]
+            .into();
+            assert_eq!(outside, expected);
+        }
+    }
+
+    fn assert_refused(entries: &[Entry], why: &str) {
+        let jail = Jail::new();
+        let before = tree(&jail.ws_path());
+        let res = jail.restore(&build(entries));
+        assert!(
+            matches!(
+                res,
+                Err(Error::Refused { .. }) | Err(Error::Corrupt(_)) | Err(Error::Fs(_))
+            ),
+            "{why}: {res:?}"
+        );
+        assert_eq!(tree(&jail.ws_path()), before, "{why}: workspace changed");
+        jail.outside_intact();
+    }
+
+    #[test]
+    fn a_good_archive_replaces_the_workspace() {
+        let jail = Jail::new();
+        let stats = jail
+            .restore(&build(&[
+                Entry::dir("a"),
+                Entry::file("a/x", b"hello"),
+                Entry::symlink("a/l", "x"),
+                Entry::hardlink("a/h", "a/x"),
+                Entry::dir("ro").with_mode(0o555),
+                Entry::file("ro/inside", b"1"),
+            ]))
+            .unwrap();
+        assert_eq!(stats.entries, 6);
+        let t = tree(&jail.ws_path());
+        let names: Vec<_> = t.keys().map(|p| p.display().to_string()).collect();
+        assert_eq!(names, ["a", "a/h", "a/l", "a/x", "ro", "ro/inside"]);
+        assert_eq!(t[Path::new("ro")], "dir 555");
+        jail.outside_intact();
+    }
+
+    #[test]
+    fn paths_that_leave_are_refused() {
+        assert_refused(&[Entry::file("../evil", b"x")], "dotdot");
+        assert_refused(&[Entry::file("a/../../evil", b"x")], "nested dotdot");
+        assert_refused(&[Entry::file("/abs", b"x")], "absolute");
+        assert_refused(&[Entry::symlink("l", "/etc")], "absolute symlink");
+        assert_refused(
+            &[Entry::symlink("a/l", "../../sentinel")],
+            "relative symlink out",
+        );
+        assert_refused(&[Entry::hardlink("h", "../sentinel")], "hard link out");
+        assert_refused(&[Entry::hardlink("h", "/etc/passwd")], "absolute hard link");
+    }
+
+    #[test]
+    fn special_files_and_privilege_bits_are_refused() {
+        assert_refused(
+            &[Entry::file("dev", b"").with_kind(Kind::CharDevice)],
+            "char device",
+        );
+        assert_refused(&[Entry::file("fifo", b"").with_kind(Kind::Fifo)], "fifo");
+        assert_refused(&[Entry::file("suid", b"x").with_mode(0o4755)], "setuid");
+        assert_refused(&[Entry::dir("sgid").with_mode(0o2755)], "setgid dir");
+    }
+
+    // Regression cases from the tar crate's advisories, ported.
+
+    #[test]
+    fn symlink_then_file_through_it() {
+        // The link stays inside, but an archive must not write through a
+        // link it created: that is how "inside" links get retargeted later.
+        assert_refused(
+            &[
+                Entry::dir("sub"),
+                Entry::symlink("link", "sub"),
+                Entry::file("link/evil", b"x"),
+            ],
+            "write through own link",
+        );
+        assert_refused(
+            &[
+                Entry::symlink("link", "."),
+                Entry::file("link/link/x", b"x"),
+            ],
+            "self link",
+        );
+    }
+
+    #[test]
+    fn link_then_overwrite_does_not_write_through_the_link() {
+        let jail = Jail::new();
+        jail.restore(&build(&[
+            Entry::file("f", b"first"),
+            Entry::hardlink("h", "f"),
+            Entry::file("h", b"second"),
+        ]))
+        .unwrap();
+        assert_eq!(std::fs::read(jail.ws_path().join("f")).unwrap(), b"first");
+        assert_eq!(std::fs::read(jail.ws_path().join("h")).unwrap(), b"second");
+        jail.outside_intact();
+    }
+
+    #[test]
+    fn chmod_through_a_symlink_is_refused() {
+        assert_refused(
+            &[
+                Entry::file("f", b"x"),
+                Entry::symlink("l", "f"),
+                Entry::dir("l").with_mode(0o777),
+            ],
+            "dir over symlink",
+        );
+    }
+
+    #[test]
+    fn pax_and_ustar_size_disagreement_cannot_smuggle_an_entry() {
+        // The ustar size covers a hidden header for ../evil; the PAX size
+        // says the file is empty. A reader that honours PAX (tar >= 0.4.45)
+        // then meets the hidden header and refuses it; one that does not
+        // would have skipped it. Either way nothing may land outside.
+        let hidden = build(&[Entry::file("../evil", b"pwned")]);
+        let mut carrier = Entry::file("carrier", &hidden[..hidden.len() - 1024]);
+        carrier.pax_size = Some(0);
+        assert_refused(&[carrier], "pax size 0 hiding an entry");
+    }
+
+    #[test]
+    fn truncated_or_garbage_archives_change_nothing() {
+        let good = build(&[Entry::dir("a"), Entry::file("a/x", &[7u8; 5000])]);
+        for cut in [10, 600, 3000] {
+            assert_refused_raw(&good[..cut], &format!("cut at {cut}"));
+        }
+        assert_refused_raw(
+            b"this is not a tar archive at all, not even close.......",
+            "garbage",
+        );
+        assert_refused_raw(&[0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3], "broken zstd");
+    }
+
+    fn assert_refused_raw(bytes: &[u8], why: &str) {
+        let jail = Jail::new();
+        let before = tree(&jail.ws_path());
+        let res = jail.restore(bytes);
+        assert!(res.is_err(), "{why}: accepted");
+        assert_eq!(tree(&jail.ws_path()), before, "{why}: workspace changed");
+        jail.outside_intact();
+    }
+
+    #[test]
+    fn snapshot_restore_is_identity() {
+        let src = Jail::new();
+        let ws = src.ws_path();
+        std::fs::create_dir_all(ws.join("d/e")).unwrap();
+        std::fs::write(ws.join("d/e/big"), vec![42u8; 3 << 20]).unwrap();
+        std::os::unix::fs::symlink("e/big", ws.join("d/link")).unwrap();
+        std::fs::write(ws.join("excluded.log"), b"x").unwrap();
+        let w = Workspace::at(&ws).unwrap();
+        for level in [None, Some(3)] {
+            let mut archive = Vec::new();
+            let opts = SnapshotOptions {
+                path: String::new(),
+                exclude: vec!["*.log".into()],
+                zstd_level: level,
+            };
+            snapshot(&w, &opts, &mut archive).unwrap();
+            let dst = Jail::new();
+            dst.restore(&archive).unwrap();
+            let mut expected = tree(&ws);
+            expected.remove(Path::new("excluded.log"));
+            assert_eq!(tree(&dst.ws_path()), expected);
+        }
+    }
+
+    fn arb_name() -> impl Strategy<Value = String> {
+        let part = prop_oneof![
+            Just("a".to_string()),
+            Just("b".to_string()),
+            Just("..".to_string()),
+            Just(".".to_string()),
+            Just("keep".to_string()),
+            Just("".to_string()),
+        ];
+        (prop::bool::weighted(0.1), prop::collection::vec(part, 1..4)).prop_map(|(abs, parts)| {
+            let p = parts.join("/");
+            if abs {
+                format!("/{p}")
+            } else {
+                p
+            }
+        })
+    }
+
+    fn arb_entry() -> impl Strategy<Value = Entry> {
+        (
+            arb_name(),
+            prop_oneof![
+                Just(Kind::File),
+                Just(Kind::Dir),
+                Just(Kind::Symlink),
+                Just(Kind::Hardlink),
+                Just(Kind::Fifo)
+            ],
+            arb_name(),
+            prop_oneof![Just(0o644u32), Just(0o755), Just(0o4755), Just(0o000)],
+        )
+            .prop_map(|(name, kind, link, mode)| {
+                let mut e = Entry::file(&name, name.as_bytes())
+                    .with_kind(kind)
+                    .with_mode(mode);
+                e.link = link.into_bytes();
+                e
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        /// Whatever the archive holds, nothing outside the workspace changes,
+        /// and a refused archive leaves the workspace exactly as it was.
+        #[test]
+        fn restore_never_escapes_and_fails_atomically(entries in prop::collection::vec(arb_entry(), 1..8)) {
+            let jail = Jail::new();
+            let before = tree(&jail.ws_path());
+            let res = jail.restore(&build(&entries));
+            if res.is_err() {
+                prop_assert_eq!(tree(&jail.ws_path()), before);
+            }
+            jail.outside_intact();
+            // Nothing of the agent's own work is left behind.
+            for name in std::fs::read_dir(jail.ws_path()).unwrap() {
+                let name = name.unwrap().file_name().to_string_lossy().into_owned();
+                prop_assert!(!name.starts_with(STAGING_PREFIX) && !name.starts_with(TRASH_PREFIX));
+            }
+        }
+    }
 }

@@ -23,7 +23,9 @@ pub fn connect(socket: &Path) -> anyhow::Result<Agent> {
         .connect_timeout(Duration::from_secs(5))
         .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
             let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
         }));
     Ok(SandboxAgentClient::new(channel)
         .max_decoding_message_size(16 << 20)
@@ -41,7 +43,11 @@ pub async fn wait_healthy(socket: &Path, timeout: Duration) -> anyhow::Result<()
             let channel = Endpoint::try_from("http://agent.local")?
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
                     let path = path.clone();
-                    async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
                 }))
                 .await;
             match channel {
@@ -58,7 +64,10 @@ pub async fn wait_healthy(socket: &Path, timeout: Duration) -> anyhow::Result<()
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    bail!("agent at {} not healthy after {timeout:?}: {last_err}", socket.display())
+    bail!(
+        "agent at {} not healthy after {timeout:?}: {last_err}",
+        socket.display()
+    )
 }
 
 fn tonic_health_client(ch: Channel) -> tonic_health::pb::health_client::HealthClient<Channel> {
@@ -66,7 +75,9 @@ fn tonic_health_client(ch: Channel) -> tonic_health::pb::health_client::HealthCl
 }
 
 fn health_request() -> tonic_health::pb::HealthCheckRequest {
-    tonic_health::pb::HealthCheckRequest { service: String::new() }
+    tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    }
 }
 
 /// Everything an exec produced, collected.
@@ -166,16 +177,25 @@ pub async fn run(agent: &mut Agent, s: pb::ExecStart) -> anyhow::Result<ExecResu
 pub async fn start_interactive(
     agent: &mut Agent,
     s: pb::ExecStart,
-) -> anyhow::Result<(mpsc::Sender<pb::ExecRequest>, tonic::Streaming<pb::ExecEvent>)> {
+) -> anyhow::Result<(
+    mpsc::Sender<pb::ExecRequest>,
+    tonic::Streaming<pb::ExecEvent>,
+)> {
     let (tx, rx) = mpsc::channel(16);
     tx.send(start_request(s)).await?;
-    let events = agent.exec(ReceiverStream::new(rx)).await.context("Exec")?.into_inner();
+    let events = agent
+        .exec(ReceiverStream::new(rx))
+        .await
+        .context("Exec")?
+        .into_inner();
     Ok((tx, events))
 }
 
 pub fn stdin(data: &[u8]) -> pb::ExecRequest {
     pb::ExecRequest {
-        request: Some(pb::exec_request::Request::Stdin(Bytes::copy_from_slice(data))),
+        request: Some(pb::exec_request::Request::Stdin(Bytes::copy_from_slice(
+            data,
+        ))),
     }
 }
 
@@ -185,7 +205,11 @@ pub fn close_stdin() -> pb::ExecRequest {
     }
 }
 
-pub async fn attach(agent: &mut Agent, exec_id: &str, from_offset: u64) -> anyhow::Result<ExecResult> {
+pub async fn attach(
+    agent: &mut Agent,
+    exec_id: &str,
+    from_offset: u64,
+) -> anyhow::Result<ExecResult> {
     let events = agent
         .attach(pb::AttachRequest {
             exec_id: exec_id.into(),
@@ -208,7 +232,11 @@ pub fn write_header(path: &str) -> pb::WriteFileHeader {
 }
 
 /// Uploads `data` in 1 MiB messages.
-pub async fn write_file(agent: &mut Agent, header: pb::WriteFileHeader, data: Bytes) -> Result<pb::WriteFileResponse, tonic::Status> {
+pub async fn write_file(
+    agent: &mut Agent,
+    header: pb::WriteFileHeader,
+    data: Bytes,
+) -> Result<pb::WriteFileResponse, tonic::Status> {
     let mut msgs = vec![pb::WriteFileRequest {
         request: Some(pb::write_file_request::Request::Header(header)),
     }];
@@ -220,7 +248,10 @@ pub async fn write_file(agent: &mut Agent, header: pb::WriteFileHeader, data: By
         });
         off = end;
     }
-    Ok(agent.write_file(futures::stream::iter(msgs)).await?.into_inner())
+    Ok(agent
+        .write_file(futures::stream::iter(msgs))
+        .await?
+        .into_inner())
 }
 
 pub async fn read_file(agent: &mut Agent, path: &str) -> Result<Vec<u8>, tonic::Status> {
@@ -239,7 +270,10 @@ pub async fn read_file(agent: &mut Agent, path: &str) -> Result<Vec<u8>, tonic::
     Ok(out)
 }
 
-pub async fn snapshot(agent: &mut Agent, req: pb::SnapshotRequest) -> Result<Vec<u8>, tonic::Status> {
+pub async fn snapshot(
+    agent: &mut Agent,
+    req: pb::SnapshotRequest,
+) -> Result<Vec<u8>, tonic::Status> {
     let mut stream = agent.snapshot(req).await?.into_inner();
     let mut out = Vec::new();
     while let Some(chunk) = stream.next().await {
@@ -248,7 +282,11 @@ pub async fn snapshot(agent: &mut Agent, req: pb::SnapshotRequest) -> Result<Vec
     Ok(out)
 }
 
-pub async fn restore(agent: &mut Agent, path: &str, archive: Bytes) -> Result<pb::RestoreResponse, tonic::Status> {
+pub async fn restore(
+    agent: &mut Agent,
+    path: &str,
+    archive: Bytes,
+) -> Result<pb::RestoreResponse, tonic::Status> {
     let mut msgs = vec![pb::RestoreRequest {
         request: Some(pb::restore_request::Request::Header(pb::RestoreHeader {
             path: path.into(),
@@ -263,5 +301,8 @@ pub async fn restore(agent: &mut Agent, path: &str, archive: Bytes) -> Result<pb
         });
         off = end;
     }
-    Ok(agent.restore(futures::stream::iter(msgs)).await?.into_inner())
+    Ok(agent
+        .restore(futures::stream::iter(msgs))
+        .await?
+        .into_inner())
 }

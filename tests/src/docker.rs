@@ -30,7 +30,10 @@ pub fn require_docker(test: &str) -> bool {
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -41,13 +44,23 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
 pub fn ensure_image() -> anyhow::Result<String> {
     let agent = crate::agent_binary()?;
     let meta = std::fs::metadata(&agent)?;
-    let mtime = meta.modified()?.duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+    let mtime = meta
+        .modified()?
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
     let tag = format!("bridle-sandbox:test-{:x}", (meta.len() as u128) ^ mtime);
     let lock_path = std::env::temp_dir().join("bridle-image-build.lock");
-    let lock = std::fs::OpenOptions::new().create(true).append(true).open(&lock_path)?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&lock_path)?;
     // SAFETY: flock on a valid fd; released when `lock` is dropped.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        bail!("locking {}: {}", lock_path.display(), std::io::Error::last_os_error());
+        bail!(
+            "locking {}: {}",
+            lock_path.display(),
+            std::io::Error::last_os_error()
+        );
     }
     let exists = Command::new("docker")
         .args(["image", "inspect", "--format", "{{.Id}}", &tag])
@@ -55,8 +68,10 @@ pub fn ensure_image() -> anyhow::Result<String> {
         .status
         .success();
     if !exists {
-        run(Command::new(crate::repo_root().join("images/build.sh")).arg(&agent).arg(&tag))
-            .context("building the sandbox image")?;
+        run(Command::new(crate::repo_root().join("images/build.sh"))
+            .arg(&agent)
+            .arg(&tag))
+        .context("building the sandbox image")?;
     }
     drop(lock);
     Ok(tag)
@@ -92,7 +107,10 @@ impl Sandbox {
         let image = ensure_image()?;
         let dir = tempfile::Builder::new().prefix("bridle-sock-").tempdir()?;
         // The agent runs as uid 1000 and must be able to create its socket.
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )?;
         let mut cmd = Command::new("docker");
         cmd.args(["run", "-d", "--label", "bridle.test=1"])
             .args(["--user", "1000:1000", "--cap-drop", "ALL"])
@@ -126,7 +144,13 @@ impl Sandbox {
         Command::new("docker")
             .args(["logs", "--tail", "50", &self.id])
             .output()
-            .map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+            .map(|o| {
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })
             .unwrap_or_default()
     }
 
@@ -142,6 +166,8 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        let _ = Command::new("docker").args(["rm", "-fv", &self.id]).output();
+        let _ = Command::new("docker")
+            .args(["rm", "-fv", &self.id])
+            .output();
     }
 }

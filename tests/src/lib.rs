@@ -6,6 +6,7 @@
 pub mod client;
 pub mod docker;
 pub mod host;
+pub mod tarcraft;
 
 use std::path::PathBuf;
 
@@ -13,7 +14,10 @@ use anyhow::{bail, Context};
 
 /// The workspace's root directory (where Cargo.toml and images/ live).
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// The `sandbox-agent` binary built alongside the running test or tool:
@@ -24,7 +28,10 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe().context("locating the current executable")?;
-    let mut dir = exe.parent().context("executable has no directory")?.to_path_buf();
+    let mut dir = exe
+        .parent()
+        .context("executable has no directory")?
+        .to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
@@ -33,12 +40,16 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
         return Ok(candidate);
     }
     let release = dir.ends_with("release");
-    let mut cmd = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "-p", "sandbox-agent", "--bin", "sandbox-agent"]).current_dir(repo_root());
+    let mut cmd =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "-p", "sandbox-agent", "--bin", "sandbox-agent"])
+        .current_dir(repo_root());
     if release {
         cmd.arg("--release");
     }
-    let status = cmd.status().context("running cargo build -p sandbox-agent")?;
+    let status = cmd
+        .status()
+        .context("running cargo build -p sandbox-agent")?;
     if !status.success() || !candidate.exists() {
         bail!(
             "sandbox-agent binary not found at {} (build it with `cargo build -p sandbox-agent`)",

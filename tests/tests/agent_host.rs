@@ -14,7 +14,9 @@ use tonic::Code;
 async fn runs_a_command_and_reports_its_exit() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let r = client::run(&mut c, shell("echo out; echo err >&2; exit 3")).await.unwrap();
+    let r = client::run(&mut c, shell("echo out; echo err >&2; exit 3"))
+        .await
+        .unwrap();
     assert_eq!(r.stdout, b"out\n");
     assert_eq!(r.stderr, b"err\n");
     let exited = r.exited.unwrap();
@@ -56,7 +58,10 @@ async fn spawn_failures_are_distinct_and_immediate() {
             .await
             .expect("a spawn failure must not hang")
             .unwrap();
-        let f = r.spawn_failed.clone().unwrap_or_else(|| panic!("{what}: expected spawn failure, got {r:?}"));
+        let f = r
+            .spawn_failed
+            .clone()
+            .unwrap_or_else(|| panic!("{what}: expected spawn failure, got {r:?}"));
         assert_eq!(f.errno, errno, "{what}: {}", f.reason);
         assert!(r.exited.is_none());
     }
@@ -98,17 +103,35 @@ async fn exec_id_is_idempotent_and_attach_replays() {
     let second = client::run(&mut c, s).await.unwrap();
     assert!(second.attached, "same exec_id attaches");
     assert_eq!(second.stdout, b"hello\n");
-    assert_eq!(std::fs::read_to_string(&counter).unwrap(), "run\n", "the command ran once");
+    assert_eq!(
+        std::fs::read_to_string(&counter).unwrap(),
+        "run\n",
+        "the command ran once"
+    );
 
     let replay = client::attach(&mut c, "job-1", 2).await.unwrap();
     assert_eq!(replay.stdout, b"llo\n");
     assert_eq!(replay.code(), Some(0));
 
-    let listed = c.list_execs(pb::ListExecsRequest {}).await.unwrap().into_inner();
-    assert!(listed.execs.iter().any(|e| e.exec_id == "job-1" && e.state == pb::ExecState::Exited as i32));
-    c.release_exec(pb::ReleaseExecRequest { exec_id: "job-1".into() }).await.unwrap();
+    let listed = c
+        .list_execs(pb::ListExecsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed
+        .execs
+        .iter()
+        .any(|e| e.exec_id == "job-1" && e.state == pb::ExecState::Exited as i32));
+    c.release_exec(pb::ReleaseExecRequest {
+        exec_id: "job-1".into(),
+    })
+    .await
+    .unwrap();
     let err = client::attach(&mut c, "job-1", 0).await.unwrap_err();
-    assert_eq!(err.downcast_ref::<tonic::Status>().unwrap().code(), Code::NotFound);
+    assert_eq!(
+        err.downcast_ref::<tonic::Status>().unwrap().code(),
+        Code::NotFound
+    );
 }
 
 #[tokio::test]
@@ -161,7 +184,10 @@ async fn pty_gives_a_terminal_and_resizes() {
     let r = client::run(
         &mut c,
         pb::ExecStart {
-            pty: Some(pb::PtySize { rows: 33, cols: 101 }),
+            pty: Some(pb::PtySize {
+                rows: 33,
+                cols: 101,
+            }),
             ..shell("test -t 0 && test -t 1 && stty size")
         },
     )
@@ -186,7 +212,13 @@ sleep 1000
 fn escapee_pids(ws: &std::path::Path) -> Vec<i32> {
     ["pids.setsid", "pids.double", "pids.trap"]
         .iter()
-        .map(|f| std::fs::read_to_string(ws.join(f)).unwrap().trim().parse().unwrap())
+        .map(|f| {
+            std::fs::read_to_string(ws.join(f))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
         .collect()
 }
 
@@ -246,9 +278,15 @@ async fn kill_tree_signal_and_normal_exit_leave_nothing_behind() {
     }
 
     // A command that exits normally still takes its leftovers with it.
-    let r = client::run(&mut c, shell("sleep 1000 & echo $! > bg.pid")).await.unwrap();
+    let r = client::run(&mut c, shell("sleep 1000 & echo $! > bg.pid"))
+        .await
+        .unwrap();
     assert_eq!(r.code(), Some(0));
-    let bg: i32 = std::fs::read_to_string(agent.workspace.join("bg.pid")).unwrap().trim().parse().unwrap();
+    let bg: i32 = std::fs::read_to_string(agent.workspace.join("bg.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(!alive(bg));
 }
 
@@ -256,9 +294,15 @@ async fn kill_tree_signal_and_normal_exit_leave_nothing_behind() {
 async fn commands_inherit_only_stdio() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let r = client::run(&mut c, start(&["ls", "/proc/self/fd"])).await.unwrap();
+    let r = client::run(&mut c, start(&["ls", "/proc/self/fd"]))
+        .await
+        .unwrap();
     // 0, 1, 2 and the fd `ls` itself opened to read the directory.
-    let fds: Vec<String> = r.stdout_str().split_whitespace().map(String::from).collect();
+    let fds: Vec<String> = r
+        .stdout_str()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
     assert!(fds.len() <= 4, "leaked fds: {fds:?}");
     for fd in ["0", "1", "2"] {
         assert!(fds.contains(&fd.to_string()));
@@ -303,8 +347,16 @@ async fn output_is_bounded_and_marks_what_was_dropped() {
     .unwrap();
     drop(events);
     loop {
-        let list = c.list_execs(pb::ListExecsRequest {}).await.unwrap().into_inner();
-        if list.execs.iter().any(|e| e.exec_id == "loud" && e.state == pb::ExecState::Exited as i32) {
+        let list = c
+            .list_execs(pb::ListExecsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if list
+            .execs
+            .iter()
+            .any(|e| e.exec_id == "loud" && e.state == pb::ExecState::Exited as i32)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -324,13 +376,25 @@ async fn output_is_bounded_and_marks_what_was_dropped() {
 async fn files_round_trip_and_refuse_escapes() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let data = Bytes::from((0..3_000_000u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-    let resp = client::write_file(&mut c, client::write_header("a/b/data.bin"), data.clone()).await.unwrap();
+    let data = Bytes::from(
+        (0..3_000_000u32)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let resp = client::write_file(&mut c, client::write_header("a/b/data.bin"), data.clone())
+        .await
+        .unwrap();
     assert_eq!(resp.size, data.len() as u64);
     assert_eq!(resp.sha256, bridle_tests::sha256_hex(&data));
-    assert_eq!(client::read_file(&mut c, "a/b/data.bin").await.unwrap(), data);
+    assert_eq!(
+        client::read_file(&mut c, "a/b/data.bin").await.unwrap(),
+        data
+    );
     let abs = format!("{}/a/b/data.bin", agent.workspace.display());
-    assert_eq!(client::read_file(&mut c, &abs).await.unwrap().len(), data.len());
+    assert_eq!(
+        client::read_file(&mut c, &abs).await.unwrap().len(),
+        data.len()
+    );
 
     let mut part = c
         .read_file(pb::ReadFileRequest {
@@ -346,10 +410,19 @@ async fn files_round_trip_and_refuse_escapes() {
 
     std::os::unix::fs::symlink("/etc", agent.workspace.join("etc-link")).unwrap();
     std::os::unix::fs::symlink("/proc/self/root", agent.workspace.join("root-link")).unwrap();
-    for path in ["../outside", "/etc/passwd", "etc-link/passwd", "root-link/etc/passwd", "a/../../x", "/proc/self/root/etc/passwd"] {
+    for path in [
+        "../outside",
+        "/etc/passwd",
+        "etc-link/passwd",
+        "root-link/etc/passwd",
+        "a/../../x",
+        "/proc/self/root/etc/passwd",
+    ] {
         let err = client::read_file(&mut c, path).await.unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied, "{path}: {err:?}");
-        let err = client::write_file(&mut c, client::write_header(path), Bytes::from_static(b"x")).await.unwrap_err();
+        let err = client::write_file(&mut c, client::write_header(path), Bytes::from_static(b"x"))
+            .await
+            .unwrap_err();
         assert!(
             matches!(err.code(), Code::PermissionDenied | Code::InvalidArgument),
             "{path}: {err:?}"
@@ -357,7 +430,15 @@ async fn files_round_trip_and_refuse_escapes() {
     }
     assert!(!agent.dir.path().join("outside").exists());
 
-    let st = c.stat(pb::StatRequest { path: "etc-link".into() }).await.unwrap().into_inner().info.unwrap();
+    let st = c
+        .stat(pb::StatRequest {
+            path: "etc-link".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
     assert_eq!(st.r#type, pb::FileType::Symlink as i32);
     assert_eq!(st.symlink_target, "/etc");
 
@@ -375,13 +456,34 @@ async fn files_round_trip_and_refuse_escapes() {
     })
     .await
     .unwrap();
-    let listing = c.list_dir(pb::ListDirRequest { path: "d".into(), depth: 2 }).await.unwrap().into_inner();
+    let listing = c
+        .list_dir(pb::ListDirRequest {
+            path: "d".into(),
+            depth: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let paths: Vec<_> = listing.entries.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(paths, ["d/e", "d/e/moved.bin"]);
-    let err = c.remove(pb::RemoveRequest { path: "d".into(), recursive: false }).await.unwrap_err();
+    let err = c
+        .remove(pb::RemoveRequest {
+            path: "d".into(),
+            recursive: false,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    c.remove(pb::RemoveRequest { path: "d".into(), recursive: true }).await.unwrap();
-    let err = c.stat(pb::StatRequest { path: "d".into() }).await.unwrap_err();
+    c.remove(pb::RemoveRequest {
+        path: "d".into(),
+        recursive: true,
+    })
+    .await
+    .unwrap();
+    let err = c
+        .stat(pb::StatRequest { path: "d".into() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
 
@@ -393,19 +495,32 @@ async fn an_aborted_upload_changes_nothing() {
     // A header followed by a second header is a malformed stream.
     let msgs = vec![
         pb::WriteFileRequest {
-            request: Some(pb::write_file_request::Request::Header(client::write_header("f"))),
+            request: Some(pb::write_file_request::Request::Header(
+                client::write_header("f"),
+            )),
         },
         pb::WriteFileRequest {
-            request: Some(pb::write_file_request::Request::Data(Bytes::from_static(b"partial"))),
+            request: Some(pb::write_file_request::Request::Data(Bytes::from_static(
+                b"partial",
+            ))),
         },
         pb::WriteFileRequest {
-            request: Some(pb::write_file_request::Request::Header(client::write_header("f"))),
+            request: Some(pb::write_file_request::Request::Header(
+                client::write_header("f"),
+            )),
         },
     ];
     let err = c.write_file(futures::stream::iter(msgs)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(std::fs::read(agent.workspace.join("f")).unwrap(), b"original");
-    assert_eq!(std::fs::read_dir(&agent.workspace).unwrap().count(), 1, "no temp file left");
+    assert_eq!(
+        std::fs::read(agent.workspace.join("f")).unwrap(),
+        b"original"
+    );
+    assert_eq!(
+        std::fs::read_dir(&agent.workspace).unwrap().count(),
+        1,
+        "no temp file left"
+    );
 }
 
 #[tokio::test]
@@ -430,10 +545,17 @@ async fn snapshot_and_restore_round_trip() {
         )
         .await
         .unwrap();
-        client::run(&mut c, shell("rm -rf src skip; echo junk > junk")).await.unwrap();
+        client::run(&mut c, shell("rm -rf src skip; echo junk > junk"))
+            .await
+            .unwrap();
         let resp = client::restore(&mut c, "", Bytes::from(tar)).await.unwrap();
         assert!(resp.entries >= 5);
-        let r = client::run(&mut c, shell("find . | sort; cat src/link; stat -c %a src/deep")).await.unwrap();
+        let r = client::run(
+            &mut c,
+            shell("find . | sort; cat src/link; stat -c %a src/deep"),
+        )
+        .await
+        .unwrap();
         assert_eq!(
             r.stdout_str(),
             ".\n./src\n./src/a\n./src/deep\n./src/deep/b\n./src/link\nb\n750\n",
@@ -459,12 +581,19 @@ async fn info_reports_version_cgroup_and_capabilities() {
 async fn sigterm_stops_running_commands_and_exits_cleanly() {
     let mut agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let (_tx, mut events) = client::start_interactive(&mut c, shell("echo $$ > main.pid; echo up; sleep 1000")).await.unwrap();
+    let (_tx, mut events) =
+        client::start_interactive(&mut c, shell("echo $$ > main.pid; echo up; sleep 1000"))
+            .await
+            .unwrap();
     let mut r = client::ExecResult::default();
     while r.stdout != b"up\n" {
         client::apply(&mut r, events.message().await.unwrap().unwrap());
     }
-    let main: i32 = std::fs::read_to_string(agent.workspace.join("main.pid")).unwrap().trim().parse().unwrap();
+    let main: i32 = std::fs::read_to_string(agent.workspace.join("main.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let status = agent.terminate().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(!alive(main));

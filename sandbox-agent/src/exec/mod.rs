@@ -274,7 +274,12 @@ pub struct Execs {
 }
 
 impl Execs {
-    pub fn new(limits: Limits, ws: Arc<Workspace>, reaper: Arc<Reaper>, cgroup: Arc<OwnCgroup>) -> Arc<Self> {
+    pub fn new(
+        limits: Limits,
+        ws: Arc<Workspace>,
+        reaper: Arc<Reaper>,
+        cgroup: Arc<OwnCgroup>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             table: Mutex::new(HashMap::new()),
             limits,
@@ -290,7 +295,10 @@ impl Execs {
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Exec>, Error> {
-        self.table().get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))
+        self.table()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(id.into()))
     }
 
     pub fn list(&self) -> Vec<Arc<Exec>> {
@@ -319,7 +327,10 @@ impl Execs {
     /// (`true` = attached to an existing one). Waits until the command is
     /// running or has failed to start, never longer.
     pub async fn start(self: &Arc<Self>, mut spec: ExecSpec) -> Result<(Arc<Exec>, bool), Error> {
-        if self.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+        if self
+            .shutting_down
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
             return Err(Error::ShuttingDown);
         }
         if spec.exec_id.is_empty() {
@@ -365,16 +376,26 @@ impl Execs {
     }
 
     fn prepare(&self, spec: &ExecSpec) -> Result<Prepared, (String, i32)> {
-        let fail = |what: String, e: std::io::Error| (format!("{what}: {e}"), e.raw_os_error().unwrap_or(libc::EIO));
-        let rel = self.ws.relative(&spec.cwd).map_err(|e| (format!("cwd {e}"), libc::EXDEV))?;
+        let fail = |what: String, e: std::io::Error| {
+            (
+                format!("{what}: {e}"),
+                e.raw_os_error().unwrap_or(libc::EIO),
+            )
+        };
+        let rel = self
+            .ws
+            .relative(&spec.cwd)
+            .map_err(|e| (format!("cwd {e}"), libc::EXDEV))?;
         let cwd = self
             .ws
             .open(&rel, libc::O_PATH | libc::O_DIRECTORY, 0)
             .map_err(|e| (format!("cwd {e}"), errno_of(&e)))?;
         let (stdout_r, stdout_w, stderr_r, stderr_w, pty_master, pty_slave) = match spec.pty {
             Some((rows, cols)) => {
-                let (master, slave) = open_pty().map_err(|e| fail("opening a terminal".into(), e))?;
-                set_winsize(master.as_raw_fd(), rows, cols).map_err(|e| fail("sizing the terminal".into(), e))?;
+                let (master, slave) =
+                    open_pty().map_err(|e| fail("opening a terminal".into(), e))?;
+                set_winsize(master.as_raw_fd(), rows, cols)
+                    .map_err(|e| fail("sizing the terminal".into(), e))?;
                 (None, None, None, None, Some(Arc::new(master)), Some(slave))
             }
             None => {
@@ -404,9 +425,18 @@ impl Execs {
         })
     }
 
-    async fn launch(self: Arc<Self>, exec: Arc<Exec>, spec: ExecSpec, p: Prepared, control_rx: mpsc::UnboundedReceiver<Control>) {
+    async fn launch(
+        self: Arc<Self>,
+        exec: Arc<Exec>,
+        spec: ExecSpec,
+        p: Prepared,
+        control_rx: mpsc::UnboundedReceiver<Control>,
+    ) {
         let shim = ShimSpec {
-            grace_ms: spec.kill_grace.unwrap_or(self.limits.default_grace).as_millis() as u64,
+            grace_ms: spec
+                .kill_grace
+                .unwrap_or(self.limits.default_grace)
+                .as_millis() as u64,
             pty: spec.pty.is_some(),
             uid: spec.uid,
             gid: spec.gid,
@@ -497,7 +527,10 @@ impl Execs {
             readers.push(tokio::spawn(drain_pty(exec.clone(), m)));
         }
 
-        let ctl = match ctl_agent.set_nonblocking(true).and_then(|_| tokio::net::UnixStream::from_std(ctl_agent)) {
+        let ctl = match ctl_agent
+            .set_nonblocking(true)
+            .and_then(|_| tokio::net::UnixStream::from_std(ctl_agent))
+        {
             Ok(c) => c,
             Err(err) => {
                 // SAFETY: kill(2) of our own child.
@@ -511,7 +544,10 @@ impl Execs {
         // The first line says whether the command started.
         let first = lines.next_line().await.ok().flatten().unwrap_or_default();
         if let Some(rest) = first.strip_prefix("spawned ") {
-            exec.pid.store(rest.trim().parse().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+            exec.pid.store(
+                rest.trim().parse().unwrap_or(0),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             exec.bump();
         } else {
             let (errno, stage) = first
@@ -537,8 +573,18 @@ impl Execs {
 
         let this = self.clone();
         tokio::spawn(async move {
-            this.supervise(exec, spec.timeout, started, oom_before, lines, ctl_write, control_rx, exit_rx, readers)
-                .await
+            this.supervise(
+                exec,
+                spec.timeout,
+                started,
+                oom_before,
+                lines,
+                ctl_write,
+                control_rx,
+                exit_rx,
+                readers,
+            )
+            .await
         });
     }
 
@@ -615,7 +661,12 @@ impl Execs {
         let oom_after = self.cgroup.oom_kills();
         let (timed_out, killed, total, dropped) = {
             let st = exec.lock();
-            (st.timed_out, st.killed, st.output.total(), st.output.dropped())
+            (
+                st.timed_out,
+                st.killed,
+                st.output.total(),
+                st.output.dropped(),
+            )
         };
         let usage = shim_exit.unwrap_or(ChildExit {
             status: 0,
@@ -671,8 +722,13 @@ impl Execs {
     /// Refuses new execs, stops every running one and waits (bounded by
     /// `wait`) for them to finish.
     pub async fn shutdown(&self, wait: Duration) {
-        self.shutting_down.store(true, std::sync::atomic::Ordering::Relaxed);
-        let running: Vec<_> = self.list().into_iter().filter(|e| e.outcome().is_none()).collect();
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let running: Vec<_> = self
+            .list()
+            .into_iter()
+            .filter(|e| e.outcome().is_none())
+            .collect();
         for e in &running {
             let _ = e.kill();
         }
@@ -720,7 +776,9 @@ fn errno_of(e: &crate::fs::Error) -> i32 {
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 const READ_CHUNK: usize = 64 * 1024;
@@ -734,7 +792,9 @@ async fn drain_pipe(exec: Arc<Exec>, fd: OwnedFd, stream: Stream) {
         match rx.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                exec.lock().output.append(stream, Bytes::copy_from_slice(&buf[..n]));
+                exec.lock()
+                    .output
+                    .append(stream, Bytes::copy_from_slice(&buf[..n]));
                 exec.bump();
             }
         }
@@ -752,16 +812,28 @@ async fn drain_pty(exec: Arc<Exec>, master: Arc<OwnedFd>) {
     }
     // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open
     // and refers to the same file for the AsyncFd's whole life.
-    let Ok(afd) = (unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }) else {
+    let Ok(afd) = (unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }) else {
         return;
     };
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
-        let Ok(mut guard) = afd.readable().await else { return };
+        let Ok(mut guard) = afd.readable().await else {
+            return;
+        };
         // SAFETY: read into a valid buffer from a valid fd.
-        let n = unsafe { libc::read(afd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n = unsafe {
+            libc::read(
+                afd.get_ref().as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
         if n > 0 {
-            exec.lock().output.append(Stream::Stdout, Bytes::copy_from_slice(&buf[..n as usize]));
+            exec.lock()
+                .output
+                .append(Stream::Stdout, Bytes::copy_from_slice(&buf[..n as usize]));
             exec.bump();
         } else if n == 0 {
             return;
@@ -805,7 +877,11 @@ fn open_pty() -> std::io::Result<(OwnedFd, OwnedFd)> {
             return Err(std::io::Error::last_os_error());
         }
         // TIOCGPTPEER opens the slave from the master without a path lookup.
-        let s = libc::ioctl(m, libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        let s = libc::ioctl(
+            m,
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
         if s < 0 {
             return Err(std::io::Error::last_os_error());
         }

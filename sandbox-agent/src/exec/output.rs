@@ -33,7 +33,10 @@ impl Chunk {
 pub enum Item {
     Chunk(Chunk),
     /// Bytes `[from, to)` were produced but are no longer buffered.
-    Dropped { from: u64, to: u64 },
+    Dropped {
+        from: u64,
+        to: u64,
+    },
 }
 
 #[derive(Debug)]

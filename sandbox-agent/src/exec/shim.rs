@@ -73,7 +73,9 @@ impl ShimSpec {
                 "pty" => spec.pty = v == "1",
                 "uid" => spec.uid = Some(num(v)? as u32),
                 "gid" => spec.gid = Some(num(v)? as u32),
-                _ if k.starts_with("rlimit.") => spec.rlimits.push((k["rlimit.".len()..].to_string(), num(v)?)),
+                _ if k.starts_with("rlimit.") => spec
+                    .rlimits
+                    .push((k["rlimit.".len()..].to_string(), num(v)?)),
                 _ => return Err(format!("unknown option {s}")),
             }
         }
@@ -127,7 +129,11 @@ pub fn main(args: &[std::ffi::OsString]) -> ! {
     let spec = match ShimSpec::parse(args) {
         Ok(s) => s,
         Err(e) => {
-            ctl.send(&format!("spawn_failed {} supervisor:{}", libc::EINVAL, e.replace(' ', "_")));
+            ctl.send(&format!(
+                "spawn_failed {} supervisor:{}",
+                libc::EINVAL,
+                e.replace(' ', "_")
+            ));
             ctl.send("done");
             std::process::exit(1);
         }
@@ -137,7 +143,12 @@ pub fn main(args: &[std::ffi::OsString]) -> ! {
         libc::fcntl(CONTROL_FD, libc::F_SETFD, libc::FD_CLOEXEC);
         // Whatever else this process inherited must not reach the command:
         // it gets fds 0-2 and nothing more.
-        libc::syscall(libc::SYS_close_range, CONTROL_FD as u32 + 1, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+        libc::syscall(
+            libc::SYS_close_range,
+            CONTROL_FD as u32 + 1,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     }
     let code = supervise(ctl, spec);
@@ -145,7 +156,9 @@ pub fn main(args: &[std::ffi::OsString]) -> ! {
 }
 
 fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
@@ -170,7 +183,12 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
 
     // Everything the child needs is prepared before fork: only async-signal-
     // safe calls happen between fork and exec.
-    let argv_c: Vec<CString> = match spec.argv.iter().map(|a| CString::new(a.as_bytes())).collect() {
+    let argv_c: Vec<CString> = match spec
+        .argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect()
+    {
         Ok(v) => v,
         Err(_) => {
             ctl.send(&format!("spawn_failed {} argv:contains_NUL", libc::EINVAL));
@@ -227,13 +245,18 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
                 fail(b't');
             }
             for (res, v) in &rlimits {
-                let lim = libc::rlimit { rlim_cur: *v, rlim_max: *v };
+                let lim = libc::rlimit {
+                    rlim_cur: *v,
+                    rlim_max: *v,
+                };
                 if libc::setrlimit(*res, &lim) < 0 {
                     fail(b'r');
                 }
             }
             if let Some(gid) = spec.gid {
-                if libc::setgroups(0, std::ptr::null()) < 0 && *libc::__errno_location() != libc::EPERM {
+                if libc::setgroups(0, std::ptr::null()) < 0
+                    && *libc::__errno_location() != libc::EPERM
+                {
                     fail(b'g');
                 }
                 if libc::setgid(gid) < 0 {
@@ -328,7 +351,9 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
             }
         }
         let timeout_ms = match stopping {
-            Some(since) if since.elapsed() < grace => (grace - since.elapsed()).as_millis().clamp(1, 50) as i32,
+            Some(since) if since.elapsed() < grace => {
+                (grace - since.elapsed()).as_millis().clamp(1, 50) as i32
+            }
             Some(_) => 10,
             None => -1,
         };
@@ -389,7 +414,10 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
                         stopping = Some(Instant::now());
                         signal_descendants(libc::SIGTERM);
                     }
-                } else if let Some(sig) = line.strip_prefix("signal ").and_then(|s| s.parse::<i32>().ok()) {
+                } else if let Some(sig) = line
+                    .strip_prefix("signal ")
+                    .and_then(|s| s.parse::<i32>().ok())
+                {
                     if main_alive {
                         // SAFETY: signalling our own, not yet reaped, child.
                         unsafe { libc::kill(pid, sig) };
@@ -434,7 +462,11 @@ fn signal_descendants(sig: i32) {
         return;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         if let Some(ppid) = read_ppid(pid) {

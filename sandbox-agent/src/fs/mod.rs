@@ -23,7 +23,9 @@ pub enum Error {
     NotFound { path: String },
     #[error("{path}: resolves outside the workspace (`..` above the root, an absolute symlink, or a link that leaves it)")]
     Escapes { path: String },
-    #[error("{path}: too many levels of symbolic links, or a /proc magic link, which is never followed")]
+    #[error(
+        "{path}: too many levels of symbolic links, or a /proc magic link, which is never followed"
+    )]
     SymlinkLoop { path: String },
     #[error("{path}: {reason}")]
     InvalidPath { path: String, reason: &'static str },
@@ -38,7 +40,10 @@ pub enum Error {
     #[error("{path}: directory not empty (use recursive)")]
     NotEmpty { path: String },
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 impl Error {
@@ -49,7 +54,9 @@ impl Error {
             Some(libc::ENOENT) => Error::NotFound { path },
             Some(libc::EXDEV) => Error::Escapes { path },
             Some(libc::ELOOP) => Error::SymlinkLoop { path },
-            Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => Error::PermissionDenied { path },
+            Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
+                Error::PermissionDenied { path }
+            }
             Some(libc::EEXIST) => Error::AlreadyExists { path },
             Some(libc::EISDIR) => Error::IsDirectory { path },
             Some(libc::ENOTDIR) => Error::NotDirectory { path },
@@ -123,7 +130,10 @@ fn info_from(rel: &Path, name: &OsStr, st: &libc::stat, target: Option<OsString>
 pub(crate) fn lstat_at(dir: RawFd, name: &CStr, path: &Path) -> Result<libc::stat, Error> {
     let mut st = unsafe_zeroed_stat();
     // SAFETY: valid dirfd, NUL-terminated name and a valid out struct.
-    check(unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) }, path)?;
+    check(
+        unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) },
+        path,
+    )?;
     Ok(st)
 }
 
@@ -260,15 +270,25 @@ impl AtomicWrite {
     /// Renames the data into place and returns (size, sha256 hex).
     pub fn commit(mut self) -> Result<(u64, String), Error> {
         let file = self.file.take().expect("not committed");
-        let file = file.into_inner().map_err(|e| Error::io(&self.rel, e.into_error()))?;
-        let mode = if self.opts.mode == 0 { 0o644 } else { self.opts.mode & 0o777 };
+        let file = file
+            .into_inner()
+            .map_err(|e| Error::io(&self.rel, e.into_error()))?;
+        let mode = if self.opts.mode == 0 {
+            0o644
+        } else {
+            self.opts.mode & 0o777
+        };
         // SAFETY: fchmod on a valid fd.
         check(unsafe { libc::fchmod(file.as_raw_fd(), mode) }, &self.rel)?;
         if self.opts.sync {
             file.sync_all().map_err(|e| Error::io(&self.rel, e))?;
         }
         drop(file);
-        let flags = if self.opts.no_overwrite { libc::RENAME_NOREPLACE } else { 0 };
+        let flags = if self.opts.no_overwrite {
+            libc::RENAME_NOREPLACE
+        } else {
+            0
+        };
         // SAFETY: renameat2 within one valid dirfd and NUL-terminated names.
         let rc = unsafe {
             libc::renameat2(
@@ -301,7 +321,13 @@ impl Drop for AtomicWrite {
 
 fn sync_dir(dir: RawFd) {
     // SAFETY: open "." relative to a valid dirfd; the fd is closed below.
-    let fd = unsafe { libc::openat(dir, c".".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::openat(
+            dir,
+            c".".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
     if fd >= 0 {
         // SAFETY: valid fd, closed right after.
         unsafe {
@@ -379,13 +405,22 @@ pub(crate) fn open_dir_at(dir: RawFd, name: &CStr, path: &Path) -> Result<OwnedF
 pub fn list_dir(ws: &Workspace, path: &str, depth: u32) -> Result<(Vec<FileInfo>, bool), Error> {
     let rel = ws.relative(path)?;
     let fd = ws.open(&rel, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    let base = if rel == Path::new(".") { PathBuf::new() } else { rel.clone() };
+    let base = if rel == Path::new(".") {
+        PathBuf::new()
+    } else {
+        rel.clone()
+    };
     let mut out = Vec::new();
     let truncated = list_into(fd, &base, depth.max(1), &mut out)?;
     Ok((out, truncated))
 }
 
-fn list_into(dir: OwnedFd, base: &Path, depth: u32, out: &mut Vec<FileInfo>) -> Result<bool, Error> {
+fn list_into(
+    dir: OwnedFd,
+    base: &Path,
+    depth: u32,
+    out: &mut Vec<FileInfo>,
+) -> Result<bool, Error> {
     let dir_raw = dir.as_raw_fd();
     // read_dir_fd consumes its fd; keep `dir` for the *at calls below.
     // SAFETY: F_DUPFD_CLOEXEC of a valid fd.
@@ -408,7 +443,11 @@ fn list_into(dir: OwnedFd, base: &Path, depth: u32, out: &mut Vec<FileInfo>) -> 
             Err(e) => return Err(e),
         };
         let ft = file_type(st.st_mode);
-        let target = if ft == FileType::Symlink { readlink_at(dir_raw, &c).ok() } else { None };
+        let target = if ft == FileType::Symlink {
+            readlink_at(dir_raw, &c).ok()
+        } else {
+            None
+        };
         out.push(info_from(&rel, &name, &st, target));
         if ft == FileType::Directory && depth > 1 {
             if let Ok(sub) = open_dir_at(dir_raw, &c, &rel) {
@@ -464,11 +503,17 @@ pub fn remove(ws: &Workspace, path: &str, recursive: bool) -> Result<(), Error> 
             remove_tree_at(dir.as_raw_fd(), &c, &rel)
         } else {
             // SAFETY: unlinkat on a valid dirfd and NUL-terminated name.
-            check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) }, &rel)
+            check(
+                unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) },
+                &rel,
+            )
         }
     } else {
         // SAFETY: as above.
-        check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) }, &rel)
+        check(
+            unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) },
+            &rel,
+        )
     }
 }
 
@@ -495,12 +540,18 @@ pub(crate) fn remove_tree_at(dir: RawFd, name: &CStr, path: &Path) -> Result<(),
             remove_tree_at(sub_raw, &c, &child_path)?;
         } else {
             // SAFETY: unlinkat on a valid dirfd and NUL-terminated name.
-            check(unsafe { libc::unlinkat(sub_raw, c.as_ptr(), 0) }, &child_path)?;
+            check(
+                unsafe { libc::unlinkat(sub_raw, c.as_ptr(), 0) },
+                &child_path,
+            )?;
         }
     }
     drop(sub);
     // SAFETY: as above.
-    check(unsafe { libc::unlinkat(dir, name.as_ptr(), libc::AT_REMOVEDIR) }, path)
+    check(
+        unsafe { libc::unlinkat(dir, name.as_ptr(), libc::AT_REMOVEDIR) },
+        path,
+    )
 }
 
 pub fn rename(ws: &Workspace, from: &str, to: &str, overwrite: bool) -> Result<(), Error> {
@@ -511,7 +562,15 @@ pub fn rename(ws: &Workspace, from: &str, to: &str, overwrite: bool) -> Result<(
     let (fc, tc) = (cstring(&from_name)?, cstring(&to_name)?);
     let flags = if overwrite { 0 } else { libc::RENAME_NOREPLACE };
     // SAFETY: renameat2 on valid dirfds and NUL-terminated names.
-    let rc = unsafe { libc::renameat2(from_dir.as_raw_fd(), fc.as_ptr(), to_dir.as_raw_fd(), tc.as_ptr(), flags) };
+    let rc = unsafe {
+        libc::renameat2(
+            from_dir.as_raw_fd(),
+            fc.as_ptr(),
+            to_dir.as_raw_fd(),
+            tc.as_ptr(),
+            flags,
+        )
+    };
     if rc < 0 {
         let err = std::io::Error::last_os_error();
         return Err(match err.raw_os_error() {
@@ -594,7 +653,10 @@ mod tests {
         let (size, sha) = w.commit().unwrap();
         assert_eq!(size, 11);
         assert_eq!(sha, hex::encode(Sha256::digest(b"hello world")));
-        assert_eq!(std::fs::read(t.path().join("a/b/c.txt")).unwrap(), b"hello world");
+        assert_eq!(
+            std::fs::read(t.path().join("a/b/c.txt")).unwrap(),
+            b"hello world"
+        );
         let left: Vec<_> = std::fs::read_dir(t.path().join("a/b")).unwrap().collect();
         assert_eq!(left.len(), 1, "no temp file left behind");
     }
@@ -624,7 +686,10 @@ mod tests {
         let mut w = AtomicWrite::begin(&ws, "link", opts()).unwrap();
         w.write(b"x").unwrap();
         w.commit().unwrap();
-        assert_eq!(std::fs::read(outside.path().join("target")).unwrap(), b"precious");
+        assert_eq!(
+            std::fs::read(outside.path().join("target")).unwrap(),
+            b"precious"
+        );
         assert!(!t.path().join("link").is_symlink());
     }
 
@@ -633,7 +698,10 @@ mod tests {
         let (_t, ws) = ws();
         let mut o = opts();
         o.mode = 0o4755;
-        assert!(matches!(AtomicWrite::begin(&ws, "x", o), Err(Error::InvalidPath { .. })));
+        assert!(matches!(
+            AtomicWrite::begin(&ws, "x", o),
+            Err(Error::InvalidPath { .. })
+        ));
     }
 
     #[test]
@@ -643,11 +711,17 @@ mod tests {
         std::fs::write(outside.path().join("f"), b"x").unwrap();
         std::fs::create_dir_all(t.path().join("d/e")).unwrap();
         std::os::unix::fs::symlink(outside.path(), t.path().join("d/e/link")).unwrap();
-        assert!(matches!(remove(&ws, "d", false), Err(Error::NotEmpty { .. })));
+        assert!(matches!(
+            remove(&ws, "d", false),
+            Err(Error::NotEmpty { .. })
+        ));
         remove(&ws, "d", true).unwrap();
         assert!(!t.path().join("d").exists());
         assert!(outside.path().join("f").exists());
-        assert!(remove(&ws, "", true).is_err(), "the root itself cannot be removed");
+        assert!(
+            remove(&ws, "", true).is_err(),
+            "the root itself cannot be removed"
+        );
     }
 
     #[test]
@@ -655,12 +729,18 @@ mod tests {
         let (t, ws) = ws();
         make_dir(&ws, "x/y/z", true, 0).unwrap();
         make_dir(&ws, "x/y/z", true, 0).unwrap();
-        assert!(matches!(make_dir(&ws, "x", false, 0), Err(Error::AlreadyExists { .. })));
+        assert!(matches!(
+            make_dir(&ws, "x", false, 0),
+            Err(Error::AlreadyExists { .. })
+        ));
         std::fs::write(t.path().join("x/f"), b"12345").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", t.path().join("x/l")).unwrap();
         let (entries, truncated) = list_dir(&ws, "x", 3).unwrap();
         assert!(!truncated);
-        let names: Vec<_> = entries.iter().map(|e| e.path.display().to_string()).collect();
+        let names: Vec<_> = entries
+            .iter()
+            .map(|e| e.path.display().to_string())
+            .collect();
         assert_eq!(names, ["x/f", "x/l", "x/y", "x/y/z"]);
         let l = stat(&ws, "x/l").unwrap();
         assert_eq!(l.file_type, FileType::Symlink);
@@ -668,7 +748,10 @@ mod tests {
         assert_eq!(stat(&ws, "x/f").unwrap().size, 5);
         rename(&ws, "x/f", "x/g", false).unwrap();
         std::fs::write(t.path().join("x/h"), b"").unwrap();
-        assert!(matches!(rename(&ws, "x/g", "x/h", false), Err(Error::AlreadyExists { .. })));
+        assert!(matches!(
+            rename(&ws, "x/g", "x/h", false),
+            Err(Error::AlreadyExists { .. })
+        ));
         rename(&ws, "x/g", "x/h", true).unwrap();
         assert_eq!(std::fs::read(t.path().join("x/h")).unwrap(), b"12345");
     }

@@ -134,10 +134,16 @@ impl Workspace {
 
     fn open_at(&self, dir: RawFd, rel: &Path, flags: i32, mode: u32) -> Result<OwnedFd, Error> {
         if self.openat2 {
-            let rules = if self.no_symlinks { RESOLVE_RULES | libc::RESOLVE_NO_SYMLINKS } else { RESOLVE_RULES };
-            openat2(dir, rel, flags | libc::O_CLOEXEC, mode, rules).map_err(|e| Error::resolve(rel, e))
+            let rules = if self.no_symlinks {
+                RESOLVE_RULES | libc::RESOLVE_NO_SYMLINKS
+            } else {
+                RESOLVE_RULES
+            };
+            openat2(dir, rel, flags | libc::O_CLOEXEC, mode, rules)
+                .map_err(|e| Error::resolve(rel, e))
         } else {
-            walk_open(dir, rel, flags | libc::O_CLOEXEC, mode, self.no_symlinks).map_err(|e| Error::resolve(rel, e))
+            walk_open(dir, rel, flags | libc::O_CLOEXEC, mode, self.no_symlinks)
+                .map_err(|e| Error::resolve(rel, e))
         }
     }
 
@@ -198,11 +204,22 @@ impl Workspace {
 const RESOLVE_RULES: u64 = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
 
 /// openat2(2) relative to `dir`.
-pub fn openat2(dir: RawFd, rel: &Path, flags: i32, mode: u32, resolve: u64) -> std::io::Result<OwnedFd> {
-    let c = cstring(rel.as_os_str()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+pub fn openat2(
+    dir: RawFd,
+    rel: &Path,
+    flags: i32,
+    mode: u32,
+    resolve: u64,
+) -> std::io::Result<OwnedFd> {
+    let c =
+        cstring(rel.as_os_str()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     let mut how: libc::open_how = unsafe_zeroed_open_how();
     how.flags = flags as u64;
-    how.mode = if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 { mode as u64 } else { 0 };
+    how.mode = if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 {
+        mode as u64
+    } else {
+        0
+    };
     how.resolve = resolve;
     loop {
         // SAFETY: `how` is a valid open_how and its size is passed; `c` is
@@ -234,7 +251,13 @@ fn unsafe_zeroed_open_how() -> libc::open_how {
 }
 
 fn probe_openat2(root: &OwnedFd) -> bool {
-    match openat2(root.as_raw_fd(), Path::new("."), libc::O_PATH | libc::O_CLOEXEC, 0, RESOLVE_RULES) {
+    match openat2(
+        root.as_raw_fd(),
+        Path::new("."),
+        libc::O_PATH | libc::O_CLOEXEC,
+        0,
+        RESOLVE_RULES,
+    ) {
         Ok(_) => true,
         Err(e) => {
             let code = e.raw_os_error();
@@ -248,7 +271,13 @@ fn probe_openat2(root: &OwnedFd) -> bool {
 /// a stack of directory fds so `..` can never climb above the root, and
 /// expanding relative symlinks in place. Absolute symlinks and `..` at the
 /// root fail with EXDEV, exactly as RESOLVE_BENEATH does.
-fn walk_open(root: RawFd, rel: &Path, flags: i32, mode: u32, no_symlinks: bool) -> std::io::Result<OwnedFd> {
+fn walk_open(
+    root: RawFd,
+    rel: &Path,
+    flags: i32,
+    mode: u32,
+    no_symlinks: bool,
+) -> std::io::Result<OwnedFd> {
     let mut pending: Vec<OsString> = components_of(rel.as_os_str())?;
     pending.reverse();
     // stack[0] is the root; deeper entries are the directories walked into.
@@ -282,7 +311,14 @@ fn walk_open(root: RawFd, rel: &Path, flags: i32, mode: u32, no_symlinks: bool) 
         let c = cstring(&comp).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
         if last {
             // SAFETY: openat on a valid dirfd and NUL-terminated name.
-            let fd = unsafe { libc::openat(dir, c.as_ptr(), flags | libc::O_NOFOLLOW, mode as libc::c_uint) };
+            let fd = unsafe {
+                libc::openat(
+                    dir,
+                    c.as_ptr(),
+                    flags | libc::O_NOFOLLOW,
+                    mode as libc::c_uint,
+                )
+            };
             if fd >= 0 {
                 // SAFETY: the kernel returned a new fd we now own.
                 return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
@@ -297,7 +333,13 @@ fn walk_open(root: RawFd, rel: &Path, flags: i32, mode: u32, no_symlinks: bool) 
             // fall through to readlink for that case as well.
         }
         // SAFETY: as above.
-        let fd = unsafe { libc::openat(dir, c.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+        let fd = unsafe {
+            libc::openat(
+                dir,
+                c.as_ptr(),
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -422,7 +464,10 @@ mod tests {
 
     fn both(root: &Path) -> Vec<Workspace> {
         let a = Workspace::at(root).unwrap();
-        assert!(a.uses_openat2(), "this kernel has openat2; the fallback is tested separately");
+        assert!(
+            a.uses_openat2(),
+            "this kernel has openat2; the fallback is tested separately"
+        );
         vec![a, Workspace::at(root).unwrap().without_openat2()]
     }
 
@@ -455,7 +500,10 @@ mod tests {
             ] {
                 match read(&ws, p) {
                     Err(Error::Escapes { .. }) | Err(Error::SymlinkLoop { .. }) => {}
-                    other => panic!("{p} (openat2={}): expected refusal, got {other:?}", ws.uses_openat2()),
+                    other => panic!(
+                        "{p} (openat2={}): expected refusal, got {other:?}",
+                        ws.uses_openat2()
+                    ),
                 }
             }
             assert!(matches!(read(&ws, "loop1"), Err(Error::SymlinkLoop { .. })));
@@ -474,6 +522,9 @@ mod tests {
         // The parent is resolved by the kernel, so a symlinked parent that
         // leaves the root is refused even though the name itself is plain.
         std::os::unix::fs::symlink("/tmp", root.join("tmp-link")).unwrap();
-        assert!(matches!(ws.open_parent(Path::new("tmp-link/x")), Err(Error::Escapes { .. })));
+        assert!(matches!(
+            ws.open_parent(Path::new("tmp-link/x")),
+            Err(Error::Escapes { .. })
+        ));
     }
 }
