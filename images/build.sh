@@ -51,7 +51,11 @@ fi
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 root=$ctx/rootfs
-mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,usr/local/bin,etc,tmp,workspace,run/bridle,proc,sys,dev}
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,usr/local/bin,etc,tmp,run,proc,sys,dev}
+# Directories the sandbox user owns, copied with --chown so that the
+# directories themselves (not only their contents) belong to uid 1000.
+owned=$ctx/owned
+mkdir -p "$owned"/{workspace,run/bridle}
 cp "$busybox" "$root/bin/busybox"
 for applet in $("$busybox" --list-full); do
   [ "$applet" = bin/busybox ] && continue
@@ -77,12 +81,10 @@ sandbox:x:1000:
 nogroup:x:65534:
 GROUP
 chmod 1777 "$root/tmp"
-# Owned by the sandbox user in the image; COPY --chown below sets it.
 cat >"$ctx/Dockerfile" <<'DOCKERFILE'
 FROM scratch
 COPY rootfs/ /
-COPY --chown=1000:1000 rootfs/workspace/ /workspace/
-COPY --chown=1000:1000 rootfs/run/bridle/ /run/bridle/
+COPY --chown=1000:1000 owned/ /
 ENV PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/workspace
 USER 1000:1000
 WORKDIR /workspace

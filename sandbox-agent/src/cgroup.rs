@@ -58,7 +58,11 @@ impl OwnCgroup {
                 note: String::new(),
             }
         } else {
-            let rel: HashMap<String, String> = paths;
+            // /proc/self/cgroup names the cgroup from the host's root, but a
+            // container's cgroup mount is rooted at its own cgroup: strip
+            // each mount's root, or every read misses.
+            let rel: HashMap<String, String> =
+                cgroups_rs::fs::cgroup::existing_path(paths.clone()).unwrap_or(paths);
             Self {
                 cgroup: Some(Cgroup::load_with_relative_paths(hier, ".", rel)),
                 v2_dir: None,

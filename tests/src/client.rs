@@ -104,6 +104,10 @@ impl ExecResult {
     pub fn stdout_str(&self) -> String {
         String::from_utf8_lossy(&self.stdout).into_owned()
     }
+
+    pub fn stderr_str(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
 }
 
 pub fn start(argv: &[&str]) -> pb::ExecStart {

@@ -48,7 +48,12 @@ pub fn ensure_image() -> anyhow::Result<String> {
         .modified()?
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos();
-    let tag = format!("bridle-sandbox:test-{:x}", (meta.len() as u128) ^ mtime);
+    // The image changes with the binary and with the script that builds it.
+    let script = std::fs::read(crate::repo_root().join("images/build.sh"))?;
+    let key = crate::sha256_hex(
+        format!("{}:{mtime}:{}", meta.len(), crate::sha256_hex(&script)).as_bytes(),
+    );
+    let tag = format!("bridle-sandbox:test-{}", &key[..16]);
     let lock_path = std::env::temp_dir().join("bridle-image-build.lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)

@@ -1,0 +1,366 @@
+//! The agent as PID 1 of real, hardened containers on the real Docker
+//! daemon (memory and pids limits, all capabilities dropped, read-only
+//! root, no network), checked the way a user would check it.
+
+use std::time::Duration;
+
+use bridle_proto::sandbox::v1 as pb;
+use bridle_tests::client::{self, shell, start};
+use bridle_tests::docker::{require_docker, Sandbox, SandboxOptions};
+use bridle_tests::tarcraft::{self, Entry};
+use bytes::Bytes;
+use tonic::Code;
+
+macro_rules! docker_or_skip {
+    () => {
+        if !require_docker(module_path!()) {
+            return;
+        }
+    };
+}
+
+#[tokio::test]
+async fn hardened_and_reporting_its_limits() {
+    docker_or_skip!();
+    let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let mut c = sb.client().unwrap();
+    let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.pid, 1, "the agent is PID 1");
+    assert_eq!((info.uid, info.gid), (1000, 1000));
+    assert_eq!(info.cap_eff, "0000000000000000");
+    assert!(info.no_new_privs);
+    assert_eq!(info.workspace, "/workspace");
+    let cg = info.cgroup.unwrap();
+    assert_eq!(cg.memory_limit_bytes, Some(256 << 20), "{cg:?}");
+    assert_eq!(cg.pids_limit, Some(128), "{cg:?}");
+    assert!(cg.memory_current_bytes > 0, "{cg:?}");
+
+    let r = client::run(&mut c, shell("grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; touch /rootfs-write; ls /sys/class/net")).await.unwrap();
+    let out = r.stdout_str();
+    assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("Read-only file system"),
+        "{:?}",
+        r.stderr
+    );
+    assert_eq!(
+        out.lines().last(),
+        Some("lo"),
+        "only loopback under network none: {out}"
+    );
+}
+
+#[tokio::test]
+async fn a_fork_bomb_is_contained_and_the_agent_stays_healthy() {
+    docker_or_skip!();
+    let sb = Sandbox::start(SandboxOptions {
+        pids: 64,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut c = sb.client().unwrap();
+    let r = client::run(
+        &mut c,
+        pb::ExecStart {
+            timeout_ms: 3000,
+            kill_grace_ms: 200,
+            ..shell("bomb() { bomb | bomb & }; bomb; sleep 100")
+        },
+    )
+    .await
+    .unwrap();
+    let exited = r.exited.expect("the bomb's exec ends");
+    assert!(exited.timed_out, "{exited:?}");
+    // Everything the bomb started is gone and the agent still works.
+    let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert!(info.cgroup.unwrap().pids_current < 10);
+    let r = client::run(&mut c, start(&["echo", "still here"]))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, b"still here\n");
+}
+
+#[tokio::test]
+async fn a_memory_bomb_is_reported_oom_killed() {
+    docker_or_skip!();
+    let sb = Sandbox::start(SandboxOptions {
+        memory: "64m",
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut c = sb.client().unwrap();
+    // dd allocates its whole block size up front.
+    let r = client::run(
+        &mut c,
+        start(&["dd", "if=/dev/zero", "of=/dev/null", "bs=512M", "count=1"]),
+    )
+    .await
+    .unwrap();
+    let exited = r.exited.unwrap();
+    assert!(exited.oom_killed, "{exited:?} {:?}", r.stderr_str());
+    assert_eq!(exited.signal, Some(libc::SIGKILL));
+    // A plain SIGKILL is not an OOM kill.
+    let r = client::run(&mut c, shell("kill -9 $$")).await.unwrap();
+    let exited = r.exited.unwrap();
+    assert_eq!(exited.signal, Some(libc::SIGKILL));
+    assert!(!exited.oom_killed);
+    let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert!(info.cgroup.unwrap().oom_kills >= 1);
+}
+
+#[tokio::test]
+async fn a_grandchild_dies_on_timeout() {
+    docker_or_skip!();
+    let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let mut c = sb.client().unwrap();
+    let started = std::time::Instant::now();
+    let r = client::run(
+        &mut c,
+        pb::ExecStart {
+            timeout_ms: 1000,
+            kill_grace_ms: 200,
+            // The grandchild ignores SIGTERM, leaves the session and holds
+            // stdout open: the deadline, not EOF, must end the exec.
+            ..shell("setsid sh -c 'trap \"\" TERM; echo $$ > /tmp/gc.pid; sleep 1000' & sleep 1000")
+        },
+    )
+    .await
+    .unwrap();
+    assert!(r.exited.unwrap().timed_out);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the exec returned at its deadline"
+    );
+    let r = client::run(
+        &mut c,
+        shell("pid=$(cat /tmp/gc.pid); test -e /proc/$pid && echo alive || echo gone"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.stdout_str(), "gone\n");
+}
+
+#[tokio::test]
+async fn a_100_mb_file_round_trips() {
+    docker_or_skip!();
+    let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let mut c = sb.client().unwrap();
+    let mut data = vec![0u8; 100 << 20];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let sha = bridle_tests::sha256_hex(&data);
+    let data = Bytes::from(data);
+    let resp = client::write_file(&mut c, client::write_header("big/blob.bin"), data.clone())
+        .await
+        .unwrap();
+    assert_eq!(resp.size, 100 << 20);
+    assert_eq!(resp.sha256, sha);
+    let r = client::run(&mut c, start(&["sha256sum", "big/blob.bin"]))
+        .await
+        .unwrap();
+    assert!(
+        r.stdout_str().starts_with(&sha),
+        "inside the container: {}",
+        r.stdout_str()
+    );
+    let back = client::read_file(&mut c, "/workspace/big/blob.bin")
+        .await
+        .unwrap();
+    assert_eq!(bridle_tests::sha256_hex(&back), sha);
+}
+
+const TREE: &str = "mkdir -p src/deep/er && echo hello > src/a.txt && head -c 300000 /dev/urandom > src/deep/rand.bin \
+    && ln -s ../a.txt src/deep/link && chmod 0700 src/deep/er && echo x > src/deep/er/x && chmod 0600 src/a.txt";
+const LISTING: &str = "find . | sort | while read f; do if [ -L \"$f\" ]; then echo \"$f -> $(readlink \"$f\")\"; \
+    elif [ -f \"$f\" ]; then echo \"$f $(stat -c %a \"$f\") $(sha256sum < \"$f\")\"; else echo \"$f $(stat -c %a \"$f\")\"; fi; done";
+
+#[tokio::test]
+async fn snapshot_then_restore_in_another_sandbox_gives_an_identical_tree() {
+    docker_or_skip!();
+    let a = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let mut ca = a.client().unwrap();
+    assert_eq!(
+        client::run(&mut ca, shell(TREE)).await.unwrap().code(),
+        Some(0)
+    );
+    let listing = client::run(&mut ca, shell(LISTING))
+        .await
+        .unwrap()
+        .stdout_str();
+    let archive = client::snapshot(
+        &mut ca,
+        pb::SnapshotRequest {
+            compression: pb::Compression::Zstd as i32,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+
+    let b = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let mut cb = b.client().unwrap();
+    client::restore(&mut cb, "", Bytes::from(archive))
+        .await
+        .unwrap();
+    let restored = client::run(&mut cb, shell(LISTING))
+        .await
+        .unwrap()
+        .stdout_str();
+    assert_eq!(restored, listing);
+    assert!(listing.contains("./src/deep/link -> ../a.txt"), "{listing}");
+}
+
+#[tokio::test]
+async fn a_tar_slip_archive_is_refused_and_changes_nothing() {
+    docker_or_skip!();
+    let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let mut c = sb.client().unwrap();
+    assert_eq!(
+        client::run(&mut c, shell(TREE)).await.unwrap().code(),
+        Some(0)
+    );
+    let before = client::run(&mut c, shell(LISTING))
+        .await
+        .unwrap()
+        .stdout_str();
+    let hostile = [
+        vec![
+            Entry::file("ok.txt", b"fine"),
+            Entry::file("../../tmp/slipped", b"pwned"),
+        ],
+        vec![
+            Entry::symlink("out", "/tmp"),
+            Entry::file("out/slipped", b"pwned"),
+        ],
+        vec![
+            Entry::dir("d"),
+            Entry::symlink("d/up", "../.."),
+            Entry::file("d/up/tmp/slipped", b"pwned"),
+        ],
+    ];
+    for entries in hostile {
+        let err = client::restore(&mut c, "", Bytes::from(tarcraft::build(&entries)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("refused"), "{}", err.message());
+    }
+    let after = client::run(&mut c, shell(LISTING))
+        .await
+        .unwrap()
+        .stdout_str();
+    assert_eq!(after, before);
+    let r = client::run(&mut c, shell("ls /tmp/slipped 2>&1; ls -a /workspace"))
+        .await
+        .unwrap();
+    assert!(
+        r.stdout_str().contains("No such file"),
+        "{}",
+        r.stdout_str()
+    );
+    assert!(
+        !r.stdout_str().contains(".bridle-"),
+        "no staging left: {}",
+        r.stdout_str()
+    );
+}
+
+#[tokio::test]
+async fn the_sandbox_user_cannot_modify_the_agent() {
+    docker_or_skip!();
+    let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let mut c = sb.client().unwrap();
+    let sha = || start(&["sha256sum", "/usr/local/bin/sandbox-agent"]);
+    let before = client::run(&mut c, sha()).await.unwrap().stdout_str();
+    assert_eq!(
+        before.len(),
+        64 + 2 + "/usr/local/bin/sandbox-agent".len() + 1,
+        "{before}"
+    );
+    let hostile = "echo evil >> /usr/local/bin/sandbox-agent; \
+        cp /bin/busybox /usr/local/bin/sandbox-agent; \
+        chmod 777 /usr/local/bin/sandbox-agent; \
+        rm -f /usr/local/bin/sandbox-agent; \
+        mv /usr/local/bin/sandbox-agent /tmp/x; \
+        cat /bin/busybox > /proc/1/exe; \
+        echo evil > /proc/1/mem; \
+        kill -9 1; \
+        true";
+    let r = client::run(&mut c, shell(hostile)).await.unwrap();
+    assert_eq!(r.code(), Some(0));
+    let after = client::run(&mut c, sha()).await.unwrap().stdout_str();
+    assert_eq!(after, before, "the agent binary changed");
+    // PID 1 ignored the SIGKILL from its own uid (the kernel protects init).
+    assert!(c.info(pb::InfoRequest {}).await.is_ok());
+    // And files cannot reach it either.
+    let err = client::write_file(
+        &mut c,
+        client::write_header("/usr/local/bin/sandbox-agent"),
+        Bytes::from_static(b"x"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn switching_users_without_the_capability_fails_clearly() {
+    docker_or_skip!();
+    let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let mut c = sb.client().unwrap();
+    let r = client::run(
+        &mut c,
+        pb::ExecStart {
+            uid: Some(0),
+            gid: Some(0),
+            ..start(&["id"])
+        },
+    )
+    .await
+    .unwrap();
+    let failed = r
+        .spawn_failed
+        .expect("running as root must fail, not silently run as 1000");
+    assert!(failed.reason.contains("CAP_SETUID"), "{}", failed.reason);
+    assert!(r.stdout.is_empty());
+}
+
+#[tokio::test]
+async fn docker_stop_ends_commands_and_the_agent_cleanly() {
+    docker_or_skip!();
+    let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let mut c = sb.client().unwrap();
+    let (_tx, mut events) = client::start_interactive(&mut c, shell("echo up; sleep 1000"))
+        .await
+        .unwrap();
+    let mut r = client::ExecResult::default();
+    while r.stdout != b"up\n" {
+        client::apply(&mut r, events.message().await.unwrap().unwrap());
+    }
+    let out = std::process::Command::new("docker")
+        .args(["stop", "-t", "20", &sb.id])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let code = sb.inspect("{{.State.ExitCode}}").unwrap();
+    assert_eq!(
+        code,
+        "0",
+        "the agent exits 0 on SIGTERM; logs: {}",
+        sb.logs()
+    );
+    while let Ok(Some(ev)) = events.message().await {
+        client::apply(&mut r, ev);
+    }
+    if let Some(exited) = r.exited {
+        assert!(exited.killed);
+    }
+}
