@@ -29,6 +29,9 @@ pub struct Usage {
 pub struct OwnCgroup {
     cgroup: Option<Cgroup>,
     v2_dir: Option<PathBuf>,
+    /// The one file holding the OOM kill counter (`memory.events` on v2,
+    /// `memory.oom_control` on v1), read before and after every exec.
+    oom_file: Option<PathBuf>,
     note: String,
 }
 
@@ -43,6 +46,7 @@ impl OwnCgroup {
                 return Self {
                     cgroup: None,
                     v2_dir: None,
+                    oom_file: None,
                     note: format!("cannot read /proc/self/cgroup: {e}"),
                 }
             }
@@ -54,6 +58,7 @@ impl OwnCgroup {
             let dir = PathBuf::from(hierarchies::UNIFIED_MOUNTPOINT).join(&rel);
             Self {
                 cgroup: Some(Cgroup::load(hier, rel.as_str())),
+                oom_file: Some(dir.join("memory.events")),
                 v2_dir: Some(dir),
                 note: String::new(),
             }
@@ -63,9 +68,21 @@ impl OwnCgroup {
             // each mount's root, or every read misses.
             let rel: HashMap<String, String> =
                 cgroups_rs::fs::cgroup::existing_path(paths.clone()).unwrap_or(paths);
+            let oom_file = hierarchies::V1::new()
+                .get_mount_point(cgroups_rs::fs::Controllers::Mem)
+                .map(|(point, _)| {
+                    point
+                        .join(
+                            rel.get("memory")
+                                .map(|r| r.trim_start_matches('/'))
+                                .unwrap_or(""),
+                        )
+                        .join("memory.oom_control")
+                });
             Self {
                 cgroup: Some(Cgroup::load_with_relative_paths(hier, ".", rel)),
                 v2_dir: None,
+                oom_file,
                 note: String::new(),
             }
         }
@@ -97,14 +114,10 @@ impl OwnCgroup {
 
     /// Processes killed by the OOM killer in this cgroup so far.
     pub fn oom_kills(&self) -> u64 {
-        match (&self.cgroup, &self.v2_dir) {
-            (Some(_), Some(dir)) => read_keyed(&dir.join("memory.events"), "oom_kill").unwrap_or(0),
-            (Some(cg), None) => cg
-                .controller_of::<MemController>()
-                .map(|m| m.memory_stat().oom_control.oom_kill)
-                .unwrap_or(0),
-            _ => 0,
-        }
+        self.oom_file
+            .as_deref()
+            .and_then(|f| read_keyed(f, "oom_kill"))
+            .unwrap_or(0)
     }
 
     pub fn usage(&self) -> Usage {

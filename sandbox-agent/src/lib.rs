@@ -74,6 +74,8 @@ pub async fn run(
     let reaper = pid1::Reaper::new();
     tokio::spawn(reaper.clone().run());
     let cgroup = Arc::new(cgroup::OwnCgroup::detect());
+    let spawner =
+        exec::spawner::Spawner::start(reaper.clone()).context("starting the exec spawner")?;
     let execs = exec::Execs::new(
         exec::Limits {
             output_cap: config.output_cap.max(2),
@@ -82,9 +84,10 @@ pub async fn run(
             default_grace: Duration::from_millis(config.kill_grace_ms),
         },
         ws.clone(),
-        reaper,
+        spawner,
         cgroup.clone(),
-    );
+    )
+    .context("opening /dev/null")?;
     let svc = service::AgentService {
         ws: ws.clone(),
         execs: execs.clone(),

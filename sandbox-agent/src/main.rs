@@ -2,12 +2,12 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    // The per-exec supervisor mode must run before any thread exists.
+    // The exec spawner must run before any thread exists.
     if args
         .get(1)
-        .is_some_and(|a| a == sandbox_agent::exec::shim::SHIM_ARG)
+        .is_some_and(|a| a == sandbox_agent::exec::spawner::SPAWNER_ARG)
     {
-        sandbox_agent::exec::shim::main(&args[2..]);
+        sandbox_agent::exec::spawner::main(&args[2..]);
     }
     // Descriptors inherited from whoever started the agent are never passed on.
     // SAFETY: close_range only sets flags on this process's own fds.

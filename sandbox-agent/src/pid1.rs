@@ -29,13 +29,26 @@ impl Reaper {
         Arc::new(Self::default())
     }
 
-    /// Spawns a child and registers for its exit status.
+    /// Spawns a child and registers for its exit status. The close-on-exec
+    /// descriptors in `inherit` are passed to this child only: they are
+    /// made inheritable just for this spawn, under the lock every spawn
+    /// takes, so no other child can pick them up.
     pub fn spawn(
         &self,
         cmd: &mut std::process::Command,
+        inherit: &[std::os::fd::RawFd],
     ) -> std::io::Result<(u32, oneshot::Receiver<ChildExit>)> {
         let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        let child = cmd.spawn()?;
+        let set_cloexec = |on: bool| {
+            for fd in inherit {
+                // SAFETY: F_SETFD on descriptors the caller keeps open.
+                unsafe { libc::fcntl(*fd, libc::F_SETFD, if on { libc::FD_CLOEXEC } else { 0 }) };
+            }
+        };
+        set_cloexec(false);
+        let spawned = cmd.spawn();
+        set_cloexec(true);
+        let child = spawned?;
         let pid = child.id();
         // The Child handle is dropped without waiting: the reaper collects it.
         drop(child);

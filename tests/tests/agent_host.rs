@@ -599,3 +599,56 @@ async fn sigterm_stops_running_commands_and_exits_cleanly() {
     assert!(!alive(main));
     assert!(!agent.socket.exists(), "socket removed on exit");
 }
+
+#[tokio::test]
+async fn a_flood_with_a_slow_reader_does_not_grow_the_agent() {
+    let agent = HostAgent::start(&["--output-cap", "1048576"])
+        .await
+        .unwrap();
+    let mut c = agent.client().unwrap();
+    let rss_before = c
+        .info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agent_rss_bytes;
+    // 400 MB of output, read one event at a time with pauses in between.
+    let (_tx, mut events) =
+        client::start_interactive(&mut c, start(&["head", "-c", "400000000", "/dev/zero"]))
+            .await
+            .unwrap();
+    let mut r = client::ExecResult::default();
+    let mut peak_rss = 0;
+    let mut seen = 0u32;
+    while let Some(ev) = events.message().await.unwrap() {
+        client::apply(&mut r, ev);
+        seen += 1;
+        if seen % 8 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let rss = c
+                .info(pb::InfoRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .agent_rss_bytes;
+            peak_rss = peak_rss.max(rss);
+        }
+    }
+    let exited = r.exited.expect("the flood ends");
+    assert_eq!(exited.code, Some(0));
+    assert_eq!(exited.output_bytes, 400_000_000);
+    assert!(exited.output_dropped_bytes > 0);
+    assert!(
+        !r.dropped.is_empty(),
+        "the slow reader is told what it missed"
+    );
+    let received = r.stdout.len() as u64 + r.dropped.iter().map(|(a, b)| b - a).sum::<u64>();
+    assert_eq!(
+        received, 400_000_000,
+        "every byte is either delivered or accounted as dropped"
+    );
+    assert!(
+        peak_rss < rss_before + (64 << 20),
+        "agent RSS grew from {rss_before} to {peak_rss} while a slow reader lagged"
+    );
+}

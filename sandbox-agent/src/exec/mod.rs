@@ -4,10 +4,10 @@
 
 pub mod output;
 pub mod shim;
+pub mod spawner;
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -17,9 +17,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::cgroup::OwnCgroup;
 use crate::fs::Workspace;
-use crate::pid1::{ChildExit, Reaper};
 pub use output::{Item, OutputBuffer, Stream};
 use shim::ShimSpec;
+use spawner::Spawner;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -268,7 +268,12 @@ pub struct Execs {
     table: Mutex<HashMap<String, Arc<Exec>>>,
     limits: Limits,
     ws: Arc<Workspace>,
-    reaper: Arc<Reaper>,
+    spawner: Spawner,
+    /// stdin of commands started without one.
+    devnull: OwnedFd,
+    /// The agent's own environment, minus its configuration, as the base
+    /// every command starts from.
+    base_env: Vec<(String, String)>,
     cgroup: Arc<OwnCgroup>,
     shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -277,17 +282,22 @@ impl Execs {
     pub fn new(
         limits: Limits,
         ws: Arc<Workspace>,
-        reaper: Arc<Reaper>,
+        spawner: Spawner,
         cgroup: Arc<OwnCgroup>,
-    ) -> Arc<Self> {
-        Arc::new(Self {
+    ) -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            devnull: std::fs::File::open("/dev/null")?.into(),
             table: Mutex::new(HashMap::new()),
             limits,
             ws,
-            reaper,
+            spawner,
+            base_env: std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                .filter(|(k, _)| !k.starts_with("BRIDLE_AGENT_"))
+                .collect(),
             cgroup,
             shutting_down: false.into(),
-        })
+        }))
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Exec>>> {
@@ -442,56 +452,35 @@ impl Execs {
             gid: spec.gid,
             rlimits: spec.rlimits.to_shim(),
             argv: spec.argv.clone(),
+            env: self.command_env(&spec),
         };
-        let mut cmd = std::process::Command::new("/proc/self/exe");
-        cmd.arg0("sandbox-agent: exec").args(shim.to_args());
-        if spec.clear_env {
-            cmd.env_clear();
-        }
-        cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
-        let dup = |fd: &OwnedFd| fd.try_clone().map(std::process::Stdio::from);
-        let stdio = (|| -> std::io::Result<_> {
-            Ok(match (&p.pty_slave, &p.stdout_w, &p.stderr_w) {
-                (Some(slave), _, _) => (dup(slave)?, dup(slave)?, dup(slave)?),
-                (None, Some(ow), Some(ew)) => {
-                    let input = match &p.stdin {
-                        Some((r, _)) => dup(r)?,
-                        None => std::process::Stdio::null(),
-                    };
-                    (input, dup(ow)?, dup(ew)?)
-                }
-                _ => unreachable!("prepare sets either a pty or pipes"),
-            })
-        })();
-        let (i, o, e) = match stdio {
-            Ok(s) => s,
-            Err(err) => return finish(&exec, spawn_failed("setting up stdio", &err)),
+        let fds = match (&p.pty_slave, &p.stdout_w, &p.stderr_w) {
+            (Some(slave), _, _) => [slave.as_raw_fd(); 3],
+            (None, Some(ow), Some(ew)) => [
+                p.stdin
+                    .as_ref()
+                    .map(|(r, _)| r.as_raw_fd())
+                    .unwrap_or(self.devnull.as_raw_fd()),
+                ow.as_raw_fd(),
+                ew.as_raw_fd(),
+            ],
+            _ => unreachable!("prepare sets either a pty or pipes"),
         };
-        cmd.stdin(i).stdout(o).stderr(e);
-        let ctl_fd = p.ctl_shim.as_raw_fd();
-        let cwd_fd = p.cwd.as_raw_fd();
-        // SAFETY: only async-signal-safe calls (dup2, fcntl, fchdir) run
-        // between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if ctl_fd == shim::CONTROL_FD {
-                    libc::fcntl(ctl_fd, libc::F_SETFD, 0);
-                } else if libc::dup2(ctl_fd, shim::CONTROL_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::fchdir(cwd_fd) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let oom_before = self.cgroup.oom_kills();
         let started = Instant::now();
-        let (shim_pid, exit_rx) = match self.reaper.spawn(&mut cmd) {
-            Ok(v) => v,
-            Err(err) => return finish(&exec, spawn_failed("starting the exec supervisor", &err)),
-        };
-        drop(cmd);
+        let sent = self.spawner.spawn(
+            &shim,
+            [
+                fds[0],
+                fds[1],
+                fds[2],
+                p.cwd.as_raw_fd(),
+                p.ctl_shim.as_raw_fd(),
+            ],
+        );
+        if let Err(err) = sent {
+            return finish(&exec, spawn_failed("starting the exec supervisor", &err));
+        }
         let Prepared {
             cwd,
             stdout_r,
@@ -532,11 +521,8 @@ impl Execs {
             .and_then(|_| tokio::net::UnixStream::from_std(ctl_agent))
         {
             Ok(c) => c,
-            Err(err) => {
-                // SAFETY: kill(2) of our own child.
-                unsafe { libc::kill(shim_pid as i32, libc::SIGKILL) };
-                return finish(&exec, spawn_failed("control socket", &err));
-            }
+            // Dropping the socket makes the supervisor stop the command.
+            Err(err) => return finish(&exec, spawn_failed("control socket", &err)),
         };
         let (ctl_read, ctl_write) = ctl.into_split();
         let mut lines = tokio::io::BufReader::new(ctl_read).lines();
@@ -554,7 +540,10 @@ impl Execs {
                 .strip_prefix("spawn_failed ")
                 .and_then(|r| r.split_once(' '))
                 .map(|(e, s)| (e.parse().unwrap_or(libc::EIO), s.to_string()))
-                .unwrap_or((libc::EIO, "supervisor exited".into()));
+                .unwrap_or((
+                    libc::EIO,
+                    "the exec supervisor ended before starting the command".into(),
+                ));
             let err = std::io::Error::from_raw_os_error(errno);
             let reason = match stage.as_str() {
                 "exec" => format!("cannot execute {:?}: {err}", spec.argv[0]),
@@ -564,7 +553,7 @@ impl Execs {
                 ),
                 other => format!("{other}: {err}"),
             };
-            let _ = exit_rx.await;
+            drop(lines);
             for r in readers {
                 let _ = r.await;
             }
@@ -581,11 +570,27 @@ impl Execs {
                 lines,
                 ctl_write,
                 control_rx,
-                exit_rx,
                 readers,
             )
             .await
         });
+    }
+
+    /// The command's environment: the agent's own (unless the request
+    /// clears it) with the request's variables on top.
+    fn command_env(&self, spec: &ExecSpec) -> Vec<String> {
+        let mut env: Vec<(String, String)> = if spec.clear_env {
+            Vec::new()
+        } else {
+            self.base_env.clone()
+        };
+        for (k, v) in &spec.env {
+            match env.iter_mut().find(|(ek, _)| ek == k) {
+                Some(slot) => slot.1 = v.clone(),
+                None => env.push((k.clone(), v.clone())),
+            }
+        }
+        env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -598,7 +603,6 @@ impl Execs {
         mut lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
         mut ctl_write: tokio::net::unix::OwnedWriteHalf,
         mut control_rx: mpsc::UnboundedReceiver<Control>,
-        mut exit_rx: tokio::sync::oneshot::Receiver<ChildExit>,
         readers: Vec<tokio::task::JoinHandle<()>>,
     ) {
         let deadline = tokio::time::sleep_until(tokio::time::Instant::from_std(
@@ -607,19 +611,23 @@ impl Execs {
         tokio::pin!(deadline);
         let mut deadline_armed = timeout.is_some();
         let mut main_status: (Option<i32>, Option<i32>) = (None, None);
-        let mut ctl_open = true;
-        let shim_exit = loop {
+        // `done` (or EOF, if the supervisor itself died) ends the exec: by
+        // then every process of the command is gone. The process exit, not
+        // output EOF, is what ends an exec.
+        let usage: Option<(u64, u64, u64)> = loop {
             tokio::select! {
-                res = &mut exit_rx => break res.ok(),
-                line = lines.next_line(), if ctl_open => match line {
+                line = lines.next_line() => match line {
                     Ok(Some(l)) => {
                         if let Some(c) = l.strip_prefix("exited code ") {
                             main_status = (c.trim().parse().ok(), None);
                         } else if let Some(s) = l.strip_prefix("exited signal ") {
                             main_status = (None, s.trim().parse().ok());
+                        } else if let Some(rest) = l.strip_prefix("done") {
+                            let n: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+                            break (n.len() == 3).then(|| (n[0], n[1], n[2] * 1024));
                         }
                     }
-                    _ => ctl_open = false,
+                    _ => break None,
                 },
                 Some(cmd) = control_rx.recv() => {
                     let line = match cmd {
@@ -639,22 +647,8 @@ impl Execs {
                 }
             }
         };
-        // The supervisor has exited, so every process of the command is gone
-        // and the pipes are at EOF unless something outside the tree holds
-        // them. Output still in flight is collected, for a bounded time:
-        // the process exit, not EOF, ends an exec.
-        while ctl_open {
-            match lines.next_line().await {
-                Ok(Some(l)) => {
-                    if let Some(c) = l.strip_prefix("exited code ") {
-                        main_status = (c.trim().parse().ok(), None);
-                    } else if let Some(s) = l.strip_prefix("exited signal ") {
-                        main_status = (None, s.trim().parse().ok());
-                    }
-                }
-                _ => ctl_open = false,
-            }
-        }
+        // Output still in flight is collected, for a bounded time: a pipe
+        // held open by something outside the tree must not hold the exec.
         let drain = futures::future::join_all(readers);
         let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
         let duration = started.elapsed();
@@ -668,12 +662,7 @@ impl Execs {
                 st.output.dropped(),
             )
         };
-        let usage = shim_exit.unwrap_or(ChildExit {
-            status: 0,
-            user_cpu_us: 0,
-            system_cpu_us: 0,
-            max_rss_bytes: 0,
-        });
+        let (user_cpu_us, system_cpu_us, max_rss_bytes) = usage.unwrap_or_default();
         let (code, signal) = main_status;
         // Without a cgroup of its own per exec, an OOM kill is attributed to
         // the exec when the container's oom_kill counter moved while it ran
@@ -688,9 +677,9 @@ impl Execs {
                 killed,
                 oom_killed,
                 duration,
-                user_cpu_us: usage.user_cpu_us,
-                system_cpu_us: usage.system_cpu_us,
-                max_rss_bytes: usage.max_rss_bytes,
+                user_cpu_us,
+                system_cpu_us,
+                max_rss_bytes,
                 output_bytes: total,
                 output_dropped_bytes: dropped,
             }),

@@ -10,64 +10,79 @@
 //! process exits, whatever it left behind is stopped the same way, so an exec
 //! never leaks processes.
 //!
-//! The supervisor is plain blocking code run before any runtime or thread
-//! exists. It talks to the agent over fd 3, a Unix stream socket, with one
-//! text line per message:
+//! Supervisors are forked by the [spawner](super::spawner), a small
+//! single-threaded process, so each one is ordinary Rust code running in a
+//! fresh fork, with no exec of its own. A supervisor gets the command's
+//! stdio, the directory to run it in (already resolved beneath the
+//! workspace) and a Unix stream socket to the agent, over which it speaks
+//! one text line per message:
 //!
 //! * supervisor → agent: `spawned <pid>`, `spawn_failed <errno> <stage>`,
-//!   `exited code <n>` or `exited signal <n>`, then `done` just before it exits.
+//!   `exited code <n>` or `exited signal <n>`, then
+//!   `done <user_us> <system_us> <max_rss_kb>` (the resource usage of
+//!   everything it reaped) just before it exits.
 //! * agent → supervisor: `kill` (stop the whole tree), `signal <n>` (deliver
-//!   to the command's main process). EOF on fd 3 is treated as `kill`.
+//!   to the command's main process). EOF on the socket is treated as `kill`.
 
 use std::ffi::CString;
 use std::io::Write;
-use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
 
-pub const SHIM_ARG: &str = "__exec-shim";
-pub const CONTROL_FD: i32 = 3;
-
-/// Resource limits applied in the command before exec, as (resource, value).
-#[derive(Debug, Default, Clone)]
+/// What a supervisor runs, sent from the agent to the spawner.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ShimSpec {
     pub grace_ms: u64,
     pub pty: bool,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// (resource name, value) applied with setrlimit before exec.
     pub rlimits: Vec<(String, u64)>,
     pub argv: Vec<String>,
+    /// The command's whole environment, as `KEY=VALUE`.
+    pub env: Vec<String>,
 }
 
 impl ShimSpec {
-    pub fn to_args(&self) -> Vec<String> {
-        let mut a = vec![SHIM_ARG.to_string(), format!("grace_ms={}", self.grace_ms)];
+    /// NUL-separated `key=value` fields; argv and env items are prefixed
+    /// `a:` and `e:`. Neither may contain NUL (validated at the API edge).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut f = vec![format!("grace_ms={}", self.grace_ms)];
         if self.pty {
-            a.push("pty=1".into());
+            f.push("pty=1".into());
         }
         if let Some(uid) = self.uid {
-            a.push(format!("uid={uid}"));
+            f.push(format!("uid={uid}"));
         }
         if let Some(gid) = self.gid {
-            a.push(format!("gid={gid}"));
+            f.push(format!("gid={gid}"));
         }
         for (name, v) in &self.rlimits {
-            a.push(format!("rlimit.{name}={v}"));
+            f.push(format!("rlimit.{name}={v}"));
         }
-        a.push("--".into());
-        a.extend(self.argv.iter().cloned());
-        a
+        f.extend(self.argv.iter().map(|a| format!("a:{a}")));
+        f.extend(self.env.iter().map(|e| format!("e:{e}")));
+        f.join("\0").into_bytes()
     }
 
-    fn parse(args: &[std::ffi::OsString]) -> Result<Self, String> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let text = std::str::from_utf8(bytes).map_err(|_| "spec is not UTF-8")?;
         let mut spec = ShimSpec::default();
-        let mut it = args.iter();
-        for arg in it.by_ref() {
-            let s = arg.to_str().ok_or("non-UTF-8 option")?;
-            if s == "--" {
-                break;
+        for field in text.split('\0') {
+            if let Some(a) = field.strip_prefix("a:") {
+                spec.argv.push(a.to_string());
+                continue;
             }
-            let (k, v) = s.split_once('=').ok_or_else(|| format!("bad option {s}"))?;
-            let num = |v: &str| v.parse::<u64>().map_err(|_| format!("bad number in {s}"));
+            if let Some(e) = field.strip_prefix("e:") {
+                spec.env.push(e.to_string());
+                continue;
+            }
+            let (k, v) = field
+                .split_once('=')
+                .ok_or_else(|| format!("bad field {field:?}"))?;
+            let num = |v: &str| {
+                v.parse::<u64>()
+                    .map_err(|_| format!("bad number in {field:?}"))
+            };
             match k {
                 "grace_ms" => spec.grace_ms = num(v)?,
                 "pty" => spec.pty = v == "1",
@@ -76,10 +91,9 @@ impl ShimSpec {
                 _ if k.starts_with("rlimit.") => spec
                     .rlimits
                     .push((k["rlimit.".len()..].to_string(), num(v)?)),
-                _ => return Err(format!("unknown option {s}")),
+                _ => return Err(format!("unknown field {field:?}")),
             }
         }
-        spec.argv = it.map(|a| a.to_string_lossy().into_owned()).collect();
         if spec.argv.is_empty() {
             return Err("no command".into());
         }
@@ -120,39 +134,61 @@ fn unsafe_file(fd: i32) -> std::fs::File {
     unsafe { std::fs::File::from_raw_fd(fd) }
 }
 
-/// Entry point of `sandbox-agent __exec-shim ...`. Never returns.
-pub fn main(args: &[std::ffi::OsString]) -> ! {
+/// Runs in a freshly forked child of the spawner: becomes the supervisor
+/// of one command and exits when it is done. `fds` are the command's
+/// stdin, stdout and stderr, its working directory, and the control socket.
+pub fn run_forked(spec: ShimSpec, fds: [i32; 5]) -> ! {
+    let [stdin, stdout, stderr, cwd, ctl_fd] = fds;
     let ctl = Control {
-        fd: CONTROL_FD,
+        fd: ctl_fd,
         inbuf: Vec::new(),
     };
-    let spec = match ShimSpec::parse(args) {
-        Ok(s) => s,
-        Err(e) => {
-            ctl.send(&format!(
-                "spawn_failed {} supervisor:{}",
-                libc::EINVAL,
-                e.replace(' ', "_")
-            ));
-            ctl.send("done");
-            std::process::exit(1);
+    // SAFETY: plain syscalls on this (single-threaded, just forked)
+    // process's own descriptors and signal state.
+    let chdir = unsafe {
+        // The spawner ignores SIGCHLD (so the kernel reaps supervisors); a
+        // supervisor needs it back to collect its own children.
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        let mut none: libc::sigset_t = zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        for (from, to) in [(stdin, 0), (stdout, 1), (stderr, 2)] {
+            if from != to {
+                libc::dup2(from, to);
+            }
         }
-    };
-    // SAFETY: all of the following are plain syscalls on this process.
-    unsafe {
-        libc::fcntl(CONTROL_FD, libc::F_SETFD, libc::FD_CLOEXEC);
-        // Whatever else this process inherited must not reach the command:
-        // it gets fds 0-2 and nothing more.
+        let rc = libc::fchdir(cwd);
+        let err = errno();
+        for fd in [stdin, stdout, stderr, cwd] {
+            if fd > 2 && fd != ctl_fd {
+                libc::close(fd);
+            }
+        }
+        // Whatever else this process holds must not reach the command: it
+        // gets fds 0-2 and nothing more.
         libc::syscall(
             libc::SYS_close_range,
-            CONTROL_FD as u32 + 1,
+            3u32,
             u32::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         );
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(err)
+        }
+    };
+    if let Err(e) = chdir {
+        ctl.send(&format!("spawn_failed {e} chdir"));
+        ctl.send("done 0 0 0");
+        // SAFETY: leave without running the spawner's exit handlers.
+        unsafe { libc::_exit(1) };
     }
     let code = supervise(ctl, spec);
-    std::process::exit(code)
+    // SAFETY: as above.
+    unsafe { libc::_exit(code) }
 }
 
 fn errno() -> i32 {
@@ -177,7 +213,7 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
     };
     if sfd < 0 {
         ctl.send(&format!("spawn_failed {} supervisor:signalfd", errno()));
-        ctl.send("done");
+        ctl.send(&done_line());
         return 1;
     }
 
@@ -192,13 +228,21 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
         Ok(v) => v,
         Err(_) => {
             ctl.send(&format!("spawn_failed {} argv:contains_NUL", libc::EINVAL));
-            ctl.send("done");
+            ctl.send(&done_line());
             return 1;
         }
     };
     let mut argv_p: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
     argv_p.push(std::ptr::null());
-    let program = resolve_program(&spec.argv[0]);
+    let env_c: Vec<CString> = spec
+        .env
+        .iter()
+        .filter_map(|e| CString::new(e.as_bytes()).ok())
+        .collect();
+    let mut env_p: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
+    env_p.push(std::ptr::null());
+    let path_var = spec.env.iter().find_map(|e| e.strip_prefix("PATH="));
+    let program = resolve_program(&spec.argv[0], path_var);
     let rlimits: Vec<(libc::__rlimit_resource_t, u64)> = spec
         .rlimits
         .iter()
@@ -209,7 +253,7 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
     // SAFETY: pipe2 into a valid array.
     if unsafe { libc::pipe2(errpipe.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
         ctl.send(&format!("spawn_failed {} supervisor:pipe", errno()));
-        ctl.send("done");
+        ctl.send(&done_line());
         return 1;
     }
 
@@ -217,7 +261,7 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         ctl.send(&format!("spawn_failed {} fork", errno()));
-        ctl.send("done");
+        ctl.send(&done_line());
         return 1;
     }
     if pid == 0 {
@@ -232,11 +276,9 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
                 libc::_exit(127);
             };
             libc::close(errpipe[0]);
-            for s in 1..32 {
-                if s != libc::SIGKILL && s != libc::SIGSTOP {
-                    libc::signal(s, libc::SIG_DFL);
-                }
-            }
+            // Every disposition is already the default here (run_forked
+            // restored the two the spawner ignores); only the mask needs
+            // restoring.
             libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
             if libc::setsid() < 0 {
                 fail(b's');
@@ -269,12 +311,10 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
                 }
             }
             match &program {
-                Some(p) => {
-                    libc::execv(p.as_ptr(), argv_p.as_ptr());
+                Ok(p) => {
+                    libc::execve(p.as_ptr(), argv_p.as_ptr(), env_p.as_ptr());
                 }
-                None => {
-                    libc::execvp(argv_p[0], argv_p.as_ptr());
-                }
+                Err(e) => *libc::__errno_location() = *e,
             }
             fail(b'e');
         }
@@ -307,10 +347,18 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
         // SAFETY: reaping the child that failed to exec.
         unsafe { libc::waitpid(pid, &mut status, 0) };
         ctl.send(&format!("spawn_failed {e} {stage}"));
-        ctl.send("done");
+        ctl.send(&done_line());
         return 0;
     }
     ctl.send(&format!("spawned {pid}"));
+    // The command's stdio belongs to the command: if the supervisor kept
+    // its copies, output EOF would wait for the supervisor's own exit.
+    // SAFETY: closing this process's own descriptors.
+    unsafe {
+        for fd in 0..3 {
+            libc::close(fd);
+        }
+    }
 
     let grace = Duration::from_millis(spec.grace_ms);
     let mut main_alive = true;
@@ -326,7 +374,7 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
             let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
             if r <= 0 {
                 if r < 0 && errno() == libc::ECHILD && !main_alive {
-                    ctl.send("done");
+                    ctl.send(&done_line());
                     return 0;
                 }
                 break;
@@ -338,12 +386,13 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
                 } else if libc::WIFSIGNALED(status) {
                     ctl.send(&format!("exited signal {}", libc::WTERMSIG(status)));
                 }
-                if stopping.is_none() {
-                    // The command is done; whatever it left running goes too.
-                    stopping = Some(Instant::now());
-                    signal_descendants(libc::SIGTERM);
-                }
             }
+        }
+        if !main_alive && stopping.is_none() {
+            // The command is done and something it started is still here
+            // (waitpid found children but none exited): it goes too.
+            stopping = Some(Instant::now());
+            signal_descendants(libc::SIGTERM);
         }
         if let Some(since) = stopping {
             if since.elapsed() >= grace {
@@ -364,7 +413,7 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
                 revents: 0,
             },
             libc::pollfd {
-                fd: if ctl_open { CONTROL_FD } else { -1 },
+                fd: if ctl_open { ctl.fd } else { -1 },
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -394,7 +443,7 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
         if ctl_open && fds[1].revents != 0 {
             let mut buf = [0u8; 256];
             // SAFETY: read into a valid buffer.
-            let n = unsafe { libc::read(CONTROL_FD, buf.as_mut_ptr().cast(), buf.len()) };
+            let n = unsafe { libc::read(ctl.fd, buf.as_mut_ptr().cast(), buf.len()) };
             if n <= 0 {
                 // The agent is gone: nobody will collect the result, so do
                 // not leave the command running.
@@ -428,28 +477,52 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
     }
 }
 
+/// `done` with the resource usage of every process this supervisor reaped.
+fn done_line() -> String {
+    let mut ru: libc::rusage = zeroed();
+    // SAFETY: getrusage into a valid struct.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let us = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000 + tv.tv_usec as u64;
+    format!(
+        "done {} {} {}",
+        us(ru.ru_utime),
+        us(ru.ru_stime),
+        ru.ru_maxrss
+    )
+}
+
 fn zeroed<T>() -> T {
     // SAFETY: only used for plain C structs (sigset_t, siginfo) where all-zero is valid.
     unsafe { std::mem::zeroed() }
 }
 
-/// execvp semantics without allocation after fork: a name without a slash is
-/// searched in PATH here, in the supervisor, before forking.
-fn resolve_program(name: &str) -> Option<CString> {
+/// execvp's search, done before forking: a name without a slash is looked
+/// up in the command's own PATH (or the default one). The error is the
+/// errno execve would have reported.
+fn resolve_program(name: &str, path: Option<&str>) -> Result<CString, i32> {
     if name.contains('/') {
-        return CString::new(name).ok();
+        return CString::new(name).map_err(|_| libc::EINVAL);
     }
-    let path = std::env::var_os("PATH")?;
-    for dir in std::env::split_paths(&path) {
-        let candidate = dir.join(name);
-        let c = CString::new(candidate.as_os_str().as_bytes()).ok()?;
-        // SAFETY: access(2) with a NUL-terminated path.
-        if unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0 {
-            return Some(c);
+    let path = path.unwrap_or("/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin");
+    let mut err = libc::ENOENT;
+    for dir in path.split(':') {
+        let dir = if dir.is_empty() { "." } else { dir };
+        let Ok(c) = CString::new(format!("{dir}/{name}")) else {
+            continue;
+        };
+        let mut st: libc::stat = zeroed();
+        // SAFETY: stat and access with a NUL-terminated path.
+        unsafe {
+            if libc::stat(c.as_ptr(), &mut st) != 0 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                continue;
+            }
+            if libc::access(c.as_ptr(), libc::X_OK) == 0 {
+                return Ok(c);
+            }
         }
+        err = libc::EACCES;
     }
-    // Let execvp report ENOENT (or EACCES) itself.
-    None
+    Err(err)
 }
 
 /// Sends `sig` to every process below this supervisor, found by walking
