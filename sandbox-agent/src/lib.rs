@@ -20,6 +20,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bridle_proto::sandbox::v1::sandbox_agent_server::SandboxAgentServer;
 
+/// HTTP/2 flow-control windows; clients should use the same (see README).
+pub const STREAM_WINDOW: u32 = 8 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Largest HTTP/2 frame we accept (the protocol's default is 16 KiB).
+pub const MAX_FRAME: u32 = 1 << 20;
+
 /// Everything the agent can be told, from flags or `BRIDLE_AGENT_*`.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -148,7 +154,12 @@ pub async fn run(
         let _ = rx.wait_for(|v| *v).await;
     };
 
+    // Bulk transfers (files, snapshots) move 1 MiB messages; with HTTP/2's
+    // default 64 KiB windows every message would wait on window updates.
     let router = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .max_frame_size(Some(MAX_FRAME))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(config.max_streams))
         .tcp_nodelay(true)

@@ -528,7 +528,7 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
             .map_err(fs_status)?;
             let mut rx = rx;
             while let Some(chunk) = rx.blocking_recv() {
-                w.write(&chunk?).map_err(fs_status)?;
+                w.write_bytes(chunk?).map_err(fs_status)?;
             }
             w.commit().map_err(fs_status)
         });

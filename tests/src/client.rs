@@ -21,6 +21,9 @@ pub fn connect(socket: &Path) -> anyhow::Result<Agent> {
     // The URI is required by the API but unused: the connector dials the socket.
     let channel = Endpoint::try_from("http://agent.local")?
         .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_frame_size(1 << 20)
         .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {

@@ -623,7 +623,7 @@ async fn a_flood_with_a_slow_reader_does_not_grow_the_agent() {
     while let Some(ev) = events.message().await.unwrap() {
         client::apply(&mut r, ev);
         seen += 1;
-        if seen % 8 == 0 {
+        if seen.is_multiple_of(8) {
             tokio::time::sleep(Duration::from_millis(20)).await;
             let rss = c
                 .info(pb::InfoRequest {})

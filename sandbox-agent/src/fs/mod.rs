@@ -199,12 +199,69 @@ pub struct AtomicWrite {
     name: std::ffi::CString,
     rel: PathBuf,
     file: Option<std::io::BufWriter<std::fs::File>>,
-    hasher: Sha256,
+    hasher: Hasher,
     size: u64,
     opts: WriteOptions,
 }
 
 const SPECIAL_BITS: u32 = 0o7000;
+
+/// Uploads larger than this hash on a second thread.
+const HASH_THREAD_AFTER: u64 = 4 << 20;
+
+enum Hasher {
+    Inline(Sha256),
+    Threaded {
+        tx: std::sync::mpsc::SyncSender<bytes::Bytes>,
+        done: std::thread::JoinHandle<Sha256>,
+    },
+}
+
+impl Hasher {
+    fn update(&mut self, data: bytes::Bytes, threaded: bool) {
+        if let Hasher::Inline(h) = self {
+            if !threaded {
+                h.update(&data);
+                return;
+            }
+            // Hand the running state to a thread; a bounded channel keeps it
+            // at most a few chunks behind the writer.
+            let mut state = h.clone();
+            let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(4);
+            let spawned = std::thread::Builder::new()
+                .name("upload-sha256".into())
+                .spawn(move || {
+                    for chunk in rx {
+                        state.update(&chunk);
+                    }
+                    state
+                });
+            // No thread to be had: keep hashing inline.
+            if let Ok(done) = spawned {
+                *self = Hasher::Threaded { tx, done };
+            }
+        }
+        match self {
+            Hasher::Inline(h) => h.update(&data),
+            Hasher::Threaded { tx, .. } => {
+                // The thread only stops when `tx` is dropped.
+                let _ = tx.send(data);
+            }
+        }
+    }
+
+    fn finish(self) -> sha2::digest::Output<Sha256> {
+        match self {
+            Hasher::Inline(h) => h.finalize(),
+            Hasher::Threaded { tx, done } => {
+                drop(tx);
+                done.join()
+                    .expect("the hashing thread does not panic")
+                    .finalize()
+            }
+        }
+    }
+}
 
 impl AtomicWrite {
     pub fn begin(ws: &Workspace, path: &str, opts: WriteOptions) -> Result<Self, Error> {
@@ -253,17 +310,23 @@ impl AtomicWrite {
             name: c_name,
             rel,
             file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
-            hasher: Sha256::new(),
+            hasher: Hasher::Inline(Sha256::new()),
             size: 0,
             opts,
         })
     }
 
     pub fn write(&mut self, data: &[u8]) -> Result<(), Error> {
+        self.write_bytes(bytes::Bytes::copy_from_slice(data))
+    }
+
+    /// Writes a chunk. Past the first chunk, hashing moves to a thread of
+    /// its own so that it overlaps with writing.
+    pub fn write_bytes(&mut self, data: bytes::Bytes) -> Result<(), Error> {
         let file = self.file.as_mut().expect("not committed");
-        file.write_all(data).map_err(|e| Error::io(&self.rel, e))?;
-        self.hasher.update(data);
+        file.write_all(&data).map_err(|e| Error::io(&self.rel, e))?;
         self.size += data.len() as u64;
+        self.hasher.update(data, self.size > HASH_THREAD_AFTER);
         Ok(())
     }
 
@@ -305,7 +368,7 @@ impl AtomicWrite {
         }
         // Renamed: nothing left for Drop to clean up.
         self.tmp_name = std::ffi::CString::default();
-        let digest = std::mem::take(&mut self.hasher).finalize();
+        let digest = std::mem::replace(&mut self.hasher, Hasher::Inline(Sha256::new())).finish();
         Ok((self.size, hex::encode(digest)))
     }
 }

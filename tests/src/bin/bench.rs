@@ -58,6 +58,36 @@ where
     Ok(v)
 }
 
+/// Like [`time_n`], with untimed `setup` before every sample.
+async fn time_n_with_setup<S, SF, F, Fut>(
+    n: usize,
+    mut setup: S,
+    mut f: F,
+) -> anyhow::Result<Vec<Duration>>
+where
+    S: FnMut() -> SF,
+    SF: std::future::Future<Output = anyhow::Result<()>>,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        setup().await?;
+        let t = Instant::now();
+        f().await?;
+        v.push(t.elapsed());
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Flushes dirty pages so that each upload starts from a clean page cache:
+/// otherwise whichever side runs later is throttled by writeback from the
+/// one before and the figure measures the disk, not the transfer.
+fn sync_disks() -> anyhow::Result<()> {
+    run_cmd(&mut Command::new("sync"))
+}
+
 fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
     let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
     if !out.status.success() {
@@ -198,29 +228,62 @@ async fn main() -> anyhow::Result<()> {
     let host_file = dir.path().join("payload.bin");
     std::fs::write(&host_file, &payload)?;
     let payload = Bytes::from(payload);
-    let upload = time_n(n_bulk, || {
-        let mut a = agent.clone();
-        let p = payload.clone();
-        async move {
-            let r = client::write_file(&mut a, client::write_header("bench/upload.bin"), p).await?;
-            anyhow::ensure!(r.size as usize == PAYLOAD);
-            Ok(())
-        }
-    })
+    let upload = time_n_with_setup(
+        n_bulk,
+        || {
+            let mut a = agent.clone();
+            async move {
+                let _ = a
+                    .remove(pb::RemoveRequest {
+                        path: "bench".into(),
+                        recursive: true,
+                    })
+                    .await;
+                sync_disks()
+            }
+        },
+        || {
+            let mut a = agent.clone();
+            let p = payload.clone();
+            async move {
+                let r =
+                    client::write_file(&mut a, client::write_header("bench/upload.bin"), p).await?;
+                anyhow::ensure!(r.size as usize == PAYLOAD);
+                Ok(())
+            }
+        },
+    )
     .await?;
-    let cp_in = time_n(n_bulk.min(3), || {
-        let id = id.clone();
-        let f = host_file.clone();
-        async move {
-            run_cmd(
-                Command::new("docker")
-                    .arg("cp")
-                    .arg(&f)
-                    .arg(format!("{id}:/workspace/cp-upload.bin")),
-            )
-        }
-    })
+    let cp_in = time_n_with_setup(
+        n_bulk.min(3),
+        || {
+            let id = id.clone();
+            async move {
+                run_cmd(Command::new("docker").args([
+                    "exec",
+                    &id,
+                    "rm",
+                    "-f",
+                    "/workspace/cp-upload.bin",
+                ]))?;
+                sync_disks()
+            }
+        },
+        || {
+            let id = id.clone();
+            let f = host_file.clone();
+            async move {
+                run_cmd(
+                    Command::new("docker")
+                        .arg("cp")
+                        .arg(&f)
+                        .arg(format!("{id}:/workspace/cp-upload.bin")),
+                )
+            }
+        },
+    )
     .await?;
+    run_cmd(Command::new("docker").args(["exec", &id, "rm", "-f", "/workspace/cp-upload.bin"]))?;
     let up_bridle = PAYLOAD as f64 / MB / percentile(&upload, 0.5).as_secs_f64();
     let up_docker = PAYLOAD as f64 / MB / percentile(&cp_in, 0.5).as_secs_f64();
     rows.push(Row {
