@@ -90,8 +90,12 @@ USER 1000:1000
 WORKDIR /workspace
 ENTRYPOINT ["/usr/local/bin/sandbox-agent"]
 DOCKERFILE
-docker build -q -t "$tag" \
+# Docker's own notices go to a log shown only if the build fails.
+if ! docker build -q -t "$tag" \
   --label org.opencontainers.image.title=bridle-sandbox \
   --label bridle.agent.sha256="$(sha256sum "$root/usr/local/bin/sandbox-agent" | cut -d' ' -f1)" \
-  "$ctx" >/dev/null
+  "$ctx" >"$ctx/build.log" 2>&1; then
+  cat "$ctx/build.log" >&2
+  die "docker build failed"
+fi
 echo "$tag"

@@ -19,6 +19,9 @@ fn main() -> std::process::ExitCode {
             libc::CLOSE_RANGE_CLOEXEC,
         )
     };
+    // Commands run as the agent's own uid: without this they could ptrace
+    // PID 1 or read and write its memory through /proc/1/mem.
+    sandbox_agent::pid1::make_undumpable();
     let config = sandbox_agent::Config::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -10,6 +10,15 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
+/// Marks this process non-dumpable: processes of the same uid can no longer
+/// ptrace it or open its /proc/<pid>/{mem,environ,fd}. `execve` resets the
+/// flag, so the spawner calls this again; its forks (the supervisors) inherit
+/// it, while the commands they exec get the default back.
+pub fn make_undumpable() {
+    // SAFETY: prctl on this process only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct ChildExit {
     pub status: i32,

@@ -38,10 +38,14 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// The image for the agent binary under test, built once per binary (the
+/// The image for the agent binary under test (or `$BRIDLE_IMAGE`), built once per binary (the
 /// tag carries the binary's size and mtime) under a lock shared by all test
 /// processes.
 pub fn ensure_image() -> anyhow::Result<String> {
+    // An image built by hand (`images/build.sh`) can be named instead.
+    if let Ok(image) = std::env::var("BRIDLE_IMAGE") {
+        return Ok(image);
+    }
     let agent = crate::agent_binary()?;
     let meta = std::fs::metadata(&agent)?;
     let mtime = meta

@@ -300,6 +300,33 @@ async fn the_sandbox_user_cannot_modify_the_agent() {
     assert_eq!(after, before, "the agent binary changed");
     // PID 1 ignored the SIGKILL from its own uid (the kernel protects init).
     assert!(c.info(pb::InfoRequest {}).await.is_ok());
+    // Same uid, but the agent and its helpers are not dumpable: their memory,
+    // descriptors and environment are out of reach (no ptrace, no
+    // /proc/<pid>/mem), for the agent and for every process it runs as.
+    let r = client::run(
+        &mut c,
+        shell(
+            "n=0; for d in /proc/[0-9]*; do \
+               case \"$(tr '\\0' ' ' < $d/cmdline)\" in sandbox-agent*|/usr/local/bin/sandbox-agent*) ;; *) continue;; esac; \
+               n=$((n+1)); \
+               cat $d/environ >/dev/null 2>&1 && echo \"open $d/environ\"; \
+               ls $d/fd >/dev/null 2>&1 && echo \"open $d/fd\"; \
+             done; echo checked $n",
+        ),
+    )
+    .await
+    .unwrap();
+    let out = r.stdout_str();
+    assert!(
+        !out.contains("open "),
+        "agent processes readable by the sandbox user: {out}"
+    );
+    assert!(out.contains("checked "), "{out}");
+    // PID 1, the spawner and this command's supervisor.
+    assert!(
+        out.trim_end().ends_with("checked 3"),
+        "expected three agent processes: {out}"
+    );
     // And files cannot reach it either.
     let err = client::write_file(
         &mut c,

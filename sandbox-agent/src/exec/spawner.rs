@@ -185,6 +185,7 @@ pub fn main(args: &[std::ffi::OsString]) -> ! {
     };
     // SAFETY: the fd was passed to us open; nothing else owns it here.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    crate::pid1::make_undumpable();
     // SAFETY: plain syscalls on this process.
     unsafe {
         libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
