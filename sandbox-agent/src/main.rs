@@ -22,6 +22,11 @@ fn main() -> std::process::ExitCode {
     // Commands run as the agent's own uid: without this they could ptrace
     // PID 1 or read and write its memory through /proc/1/mem.
     sandbox_agent::pid1::make_undumpable();
+    // Few malloc arenas: the agent has few threads that allocate, and every
+    // arena keeps its own freed memory. (Freed heap goes back to the OS
+    // periodically, see `run`.)
+    // SAFETY: mallopt before any allocation-heavy work; plain integers.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let config = sandbox_agent::Config::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
