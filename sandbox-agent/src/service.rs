@@ -279,6 +279,31 @@ fn file_info_pb(i: fs::FileInfo) -> pb::FileInfo {
     }
 }
 
+/// Forwards the data messages of a client stream (after its header) to a
+/// blocking worker. Anything but data, or a broken stream, reaches the worker
+/// as an error so that it abandons its work; a worker that stopped early
+/// stops the forwarding. Returns when the stream or the worker is done.
+async fn forward_data<M>(
+    mut input: Streaming<M>,
+    tx: mpsc::Sender<Result<Bytes, Status>>,
+    data: impl Fn(M) -> Option<Bytes>,
+) {
+    loop {
+        let item = match input.message().await {
+            Ok(Some(msg)) => match data(msg) {
+                Some(d) => Ok(d),
+                None => Err(Status::invalid_argument("only data may follow the header")),
+            },
+            Ok(None) => return,
+            Err(status) => Err(status),
+        };
+        let last = item.is_err();
+        if tx.send(item).await.is_err() || last {
+            return;
+        }
+    }
+}
+
 /// A blocking `Read` over the data messages of a client stream.
 struct StreamReader {
     rx: mpsc::Receiver<Result<Bytes, Status>>,
@@ -532,32 +557,13 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
             }
             w.commit().map_err(fs_status)
         });
-        loop {
-            match input.message().await {
-                Ok(Some(pb::WriteFileRequest {
-                    request: Some(pb::write_file_request::Request::Data(d)),
-                })) => {
-                    if tx.send(Ok(d)).await.is_err() {
-                        break; // the writer failed; its error is returned below
-                    }
-                }
-                Ok(Some(_)) => {
-                    let _ = tx
-                        .send(Err(Status::invalid_argument(
-                            "only data may follow the header",
-                        )))
-                        .await;
-                    break;
-                }
-                Ok(None) => break,
-                Err(s) => {
-                    // An aborted upload must not replace the file.
-                    let _ = tx.send(Err(s)).await;
-                    break;
-                }
-            }
-        }
-        drop(tx);
+        // An aborted upload reaches the writer as an error, so it never
+        // replaces the file.
+        forward_data(input, tx, |m: pb::WriteFileRequest| match m.request {
+            Some(pb::write_file_request::Request::Data(d)) => Some(d),
+            _ => None,
+        })
+        .await;
         let (size, sha256) = writer
             .await
             .map_err(|e| Status::internal(format!("writer failed: {e}")))??;
@@ -712,31 +718,11 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
             };
             snapshot::restore(&ws, &h.path, compression, reader).map_err(snapshot_status)
         });
-        loop {
-            match input.message().await {
-                Ok(Some(pb::RestoreRequest {
-                    request: Some(pb::restore_request::Request::Data(d)),
-                })) => {
-                    if tx.send(Ok(d)).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(Some(_)) => {
-                    let _ = tx
-                        .send(Err(Status::invalid_argument(
-                            "only data may follow the header",
-                        )))
-                        .await;
-                    break;
-                }
-                Ok(None) => break,
-                Err(s) => {
-                    let _ = tx.send(Err(s)).await;
-                    break;
-                }
-            }
-        }
-        drop(tx);
+        forward_data(input, tx, |m: pb::RestoreRequest| match m.request {
+            Some(pb::restore_request::Request::Data(d)) => Some(d),
+            _ => None,
+        })
+        .await;
         let stats = worker
             .await
             .map_err(|e| Status::internal(format!("restore failed: {e}")))??;

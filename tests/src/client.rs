@@ -230,6 +230,13 @@ pub async fn attach(
 
 pub const CHUNK: usize = 1 << 20;
 
+/// `data` as slices of at most [`CHUNK`] bytes (no copies).
+fn chunks(data: &Bytes) -> impl Iterator<Item = Bytes> + '_ {
+    (0..data.len())
+        .step_by(CHUNK)
+        .map(|off| data.slice(off..(off + CHUNK).min(data.len())))
+}
+
 pub fn write_header(path: &str) -> pb::WriteFileHeader {
     pb::WriteFileHeader {
         path: path.into(),
@@ -247,14 +254,9 @@ pub async fn write_file(
     let mut msgs = vec![pb::WriteFileRequest {
         request: Some(pb::write_file_request::Request::Header(header)),
     }];
-    let mut off = 0;
-    while off < data.len() {
-        let end = (off + CHUNK).min(data.len());
-        msgs.push(pb::WriteFileRequest {
-            request: Some(pb::write_file_request::Request::Data(data.slice(off..end))),
-        });
-        off = end;
-    }
+    msgs.extend(chunks(&data).map(|d| pb::WriteFileRequest {
+        request: Some(pb::write_file_request::Request::Data(d)),
+    }));
     Ok(agent
         .write_file(futures::stream::iter(msgs))
         .await?
@@ -300,14 +302,9 @@ pub async fn restore(
             compression: 0,
         })),
     }];
-    let mut off = 0;
-    while off < archive.len() {
-        let end = (off + CHUNK).min(archive.len());
-        msgs.push(pb::RestoreRequest {
-            request: Some(pb::restore_request::Request::Data(archive.slice(off..end))),
-        });
-        off = end;
-    }
+    msgs.extend(chunks(&archive).map(|d| pb::RestoreRequest {
+        request: Some(pb::restore_request::Request::Data(d)),
+    }));
     Ok(agent
         .restore(futures::stream::iter(msgs))
         .await?

@@ -182,19 +182,18 @@ const TREE: &str = "mkdir -p src/deep/er && echo hello > src/a.txt && head -c 30
 const LISTING: &str = "find . | sort | while read f; do if [ -L \"$f\" ]; then echo \"$f -> $(readlink \"$f\")\"; \
     elif [ -f \"$f\" ]; then echo \"$f $(stat -c %a \"$f\") $(sha256sum < \"$f\")\"; else echo \"$f $(stat -c %a \"$f\")\"; fi; done";
 
+/// Builds [`TREE`] in the workspace and returns its [`LISTING`].
+async fn make_tree(c: &mut client::Agent) -> String {
+    assert_eq!(client::run(c, shell(TREE)).await.unwrap().code(), Some(0));
+    client::run(c, shell(LISTING)).await.unwrap().stdout_str()
+}
+
 #[tokio::test]
 async fn snapshot_then_restore_in_another_sandbox_gives_an_identical_tree() {
     docker_or_skip!();
     let a = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut ca = a.client().unwrap();
-    assert_eq!(
-        client::run(&mut ca, shell(TREE)).await.unwrap().code(),
-        Some(0)
-    );
-    let listing = client::run(&mut ca, shell(LISTING))
-        .await
-        .unwrap()
-        .stdout_str();
+    let listing = make_tree(&mut ca).await;
     let archive = client::snapshot(
         &mut ca,
         pb::SnapshotRequest {
@@ -223,14 +222,7 @@ async fn a_tar_slip_archive_is_refused_and_changes_nothing() {
     docker_or_skip!();
     let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut c = sb.client().unwrap();
-    assert_eq!(
-        client::run(&mut c, shell(TREE)).await.unwrap().code(),
-        Some(0)
-    );
-    let before = client::run(&mut c, shell(LISTING))
-        .await
-        .unwrap()
-        .stdout_str();
+    let before = make_tree(&mut c).await;
     let hostile = [
         vec![
             Entry::file("ok.txt", b"fine"),

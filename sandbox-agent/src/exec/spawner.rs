@@ -75,20 +75,31 @@ impl Spawner {
     }
 }
 
+/// Room for one SCM_RIGHTS message carrying `nfds` descriptors.
+fn control_buffer(nfds: usize) -> Vec<u8> {
+    // SAFETY: CMSG_SPACE is a pure computation.
+    vec![0u8; unsafe { libc::CMSG_SPACE((nfds * std::mem::size_of::<RawFd>()) as u32) } as usize]
+}
+
+/// A message header over one iovec and a control buffer; both must outlive
+/// the sendmsg/recvmsg call that uses it.
+fn msghdr(iov: &mut libc::iovec, cbuf: &mut [u8]) -> libc::msghdr {
+    // SAFETY: msghdr is plain data; all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = cbuf.len();
+    msg
+}
+
 fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
     };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: msghdr is plain data; the pointers set below outlive sendmsg.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space;
+    let mut cbuf = control_buffer(fds.len());
+    let msg = msghdr(&mut iov, &mut cbuf);
     // SAFETY: the control buffer is CMSG_SPACE bytes, enough for one header
     // and `fds`.
     unsafe {
@@ -127,15 +138,8 @@ fn recv_with_fds(sock: RawFd) -> std::io::Result<Option<([u8; 8], Vec<OwnedFd>)>
         iov_base: header.as_mut_ptr().cast(),
         iov_len: header.len(),
     };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE((NFDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: msghdr is plain data; the pointers outlive recvmsg.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space;
+    let mut cbuf = control_buffer(NFDS);
+    let mut msg = msghdr(&mut iov, &mut cbuf);
     let n = loop {
         // SAFETY: as above; received fds are close-on-exec.
         let n =
