@@ -652,3 +652,13 @@ async fn a_flood_with_a_slow_reader_does_not_grow_the_agent() {
         "agent RSS grew from {rss_before} to {peak_rss} while a slow reader lagged"
     );
 }
+
+#[tokio::test]
+async fn idle_exec_streams_get_keepalives() {
+    let agent = HostAgent::start(&["--keepalive-secs", "1"]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    // Three silent seconds against a one-second keepalive interval.
+    let r = client::run(&mut c, shell("sleep 3; echo done")).await.unwrap();
+    assert_eq!(r.stdout, b"done\n");
+    assert!(r.keepalives >= 1, "no keepalive on a silent stream: {r:?}");
+}
