@@ -658,7 +658,9 @@ async fn idle_exec_streams_get_keepalives() {
     let agent = HostAgent::start(&["--keepalive-secs", "1"]).await.unwrap();
     let mut c = agent.client().unwrap();
     // Three silent seconds against a one-second keepalive interval.
-    let r = client::run(&mut c, shell("sleep 3; echo done")).await.unwrap();
+    let r = client::run(&mut c, shell("sleep 3; echo done"))
+        .await
+        .unwrap();
     assert_eq!(r.stdout, b"done\n");
     assert!(r.keepalives >= 1, "no keepalive on a silent stream: {r:?}");
 }
