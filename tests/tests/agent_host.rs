@@ -197,6 +197,44 @@ async fn pty_gives_a_terminal_and_resizes() {
     assert!(r.stdout_str().contains("33 101"), "{:?}", r.stdout_str());
 }
 
+#[tokio::test]
+async fn a_terminal_session_takes_input_and_resizes() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let (tx, mut events) = client::start_interactive(
+        &mut c,
+        pb::ExecStart {
+            stdin: true,
+            pty: Some(pb::PtySize { rows: 24, cols: 80 }),
+            ..shell("echo ready; read line; echo \"got:$line\"; stty size; cat")
+        },
+    )
+    .await
+    .unwrap();
+    let mut r = client::ExecResult::default();
+    while !r.stdout_str().contains("ready") {
+        client::apply(&mut r, events.message().await.unwrap().unwrap());
+    }
+    tx.send(pb::ExecRequest {
+        request: Some(pb::exec_request::Request::Resize(pb::PtySize {
+            rows: 40,
+            cols: 120,
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(client::stdin(b"hello\n")).await.unwrap();
+    // Closing input on a terminal is ^D: `cat` sees end of file and exits.
+    tx.send(client::close_stdin()).await.unwrap();
+    while let Some(ev) = events.message().await.unwrap() {
+        client::apply(&mut r, ev);
+    }
+    let out = r.stdout_str();
+    assert!(out.contains("got:hello"), "{out:?}");
+    assert!(out.contains("40 120"), "{out:?}");
+    assert_eq!(r.code(), Some(0), "{out:?}");
+}
+
 /// Writes the pids of a command tree that tries every way out: a setsid'd
 /// grandchild, a double fork, and one that ignores SIGTERM, all holding the
 /// output pipe open.
@@ -663,4 +701,59 @@ async fn idle_exec_streams_get_keepalives() {
         .unwrap();
     assert_eq!(r.stdout, b"done\n");
     assert!(r.keepalives >= 1, "no keepalive on a silent stream: {r:?}");
+}
+
+#[tokio::test]
+async fn signal_reaches_the_command() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let (_tx, mut events) = client::start_interactive(
+        &mut c,
+        pb::ExecStart {
+            exec_id: "trapper".into(),
+            ..shell("trap 'echo got-usr1; exit 7' USR1; echo ready; while :; do sleep 0.05; done")
+        },
+    )
+    .await
+    .unwrap();
+    let mut r = client::ExecResult::default();
+    while r.stdout != b"ready\n" {
+        client::apply(&mut r, events.message().await.unwrap().unwrap());
+    }
+    c.signal(pb::SignalRequest {
+        exec_id: "trapper".into(),
+        signal: libc::SIGUSR1,
+        kill_tree: false,
+    })
+    .await
+    .unwrap();
+    while let Some(ev) = events.message().await.unwrap() {
+        client::apply(&mut r, ev);
+    }
+    assert_eq!(r.stdout, b"ready\ngot-usr1\n");
+    let exited = r.exited.unwrap();
+    assert_eq!(exited.code, Some(7));
+    assert!(!exited.killed);
+    // A finished exec cannot be signalled, and a bogus signal is refused.
+    let err = c
+        .signal(pb::SignalRequest {
+            exec_id: "trapper".into(),
+            signal: libc::SIGUSR1,
+            kill_tree: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = c
+        .signal(pb::SignalRequest {
+            exec_id: "nope".into(),
+            signal: 999,
+            kill_tree: false,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::InvalidArgument | Code::NotFound),
+        "{err:?}"
+    );
 }

@@ -134,6 +134,70 @@ impl Default for Limits {
     }
 }
 
+/// ^D, the default VEOF of a terminal.
+const VEOF: u8 = 4;
+
+/// Where stdin bytes go: a pipe, or a terminal's master side.
+enum Stdin {
+    Pipe(tokio::net::unix::pipe::Sender),
+    Pty(PtyWriter),
+}
+
+impl Stdin {
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Stdin::Pipe(p) => p.write_all(data).await,
+            Stdin::Pty(t) => t.write_all(data).await,
+        }
+    }
+}
+
+/// Writes to a terminal master (non-blocking, through the reactor).
+struct PtyWriter(tokio::io::unix::AsyncFd<OwnedFd>);
+
+impl PtyWriter {
+    fn new(master: &OwnedFd) -> std::io::Result<Self> {
+        let fd = master.try_clone()?;
+        // SAFETY: F_GETFL/F_SETFL on a valid fd.
+        unsafe {
+            let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        // SAFETY: the OwnedFd is moved into the AsyncFd and stays open and
+        // the same file for its whole life.
+        let afd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::WRITABLE)
+        }
+        .map_err(|e| e.into_parts().1)?;
+        Ok(Self(afd))
+    }
+
+    async fn write_all(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let mut guard = self.0.writable().await?;
+            // SAFETY: write from a valid buffer to a valid fd.
+            let n = unsafe {
+                libc::write(
+                    self.0.get_ref().as_raw_fd(),
+                    data.as_ptr().cast(),
+                    data.len(),
+                )
+            };
+            if n >= 0 {
+                data = &data[n as usize..];
+                continue;
+            }
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::WouldBlock {
+                guard.clear_ready();
+                continue;
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+}
+
 enum Control {
     Kill,
     Signal(i32),
@@ -156,7 +220,7 @@ pub struct Exec {
     /// Bumped on every change to `state`; readers wait on it.
     changed: watch::Sender<u64>,
     control: mpsc::UnboundedSender<Control>,
-    stdin: tokio::sync::Mutex<Option<tokio::net::unix::pipe::Sender>>,
+    stdin: tokio::sync::Mutex<Option<Stdin>>,
     pty_master: Option<Arc<OwnedFd>>,
 }
 
@@ -200,10 +264,10 @@ impl Exec {
 
     pub async fn write_stdin(&self, data: &[u8]) -> Result<(), Error> {
         let mut guard = self.stdin.lock().await;
-        let Some(pipe) = guard.as_mut() else {
+        let Some(stdin) = guard.as_mut() else {
             return Err(Error::NoSuchStream(self.id.clone(), "open stdin"));
         };
-        if let Err(e) = pipe.write_all(data).await {
+        if let Err(e) = stdin.write_all(data).await {
             // The command closed its stdin: further input is discarded.
             *guard = None;
             if e.kind() != std::io::ErrorKind::BrokenPipe {
@@ -216,8 +280,12 @@ impl Exec {
         Ok(())
     }
 
+    /// Closes a pipe; on a terminal, sends the end-of-file character, which
+    /// is what closing input means there.
     pub async fn close_stdin(&self) {
-        self.stdin.lock().await.take();
+        if let Some(Stdin::Pty(mut pty)) = self.stdin.lock().await.take() {
+            let _ = pty.write_all(&[VEOF]).await;
+        }
     }
 
     pub fn signal(&self, sig: i32) -> Result<(), Error> {
@@ -499,8 +567,14 @@ impl Execs {
         if let Some((r, w)) = stdin {
             drop(r);
             match tokio::net::unix::pipe::Sender::from_owned_fd(w) {
-                Ok(s) => *exec.stdin.lock().await = Some(s),
+                Ok(s) => *exec.stdin.lock().await = Some(Stdin::Pipe(s)),
                 Err(err) => tracing::warn!(error = %err, "stdin pipe unusable"),
+            }
+        }
+        if let (Some(master), true) = (&pty_master, spec.stdin) {
+            match PtyWriter::new(master) {
+                Ok(w) => *exec.stdin.lock().await = Some(Stdin::Pty(w)),
+                Err(err) => tracing::warn!(error = %err, "terminal input unusable"),
             }
         }
 
