@@ -77,6 +77,13 @@ pub async fn run(
     let ws = fs::Workspace::at(&config.workspace)
         .with_context(|| format!("opening workspace {}", config.workspace.display()))?;
     let ws = Arc::new(ws);
+    // As PID 1 the agent inherits every orphan in the sandbox. Elsewhere it
+    // asks for the same, so that it can stop processes that escaped their
+    // exec's supervisor (see Execs::stop_strays).
+    if std::process::id() != 1 {
+        // SAFETY: prctl on this process only.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    }
     let reaper = pid1::Reaper::new();
     tokio::spawn(reaper.clone().run());
     let cgroup = Arc::new(cgroup::OwnCgroup::detect());
@@ -173,6 +180,16 @@ pub async fn run(
         loop {
             tick.tick().await;
             gc_execs.gc();
+        }
+    });
+    // Orphans are stopped as soon as a supervisor is seen to vanish; this
+    // sweep catches any that slip past that.
+    let sweep_execs = execs.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            sweep_execs.stop_strays().await;
         }
     });
     // Bulk transfers leave freed 1 MiB buffers in glibc's heap, which keeps

@@ -757,3 +757,45 @@ async fn signal_reaches_the_command() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn killing_its_own_supervisor_does_not_let_a_command_escape() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    // The command's parent is its supervisor, which it can signal (same
+    // uid). Its children must still not outlive the exec.
+    let r = client::run(
+        &mut c,
+        pb::ExecStart {
+            timeout_ms: 60_000,
+            ..shell("sleep 1000 & echo $! > bg.pid; setsid sleep 1000 & echo $! > bg2.pid; kill -9 $PPID; sleep 1000")
+        },
+    )
+    .await
+    .unwrap();
+    let exited = r.exited.expect("the exec ends when its supervisor is gone");
+    assert!(exited.killed, "{exited:?}");
+    assert_eq!(
+        (exited.code, exited.signal),
+        (None, None),
+        "the command's own status is unknown"
+    );
+    for f in ["bg.pid", "bg2.pid"] {
+        let pid: i32 = std::fs::read_to_string(agent.workspace.join(f))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The agent stops strays as soon as it learns the supervisor is gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while alive(pid) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!alive(pid), "{f}: process {pid} escaped its exec");
+    }
+    // The agent still works.
+    assert_eq!(
+        client::run(&mut c, start(&["true"])).await.unwrap().code(),
+        Some(0)
+    );
+}

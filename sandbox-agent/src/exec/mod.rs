@@ -216,6 +216,8 @@ pub struct Exec {
     pub argv: Vec<String>,
     pub started_unix_ms: u64,
     pid: std::sync::atomic::AtomicU32,
+    /// The exec's supervisor process, once it has said so.
+    supervisor: std::sync::atomic::AtomicU32,
     state: Mutex<State>,
     /// Bumped on every change to `state`; readers wait on it.
     changed: watch::Sender<u64>,
@@ -426,6 +428,7 @@ impl Execs {
             argv: spec.argv.clone(),
             started_unix_ms: unix_ms(SystemTime::now()),
             pid: 0.into(),
+            supervisor: 0.into(),
             state: Mutex::new(State {
                 output: OutputBuffer::new(self.limits.output_cap),
                 outcome: None,
@@ -601,8 +604,15 @@ impl Execs {
         let (ctl_read, ctl_write) = ctl.into_split();
         let mut lines = tokio::io::BufReader::new(ctl_read).lines();
 
-        // The first line says whether the command started.
-        let first = lines.next_line().await.ok().flatten().unwrap_or_default();
+        // The supervisor names itself, then says whether the command started.
+        let mut first = lines.next_line().await.ok().flatten().unwrap_or_default();
+        if let Some(pid) = first.strip_prefix("supervisor ") {
+            exec.supervisor.store(
+                pid.trim().parse().unwrap_or(0),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            first = lines.next_line().await.ok().flatten().unwrap_or_default();
+        }
         if let Some(rest) = first.strip_prefix("spawned ") {
             exec.pid.store(
                 rest.trim().parse().unwrap_or(0),
@@ -701,7 +711,18 @@ impl Execs {
                             break (n.len() == 3).then(|| (n[0], n[1], n[2] * 1024));
                         }
                     }
-                    _ => break None,
+                    _ => {
+                        // The supervisor died without saying `done` (the
+                        // command can signal it: same uid). Its processes
+                        // are now the agent's children: stop them. What the
+                        // command itself exited with is unknown.
+                        tracing::warn!(exec_id = %exec.id, "exec supervisor vanished; stopping what it left");
+                        exec.supervisor.store(0, std::sync::atomic::Ordering::Relaxed);
+                        exec.lock().killed = true;
+                        main_status = (None, None);
+                        self.stop_strays().await;
+                        break None;
+                    }
                 },
                 Some(cmd) = control_rx.recv() => {
                     let line = match cmd {
@@ -760,6 +781,30 @@ impl Execs {
         );
     }
 
+    /// Stops every child of the agent that is neither the spawner nor a live
+    /// supervisor. Every process a command starts lives under its exec's
+    /// supervisor; one that was re-parented to the agent (PID 1, or a
+    /// subreaper when not) lost its supervisor and belongs to no exec.
+    /// Repeats until none is left, since each kill re-parents that process's
+    /// own children to the agent.
+    pub async fn stop_strays(&self) {
+        for _ in 0..200 {
+            let mut keep: Vec<u32> = self
+                .table()
+                .values()
+                .map(|e| e.supervisor.load(std::sync::atomic::Ordering::Relaxed))
+                .collect();
+            keep.push(self.spawner.pid());
+            let killed = tokio::task::spawn_blocking(move || kill_strays(&keep))
+                .await
+                .unwrap_or(0);
+            if killed == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Drops finished execs past the retention window, and the oldest
     /// finished ones beyond the retention count.
     pub fn gc(&self) {
@@ -798,6 +843,45 @@ impl Execs {
         let all = futures::future::join_all(running.iter().map(|e| wait_finished(e.clone())));
         let _ = tokio::time::timeout(wait, all).await;
     }
+}
+
+/// SIGKILLs every child of this process whose pid is not in `keep`;
+/// returns how many there were.
+fn kill_strays(keep: &[u32]) -> usize {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if keep.contains(&pid) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.iter().rposition(|b| *b == b')') else {
+            continue;
+        };
+        let rest = String::from_utf8_lossy(&stat[close + 1..]);
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let ppid = fields.next().and_then(|p| p.parse::<u32>().ok());
+        // Zombies are the reaper's; they are already dead.
+        if ppid == Some(me) && state != Some("Z") {
+            // SAFETY: kill(2) of our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            killed += 1;
+        }
+    }
+    killed
 }
 
 pub async fn wait_finished(exec: Arc<Exec>) {

@@ -17,7 +17,8 @@
 //! workspace) and a Unix stream socket to the agent, over which it speaks
 //! one text line per message:
 //!
-//! * supervisor → agent: `spawned <pid>`, `spawn_failed <errno> <stage>`,
+//! * supervisor → agent: `supervisor <own pid>`, then
+//!   `spawned <pid>` or `spawn_failed <errno> <stage>`,
 //!   `exited code <n>` or `exited signal <n>`, then
 //!   `done <user_us> <system_us> <max_rss_kb>` (the resource usage of
 //!   everything it reaped) just before it exits.
@@ -143,6 +144,9 @@ pub fn run_forked(spec: ShimSpec, fds: [i32; 5]) -> ! {
         fd: ctl_fd,
         inbuf: Vec::new(),
     };
+    // The agent learns who supervises this exec: any other process that
+    // ends up as the agent's child belongs to no exec and is stopped.
+    ctl.send(&format!("supervisor {}", std::process::id()));
     // SAFETY: plain syscalls on this (single-threaded, just forked)
     // process's own descriptors and signal state.
     let chdir = unsafe {

@@ -27,19 +27,26 @@ const MAX_SPEC: u64 = 4 << 20;
 pub struct Spawner {
     sock: Mutex<UnixStream>,
     reaper: std::sync::Arc<Reaper>,
+    /// The current spawner process.
+    pid: std::sync::atomic::AtomicU32,
 }
 
 impl Spawner {
     /// Starts the spawner process (as a child the reaper knows about).
     pub fn start(reaper: std::sync::Arc<Reaper>) -> std::io::Result<Self> {
-        let sock = Self::start_process(&reaper)?;
+        let (sock, pid) = Self::start_process(&reaper)?;
         Ok(Self {
             sock: Mutex::new(sock),
             reaper,
+            pid: pid.into(),
         })
     }
 
-    fn start_process(reaper: &Reaper) -> std::io::Result<UnixStream> {
+    pub fn pid(&self) -> u32 {
+        self.pid.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn start_process(reaper: &Reaper) -> std::io::Result<(UnixStream, u32)> {
         let (ours, theirs) = UnixStream::pair()?;
         let mut cmd = std::process::Command::new("/proc/self/exe");
         use std::os::unix::process::CommandExt;
@@ -47,9 +54,9 @@ impl Spawner {
             .arg(SPAWNER_ARG)
             .arg(theirs.as_raw_fd().to_string())
             .stdin(std::process::Stdio::null());
-        reaper.spawn(&mut cmd, &[theirs.as_raw_fd()])?;
+        let (pid, _exit) = reaper.spawn(&mut cmd, &[theirs.as_raw_fd()])?;
         drop(theirs);
-        Ok(ours)
+        Ok((ours, pid))
     }
 
     /// Asks for a supervisor running `spec` with `fds` = [stdin, stdout,
@@ -66,7 +73,9 @@ impl Spawner {
                 // The spawner died (killed from inside the sandbox, say):
                 // start a new one and retry once.
                 tracing::warn!("exec spawner was gone; restarting it");
-                *sock = Self::start_process(&self.reaper)?;
+                let (new_sock, pid) = Self::start_process(&self.reaper)?;
+                *sock = new_sock;
+                self.pid.store(pid, std::sync::atomic::Ordering::Relaxed);
                 send_with_fds(sock.as_raw_fd(), &header, &fds)?;
             }
             other => other?,
