@@ -799,3 +799,48 @@ async fn killing_its_own_supervisor_does_not_let_a_command_escape() {
         Some(0)
     );
 }
+
+#[tokio::test]
+async fn a_killed_spawner_is_replaced_and_running_execs_survive() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let (tx, mut events) = client::start_interactive(
+        &mut c,
+        pb::ExecStart {
+            stdin: true,
+            ..shell("echo up; read x; echo after")
+        },
+    )
+    .await
+    .unwrap();
+    let mut r = client::ExecResult::default();
+    while r.stdout != b"up\n" {
+        client::apply(&mut r, events.message().await.unwrap().unwrap());
+    }
+    // A command could do this too: the spawner runs as the same user.
+    let r2 = client::run(
+        &mut c,
+        shell(&format!(
+            // Pick first, then kill: killing the spawner re-parents its
+            // supervisors to the agent, and they carry the same name.
+            "t=''; for d in /proc/[0-9]*; do \
+               ppid=$(sed 's/.*) //' $d/stat | cut -d' ' -f2); \
+               if [ \"$ppid\" = {} ] && grep -q __spawner $d/cmdline; then t=\"$t ${{d#/proc/}}\"; fi; \
+             done; for p in $t; do kill -9 $p && echo killed; done",
+            agent.pid()
+        )),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r2.stdout_str(), "killed\n");
+    // The running exec is unaffected.
+    tx.send(client::stdin(b"go\n")).await.unwrap();
+    while let Some(ev) = events.message().await.unwrap() {
+        client::apply(&mut r, ev);
+    }
+    assert_eq!(r.stdout, b"up\nafter\n");
+    assert_eq!(r.code(), Some(0));
+    // New execs get a new spawner.
+    let r3 = client::run(&mut c, start(&["echo", "fine"])).await.unwrap();
+    assert_eq!(r3.stdout, b"fine\n", "{r3:?}");
+}
