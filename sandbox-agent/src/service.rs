@@ -240,12 +240,23 @@ async fn follow(
     }
 }
 
-fn started_event(exec: &exec::Exec, attached: bool) -> pb::ExecEvent {
-    event(pb::exec_event::Event::Started(pb::ExecStarted {
-        exec_id: exec.id.clone(),
-        pid: exec.pid(),
-        attached,
-    }))
+/// `started` opens every stream of an exec that did start; one that never
+/// started goes straight to its `spawn_failed` event.
+async fn send_started(
+    tx: &mpsc::Sender<Result<pb::ExecEvent, Status>>,
+    exec: &exec::Exec,
+    attached: bool,
+) {
+    if matches!(exec.outcome(), Some(Outcome::SpawnFailed { .. })) {
+        return;
+    }
+    let _ = tx
+        .send(Ok(event(pb::exec_event::Event::Started(pb::ExecStarted {
+            exec_id: exec.id.clone(),
+            pid: exec.pid(),
+            attached,
+        }))))
+        .await;
 }
 
 /// Runs blocking file work off the async threads.
@@ -388,7 +399,7 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
         let spec = ExecSpec::try_from(start)?;
         let (exec, attached) = self.execs.start(spec).await.map_err(exec_status)?;
         let (tx, rx) = mpsc::channel(16);
-        let _ = tx.send(Ok(started_event(&exec, attached))).await;
+        send_started(&tx, &exec, attached).await;
         tokio::spawn(follow(exec.clone(), 0, tx, self.keepalive));
         // Later messages: stdin, close, signals, resizes. The input side
         // ending (half-close or disconnect) closes stdin.
@@ -425,7 +436,7 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
         let req = request.into_inner();
         let exec = self.execs.get(&req.exec_id).map_err(exec_status)?;
         let (tx, rx) = mpsc::channel(16);
-        let _ = tx.send(Ok(started_event(&exec, true))).await;
+        send_started(&tx, &exec, true).await;
         tokio::spawn(follow(exec, req.from_offset, tx, self.keepalive));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

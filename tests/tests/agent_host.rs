@@ -64,6 +64,11 @@ async fn spawn_failures_are_distinct_and_immediate() {
             .unwrap_or_else(|| panic!("{what}: expected spawn failure, got {r:?}"));
         assert_eq!(f.errno, errno, "{what}: {}", f.reason);
         assert!(r.exited.is_none());
+        assert_eq!(
+            r.pid, 0,
+            "{what}: a command that never ran is not `started`"
+        );
+        assert!(r.exec_id.is_empty(), "{what}: no `started` event");
     }
 }
 
