@@ -1,14 +1,10 @@
 //! PID 1 duties: reap every child, known or orphaned.
 //!
-//! One reaper owns `wait4(-1)` for the whole process. Spawns go through
-//! [`Reaper::spawn`], which holds the same lock as the reaper, so a child
-//! that exits at once cannot be reaped before its waiter is registered, and
-//! the standard library's own wait after a failed spawn cannot race us.
+//! One reaper owns `wait4(-1)` for the whole agent. Its own children (only
+//! the exec spawner) are started through [`Reaper::spawn`], under a lock that
+//! also makes descriptors inheritable for that one child only.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-
-use tokio::sync::oneshot;
 
 /// Marks this process non-dumpable: processes of the same uid can no longer
 /// ptrace it or open its /proc/<pid>/{mem,environ,fd}. `execve` resets the
@@ -19,18 +15,9 @@ pub fn make_undumpable() {
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct ChildExit {
-    pub status: i32,
-    pub user_cpu_us: u64,
-    pub system_cpu_us: u64,
-    /// ru_maxrss, in bytes.
-    pub max_rss_bytes: u64,
-}
-
 #[derive(Default)]
 pub struct Reaper {
-    waiters: Mutex<HashMap<i32, oneshot::Sender<ChildExit>>>,
+    spawn_lock: Mutex<()>,
 }
 
 impl Reaper {
@@ -38,16 +25,16 @@ impl Reaper {
         Arc::new(Self::default())
     }
 
-    /// Spawns a child and registers for its exit status. The close-on-exec
-    /// descriptors in `inherit` are passed to this child only: they are
-    /// made inheritable just for this spawn, under the lock every spawn
-    /// takes, so no other child can pick them up.
+    /// Spawns a child and returns its pid. The close-on-exec descriptors in
+    /// `inherit` are passed to this child only: they are made inheritable
+    /// just for this spawn, under a lock every spawn takes, so no other child
+    /// can pick them up. The child is reaped like every other.
     pub fn spawn(
         &self,
         cmd: &mut std::process::Command,
         inherit: &[std::os::fd::RawFd],
-    ) -> std::io::Result<(u32, oneshot::Receiver<ChildExit>)> {
-        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+    ) -> std::io::Result<u32> {
+        let _guard = self.spawn_lock.lock().unwrap_or_else(|e| e.into_inner());
         let set_cloexec = |on: bool| {
             for fd in inherit {
                 // SAFETY: F_SETFD on descriptors the caller keeps open.
@@ -57,36 +44,21 @@ impl Reaper {
         set_cloexec(false);
         let spawned = cmd.spawn();
         set_cloexec(true);
-        let child = spawned?;
-        let pid = child.id();
         // The Child handle is dropped without waiting: the reaper collects it.
-        drop(child);
-        let (tx, rx) = oneshot::channel();
-        waiters.insert(pid as i32, tx);
-        Ok((pid, rx))
+        Ok(spawned?.id())
     }
 
-    /// Reaps every exited child; statuses go to their waiters, orphans
-    /// (re-parented to us as PID 1) are simply collected.
+    /// Reaps every exited child: the spawner when it dies, and orphans
+    /// re-parented to the agent (as PID 1, or as a subreaper).
     pub fn reap(&self) {
-        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        // Not while a spawn is in progress: the standard library waits for a
+        // child that failed to exec, and must find it.
+        let _guard = self.spawn_lock.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let mut status = 0;
-            // SAFETY: an all-zero rusage is valid.
-            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-            // SAFETY: wait4 with valid out pointers.
-            let pid = unsafe { libc::wait4(-1, &mut status, libc::WNOHANG, &mut ru) };
-            if pid <= 0 {
+            // SAFETY: non-blocking waitpid for any child.
+            if unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } <= 0 {
                 break;
-            }
-            if let Some(tx) = waiters.remove(&pid) {
-                let us = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000 + tv.tv_usec as u64;
-                let _ = tx.send(ChildExit {
-                    status,
-                    user_cpu_us: us(ru.ru_utime),
-                    system_cpu_us: us(ru.ru_stime),
-                    max_rss_bytes: ru.ru_maxrss as u64 * 1024,
-                });
             }
         }
     }

@@ -54,7 +54,7 @@ impl Spawner {
             .arg(SPAWNER_ARG)
             .arg(theirs.as_raw_fd().to_string())
             .stdin(std::process::Stdio::null());
-        let (pid, _exit) = reaper.spawn(&mut cmd, &[theirs.as_raw_fd()])?;
+        let pid = reaper.spawn(&mut cmd, &[theirs.as_raw_fd()])?;
         drop(theirs);
         Ok((ours, pid))
     }
