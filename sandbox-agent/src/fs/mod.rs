@@ -64,10 +64,6 @@ impl Error {
             _ => Error::Io { path, source: err },
         }
     }
-
-    pub(crate) fn resolve(path: &Path, err: std::io::Error) -> Self {
-        Self::io(path, err)
-    }
 }
 
 fn last_err(path: &Path) -> Error {

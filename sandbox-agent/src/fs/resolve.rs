@@ -129,21 +129,17 @@ impl Workspace {
     /// Symlinks are followed only while they stay beneath the root; magic
     /// links (`/proc/self/fd/N`, `/proc/self/root`) are never followed.
     pub fn open(&self, rel: &Path, flags: i32, mode: u32) -> Result<OwnedFd, Error> {
-        self.open_at(self.root_fd().as_raw_fd(), rel, flags, mode)
-    }
-
-    fn open_at(&self, dir: RawFd, rel: &Path, flags: i32, mode: u32) -> Result<OwnedFd, Error> {
+        let dir = self.root.as_raw_fd();
         if self.openat2 {
             let rules = if self.no_symlinks {
                 RESOLVE_RULES | libc::RESOLVE_NO_SYMLINKS
             } else {
                 RESOLVE_RULES
             };
-            openat2(dir, rel, flags | libc::O_CLOEXEC, mode, rules)
-                .map_err(|e| Error::resolve(rel, e))
+            openat2(dir, rel, flags | libc::O_CLOEXEC, mode, rules).map_err(|e| Error::io(rel, e))
         } else {
             walk_open(dir, rel, flags | libc::O_CLOEXEC, mode, self.no_symlinks)
-                .map_err(|e| Error::resolve(rel, e))
+                .map_err(|e| Error::io(rel, e))
         }
     }
 
