@@ -15,6 +15,40 @@ pub fn make_undumpable() {
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
 }
 
+/// One process as /proc/<pid>/stat describes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Process {
+    pub pid: i32,
+    pub ppid: i32,
+    pub zombie: bool,
+}
+
+/// Every process visible in /proc (those that vanish while we look are
+/// skipped).
+pub fn processes() -> Vec<Process> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+            // The command name is in parentheses and may contain anything,
+            // so fields are read after the last ')'.
+            let close = stat.iter().rposition(|b| *b == b')')?;
+            let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+            let mut fields = rest.split_whitespace();
+            let state = fields.next()?;
+            let ppid = fields.next()?.parse().ok()?;
+            Some(Process {
+                pid,
+                ppid,
+                zombie: state == "Z",
+            })
+        })
+        .collect()
+}
+
 #[derive(Default)]
 pub struct Reaper {
     spawn_lock: Mutex<()>,

@@ -848,36 +848,13 @@ impl Execs {
 /// SIGKILLs every child of this process whose pid is not in `keep`;
 /// returns how many there were.
 fn kill_strays(keep: &[u32]) -> usize {
-    let me = std::process::id();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
+    let me = std::process::id() as i32;
     let mut killed = 0;
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if keep.contains(&pid) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(close) = stat.iter().rposition(|b| *b == b')') else {
-            continue;
-        };
-        let rest = String::from_utf8_lossy(&stat[close + 1..]);
-        let mut fields = rest.split_whitespace();
-        let state = fields.next();
-        let ppid = fields.next().and_then(|p| p.parse::<u32>().ok());
-        // Zombies are the reaper's; they are already dead.
-        if ppid == Some(me) && state != Some("Z") {
+    for p in crate::pid1::processes() {
+        // Zombies are the reaper's: they are already dead.
+        if p.ppid == me && !p.zombie && !keep.contains(&(p.pid as u32)) {
             // SAFETY: kill(2) of our own child.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            unsafe { libc::kill(p.pid, libc::SIGKILL) };
             killed += 1;
         }
     }

@@ -534,29 +534,14 @@ fn resolve_program(name: &str, path: Option<&str>) -> Result<CString, i32> {
 fn signal_descendants(sig: i32) {
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
-    let mut parents: Vec<(i32, i32)> = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if let Some(ppid) = read_ppid(pid) {
-            parents.push((pid, ppid));
-        }
-    }
+    let procs = crate::pid1::processes();
     let mut tree = vec![me];
     let mut i = 0;
     while i < tree.len() {
-        let p = tree[i];
-        for (pid, ppid) in &parents {
-            if *ppid == p && !tree.contains(pid) {
-                tree.push(*pid);
+        let parent = tree[i];
+        for p in &procs {
+            if p.ppid == parent && !tree.contains(&p.pid) {
+                tree.push(p.pid);
             }
         }
         i += 1;
@@ -570,15 +555,4 @@ fn signal_descendants(sig: i32) {
             unsafe { libc::kill(pid, libc::SIGCONT) };
         }
     }
-}
-
-fn read_ppid(pid: i32) -> Option<i32> {
-    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may contain anything, so parse
-    // from the last ')'.
-    let close = stat.iter().rposition(|b| *b == b')')?;
-    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
-    let mut fields = rest.split_whitespace();
-    fields.next()?; // state
-    fields.next()?.parse().ok()
 }
