@@ -849,3 +849,139 @@ async fn a_killed_spawner_is_replaced_and_running_execs_survive() {
     let r3 = client::run(&mut c, start(&["echo", "fine"])).await.unwrap();
     assert_eq!(r3.stdout, b"fine\n", "{r3:?}");
 }
+
+#[tokio::test]
+async fn tcp_listener_health_and_reflection() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let _agent = HostAgent::start(&["--tcp", &addr]).await.unwrap();
+    let channel = tonic::transport::Endpoint::try_from(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut agent = pb::sandbox_agent_client::SandboxAgentClient::new(channel.clone());
+    let info = agent.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "bridle.sandbox.v1.SandboxAgent".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    // Server reflection: what grpcurl uses to work without .proto files.
+    use tonic_reflection::pb::v1 as refl;
+    let mut reflection = refl::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = refl::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            refl::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(refl::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("unexpected reflection answer: {response:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(
+        names.contains(&"bridle.sandbox.v1.SandboxAgent"),
+        "{names:?}"
+    );
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+}
+
+#[tokio::test]
+async fn write_options_mode_and_no_overwrite() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    let header = pb::WriteFileHeader {
+        mode: 0o600,
+        ..client::write_header("secret.txt")
+    };
+    client::write_file(&mut c, header.clone(), Bytes::from_static(b"one"))
+        .await
+        .unwrap();
+    let st = c
+        .stat(pb::StatRequest {
+            path: "secret.txt".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    assert_eq!(st.mode, 0o600);
+    let err = client::write_file(
+        &mut c,
+        pb::WriteFileHeader {
+            no_overwrite: true,
+            ..header
+        },
+        Bytes::from_static(b"two"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(
+        std::fs::read(agent.workspace.join("secret.txt")).unwrap(),
+        b"one"
+    );
+    // Without create_parents a missing directory is an error, not created.
+    let err = client::write_file(
+        &mut c,
+        pb::WriteFileHeader {
+            create_parents: false,
+            ..client::write_header("no/such/dir/f")
+        },
+        Bytes::from_static(b"x"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(!agent.workspace.join("no").exists());
+}
+
+#[tokio::test]
+async fn restore_into_a_subdirectory_leaves_the_rest_alone() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    client::run(
+        &mut c,
+        shell("mkdir -p a b && echo 1 > a/old && echo 2 > b/keep"),
+    )
+    .await
+    .unwrap();
+    let archive =
+        bridle_tests::tarcraft::build(&[bridle_tests::tarcraft::Entry::file("new", b"3")]);
+    client::restore(&mut c, "a", Bytes::from(archive))
+        .await
+        .unwrap();
+    // a/ now holds exactly the archive; b/ is untouched.
+    let r = client::run(&mut c, shell("find . -type f | sort"))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout_str(), "./a/new\n./b/keep\n");
+    assert_eq!(std::fs::read(agent.workspace.join("a/new")).unwrap(), b"3");
+    assert_eq!(
+        std::fs::read(agent.workspace.join("b/keep")).unwrap(),
+        b"2\n"
+    );
+}
