@@ -613,7 +613,13 @@ async fn info_reports_version_cgroup_and_capabilities() {
     let mut c = agent.client().unwrap();
     let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
-    assert!(info.capabilities.iter().any(|c| c == "files.openat2"));
+    assert!(
+        info.capabilities
+            .iter()
+            .any(|c| c == "files.openat2" || c == "files.nofollow-walk"),
+        "{:?}",
+        info.capabilities
+    );
     assert_eq!(info.kill_mode, "subreaper");
     let cg = info.cgroup.unwrap();
     assert!(cg.version == 1 || cg.version == 2, "{cg:?}");
