@@ -3,6 +3,8 @@
 # busybox + the static sandbox-agent.
 #
 #   images/build.sh [AGENT_BINARY] [TAG]
+#   images/build.sh --plain TAG      (busybox only, no agent: an image to
+#                                     inject the agent into, see README.md)
 #
 # AGENT_BINARY defaults to the release build in $CARGO_TARGET_DIR (or
 # ./target); TAG defaults to bridle-sandbox:base.
@@ -10,15 +12,25 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 target_dir=${CARGO_TARGET_DIR:-$here/../target}
-agent=${1:-$target_dir/x86_64-unknown-linux-gnu/release/sandbox-agent}
-tag=${2:-bridle-sandbox:base}
+plain=""
+if [ "${1:-}" = --plain ]; then
+  plain=1
+  shift
+  tag=${1:?"--plain needs a tag"}
+  agent=""
+else
+  agent=${1:-$target_dir/x86_64-unknown-linux-gnu/release/sandbox-agent}
+  tag=${2:-bridle-sandbox:base}
+fi
 cache=${BRIDLE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/bridle}
 
 die() { echo "images/build.sh: $*" >&2; exit 1; }
 
-[ -x "$agent" ] || die "agent binary not found at $agent (cargo build --release -p sandbox-agent)"
-if ldd "$agent" 2>&1 | grep -q "=>"; then
-  die "$agent is dynamically linked; build it with the workspace's .cargo/config.toml (crt-static)"
+if [ -z "$plain" ]; then
+  [ -x "$agent" ] || die "agent binary not found at $agent (cargo build --release -p sandbox-agent)"
+  if ldd "$agent" 2>&1 | grep -q "=>"; then
+    die "$agent is dynamically linked; build it with the workspace's .cargo/config.toml (crt-static)"
+  fi
 fi
 
 # Debian's busybox-static: from the host if installed, else downloaded as a
@@ -62,12 +74,14 @@ for applet in $("$busybox" --list-full); do
   mkdir -p "$root/$(dirname "$applet")"
   ln -sf /bin/busybox "$root/$applet"
 done
-install -m 0555 "$agent" "$root/usr/local/bin/sandbox-agent"
-# Debug builds carry hundreds of MB of debuginfo the sandbox never needs.
-if command -v strip >/dev/null; then
-  chmod u+w "$root/usr/local/bin/sandbox-agent"
-  strip --strip-debug "$root/usr/local/bin/sandbox-agent"
-  chmod 0555 "$root/usr/local/bin/sandbox-agent"
+if [ -z "$plain" ]; then
+  install -m 0555 "$agent" "$root/usr/local/bin/sandbox-agent"
+  # Debug builds carry hundreds of MB of debuginfo the sandbox never needs.
+  if command -v strip >/dev/null; then
+    chmod u+w "$root/usr/local/bin/sandbox-agent"
+    strip --strip-debug "$root/usr/local/bin/sandbox-agent"
+    chmod 0555 "$root/usr/local/bin/sandbox-agent"
+  fi
 fi
 chmod 0755 "$root/bin/busybox"
 cat >"$root/etc/passwd" <<'PASSWD'
@@ -81,6 +95,20 @@ sandbox:x:1000:
 nogroup:x:65534:
 GROUP
 chmod 1777 "$root/tmp"
+if [ -n "$plain" ]; then
+  cat >"$ctx/Dockerfile" <<'DOCKERFILE'
+FROM scratch
+COPY rootfs/ /
+ENV PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
+CMD ["/bin/sh"]
+DOCKERFILE
+  if ! docker build -q -t "$tag" "$ctx" >"$ctx/build.log" 2>&1; then
+    cat "$ctx/build.log" >&2
+    die "docker build failed"
+  fi
+  echo "$tag"
+  exit 0
+fi
 cat >"$ctx/Dockerfile" <<'DOCKERFILE'
 FROM scratch
 COPY rootfs/ /

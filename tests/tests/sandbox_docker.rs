@@ -383,3 +383,92 @@ async fn docker_stop_ends_commands_and_the_agent_cleanly() {
         assert!(exited.killed);
     }
 }
+
+#[tokio::test]
+async fn the_agent_runs_injected_into_a_plain_image() {
+    docker_or_skip!();
+    // An image without the agent, built locally like every image here.
+    let tag = "bridle-plain:test";
+    let built = std::process::Command::new(bridle_tests::repo_root().join("images/build.sh"))
+        .args(["--plain", tag])
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let agent = bridle_tests::agent_binary().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        sock.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let out = std::process::Command::new("docker")
+        .args([
+            "run",
+            "-d",
+            "--label",
+            "bridle.test=1",
+            "--user",
+            "1000:1000",
+            "--cap-drop",
+            "ALL",
+        ])
+        .args([
+            "--security-opt",
+            "no-new-privileges",
+            "--read-only",
+            "--tmpfs",
+            "/tmp",
+        ])
+        .args([
+            "--tmpfs",
+            "/workspace:uid=1000,gid=1000",
+            "--network",
+            "none",
+        ])
+        .arg("-v")
+        .arg(format!("{}:/bridle/sandbox-agent:ro", agent.display()))
+        .arg("-v")
+        .arg(format!("{}:/run/bridle", sock.path().display()))
+        .args(["--entrypoint", "/bridle/sandbox-agent", tag])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let cleanup = scopeguard(id.clone());
+    let socket = sock.path().join("agent.sock");
+    client::wait_healthy(&socket, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut c = client::connect(&socket).unwrap();
+    let r = client::run(
+        &mut c,
+        shell("echo injected > hello; cat hello; test -w /bridle/sandbox-agent || echo read-only"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.stdout_str(), "injected\nread-only\n");
+    let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.pid, info.uid), (1, 1000));
+    drop(cleanup);
+}
+
+/// Removes a container when dropped, even if the test panics.
+fn scopeguard(id: String) -> impl Drop {
+    struct Remove(String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-fv", &self.0])
+                .output();
+        }
+    }
+    Remove(id)
+}
