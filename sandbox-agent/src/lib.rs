@@ -56,6 +56,9 @@ pub struct Config {
     /// Finished execs kept at most.
     #[arg(long, env = "BRIDLE_AGENT_MAX_RETAINED", default_value_t = 1024)]
     pub max_retained: usize,
+    /// Output bytes kept by all finished execs together (oldest forgotten first).
+    #[arg(long, env = "BRIDLE_AGENT_RETAINED_OUTPUT_BYTES", default_value_t = 64 << 20)]
+    pub retained_output_bytes: usize,
     /// Milliseconds between SIGTERM and SIGKILL when a command tree is stopped.
     #[arg(long, env = "BRIDLE_AGENT_KILL_GRACE_MS", default_value_t = 2000)]
     pub kill_grace_ms: u64,
@@ -94,6 +97,7 @@ pub async fn run(
             output_cap: config.output_cap.max(2),
             retention: Duration::from_secs(config.retention_secs),
             max_retained: config.max_retained,
+            retained_output_bytes: config.retained_output_bytes,
             default_grace: Duration::from_millis(config.kill_grace_ms),
         },
         ws.clone(),

@@ -991,3 +991,46 @@ async fn restore_into_a_subdirectory_leaves_the_rest_alone() {
         b"2\n"
     );
 }
+
+#[tokio::test]
+async fn retained_output_has_a_total_budget() {
+    // 256 KiB per exec, 600 KiB for everything finished: at most two of the
+    // 200 KiB outputs below can be kept, the oldest go first.
+    let agent = HostAgent::start(&[
+        "--output-cap",
+        "262144",
+        "--retained-output-bytes",
+        "614400",
+    ])
+    .await
+    .unwrap();
+    let mut c = agent.client().unwrap();
+    for i in 0..5 {
+        let r = client::run(
+            &mut c,
+            pb::ExecStart {
+                exec_id: format!("noisy-{i}"),
+                ..start(&["head", "-c", "204800", "/dev/zero"])
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.stdout.len(), 204800);
+    }
+    let list = c
+        .list_execs(pb::ListExecsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<_> = list.execs.iter().map(|e| e.exec_id.as_str()).collect();
+    assert!(ids.len() <= 3 && ids.contains(&"noisy-4"), "{ids:?}");
+    assert!(
+        !ids.contains(&"noisy-0"),
+        "the oldest is evicted first: {ids:?}"
+    );
+    let err = client::attach(&mut c, "noisy-0", 0).await.unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<tonic::Status>().unwrap().code(),
+        Code::NotFound
+    );
+}

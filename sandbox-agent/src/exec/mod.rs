@@ -120,6 +120,9 @@ pub struct Limits {
     pub retention: Duration,
     /// Finished execs kept at most; the oldest go first.
     pub max_retained: usize,
+    /// Output bytes kept by all finished execs together; past it, the
+    /// oldest finished execs are forgotten first.
+    pub retained_output_bytes: usize,
     pub default_grace: Duration,
 }
 
@@ -129,6 +132,7 @@ impl Default for Limits {
             output_cap: 8 << 20,
             retention: Duration::from_secs(3600),
             max_retained: 1024,
+            retained_output_bytes: 64 << 20,
             default_grace: Duration::from_secs(2),
         }
     }
@@ -779,6 +783,8 @@ impl Execs {
                 output_dropped_bytes: dropped,
             }),
         );
+        // Finished output counts against the retention budget from now on.
+        self.gc();
     }
 
     /// Stops every child of the agent that is neither the spawner nor a live
@@ -814,16 +820,24 @@ impl Execs {
             Some(at) => now.duration_since(at) < self.limits.retention,
             None => true,
         });
-        let mut finished: Vec<(Instant, String)> = t
+        // Oldest first, each with the output it holds.
+        let mut finished: Vec<(Instant, String, usize)> = t
             .iter()
-            .filter_map(|(id, e)| e.lock().finished_at.map(|at| (at, id.clone())))
+            .filter_map(|(id, e)| {
+                let st = e.lock();
+                st.finished_at.map(|at| (at, id.clone(), st.output.held()))
+            })
             .collect();
-        if finished.len() > self.limits.max_retained {
-            finished.sort();
-            let excess = finished.len() - self.limits.max_retained;
-            for (_, id) in finished.into_iter().take(excess) {
-                t.remove(&id);
+        finished.sort();
+        let mut count = finished.len();
+        let mut bytes: usize = finished.iter().map(|f| f.2).sum();
+        for (_, id, held) in finished {
+            if count <= self.limits.max_retained && bytes <= self.limits.retained_output_bytes {
+                break;
             }
+            t.remove(&id);
+            count -= 1;
+            bytes -= held;
         }
     }
 

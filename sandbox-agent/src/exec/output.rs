@@ -70,6 +70,11 @@ impl OutputBuffer {
         self.total
     }
 
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.head_len + self.tail_len
+    }
+
     /// Bytes that were produced but are no longer held.
     pub fn dropped(&self) -> u64 {
         self.total - (self.head_len + self.tail_len) as u64
