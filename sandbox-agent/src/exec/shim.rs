@@ -1,7 +1,6 @@
 //! The per-exec supervisor.
 //!
-//! Every command runs under its own short-lived supervisor: the agent binary
-//! re-executed as `sandbox-agent __exec-shim ... -- argv`. The supervisor sets
+//! Every command runs under its own short-lived supervisor. The supervisor sets
 //! `PR_SET_CHILD_SUBREAPER`, so everything the command starts (including
 //! processes that `setsid`, double-fork or ignore SIGTERM) re-parents to it
 //! rather than escaping to PID 1. To stop the command it signals every
