@@ -136,9 +136,7 @@ fn start_request(s: pb::ExecStart) -> pb::ExecRequest {
 /// Collects an event stream until it ends.
 pub async fn collect(mut events: tonic::Streaming<pb::ExecEvent>) -> anyhow::Result<ExecResult> {
     let mut r = ExecResult::default();
-    while let Some(ev) = events.message().await? {
-        apply(&mut r, ev);
-    }
+    read_to_end(&mut events, &mut r).await?;
     Ok(r)
 }
 
@@ -167,6 +165,33 @@ pub fn apply(r: &mut ExecResult, ev: pb::ExecEvent) {
         Some(Event::Keepalive(_)) => r.keepalives += 1,
         None => {}
     }
+}
+
+/// Applies events to `r` until `done(r)` holds.
+pub async fn read_until(
+    events: &mut tonic::Streaming<pb::ExecEvent>,
+    r: &mut ExecResult,
+    done: impl Fn(&ExecResult) -> bool,
+) -> anyhow::Result<()> {
+    while !done(r) {
+        let ev = events
+            .message()
+            .await?
+            .context("the exec stream ended first")?;
+        apply(r, ev);
+    }
+    Ok(())
+}
+
+/// Applies the rest of the stream to `r`.
+pub async fn read_to_end(
+    events: &mut tonic::Streaming<pb::ExecEvent>,
+    r: &mut ExecResult,
+) -> anyhow::Result<()> {
+    while let Some(ev) = events.message().await? {
+        apply(r, ev);
+    }
+    Ok(())
 }
 
 /// Runs a command to completion with no stdin.

@@ -151,9 +151,9 @@ async fn a_running_exec_survives_its_client_and_can_be_reattached() {
     let (tx, mut events) = client::start_interactive(&mut c, s).await.unwrap();
     // Read until "one" arrives, then drop the stream (the client "crashes").
     let mut r = client::ExecResult::default();
-    while r.stdout != b"one\n" {
-        client::apply(&mut r, events.message().await.unwrap().unwrap());
-    }
+    client::read_until(&mut events, &mut r, |r| r.stdout == b"one\n")
+        .await
+        .unwrap();
     drop(events);
     drop(tx); // stdin closes: `read` returns and "two" is printed
     let again = client::attach(&mut c, "long", r.next_offset).await.unwrap();
@@ -217,9 +217,9 @@ async fn a_terminal_session_takes_input_and_resizes() {
     .await
     .unwrap();
     let mut r = client::ExecResult::default();
-    while !r.stdout_str().contains("ready") {
-        client::apply(&mut r, events.message().await.unwrap().unwrap());
-    }
+    client::read_until(&mut events, &mut r, |r| r.stdout_str().contains("ready"))
+        .await
+        .unwrap();
     tx.send(pb::ExecRequest {
         request: Some(pb::exec_request::Request::Resize(pb::PtySize {
             rows: 40,
@@ -231,9 +231,7 @@ async fn a_terminal_session_takes_input_and_resizes() {
     tx.send(client::stdin(b"hello\n")).await.unwrap();
     // Closing input on a terminal is ^D: `cat` sees end of file and exits.
     tx.send(client::close_stdin()).await.unwrap();
-    while let Some(ev) = events.message().await.unwrap() {
-        client::apply(&mut r, ev);
-    }
+    client::read_to_end(&mut events, &mut r).await.unwrap();
     let out = r.stdout_str();
     assert!(out.contains("got:hello"), "{out:?}");
     assert!(out.contains("40 120"), "{out:?}");
@@ -302,9 +300,9 @@ async fn kill_tree_signal_and_normal_exit_leave_nothing_behind() {
     .await
     .unwrap();
     let mut r = client::ExecResult::default();
-    while r.stdout != b"ready\n" {
-        client::apply(&mut r, events.message().await.unwrap().unwrap());
-    }
+    client::read_until(&mut events, &mut r, |r| r.stdout == b"ready\n")
+        .await
+        .unwrap();
     c.signal(pb::SignalRequest {
         exec_id: "tree".into(),
         signal: 0,
@@ -312,9 +310,7 @@ async fn kill_tree_signal_and_normal_exit_leave_nothing_behind() {
     })
     .await
     .unwrap();
-    while let Some(ev) = events.message().await.unwrap() {
-        client::apply(&mut r, ev);
-    }
+    client::read_to_end(&mut events, &mut r).await.unwrap();
     assert!(r.exited.unwrap().killed);
     for pid in escapee_pids(&agent.workspace) {
         assert!(!alive(pid), "process {pid} survived kill_tree");
@@ -635,9 +631,9 @@ async fn sigterm_stops_running_commands_and_exits_cleanly() {
             .await
             .unwrap();
     let mut r = client::ExecResult::default();
-    while r.stdout != b"up\n" {
-        client::apply(&mut r, events.message().await.unwrap().unwrap());
-    }
+    client::read_until(&mut events, &mut r, |r| r.stdout == b"up\n")
+        .await
+        .unwrap();
     let main: i32 = std::fs::read_to_string(agent.workspace.join("main.pid"))
         .unwrap()
         .trim()
@@ -728,9 +724,9 @@ async fn signal_reaches_the_command() {
     .await
     .unwrap();
     let mut r = client::ExecResult::default();
-    while r.stdout != b"ready\n" {
-        client::apply(&mut r, events.message().await.unwrap().unwrap());
-    }
+    client::read_until(&mut events, &mut r, |r| r.stdout == b"ready\n")
+        .await
+        .unwrap();
     c.signal(pb::SignalRequest {
         exec_id: "trapper".into(),
         signal: libc::SIGUSR1,
@@ -738,9 +734,7 @@ async fn signal_reaches_the_command() {
     })
     .await
     .unwrap();
-    while let Some(ev) = events.message().await.unwrap() {
-        client::apply(&mut r, ev);
-    }
+    client::read_to_end(&mut events, &mut r).await.unwrap();
     assert_eq!(r.stdout, b"ready\ngot-usr1\n");
     let exited = r.exited.unwrap();
     assert_eq!(exited.code, Some(7));
@@ -825,9 +819,9 @@ async fn a_killed_spawner_is_replaced_and_running_execs_survive() {
     .await
     .unwrap();
     let mut r = client::ExecResult::default();
-    while r.stdout != b"up\n" {
-        client::apply(&mut r, events.message().await.unwrap().unwrap());
-    }
+    client::read_until(&mut events, &mut r, |r| r.stdout == b"up\n")
+        .await
+        .unwrap();
     // A command could do this too: the spawner runs as the same user.
     let r2 = client::run(
         &mut c,
@@ -846,9 +840,7 @@ async fn a_killed_spawner_is_replaced_and_running_execs_survive() {
     assert_eq!(r2.stdout_str(), "killed\n");
     // The running exec is unaffected.
     tx.send(client::stdin(b"go\n")).await.unwrap();
-    while let Some(ev) = events.message().await.unwrap() {
-        client::apply(&mut r, ev);
-    }
+    client::read_to_end(&mut events, &mut r).await.unwrap();
     assert_eq!(r.stdout, b"up\nafter\n");
     assert_eq!(r.code(), Some(0));
     // New execs get a new spawner.

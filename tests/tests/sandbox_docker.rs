@@ -361,9 +361,9 @@ async fn docker_stop_ends_commands_and_the_agent_cleanly() {
         .await
         .unwrap();
     let mut r = client::ExecResult::default();
-    while r.stdout != b"up\n" {
-        client::apply(&mut r, events.message().await.unwrap().unwrap());
-    }
+    client::read_until(&mut events, &mut r, |r| r.stdout == b"up\n")
+        .await
+        .unwrap();
     let out = std::process::Command::new("docker")
         .args(["stop", "-t", "20", &sb.id])
         .output()
