@@ -34,6 +34,39 @@ struct Row {
     met: Option<bool>,
 }
 
+impl Row {
+    /// A latency against its Docker baseline (lower is better), in ms.
+    fn latency(name: &str, bridle: Duration, docker: Duration) -> Self {
+        let (b, d) = (ms(bridle), ms(docker));
+        Row {
+            name: name.into(),
+            bridle: b,
+            docker: Some(d),
+            unit: "ms",
+            ratio: Some(d / b),
+            target: "-".into(),
+            met: None,
+        }
+    }
+
+    /// The median throughput of moving [`PAYLOAD`] bytes against its Docker
+    /// baseline (higher is better); the target is >= 1 GB/s and >= 3x.
+    fn throughput(name: &str, bridle: &[Duration], docker: &[Duration]) -> Self {
+        let rate =
+            |samples: &[Duration]| PAYLOAD as f64 / MB / percentile(samples, 0.5).as_secs_f64();
+        let (b, d) = (rate(bridle), rate(docker));
+        Row {
+            name: name.into(),
+            bridle: b,
+            docker: Some(d),
+            unit: "MB/s",
+            ratio: Some(b / d),
+            target: ">= 1000 MB/s and >= 3x".into(),
+            met: Some(b >= 1000.0 && b / d >= 3.0),
+        }
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx]
@@ -176,54 +209,16 @@ async fn main() -> anyhow::Result<()> {
         async move { run_cmd(Command::new("docker").args(["exec", &id, "true"])) }
     })
     .await?;
-    let (a50, a99) = (
-        ms(percentile(&via_agent, 0.5)),
-        ms(percentile(&via_agent, 0.99)),
-    );
-    let (d50, d99) = (
-        ms(percentile(&via_api, 0.5)),
-        ms(percentile(&via_api, 0.99)),
-    );
-    let (c50, c99) = (
-        ms(percentile(&via_cli, 0.5)),
-        ms(percentile(&via_cli, 0.99)),
-    );
-    rows.push(Row {
-        name: "exec `true` p50 vs Docker API".into(),
-        bridle: a50,
-        docker: Some(d50),
-        unit: "ms",
-        ratio: Some(d50 / a50),
-        target: "<= 1 ms and >= 40x".into(),
-        met: Some(a50 <= 1.0 && d50 / a50 >= 40.0),
-    });
-    rows.push(Row {
-        name: "exec `true` p99 vs Docker API".into(),
-        bridle: a99,
-        docker: Some(d99),
-        unit: "ms",
-        ratio: Some(d99 / a99),
-        target: "-".into(),
-        met: None,
-    });
-    rows.push(Row {
-        name: "exec `true` p50 vs docker CLI".into(),
-        bridle: a50,
-        docker: Some(c50),
-        unit: "ms",
-        ratio: Some(c50 / a50),
-        target: "-".into(),
-        met: None,
-    });
-    rows.push(Row {
-        name: "exec `true` p99 vs docker CLI".into(),
-        bridle: a99,
-        docker: Some(c99),
-        unit: "ms",
-        ratio: Some(c99 / a99),
-        target: "-".into(),
-        met: None,
-    });
+    let (a50, a99) = (percentile(&via_agent, 0.5), percentile(&via_agent, 0.99));
+    let (d50, d99) = (percentile(&via_api, 0.5), percentile(&via_api, 0.99));
+    let (c50, c99) = (percentile(&via_cli, 0.5), percentile(&via_cli, 0.99));
+    let mut p50_api = Row::latency("exec `true` p50 vs Docker API", a50, d50);
+    p50_api.target = "<= 1 ms and >= 40x".into();
+    p50_api.met = p50_api.ratio.map(|r| p50_api.bridle <= 1.0 && r >= 40.0);
+    rows.push(p50_api);
+    rows.push(Row::latency("exec `true` p99 vs Docker API", a99, d99));
+    rows.push(Row::latency("exec `true` p50 vs docker CLI", a50, c50));
+    rows.push(Row::latency("exec `true` p99 vs docker CLI", a99, c99));
 
     // ---- 100 MB upload
     let dir = tempfile::tempdir()?;
@@ -289,17 +284,11 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     run_cmd(Command::new("docker").args(["exec", &id, "rm", "-f", "/workspace/cp-upload.bin"]))?;
-    let up_bridle = PAYLOAD as f64 / MB / percentile(&upload, 0.5).as_secs_f64();
-    let up_docker = PAYLOAD as f64 / MB / percentile(&cp_in, 0.5).as_secs_f64();
-    rows.push(Row {
-        name: "upload 100 MB vs docker cp".into(),
-        bridle: up_bridle,
-        docker: Some(up_docker),
-        unit: "MB/s",
-        ratio: Some(up_bridle / up_docker),
-        target: ">= 1000 MB/s and >= 3x".into(),
-        met: Some(up_bridle >= 1000.0 && up_bridle / up_docker >= 3.0),
-    });
+    rows.push(Row::throughput(
+        "upload 100 MB vs docker cp",
+        &upload,
+        &cp_in,
+    ));
 
     // ---- snapshot of a 100 MB workspace (tar, no compression)
     client::run(
@@ -349,17 +338,11 @@ async fn main() -> anyhow::Result<()> {
         }
     })
     .await?;
-    let snap_bridle = PAYLOAD as f64 / MB / percentile(&snap, 0.5).as_secs_f64();
-    let snap_docker = PAYLOAD as f64 / MB / percentile(&cp_out, 0.5).as_secs_f64();
-    rows.push(Row {
-        name: "snapshot 100 MB vs docker cp out".into(),
-        bridle: snap_bridle,
-        docker: Some(snap_docker),
-        unit: "MB/s",
-        ratio: Some(snap_bridle / snap_docker),
-        target: ">= 1000 MB/s and >= 3x".into(),
-        met: Some(snap_bridle >= 1000.0 && snap_bridle / snap_docker >= 3.0),
-    });
+    rows.push(Row::throughput(
+        "snapshot 100 MB vs docker cp out",
+        &snap,
+        &cp_out,
+    ));
     let archive_len = archive_len.load(std::sync::atomic::Ordering::Relaxed);
     anyhow::ensure!(archive_len >= PAYLOAD, "snapshot too small: {archive_len}");
 
