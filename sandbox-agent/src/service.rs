@@ -661,29 +661,19 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
             exclude: req.exclude,
             zstd_level,
         };
-        // Refuse a bad path or pattern before the stream starts, with a status.
+        // A bad path or pattern is refused with a status before the stream starts.
         let ws = self.ws.clone();
-        let probe_path = opts.path.clone();
-        blocking(move || {
-            let rel = ws.relative(&probe_path).map_err(fs_status)?;
-            ws.open(&rel, libc::O_PATH | libc::O_DIRECTORY, 0)
-                .map_err(fs_status)?;
-            Ok(())
-        })
-        .await?;
-        for p in &opts.exclude {
-            globset::Glob::new(p)
-                .map_err(|e| Status::invalid_argument(format!("bad exclude pattern {p:?}: {e}")))?;
-        }
+        let prepared =
+            blocking(move || snapshot::Snapshot::prepare(&ws, &opts).map_err(snapshot_status))
+                .await?;
         let (tx, rx) = mpsc::channel(4);
-        let ws = self.ws.clone();
         tokio::task::spawn_blocking(move || {
             let mut w = ChunkWriter {
                 tx: tx.clone(),
                 buf: Vec::with_capacity(STREAM_CHUNK),
                 wrap: |data| pb::SnapshotChunk { data },
             };
-            let res = snapshot::snapshot(&ws, &opts, &mut w).and_then(|_| {
+            let res = prepared.write(&mut w).and_then(|_| {
                 std::io::Write::flush(&mut w).map_err(|e| snapshot::Error::Io {
                     context: "sending".into(),
                     source: e,

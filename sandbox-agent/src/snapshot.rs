@@ -59,32 +59,50 @@ pub struct SnapshotOptions {
     pub zstd_level: Option<i32>,
 }
 
-/// Writes a tar of `opts.path` to `out`. Paths in the archive are relative
-/// to that directory.
-pub fn snapshot(ws: &Workspace, opts: &SnapshotOptions, out: impl Write) -> Result<(), Error> {
-    let mut globs = GlobSetBuilder::new();
-    for p in &opts.exclude {
-        let g = Glob::new(p).map_err(|e| Error::BadPattern {
-            pattern: p.clone(),
+/// A snapshot whose directory is open and whose excludes are compiled: what
+/// can be refused (a bad path or pattern) is refused by [`Snapshot::prepare`],
+/// before any byte is written.
+pub struct Snapshot {
+    dir: OwnedFd,
+    globs: GlobSet,
+    zstd_level: Option<i32>,
+}
+
+impl Snapshot {
+    pub fn prepare(ws: &Workspace, opts: &SnapshotOptions) -> Result<Self, Error> {
+        let mut globs = GlobSetBuilder::new();
+        for p in &opts.exclude {
+            let g = Glob::new(p).map_err(|e| Error::BadPattern {
+                pattern: p.clone(),
+                reason: e.to_string(),
+            })?;
+            globs.add(g);
+        }
+        let globs = globs.build().map_err(|e| Error::BadPattern {
+            pattern: opts.exclude.join(","),
             reason: e.to_string(),
         })?;
-        globs.add(g);
+        let rel = ws.relative(&opts.path)?;
+        let dir = ws.open(&rel, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        Ok(Self {
+            dir,
+            globs,
+            zstd_level: opts.zstd_level,
+        })
     }
-    let globs = globs.build().map_err(|e| Error::BadPattern {
-        pattern: opts.exclude.join(","),
-        reason: e.to_string(),
-    })?;
-    let rel = ws.relative(&opts.path)?;
-    let dir = ws.open(&rel, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    match opts.zstd_level {
-        Some(level) => {
-            let mut enc = zstd::Encoder::new(out, level).map_err(io("starting zstd"))?;
-            write_tar(dir, &globs, &mut enc)?;
-            enc.finish().map_err(io("finishing zstd"))?;
+
+    /// Writes the tar (paths relative to the snapshot's directory) to `out`.
+    pub fn write(self, out: impl Write) -> Result<(), Error> {
+        match self.zstd_level {
+            Some(level) => {
+                let mut enc = zstd::Encoder::new(out, level).map_err(io("starting zstd"))?;
+                write_tar(self.dir, &self.globs, &mut enc)?;
+                enc.finish().map_err(io("finishing zstd"))?;
+            }
+            None => write_tar(self.dir, &self.globs, out)?,
         }
-        None => write_tar(dir, &globs, out)?,
+        Ok(())
     }
-    Ok(())
 }
 
 fn write_tar(dir: OwnedFd, globs: &GlobSet, out: impl Write) -> Result<(), Error> {
@@ -793,7 +811,10 @@ mod tests {
                 exclude: vec!["*.log".into()],
                 zstd_level: level,
             };
-            snapshot(&w, &opts, &mut archive).unwrap();
+            Snapshot::prepare(&w, &opts)
+                .unwrap()
+                .write(&mut archive)
+                .unwrap();
             let dst = Jail::new();
             dst.restore(&archive).unwrap();
             let mut expected = tree(&ws);

@@ -601,6 +601,37 @@ async fn snapshot_and_restore_round_trip() {
             "{compression:?}"
         );
     }
+    // Bad requests are refused on the call itself, before any stream starts.
+    for (req, code) in [
+        (
+            pb::SnapshotRequest {
+                exclude: vec!["[".into()],
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            pb::SnapshotRequest {
+                path: "../..".into(),
+                ..Default::default()
+            },
+            Code::PermissionDenied,
+        ),
+        (
+            pb::SnapshotRequest {
+                path: "missing".into(),
+                ..Default::default()
+            },
+            Code::NotFound,
+        ),
+    ] {
+        let err = c
+            .snapshot(req.clone())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{req:?} was accepted"));
+        assert_eq!(err.code(), code, "{req:?}: {err:?}");
+    }
 }
 
 #[tokio::test]
