@@ -13,8 +13,16 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 
 /// The workspace's root directory (where Cargo.toml and images/ live).
+///
+/// Taken from cargo's `CARGO_MANIFEST_DIR` at run time (`cargo test`,
+/// nextest and `cargo run` set it) rather than only at build time: with a
+/// target directory shared between checkouts, a build made in another
+/// checkout can be reused here and would point at that checkout.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest
         .parent()
         .expect("tests/ has a parent")
         .to_path_buf()
