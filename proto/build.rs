@@ -5,7 +5,11 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["bridle/sandbox/v1/agent.proto"];
+const PROTOS: &[&str] = &[
+    "bridle/sandbox/v1/agent.proto",
+    "bridle/control/v1/sandboxes.proto",
+    "bridle/control/v1/admin.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);

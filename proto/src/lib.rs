@@ -11,3 +11,10 @@ pub mod sandbox {
         tonic::include_proto!("bridle.sandbox.v1");
     }
 }
+
+pub mod control {
+    pub mod v1 {
+        #![allow(clippy::all, clippy::pedantic)]
+        tonic::include_proto!("bridle.control.v1");
+    }
+}

@@ -1,0 +1,35 @@
+//! The gRPC services, one module each. Requests are authenticated first,
+//! converted to domain types here (validation happens once, at this edge),
+//! and every domain error is mapped to a status by one function.
+
+pub mod admin;
+pub mod sandboxes;
+
+use tonic::Status;
+
+use crate::sandboxes::Error;
+
+/// The one mapping from sandbox errors to gRPC statuses.
+pub fn sandbox_status(e: Error) -> Status {
+    match e {
+        Error::NotFound(_) | Error::SnapshotNotFound(_) => Status::not_found(e.to_string()),
+        Error::Invalid(_) => Status::invalid_argument(e.to_string()),
+        Error::PermissionDenied(m) => Status::permission_denied(m),
+        Error::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
+        Error::Exhausted(_) => Status::resource_exhausted(e.to_string()),
+        Error::NotReady { .. } => Status::unavailable(e.to_string()),
+        Error::Runtime(crate::runtime::Error::ImageMissing(_)) => {
+            Status::failed_precondition(e.to_string())
+        }
+        Error::Runtime(crate::runtime::Error::NotFound(_)) => {
+            Status::failed_precondition(e.to_string())
+        }
+        Error::Runtime(_) => Status::unavailable(e.to_string()),
+        // The agent's own status, passed on with its code.
+        Error::Agent(s) => s,
+        Error::Store(_) | Error::Io(_) => {
+            tracing::error!("{e}");
+            Status::internal(e.to_string())
+        }
+    }
+}

@@ -1,0 +1,564 @@
+//! `bridle.control.v1.Sandboxes`: authenticated, owner-scoped, and streamed
+//! through to the sandbox's agent without holding whole payloads.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+
+use bridle_proto::control::v1 as pb;
+use bridle_proto::sandbox::v1 as agent_pb;
+use futures::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::sandbox_status;
+use crate::auth::Auth;
+use crate::runtime::Runtime;
+use crate::sandboxes::{CreateRequest, Network, SandboxState, Sandboxes};
+use crate::store::{SandboxRecord, SnapshotRecord};
+
+pub struct SandboxesApi<R: Runtime> {
+    pub auth: Auth,
+    pub sandboxes: Sandboxes<R>,
+    /// Flips to true when the server shuts down: open exec streams end with
+    /// UNAVAILABLE and leave their commands running.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl TryFrom<pb::CreateSandboxRequest> for CreateRequest {
+    type Error = Status;
+    fn try_from(r: pb::CreateSandboxRequest) -> Result<Self, Status> {
+        let network = match pb::NetworkMode::try_from(r.network) {
+            Ok(pb::NetworkMode::Unspecified) => None,
+            Ok(pb::NetworkMode::None) => Some(Network::None),
+            Ok(pb::NetworkMode::Bridge) => Some(Network::Bridge),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "network {} is not a NetworkMode",
+                    r.network
+                )))
+            }
+        };
+        for k in r.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(Status::invalid_argument(format!(
+                    "env name {k:?} must be non-empty, without '=' or NUL"
+                )));
+            }
+        }
+        if r.env.values().any(|v| v.contains('\0')) {
+            return Err(Status::invalid_argument("env values cannot contain NUL"));
+        }
+        let limits = r.limits.unwrap_or_default();
+        Ok(CreateRequest {
+            image: Some(r.image).filter(|i| !i.is_empty()),
+            memory_bytes: limits.memory_bytes,
+            cpu_millis: limits.cpu_millis,
+            pids: limits.pids,
+            network,
+            env: r.env.into_iter().collect(),
+            labels: r.labels.into_iter().collect(),
+            ttl_secs: r.ttl_seconds,
+            idle_timeout_secs: r.idle_timeout_seconds,
+            from_snapshot: Some(r.from_snapshot).filter(|s| !s.is_empty()),
+        })
+    }
+}
+
+pub fn sandbox_pb(r: SandboxRecord) -> pb::Sandbox {
+    pb::Sandbox {
+        id: r.id,
+        owner: r.owner.unwrap_or_default(),
+        state: match r.state {
+            SandboxState::Creating => pb::SandboxState::Creating,
+            SandboxState::Ready => pb::SandboxState::Ready,
+            SandboxState::Paused => pb::SandboxState::Paused,
+            SandboxState::Failed => pb::SandboxState::Failed,
+        } as i32,
+        image: r.spec.image,
+        limits: Some(pb::Limits {
+            memory_bytes: Some(r.spec.memory_bytes),
+            cpu_millis: Some(r.spec.cpu_millis),
+            pids: Some(r.spec.pids),
+        }),
+        network: match r.spec.network {
+            Network::None => pb::NetworkMode::None,
+            Network::Bridge => pb::NetworkMode::Bridge,
+        } as i32,
+        env: r.spec.env.into_iter().collect(),
+        labels: r.spec.labels.into_iter().collect(),
+        created_unix_ms: r.created_unix_ms,
+        expires_unix_ms: r.expires_unix_ms,
+        idle_timeout_seconds: r.idle_timeout_secs,
+        last_active_unix_ms: r.last_active_unix_ms,
+        from_snapshot: r.from_snapshot,
+        pool_profile: r.pool_profile,
+        failure: r.failure,
+    }
+}
+
+fn snapshot_pb(s: SnapshotRecord) -> pb::SnapshotInfo {
+    pb::SnapshotInfo {
+        id: s.id,
+        owner: s.owner,
+        sandbox_id: s.sandbox_id,
+        sha256: s.sha256,
+        size_bytes: s.size_bytes,
+        compression: match s.compression.as_str() {
+            "none" => agent_pb::Compression::None,
+            _ => agent_pb::Compression::Zstd,
+        } as i32,
+        created_unix_ms: s.created_unix_ms,
+    }
+}
+
+fn required(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        Err(Status::invalid_argument(format!("{field} is required")))
+    } else {
+        Ok(())
+    }
+}
+
+/// Copies the caller's deadline onto a request to the agent, so the agent
+/// stops working when nobody waits for the answer any more.
+fn with_deadline<T>(from: &tonic::metadata::MetadataMap, msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    if let Some(t) = from.get("grpc-timeout") {
+        req.metadata_mut().insert("grpc-timeout", t.clone());
+    }
+    req
+}
+
+#[tonic::async_trait]
+impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
+    async fn create(
+        &self,
+        request: Request<pb::CreateSandboxRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        let req = CreateRequest::try_from(request.into_inner())?;
+        let record = self
+            .sandboxes
+            .create(&principal, req)
+            .await
+            .map_err(sandbox_status)?;
+        tracing::info!(sandbox = %record.id, owner = %principal.owner, token = %principal.token_id, "sandbox created");
+        Ok(Response::new(sandbox_pb(record)))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetSandboxRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        let id = request.into_inner().sandbox_id;
+        required("sandbox_id", &id)?;
+        let r = self
+            .sandboxes
+            .get(&principal, &id)
+            .await
+            .map_err(sandbox_status)?;
+        Ok(Response::new(sandbox_pb(r)))
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListSandboxesRequest>,
+    ) -> Result<Response<pb::ListSandboxesResponse>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        let labels: BTreeMap<String, String> = request.into_inner().labels.into_iter().collect();
+        let records = self
+            .sandboxes
+            .list(&principal, &labels)
+            .await
+            .map_err(sandbox_status)?;
+        Ok(Response::new(pb::ListSandboxesResponse {
+            sandboxes: records.into_iter().map(sandbox_pb).collect(),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteSandboxRequest>,
+    ) -> Result<Response<pb::DeleteSandboxResponse>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        let id = request.into_inner().sandbox_id;
+        required("sandbox_id", &id)?;
+        self.sandboxes
+            .delete(&principal, &id)
+            .await
+            .map_err(sandbox_status)?;
+        tracing::info!(sandbox = %id, token = %principal.token_id, "sandbox deleted");
+        Ok(Response::new(pb::DeleteSandboxResponse {}))
+    }
+
+    async fn pause(
+        &self,
+        request: Request<pb::PauseSandboxRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        let id = request.into_inner().sandbox_id;
+        required("sandbox_id", &id)?;
+        let r = self
+            .sandboxes
+            .pause(&principal, &id)
+            .await
+            .map_err(sandbox_status)?;
+        Ok(Response::new(sandbox_pb(r)))
+    }
+
+    async fn resume(
+        &self,
+        request: Request<pb::ResumeSandboxRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        let id = request.into_inner().sandbox_id;
+        required("sandbox_id", &id)?;
+        let r = self
+            .sandboxes
+            .resume(&principal, &id)
+            .await
+            .map_err(sandbox_status)?;
+        Ok(Response::new(sandbox_pb(r)))
+    }
+
+    type ExecStream = BoxStream<agent_pb::ExecEvent>;
+
+    async fn exec(
+        &self,
+        request: Request<Streaming<pb::ExecRequest>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        let metadata = request.metadata().clone();
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("the exec stream ended before a start message")
+        })?;
+        let Some(pb::exec_request::Request::Start(start)) = first.request else {
+            return Err(Status::invalid_argument(
+                "the first message of an exec stream must be `start`",
+            ));
+        };
+        required("start.sandbox_id", &start.sandbox_id)?;
+        let mut exec = start
+            .exec
+            .ok_or_else(|| Status::invalid_argument("start.exec is required"))?;
+        let (record, mut agent) = self
+            .sandboxes
+            .usable(&principal, &start.sandbox_id)
+            .await
+            .map_err(sandbox_status)?;
+        for (k, v) in record.spec.env {
+            exec.env.entry(k).or_insert(v);
+        }
+        // An id of our own, so the exec can be stopped when the client leaves.
+        if exec.exec_id.is_empty() {
+            exec.exec_id = format!("x-{}", crate::random_hex(8));
+        }
+        let exec_id = exec.exec_id.clone();
+        let (to_agent, agent_rx) = mpsc::channel(16);
+        let _ = to_agent
+            .send(agent_pb::ExecRequest {
+                request: Some(agent_pb::exec_request::Request::Start(exec)),
+            })
+            .await;
+        let mut events = agent
+            .exec(with_deadline(&metadata, ReceiverStream::new(agent_rx)))
+            .await?
+            .into_inner();
+        // Client → agent. The client's side ending ends the agent's (which
+        // closes stdin), exactly as if the client talked to the agent.
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = inbound.message().await {
+                use agent_pb::exec_request::Request as A;
+                use pb::exec_request::Request as C;
+                let forwarded = match msg.request {
+                    Some(C::Stdin(d)) => A::Stdin(d),
+                    Some(C::CloseStdin(c)) => A::CloseStdin(c),
+                    Some(C::Signal(s)) => A::Signal(s),
+                    Some(C::Resize(r)) => A::Resize(r),
+                    Some(C::Start(_)) | None => continue,
+                };
+                let msg = agent_pb::ExecRequest {
+                    request: Some(forwarded),
+                };
+                if to_agent.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+        // Agent → client, watching for the client going away.
+        let (tx, rx) = mpsc::channel(16);
+        let guard = self.sandboxes.stream_guard(&start.sandbox_id);
+        let mut shutdown = self.shutdown.clone();
+        let detach = start.detach;
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut finished = false;
+            loop {
+                tokio::select! {
+                    event = events.message() => match event {
+                        Ok(Some(ev)) => {
+                            use agent_pb::exec_event::Event;
+                            finished |= matches!(ev.event, Some(Event::Exited(_)) | Some(Event::SpawnFailed(_)));
+                            if tx.send(Ok(ev)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => return,
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                    },
+                    _ = tx.closed() => break,
+                    _ = shutdown.changed() => {
+                        let _ = tx.send(Err(Status::unavailable(format!(
+                            "the control plane is shutting down; exec {exec_id} keeps running: re-attach with its exec_id"
+                        )))).await;
+                        return;
+                    }
+                }
+            }
+            if !finished && !detach {
+                tracing::info!(exec_id, "client went away: stopping the command tree");
+                let _ = agent
+                    .signal(agent_pb::SignalRequest {
+                        exec_id,
+                        signal: 0,
+                        kill_tree: true,
+                    })
+                    .await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type AttachStream = BoxStream<agent_pb::ExecEvent>;
+
+    async fn attach(
+        &self,
+        request: Request<pb::AttachRequest>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        let metadata = request.metadata().clone();
+        let req = request.into_inner();
+        required("sandbox_id", &req.sandbox_id)?;
+        required("exec_id", &req.exec_id)?;
+        let (_, mut agent) = self
+            .sandboxes
+            .usable(&principal, &req.sandbox_id)
+            .await
+            .map_err(sandbox_status)?;
+        let events = agent
+            .attach(with_deadline(
+                &metadata,
+                agent_pb::AttachRequest {
+                    exec_id: req.exec_id,
+                    from_offset: req.from_offset,
+                },
+            ))
+            .await?
+            .into_inner();
+        let guard = self.sandboxes.stream_guard(&req.sandbox_id);
+        Ok(Response::new(Box::pin(GuardedStream {
+            inner: events,
+            _guard: guard,
+        })))
+    }
+
+    type ReadFileStream = BoxStream<agent_pb::FileChunk>;
+
+    async fn read_file(
+        &self,
+        request: Request<pb::ReadFileRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        let metadata = request.metadata().clone();
+        let req = request.into_inner();
+        required("sandbox_id", &req.sandbox_id)?;
+        let (_, mut agent) = self
+            .sandboxes
+            .usable(&principal, &req.sandbox_id)
+            .await
+            .map_err(sandbox_status)?;
+        let chunks = agent
+            .read_file(with_deadline(
+                &metadata,
+                agent_pb::ReadFileRequest {
+                    path: req.path,
+                    offset: req.offset,
+                    length: req.length,
+                },
+            ))
+            .await?
+            .into_inner();
+        Ok(Response::new(Box::pin(chunks)))
+    }
+
+    async fn write_file(
+        &self,
+        request: Request<Streaming<pb::WriteFileRequest>>,
+    ) -> Result<Response<agent_pb::WriteFileResponse>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        let metadata = request.metadata().clone();
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the stream ended before its header"))?;
+        let Some(pb::write_file_request::Request::Header(header)) = first.request else {
+            return Err(Status::invalid_argument(
+                "the first message of WriteFile must be the header",
+            ));
+        };
+        required("header.sandbox_id", &header.sandbox_id)?;
+        let file = header
+            .file
+            .ok_or_else(|| Status::invalid_argument("header.file is required"))?;
+        let (_, mut agent) = self
+            .sandboxes
+            .usable(&principal, &header.sandbox_id)
+            .await
+            .map_err(sandbox_status)?;
+        let (tx, rx) = mpsc::channel(4);
+        let _ = tx
+            .send(agent_pb::WriteFileRequest {
+                request: Some(agent_pb::write_file_request::Request::Header(file)),
+            })
+            .await;
+        // A client that fails mid-stream must not commit a truncated file:
+        // the agent's call is then cancelled (never ended cleanly), and the
+        // agent discards its temp file.
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<Status>();
+        let pump = tokio::spawn(async move {
+            let failure = loop {
+                match inbound.message().await {
+                    Ok(Some(pb::WriteFileRequest {
+                        request: Some(pb::write_file_request::Request::Data(d)),
+                    })) => {
+                        let msg = agent_pb::WriteFileRequest {
+                            request: Some(agent_pb::write_file_request::Request::Data(d)),
+                        };
+                        if tx.send(msg).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Some(_)) => break Status::invalid_argument("only data may follow the header"),
+                    Ok(None) => return,
+                    Err(e) => break e,
+                }
+            };
+            let _ = failed_tx.send(failure);
+            // Holding `tx` keeps the agent's stream open until the call is dropped.
+            let _keep = tx;
+            std::future::pending::<()>().await;
+        });
+        let call = agent.write_file(with_deadline(&metadata, ReceiverStream::new(rx)));
+        let answer = tokio::select! {
+            answer = call => answer,
+            Ok(failure) = failed_rx => Err(failure),
+        };
+        pump.abort();
+        Ok(Response::new(answer?.into_inner()))
+    }
+
+    async fn snapshot(
+        &self,
+        request: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotInfo>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        let req = request.into_inner();
+        required("sandbox_id", &req.sandbox_id)?;
+        let compression = match agent_pb::Compression::try_from(req.compression) {
+            Ok(agent_pb::Compression::Unspecified) => agent_pb::Compression::Zstd,
+            Ok(c) => c,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "compression {} is not a Compression",
+                    req.compression
+                )))
+            }
+        };
+        let snap = self
+            .sandboxes
+            .snapshot(&principal, &req.sandbox_id, req.path, req.exclude, compression)
+            .await
+            .map_err(sandbox_status)?;
+        Ok(Response::new(snapshot_pb(snap)))
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        let owner = (!principal.sees(None)).then_some(principal.owner.as_str());
+        let snaps = self
+            .sandboxes
+            .store()
+            .snapshots(owner)
+            .await
+            .map_err(|e| sandbox_status(e.into()))?;
+        Ok(Response::new(pb::ListSnapshotsResponse {
+            snapshots: snaps.into_iter().map(snapshot_pb).collect(),
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        let id = request.into_inner().snapshot_id;
+        required("snapshot_id", &id)?;
+        self.sandboxes
+            .delete_snapshot(&principal, &id)
+            .await
+            .map_err(sandbox_status)?;
+        Ok(Response::new(pb::DeleteSnapshotResponse {}))
+    }
+
+    async fn fork(
+        &self,
+        request: Request<pb::ForkRequest>,
+    ) -> Result<Response<pb::Sandbox>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        let req = request.into_inner();
+        required("sandbox_id", &req.sandbox_id)?;
+        let r = self
+            .sandboxes
+            .fork(
+                &principal,
+                &req.sandbox_id,
+                req.ttl_seconds,
+                req.labels.into_iter().collect(),
+            )
+            .await
+            .map_err(sandbox_status)?;
+        Ok(Response::new(sandbox_pb(r)))
+    }
+}
+
+/// Keeps a sandbox marked busy for as long as a streamed answer lasts.
+struct GuardedStream<S, G> {
+    inner: S,
+    _guard: G,
+}
+
+impl<S, G> Stream for GuardedStream<S, G>
+where
+    S: Stream + Unpin,
+    G: Unpin,
+{
+    type Item = S::Item;
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}

@@ -1,0 +1,395 @@
+//! The control plane's configuration, layered: built-in defaults < a TOML
+//! file < `BRIDLE_*` environment variables < command-line flags. The result
+//! is printable (`--dump-config`) as the same TOML a file would hold.
+//!
+//! Environment variables name a key path with `__` between levels:
+//! `BRIDLE_LISTEN=127.0.0.1:9000`, `BRIDLE_SANDBOX__IMAGE=my-image:1`.
+//! Flags take the same paths: `--set sandbox.memory_bytes=1073741824`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{origin}: {message}")]
+    Override { origin: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the store, the bootstrap token, snapshot artifacts and the
+    /// per-sandbox socket directories live.
+    pub data_dir: PathBuf,
+    /// gRPC listen address; port 0 picks a free one (written to
+    /// `<data_dir>/endpoint`).
+    pub listen: SocketAddr,
+    /// Seconds a shutdown waits for open streams before it closes them.
+    /// Sandboxes and their commands keep running either way.
+    pub shutdown_grace_secs: u64,
+    /// Seconds between sweeps (TTL, idle timeout, orphans, pool refill).
+    pub sweep_interval_secs: u64,
+    pub docker: DockerConfig,
+    pub sandbox: SandboxDefaults,
+    /// Warm pools, one per profile.
+    pub pool: Vec<PoolProfile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DockerConfig {
+    /// Empty: `DOCKER_HOST` or the local default socket.
+    pub host: String,
+    /// Sandboxes created at once, at most (the rest wait their turn).
+    pub max_concurrent_creates: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxDefaults {
+    /// Image with the agent at `/usr/local/bin/sandbox-agent` (images/build.sh).
+    pub image: String,
+    /// When set, this static agent binary is bind-mounted read-only into
+    /// every sandbox and is its entrypoint, so any local image works.
+    pub inject_agent: Option<PathBuf>,
+    /// `uid:gid` the agent and every command run as.
+    pub user: String,
+    pub memory_bytes: u64,
+    pub cpu_millis: u64,
+    pub pids: u64,
+    /// Size of the `/tmp` tmpfs.
+    pub tmp_bytes: u64,
+    /// Largest values a request may ask for.
+    pub max_memory_bytes: u64,
+    pub max_cpu_millis: u64,
+    pub max_pids: u64,
+    /// "none" or "bridge".
+    pub network: String,
+    /// Whether a request may ask for a network other than "none".
+    pub allow_network: bool,
+    /// 0: no TTL unless the request sets one.
+    pub ttl_secs: u64,
+    /// 0: no idle timeout unless the request sets one.
+    pub idle_timeout_secs: u64,
+    /// Seconds to wait for a new sandbox's agent to answer its health check.
+    pub ready_timeout_secs: u64,
+    /// Sandboxes one owner may have at once (0: no limit).
+    pub max_per_owner: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolProfile {
+    pub name: String,
+    /// How many ready, unclaimed sandboxes to keep.
+    pub size: usize,
+    /// Empty fields take `[sandbox]`'s values.
+    pub image: String,
+    pub memory_bytes: u64,
+    pub cpu_millis: u64,
+    pub pids: u64,
+    pub network: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            shutdown_grace_secs: 10,
+            sweep_interval_secs: 15,
+            docker: DockerConfig::default(),
+            sandbox: SandboxDefaults::default(),
+            pool: Vec::new(),
+        }
+    }
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self {
+            host: String::new(),
+            max_concurrent_creates: 16,
+        }
+    }
+}
+
+impl Default for SandboxDefaults {
+    fn default() -> Self {
+        Self {
+            image: "bridle-sandbox:base".into(),
+            inject_agent: None,
+            user: "1000:1000".into(),
+            memory_bytes: 512 << 20,
+            cpu_millis: 1000,
+            pids: 256,
+            tmp_bytes: 64 << 20,
+            max_memory_bytes: 8 << 30,
+            max_cpu_millis: 4000,
+            max_pids: 4096,
+            network: "none".into(),
+            allow_network: true,
+            ttl_secs: 0,
+            idle_timeout_secs: 0,
+            ready_timeout_secs: 30,
+            max_per_owner: 0,
+        }
+    }
+}
+
+impl Default for PoolProfile {
+    fn default() -> Self {
+        Self {
+            name: "default".into(),
+            size: 0,
+            image: String::new(),
+            memory_bytes: 0,
+            cpu_millis: 0,
+            pids: 0,
+            network: String::new(),
+        }
+    }
+}
+
+/// `/var/lib/bridle` for root, else `$XDG_DATA_HOME/bridle` or
+/// `~/.local/share/bridle`.
+pub fn default_data_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/bridle");
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("bridle");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/bridle"),
+        None => PathBuf::from("bridle-data"),
+    }
+}
+
+/// Environment variables that are not configuration keys.
+const NOT_CONFIG: &[&str] = &["BRIDLE_CONFIG", "BRIDLE_LOG", "BRIDLE_TOKEN", "BRIDLE_ENDPOINT"];
+
+impl Config {
+    /// Builds the layered configuration. `file` is read when given (a missing
+    /// file is an error then); `env` is the process environment (passed in so
+    /// tests can supply their own); `sets` are `key.path=value` flags.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        sets: &[String],
+    ) -> Result<Self, Error> {
+        let mut tree = toml::Table::try_from(Config::default())
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+                path: path.into(),
+                source,
+            })?;
+            let from_file: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::File {
+                path: path.into(),
+                message: e.to_string(),
+            })?;
+            merge(&mut tree, from_file);
+        }
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("BRIDLE_") && !NOT_CONFIG.contains(&k.as_str()))
+            .collect();
+        env.sort();
+        for (key, value) in env {
+            let path: Vec<String> = key["BRIDLE_".len()..]
+                .split("__")
+                .map(|s| s.to_ascii_lowercase())
+                .collect();
+            // Other programs' BRIDLE_* variables (the agent's, the tests')
+            // are not ours: only known top-level keys are applied.
+            if !Config::default_keys().contains(&path[0].as_str()) {
+                continue;
+            }
+            set_path(&mut tree, &path, &value).map_err(|message| Error::Override {
+                origin: key.clone(),
+                message,
+            })?;
+        }
+        for set in sets {
+            let Some((key, value)) = set.split_once('=') else {
+                return Err(Error::Override {
+                    origin: format!("--set {set}"),
+                    message: "expected key.path=value".into(),
+                });
+            };
+            let path: Vec<String> = key.trim().split('.').map(str::to_string).collect();
+            set_path(&mut tree, &path, value).map_err(|message| Error::Override {
+                origin: format!("--set {set}"),
+                message,
+            })?;
+        }
+        let config: Config = toml::Value::Table(tree)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn default_keys() -> &'static [&'static str] {
+        &[
+            "data_dir",
+            "listen",
+            "shutdown_grace_secs",
+            "sweep_interval_secs",
+            "docker",
+            "sandbox",
+        ]
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let s = &self.sandbox;
+        if parse_user(&s.user).is_none() {
+            return Err(Error::Invalid(format!(
+                "sandbox.user must be uid:gid, got {:?}",
+                s.user
+            )));
+        }
+        for network in std::iter::once(&s.network).chain(self.pool.iter().map(|p| &p.network)) {
+            if !network.is_empty() && network != "none" && network != "bridge" {
+                return Err(Error::Invalid(format!(
+                    "network must be \"none\" or \"bridge\", got {network:?}"
+                )));
+            }
+        }
+        if s.network.is_empty() {
+            return Err(Error::Invalid("sandbox.network must be set".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for p in &self.pool {
+            if p.name.is_empty() || !names.insert(&p.name) {
+                return Err(Error::Invalid(format!(
+                    "every [[pool]] needs a unique, non-empty name (got {:?})",
+                    p.name
+                )));
+            }
+        }
+        if self.sweep_interval_secs == 0 {
+            return Err(Error::Invalid("sweep_interval_secs must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+/// `uid:gid` as numbers.
+pub fn parse_user(s: &str) -> Option<(u32, u32)> {
+    let (u, g) = s.split_once(':')?;
+    Some((u.parse().ok()?, g.parse().ok()?))
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Sets `path` to `raw`, read as a TOML value when it is one (numbers,
+/// booleans, arrays) and as a string otherwise.
+fn set_path(tree: &mut toml::Table, path: &[String], raw: &str) -> Result<(), String> {
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut table = tree;
+    for p in parents {
+        table = match table
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            toml::Value::Table(t) => t,
+            _ => return Err(format!("{p} is not a section")),
+        };
+    }
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1000\"\n[sandbox]\nimage = \"from-file\"\npids = 7\n[[pool]]\nname = \"small\"\nsize = 2\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&file),
+            env(&[
+                ("BRIDLE_SANDBOX__IMAGE", "from-env"),
+                ("BRIDLE_LISTEN", "127.0.0.1:2000"),
+                ("BRIDLE_AGENT_SOCKET", "/ignored"),
+                ("BRIDLE_TOKEN", "ignored"),
+            ]),
+            &["listen=127.0.0.1:3000".into()],
+        )
+        .unwrap();
+        assert_eq!(c.sandbox.image, "from-env");
+        assert_eq!(c.sandbox.pids, 7);
+        assert_eq!(c.listen.port(), 3000);
+        assert_eq!(c.pool[0].name, "small");
+        assert_eq!(c.pool[0].size, 2);
+        assert_eq!(c.sandbox.memory_bytes, 512 << 20, "defaults survive");
+        // What is printed loads back to the same configuration.
+        let again = dir.path().join("again.toml");
+        std::fs::write(&again, c.to_toml()).unwrap();
+        let c2 = Config::load(Some(&again), Vec::new(), &[]).unwrap();
+        assert_eq!(c2.to_toml(), c.to_toml());
+    }
+
+    #[test]
+    fn bad_values_name_their_origin() {
+        let e = Config::load(None, env(&[("BRIDLE_SANDBOX__PIDS", "lots")]), &[]).unwrap_err();
+        assert!(e.to_string().contains("pids"), "{e}");
+        let e = Config::load(None, Vec::new(), &["sandbox.network=wifi".into()]).unwrap_err();
+        assert!(e.to_string().contains("network"), "{e}");
+        let e = Config::load(None, Vec::new(), &["nonsense".into()]).unwrap_err();
+        assert!(e.to_string().contains("--set nonsense"), "{e}");
+        let e = Config::load(None, Vec::new(), &["sandbox.colour=red".into()]).unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "listen = [\n").unwrap();
+        let e = Config::load(Some(&file), Vec::new(), &[]).unwrap_err();
+        assert!(e.to_string().contains("c.toml"), "{e}");
+    }
+}

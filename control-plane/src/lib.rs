@@ -1,0 +1,150 @@
+//! bridle's control plane: authenticated gRPC in front of hardened Docker
+//! sandboxes, each driven through its in-container agent.
+//!
+//! The `control-plane` binary parses [`config::Config`] and calls [`run`];
+//! the `bridle` binary is [`cli`]. Everything testable lives here.
+
+pub mod api;
+pub mod artifacts;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod runtime;
+pub mod sandboxes;
+pub mod store;
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context;
+use bridle_proto::control::v1::{admin_server::AdminServer, sandboxes_server::SandboxesServer};
+
+use crate::config::Config;
+
+/// Name of the file in the data directory that holds the address the server
+/// listens on (useful with `listen = "127.0.0.1:0"`).
+pub const ENDPOINT_FILE: &str = "endpoint";
+
+/// Serves until `shutdown` resolves. Sandboxes (and the commands in them)
+/// outlive the control plane: the next start re-adopts them.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+    set_private(&data_dir)?;
+    let store = store::Store::open(&data_dir.join("bridle.db"))
+        .await
+        .context("opening the store")?;
+    let instance = store
+        .instance_id(&random_hex(8), now_ms())
+        .await
+        .context("reading the instance id")?;
+    let auth = auth::Auth::load(store.clone()).await?;
+    if let Some(path) = auth.bootstrap(&data_dir, now_ms()).await? {
+        tracing::info!(path = %path.display(), "wrote the bootstrap admin token (mode 0600)");
+    }
+    let docker = runtime::docker::Docker::connect(&config.docker.host, &instance).await?;
+    let artifacts = artifacts::Artifacts::open(&data_dir)?;
+    let sandboxes = sandboxes::Sandboxes::new(config.clone(), docker, store, artifacts)?;
+    // Re-adopt what a previous run left, and remove orphans, before serving.
+    sandboxes
+        .reconcile()
+        .await
+        .context("reconciling sandboxes with Docker")?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    std::fs::write(data_dir.join(ENDPOINT_FILE), format!("http://{addr}\n"))?;
+    tracing::info!(%addr, instance, data_dir = %data_dir.display(), "control plane serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let maintenance = tokio::spawn({
+        let sandboxes = sandboxes.clone();
+        let stop = stop_rx.clone();
+        async move { sandboxes.maintain(stop).await }
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<SandboxesServer<api::sandboxes::SandboxesApi<runtime::docker::Docker>>>()
+        .await;
+    health.set_serving::<AdminServer<api::admin::AdminApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(bridle_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let sandboxes_api = api::sandboxes::SandboxesApi {
+        auth: auth.clone(),
+        sandboxes: sandboxes.clone(),
+        shutdown: stop_rx.clone(),
+    };
+    let admin_api = api::admin::AdminApi { auth };
+
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = signalled_tx.send(());
+    });
+    let stop_for_server = stop_tx.clone();
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_concurrent_streams(1024)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            SandboxesServer::new(sandboxes_api)
+                .max_decoding_message_size(16 << 20)
+                .max_encoding_message_size(16 << 20),
+        )
+        .add_service(AdminServer::new(admin_api))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                let _ = signalled_rx.await;
+                tracing::info!("shutting down: no new calls; open streams end");
+                // Open exec streams end now (their commands keep running).
+                let _ = stop_for_server.send(true);
+            },
+        );
+    tokio::pin!(server);
+    let mut stop_seen = stop_tx.subscribe();
+    tokio::select! {
+        r = &mut server => r?,
+        _ = async {
+            let _ = stop_seen.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!("streams still open after {} s; closing them", grace.as_secs()),
+    }
+    let _ = stop_tx.send(true);
+    let _ = maintenance.await;
+    Ok(())
+}
+
+fn set_private(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private", dir.display()))
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// `bytes` random bytes from the OS, as hex.
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).expect("the OS random source is available");
+    hex::encode(buf)
+}

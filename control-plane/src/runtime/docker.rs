@@ -1,0 +1,301 @@
+//! [`Runtime`] on the Docker Engine API, through bollard.
+//!
+//! Every container is hardened the same way: all capabilities dropped,
+//! `no-new-privileges`, a non-root user, a read-only root, a tmpfs `/tmp`, a
+//! named volume for the workspace, memory (without swap), CPU and pids
+//! limits, and network `none` unless asked. The agent's socket directory is a
+//! host directory bind-mounted at `/run/bridle`, so sandboxes without a
+//! network are still reachable.
+
+use std::collections::HashMap;
+
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
+use bollard::query_parameters::{
+    CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+    RemoveVolumeOptions,
+};
+use futures::StreamExt;
+
+use super::{ContainerSpec, ContainerStatus, Error, Runtime};
+use crate::sandboxes::Network;
+
+pub const LABEL_CONTROL_PLANE: &str = "bridle.control-plane";
+pub const LABEL_SANDBOX: &str = "bridle.sandbox";
+pub const LABEL_OWNER: &str = "bridle.owner";
+/// Where an injected agent is mounted.
+const INJECTED_AGENT: &str = "/.bridle/sandbox-agent";
+
+#[derive(Clone)]
+pub struct Docker {
+    client: bollard::Docker,
+    instance: String,
+}
+
+impl Docker {
+    /// Connects to `host` (empty: `DOCKER_HOST` or the local socket) and
+    /// agrees on an API version with the daemon.
+    pub async fn connect(host: &str, instance: &str) -> Result<Self, Error> {
+        let client = if host.is_empty() {
+            bollard::Docker::connect_with_defaults()
+        } else {
+            bollard::Docker::connect_with_host(host)
+        }
+        .map_err(docker_error)?;
+        let client = client.negotiate_version().await.map_err(|e| {
+            Error::Docker(format!("the Docker daemon is unreachable: {e}"))
+        })?;
+        Ok(Self {
+            client,
+            instance: instance.to_string(),
+        })
+    }
+
+    pub fn container_name(sandbox_id: &str) -> String {
+        format!("bridle-{sandbox_id}")
+    }
+
+    fn volume_name(sandbox_id: &str) -> String {
+        format!("bridle-{sandbox_id}-workspace")
+    }
+}
+
+fn docker_error(e: bollard::errors::Error) -> Error {
+    Error::Docker(e.to_string())
+}
+
+fn status_code(e: &bollard::errors::Error) -> Option<u16> {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+impl Runtime for Docker {
+    async fn create(&self, spec: &ContainerSpec) -> Result<String, Error> {
+        let name = Self::container_name(&spec.sandbox_id);
+        let labels: HashMap<String, String> = [
+            (LABEL_CONTROL_PLANE, self.instance.as_str()),
+            (LABEL_SANDBOX, spec.sandbox_id.as_str()),
+            (LABEL_OWNER, spec.owner_label.as_str()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let mut mounts = vec![
+            Mount {
+                typ: Some(MountType::VOLUME),
+                source: Some(Self::volume_name(&spec.sandbox_id)),
+                target: Some("/workspace".into()),
+                ..Default::default()
+            },
+            Mount {
+                typ: Some(MountType::BIND),
+                source: Some(spec.socket_dir.display().to_string()),
+                target: Some("/run/bridle".into()),
+                ..Default::default()
+            },
+        ];
+        let mut entrypoint = None;
+        if let Some(agent) = &spec.inject_agent {
+            mounts.push(Mount {
+                typ: Some(MountType::BIND),
+                source: Some(agent.display().to_string()),
+                target: Some(INJECTED_AGENT.into()),
+                read_only: Some(true),
+                ..Default::default()
+            });
+            entrypoint = Some(vec![INJECTED_AGENT.to_string()]);
+        }
+        let memory = spec.memory_bytes as i64;
+        let host_config = HostConfig {
+            cap_drop: Some(vec!["ALL".into()]),
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            readonly_rootfs: Some(true),
+            tmpfs: Some(HashMap::from([(
+                "/tmp".to_string(),
+                format!("rw,nosuid,nodev,size={}", spec.tmp_bytes),
+            )])),
+            mounts: Some(mounts),
+            memory: Some(memory),
+            memory_swap: Some(memory),
+            nano_cpus: Some(spec.cpu_millis as i64 * 1_000_000),
+            pids_limit: Some(spec.pids as i64),
+            network_mode: Some(
+                match spec.network {
+                    Network::None => "none",
+                    Network::Bridge => "bridge",
+                }
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            user: Some(spec.user.clone()),
+            entrypoint,
+            cmd: Some(Vec::new()),
+            env: Some(vec![
+                "BRIDLE_AGENT_SOCKET=/run/bridle/agent.sock".into(),
+                "BRIDLE_AGENT_WORKSPACE=/workspace".into(),
+            ]),
+            working_dir: Some("/workspace".into()),
+            labels: Some(labels),
+            network_disabled: Some(spec.network == Network::None),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        let created = self
+            .client
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                }),
+                body,
+            )
+            .await
+            .map_err(|e| match status_code(&e) {
+                Some(404) => Error::ImageMissing(spec.image.clone()),
+                _ => docker_error(e),
+            })?;
+        if let Err(e) = self.client.start_container(&created.id, None).await {
+            let _ = self.remove(&spec.sandbox_id).await;
+            return Err(docker_error(e));
+        }
+        Ok(created.id)
+    }
+
+    async fn remove(&self, sandbox_id: &str) -> Result<(), Error> {
+        let name = Self::container_name(sandbox_id);
+        match self
+            .client
+            .remove_container(
+                &name,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if status_code(&e) == Some(404) => {}
+            // Removal already under way (a concurrent delete).
+            Err(e) if status_code(&e) == Some(409) => {}
+            Err(e) => return Err(docker_error(e)),
+        }
+        match self
+            .client
+            .remove_volume(&Self::volume_name(sandbox_id), Some(RemoveVolumeOptions { force: true }))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if status_code(&e) == Some(404) => Ok(()),
+            Err(e) => Err(docker_error(e)),
+        }
+    }
+
+    async fn pause(&self, sandbox_id: &str) -> Result<(), Error> {
+        self.client
+            .pause_container(&Self::container_name(sandbox_id))
+            .await
+            .map_err(|e| match status_code(&e) {
+                Some(404) => Error::NotFound(sandbox_id.into()),
+                _ => docker_error(e),
+            })
+    }
+
+    async fn resume(&self, sandbox_id: &str) -> Result<(), Error> {
+        self.client
+            .unpause_container(&Self::container_name(sandbox_id))
+            .await
+            .map_err(|e| match status_code(&e) {
+                Some(404) => Error::NotFound(sandbox_id.into()),
+                _ => docker_error(e),
+            })
+    }
+
+    async fn restart(&self, sandbox_id: &str) -> Result<(), Error> {
+        match self
+            .client
+            .start_container(&Self::container_name(sandbox_id), None)
+            .await
+        {
+            Ok(()) => Ok(()),
+            // 304: already running.
+            Err(e) if status_code(&e) == Some(304) => Ok(()),
+            Err(e) if status_code(&e) == Some(404) => Err(Error::NotFound(sandbox_id.into())),
+            Err(e) => Err(docker_error(e)),
+        }
+    }
+
+    async fn status(&self, sandbox_id: &str) -> Result<Option<ContainerStatus>, Error> {
+        match self
+            .client
+            .inspect_container(&Self::container_name(sandbox_id), None)
+            .await
+        {
+            Ok(c) => {
+                let state = c.state.unwrap_or_default();
+                Ok(Some(ContainerStatus {
+                    sandbox_id: sandbox_id.to_string(),
+                    container_id: c.id.unwrap_or_default(),
+                    running: state.running.unwrap_or(false),
+                    paused: state.paused.unwrap_or(false),
+                }))
+            }
+            Err(e) if status_code(&e) == Some(404) => Ok(None),
+            Err(e) => Err(docker_error(e)),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<ContainerStatus>, Error> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_CONTROL_PLANE}={}", self.instance)],
+        )]);
+        let containers = self
+            .client
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(docker_error)?;
+        Ok(containers
+            .into_iter()
+            .filter_map(|c| {
+                let sandbox_id = c.labels.as_ref()?.get(LABEL_SANDBOX)?.clone();
+                let state = c.state.map(|s| s.to_string()).unwrap_or_default();
+                Some(ContainerStatus {
+                    sandbox_id,
+                    container_id: c.id.unwrap_or_default(),
+                    running: state == "running" || state == "paused",
+                    paused: state == "paused",
+                })
+            })
+            .collect())
+    }
+
+    async fn logs(&self, sandbox_id: &str) -> String {
+        let mut stream = self.client.logs(
+            &Self::container_name(sandbox_id),
+            Some(LogsOptions {
+                stdout: true,
+                stderr: true,
+                tail: "20".into(),
+                ..Default::default()
+            }),
+        );
+        let mut out = String::new();
+        while let Some(Ok(chunk)) = stream.next().await {
+            out.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+            if out.len() > 4096 {
+                break;
+            }
+        }
+        out.trim().to_string()
+    }
+}

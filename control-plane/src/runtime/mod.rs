@@ -1,0 +1,71 @@
+//! Where sandboxes run. [`Runtime`] is the narrow surface the control plane
+//! needs from a container engine; [`docker::Docker`] implements it with
+//! bollard against the real daemon.
+
+pub mod docker;
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use crate::sandboxes::Network;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no container for sandbox {0}")]
+    NotFound(String),
+    #[error("image {0:?} is not on the Docker host (build it with images/build.sh; no registry is used)")]
+    ImageMissing(String),
+    #[error("docker: {0}")]
+    Docker(String),
+}
+
+/// Everything needed to start one sandbox container.
+#[derive(Debug, Clone)]
+pub struct ContainerSpec {
+    pub sandbox_id: String,
+    pub image: String,
+    /// `uid:gid`.
+    pub user: String,
+    pub memory_bytes: u64,
+    pub cpu_millis: u64,
+    pub pids: u64,
+    pub tmp_bytes: u64,
+    pub network: Network,
+    /// Host directory mounted at `/run/bridle`, where the agent puts its socket.
+    pub socket_dir: PathBuf,
+    /// Static agent binary to mount read-only as the entrypoint, for images
+    /// that do not carry one.
+    pub inject_agent: Option<PathBuf>,
+    /// Pool profile or owner, only for labels (`docker ps` readability).
+    pub owner_label: String,
+}
+
+/// A container this control plane created, as the engine reports it.
+#[derive(Debug, Clone)]
+pub struct ContainerStatus {
+    pub sandbox_id: String,
+    pub container_id: String,
+    pub running: bool,
+    pub paused: bool,
+}
+
+pub trait Runtime: Send + Sync + 'static {
+    /// Creates and starts the container; answers its id. Readiness is the
+    /// caller's business (the agent's health check).
+    fn create(&self, spec: &ContainerSpec) -> impl Future<Output = Result<String, Error>> + Send;
+    /// Removes the container and its workspace volume; absent is fine.
+    fn remove(&self, sandbox_id: &str) -> impl Future<Output = Result<(), Error>> + Send;
+    fn pause(&self, sandbox_id: &str) -> impl Future<Output = Result<(), Error>> + Send;
+    fn resume(&self, sandbox_id: &str) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Starts a stopped container again (its volume kept its workspace).
+    fn restart(&self, sandbox_id: &str) -> impl Future<Output = Result<(), Error>> + Send;
+    /// The sandbox's container, if there is one.
+    fn status(
+        &self,
+        sandbox_id: &str,
+    ) -> impl Future<Output = Result<Option<ContainerStatus>, Error>> + Send;
+    /// Every container this control plane owns, whatever its state.
+    fn list(&self) -> impl Future<Output = Result<Vec<ContainerStatus>, Error>> + Send;
+    /// The last lines the container printed, for error messages.
+    fn logs(&self, sandbox_id: &str) -> impl Future<Output = String> + Send;
+}

@@ -1,0 +1,964 @@
+//! Sandboxes: what one is ([`Spec`], [`SandboxState`]), and [`Sandboxes`],
+//! which creates, finds, pauses and removes them on a [`Runtime`], keeps the
+//! warm pools full, and reconciles records with containers (orphans removed,
+//! live ones re-adopted, expired and idle ones deleted).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bridle_proto::sandbox::v1 as agent_pb;
+use bridle_proto::sandbox::v1::sandbox_agent_client::SandboxAgentClient;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, Semaphore};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::artifacts::Artifacts;
+use crate::auth::Principal;
+use crate::config::{Config, PoolProfile};
+use crate::runtime::{self, ContainerSpec, Runtime};
+use crate::store::{self, Claim, SandboxRecord, SnapshotRecord, Store};
+
+pub type Agent = SandboxAgentClient<Channel>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    None,
+    Bridge,
+}
+
+impl FromStr for Network {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(Network::None),
+            "bridge" => Ok(Network::Bridge),
+            other => Err(format!("unknown network {other:?} (none, bridge)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxState {
+    Creating,
+    Ready,
+    Paused,
+    Failed,
+}
+
+impl SandboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Creating => "creating",
+            SandboxState::Ready => "ready",
+            SandboxState::Paused => "paused",
+            SandboxState::Failed => "failed",
+        }
+    }
+}
+
+impl FromStr for SandboxState {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "creating" => Ok(SandboxState::Creating),
+            "ready" => Ok(SandboxState::Ready),
+            "paused" => Ok(SandboxState::Paused),
+            "failed" => Ok(SandboxState::Failed),
+            other => Err(format!("unknown sandbox state {other:?}")),
+        }
+    }
+}
+
+/// What a sandbox is made of; stored with its record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spec {
+    pub image: String,
+    pub memory_bytes: u64,
+    pub cpu_millis: u64,
+    pub pids: u64,
+    pub network: Network,
+    /// Added to every exec's environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Spec {
+    /// Whether a pooled sandbox made for `other` can serve this spec (env and
+    /// labels are applied at claim time).
+    fn same_machine(&self, other: &Spec) -> bool {
+        self.image == other.image
+            && self.memory_bytes == other.memory_bytes
+            && self.cpu_millis == other.cpu_millis
+            && self.pids == other.pids
+            && self.network == other.network
+    }
+}
+
+/// A validated create request; unset values take the server's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    pub image: Option<String>,
+    pub memory_bytes: Option<u64>,
+    pub cpu_millis: Option<u64>,
+    pub pids: Option<u64>,
+    pub network: Option<Network>,
+    pub env: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub ttl_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub from_snapshot: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("sandbox {0} not found")]
+    NotFound(String),
+    #[error("snapshot {0} not found")]
+    SnapshotNotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    Exhausted(String),
+    #[error("sandbox {id} did not become ready: {reason}")]
+    NotReady { id: String, reason: String },
+    #[error(transparent)]
+    Runtime(#[from] runtime::Error),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("sandbox agent: {0}")]
+    Agent(tonic::Status),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub struct Sandboxes<R: Runtime> {
+    inner: Arc<Inner<R>>,
+}
+
+impl<R: Runtime> Clone for Sandboxes<R> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<R> {
+    config: Config,
+    runtime: R,
+    store: Store,
+    artifacts: Artifacts,
+    sockets: PathBuf,
+    agents: Mutex<HashMap<String, Agent>>,
+    /// Last activity not yet written to the store.
+    activity: Mutex<HashMap<String, i64>>,
+    /// Open exec streams per sandbox: a sandbox with one is never idle.
+    streams: Mutex<HashMap<String, usize>>,
+    /// Sandboxes this process is creating right now (the sweep leaves them).
+    creating: Mutex<HashSet<String>>,
+    create_permits: Semaphore,
+    pool_wake: Notify,
+}
+
+impl<R: Runtime> Sandboxes<R> {
+    pub fn new(config: Config, runtime: R, store: Store, artifacts: Artifacts) -> std::io::Result<Self> {
+        let sockets = config.data_dir.join("sandboxes");
+        std::fs::create_dir_all(&sockets)?;
+        set_mode(&sockets, 0o700)?;
+        // sun_path holds 108 bytes; say so now rather than at the first create.
+        let longest = sockets.join("sb-000000000000/agent.sock");
+        if longest.as_os_str().len() >= 108 {
+            return Err(std::io::Error::other(format!(
+                "data_dir {} is too long: agent socket paths must fit in 107 bytes",
+                config.data_dir.display()
+            )));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                create_permits: Semaphore::new(config.docker.max_concurrent_creates.max(1)),
+                config,
+                runtime,
+                store,
+                artifacts,
+                sockets,
+                agents: Mutex::default(),
+                activity: Mutex::default(),
+                streams: Mutex::default(),
+                creating: Mutex::default(),
+                pool_wake: Notify::new(),
+            }),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn artifacts(&self) -> &Artifacts {
+        &self.inner.artifacts
+    }
+
+    fn socket_dir(&self, id: &str) -> PathBuf {
+        self.inner.sockets.join(id)
+    }
+
+    /// Resolves a request against the defaults and the limits in config.
+    pub fn resolve_spec(&self, req: &CreateRequest) -> Result<Spec> {
+        let d = &self.inner.config.sandbox;
+        let spec = Spec {
+            image: req.image.clone().unwrap_or_else(|| d.image.clone()),
+            memory_bytes: req.memory_bytes.unwrap_or(d.memory_bytes),
+            cpu_millis: req.cpu_millis.unwrap_or(d.cpu_millis),
+            pids: req.pids.unwrap_or(d.pids),
+            network: match req.network {
+                Some(n) => n,
+                None => Network::from_str(&d.network).map_err(Error::Invalid)?,
+            },
+            env: req.env.clone(),
+            labels: req.labels.clone(),
+        };
+        let bound = |name: &str, v: u64, min: u64, max: u64| {
+            if v < min || v > max {
+                Err(Error::Invalid(format!(
+                    "{name} must be between {min} and {max}, got {v}"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        bound("limits.memory_bytes", spec.memory_bytes, 16 << 20, d.max_memory_bytes)?;
+        bound("limits.cpu_millis", spec.cpu_millis, 10, d.max_cpu_millis)?;
+        bound("limits.pids", spec.pids, 8, d.max_pids)?;
+        if spec.network != Network::None && !d.allow_network {
+            return Err(Error::FailedPrecondition(
+                "this server does not allow sandboxes with a network (sandbox.allow_network)"
+                    .into(),
+            ));
+        }
+        Ok(spec)
+    }
+
+    fn profile_spec(&self, p: &PoolProfile) -> Spec {
+        let d = &self.inner.config.sandbox;
+        let or = |v: u64, dv: u64| if v == 0 { dv } else { v };
+        Spec {
+            image: if p.image.is_empty() { d.image.clone() } else { p.image.clone() },
+            memory_bytes: or(p.memory_bytes, d.memory_bytes),
+            cpu_millis: or(p.cpu_millis, d.cpu_millis),
+            pids: or(p.pids, d.pids),
+            network: Network::from_str(if p.network.is_empty() { &d.network } else { &p.network })
+                .unwrap_or(Network::None),
+            env: BTreeMap::new(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// Creates a sandbox for `principal`: from a warm pool when one matches,
+    /// otherwise cold; answers once its agent is healthy (and its snapshot,
+    /// if any, restored).
+    pub async fn create(&self, principal: &Principal, req: CreateRequest) -> Result<SandboxRecord> {
+        principal
+            .require_write()
+            .map_err(denied)?;
+        let spec = self.resolve_spec(&req)?;
+        let max = self.inner.config.sandbox.max_per_owner;
+        if max > 0 && self.inner.store.count_owned(&principal.owner).await? >= max {
+            return Err(Error::Exhausted(format!(
+                "owner {} already has {max} sandboxes (sandbox.max_per_owner)",
+                principal.owner
+            )));
+        }
+        let snapshot = match &req.from_snapshot {
+            Some(id) => Some(self.visible_snapshot(principal, id).await?),
+            None => None,
+        };
+        let now = crate::now_ms();
+        let d = &self.inner.config.sandbox;
+        let ttl = if req.ttl_secs > 0 { req.ttl_secs } else { d.ttl_secs };
+        let idle = if req.idle_timeout_secs > 0 {
+            req.idle_timeout_secs
+        } else {
+            d.idle_timeout_secs
+        };
+        let expires = if ttl > 0 { now + (ttl as i64) * 1000 } else { 0 };
+        if snapshot.is_none() {
+            for p in &self.inner.config.pool {
+                if p.size == 0 || !self.profile_spec(p).same_machine(&spec) {
+                    continue;
+                }
+                let claim = Claim {
+                    spec: &spec,
+                    expires_unix_ms: expires,
+                    idle_timeout_secs: idle,
+                    now,
+                };
+                if let Some(rec) = self
+                    .inner
+                    .store
+                    .claim_pooled(&p.name, &principal.owner, &claim)
+                    .await?
+                {
+                    self.inner.pool_wake.notify_one();
+                    return Ok(rec);
+                }
+            }
+        }
+        let record = SandboxRecord {
+            id: format!("sb-{}", crate::random_hex(6)),
+            owner: Some(principal.owner.clone()),
+            state: SandboxState::Creating,
+            spec,
+            container_id: String::new(),
+            created_unix_ms: now,
+            expires_unix_ms: expires,
+            idle_timeout_secs: idle,
+            last_active_unix_ms: now,
+            from_snapshot: snapshot.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
+            pool_profile: String::new(),
+            failure: String::new(),
+        };
+        self.build(record, snapshot.as_ref(), &principal.owner).await
+    }
+
+    /// Inserts the record, starts the container, waits for the agent and
+    /// restores the snapshot. On any failure nothing is left behind.
+    async fn build(
+        &self,
+        mut record: SandboxRecord,
+        snapshot: Option<&SnapshotRecord>,
+        owner_label: &str,
+    ) -> Result<SandboxRecord> {
+        let _permit = self
+            .inner
+            .create_permits
+            .acquire()
+            .await
+            .map_err(|_| Error::FailedPrecondition("shutting down".into()))?;
+        let id = record.id.clone();
+        self.inner.creating.lock().expect("lock").insert(id.clone());
+        self.inner.store.insert_sandbox(&record).await?;
+        let result = async {
+            let dir = self.socket_dir(&id);
+            std::fs::create_dir_all(&dir)?;
+            // The agent runs as the sandbox user and creates its socket here.
+            set_mode(&dir, 0o777)?;
+            let d = &self.inner.config.sandbox;
+            let container_id = self
+                .inner
+                .runtime
+                .create(&ContainerSpec {
+                    sandbox_id: id.clone(),
+                    image: record.spec.image.clone(),
+                    user: d.user.clone(),
+                    memory_bytes: record.spec.memory_bytes,
+                    cpu_millis: record.spec.cpu_millis,
+                    pids: record.spec.pids,
+                    tmp_bytes: d.tmp_bytes,
+                    network: record.spec.network,
+                    socket_dir: dir.clone(),
+                    inject_agent: d.inject_agent.clone(),
+                    owner_label: owner_label.to_string(),
+                })
+                .await?;
+            self.inner.store.set_container(&id, &container_id).await?;
+            record.container_id = container_id;
+            self.wait_ready(&id).await?;
+            if let Some(snap) = snapshot {
+                self.restore(&id, snap).await?;
+            }
+            self.inner
+                .store
+                .set_sandbox_state(&id, SandboxState::Ready, "")
+                .await?;
+            record.state = SandboxState::Ready;
+            Ok(())
+        }
+        .await;
+        self.inner.creating.lock().expect("lock").remove(&id);
+        match result {
+            Ok(()) => Ok(record),
+            Err(e) => {
+                self.destroy_logged(&id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Polls the agent's health check until it answers SERVING, watching the
+    /// container so one that died is reported at once, with its logs.
+    async fn wait_ready(&self, id: &str) -> Result<()> {
+        let socket = self.socket_dir(id).join("agent.sock");
+        let deadline = Instant::now()
+            + Duration::from_secs(self.inner.config.sandbox.ready_timeout_secs.max(1));
+        let mut polls = 0u32;
+        loop {
+            if socket.exists() && health_serving(&socket).await {
+                return Ok(());
+            }
+            polls += 1;
+            if polls % 20 == 0 {
+                let status = self.inner.runtime.status(id).await?;
+                if !status.is_some_and(|s| s.running) {
+                    let logs = self.inner.runtime.logs(id).await;
+                    return Err(Error::NotReady {
+                        id: id.into(),
+                        reason: format!("the container exited; its last output: {logs:?}"),
+                    });
+                }
+            }
+            if Instant::now() >= deadline {
+                let logs = self.inner.runtime.logs(id).await;
+                return Err(Error::NotReady {
+                    id: id.into(),
+                    reason: format!(
+                        "no healthy agent within {} s; container output: {logs:?}",
+                        self.inner.config.sandbox.ready_timeout_secs
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn restore(&self, id: &str, snap: &SnapshotRecord) -> Result<()> {
+        use tokio::io::AsyncReadExt;
+        let mut file = tokio::fs::File::open(self.inner.artifacts.path(&snap.sha256)).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let _ = tx
+            .send(agent_pb::RestoreRequest {
+                request: Some(agent_pb::restore_request::Request::Header(
+                    agent_pb::RestoreHeader {
+                        path: String::new(),
+                        compression: agent_pb::Compression::Unspecified as i32,
+                    },
+                )),
+            })
+            .await;
+        let reader = tokio::spawn(async move {
+            loop {
+                let mut buf = vec![0u8; 1 << 20];
+                let n = file.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok::<(), std::io::Error>(());
+                }
+                buf.truncate(n);
+                let msg = agent_pb::RestoreRequest {
+                    request: Some(agent_pb::restore_request::Request::Data(buf.into())),
+                };
+                if tx.send(msg).await.is_err() {
+                    return Ok(());
+                }
+            }
+        });
+        let mut agent = self.agent(id);
+        let answer = agent
+            .restore(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        reader.await.map_err(|e| std::io::Error::other(e.to_string()))??;
+        answer.map_err(Error::Agent)?;
+        Ok(())
+    }
+
+    /// Removes container, volume, socket directory and record, in that
+    /// order: the record goes only once the container is gone.
+    async fn destroy(&self, id: &str) -> Result<()> {
+        self.inner.agents.lock().expect("lock").remove(id);
+        self.inner.runtime.remove(id).await?;
+        let _ = std::fs::remove_dir_all(self.socket_dir(id));
+        self.inner.store.delete_sandbox(id).await?;
+        Ok(())
+    }
+
+    /// [`Self::destroy`] where nobody waits for the answer: a failure is
+    /// logged and the next sweep tries again.
+    async fn destroy_logged(&self, id: &str) {
+        if let Err(e) = self.destroy(id).await {
+            tracing::warn!(sandbox = id, "removing the sandbox: {e}");
+        }
+    }
+
+    /// The record, when `principal` may see it; NOT_FOUND otherwise, the same
+    /// answer as for an id that does not exist.
+    pub async fn get(&self, principal: &Principal, id: &str) -> Result<SandboxRecord> {
+        match self.inner.store.sandbox(id).await? {
+            Some(r) if principal.sees(r.owner.as_deref()) => Ok(self.with_activity(r)),
+            _ => Err(Error::NotFound(id.into())),
+        }
+    }
+
+    fn with_activity(&self, mut r: SandboxRecord) -> SandboxRecord {
+        if let Some(t) = self.inner.activity.lock().expect("lock").get(&r.id) {
+            r.last_active_unix_ms = r.last_active_unix_ms.max(*t);
+        }
+        r
+    }
+
+    pub async fn list(
+        &self,
+        principal: &Principal,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<SandboxRecord>> {
+        let owner = match principal.sees(None) {
+            true => None,
+            false => Some(principal.owner.as_str()),
+        };
+        Ok(self
+            .inner
+            .store
+            .sandboxes(owner)
+            .await?
+            .into_iter()
+            // Unclaimed pool sandboxes are nobody's.
+            .filter(|r| r.owner.is_some())
+            .filter(|r| labels.iter().all(|(k, v)| r.spec.labels.get(k) == Some(v)))
+            .map(|r| self.with_activity(r))
+            .collect())
+    }
+
+    pub async fn delete(&self, principal: &Principal, id: &str) -> Result<()> {
+        principal
+            .require_write()
+            .map_err(denied)?;
+        let r = self.get(principal, id).await?;
+        if r.state == SandboxState::Creating {
+            return Err(Error::FailedPrecondition(format!(
+                "sandbox {id} is still being created"
+            )));
+        }
+        self.destroy(id).await
+    }
+
+    pub async fn pause(&self, principal: &Principal, id: &str) -> Result<SandboxRecord> {
+        principal
+            .require_write()
+            .map_err(denied)?;
+        let r = self.get(principal, id).await?;
+        match r.state {
+            SandboxState::Paused => return Ok(r),
+            SandboxState::Ready => {}
+            s => {
+                return Err(Error::FailedPrecondition(format!(
+                    "sandbox {id} is {} and cannot be paused",
+                    s.as_str()
+                )))
+            }
+        }
+        self.inner.runtime.pause(id).await?;
+        self.inner
+            .store
+            .set_sandbox_state(id, SandboxState::Paused, "")
+            .await?;
+        self.get(principal, id).await
+    }
+
+    pub async fn resume(&self, principal: &Principal, id: &str) -> Result<SandboxRecord> {
+        principal
+            .require_write()
+            .map_err(denied)?;
+        let r = self.get(principal, id).await?;
+        match r.state {
+            SandboxState::Ready => return Ok(r),
+            SandboxState::Paused => {}
+            s => {
+                return Err(Error::FailedPrecondition(format!(
+                    "sandbox {id} is {} and cannot be resumed",
+                    s.as_str()
+                )))
+            }
+        }
+        self.inner.runtime.resume(id).await?;
+        self.inner
+            .store
+            .set_sandbox_state(id, SandboxState::Ready, "")
+            .await?;
+        self.touch(id);
+        self.get(principal, id).await
+    }
+
+    /// The record of a sandbox `principal` may use now (ready, and not an
+    /// auditor), and a client for its agent.
+    pub async fn usable(&self, principal: &Principal, id: &str) -> Result<(SandboxRecord, Agent)> {
+        principal
+            .require_write()
+            .map_err(denied)?;
+        let r = self.get(principal, id).await?;
+        match r.state {
+            SandboxState::Ready => {}
+            SandboxState::Paused => {
+                return Err(Error::FailedPrecondition(format!(
+                    "sandbox {id} is paused; resume it first"
+                )))
+            }
+            SandboxState::Creating => {
+                return Err(Error::FailedPrecondition(format!(
+                    "sandbox {id} is still being created"
+                )))
+            }
+            SandboxState::Failed => {
+                return Err(Error::FailedPrecondition(format!(
+                    "sandbox {id} failed: {}",
+                    r.failure
+                )))
+            }
+        }
+        self.touch(id);
+        Ok((r, self.agent(id)))
+    }
+
+    /// A client for the sandbox's agent (connected lazily, reused).
+    pub fn agent(&self, id: &str) -> Agent {
+        let mut agents = self.inner.agents.lock().expect("lock");
+        agents
+            .entry(id.to_string())
+            .or_insert_with(|| connect_agent(self.socket_dir(id).join("agent.sock")))
+            .clone()
+    }
+
+    /// Notes activity (resets the idle timeout); written to the store by the sweep.
+    pub fn touch(&self, id: &str) {
+        self.inner
+            .activity
+            .lock()
+            .expect("lock")
+            .insert(id.to_string(), crate::now_ms());
+    }
+
+    /// Counts an open exec stream; the sandbox is not idle while it lasts.
+    pub fn stream_guard(&self, id: &str) -> StreamGuard<R> {
+        *self
+            .inner
+            .streams
+            .lock()
+            .expect("lock")
+            .entry(id.to_string())
+            .or_default() += 1;
+        StreamGuard {
+            sandboxes: self.clone(),
+            id: id.to_string(),
+        }
+    }
+
+    // ------------------------------------------------------------ snapshots
+
+    pub async fn visible_snapshot(&self, principal: &Principal, id: &str) -> Result<SnapshotRecord> {
+        match self.inner.store.snapshot(id).await? {
+            Some(s) if principal.sees(Some(&s.owner)) => Ok(s),
+            _ => Err(Error::SnapshotNotFound(id.into())),
+        }
+    }
+
+    /// Streams the agent's archive of `path` into a content-addressed artifact
+    /// and records a snapshot of it for the sandbox's owner.
+    pub async fn snapshot(
+        &self,
+        principal: &Principal,
+        id: &str,
+        path: String,
+        exclude: Vec<String>,
+        compression: agent_pb::Compression,
+    ) -> Result<SnapshotRecord> {
+        let (record, mut agent) = self.usable(principal, id).await?;
+        let stream = agent
+            .snapshot(agent_pb::SnapshotRequest {
+                path,
+                exclude,
+                compression: compression as i32,
+                level: 0,
+            })
+            .await
+            .map_err(Error::Agent)?
+            .into_inner();
+        use futures::StreamExt;
+        let chunks = stream.map(|c| c.map(|c| c.data).map_err(Error::Agent));
+        let stored = self.inner.artifacts.store(chunks).await?;
+        let snap = SnapshotRecord {
+            id: format!("snap-{}", crate::random_hex(6)),
+            owner: record.owner.clone().unwrap_or_default(),
+            sandbox_id: id.to_string(),
+            sha256: stored.sha256,
+            size_bytes: stored.size,
+            compression: match compression {
+                agent_pb::Compression::None => "none",
+                _ => "zstd",
+            }
+            .into(),
+            created_unix_ms: crate::now_ms(),
+        };
+        self.inner.store.insert_snapshot(&snap).await?;
+        Ok(snap)
+    }
+
+    pub async fn delete_snapshot(&self, principal: &Principal, id: &str) -> Result<()> {
+        principal
+            .require_write()
+            .map_err(denied)?;
+        self.visible_snapshot(principal, id).await?;
+        self.inner.store.delete_snapshot(id).await?;
+        self.collect_artifacts().await?;
+        Ok(())
+    }
+
+    /// Snapshot of the whole workspace, then a new sandbox from it with the
+    /// source's spec.
+    pub async fn fork(
+        &self,
+        principal: &Principal,
+        id: &str,
+        ttl_secs: u64,
+        labels: BTreeMap<String, String>,
+    ) -> Result<SandboxRecord> {
+        let source = self.get(principal, id).await?;
+        let snap = self
+            .snapshot(principal, id, String::new(), Vec::new(), agent_pb::Compression::Zstd)
+            .await?;
+        let mut merged = source.spec.labels.clone();
+        merged.extend(labels);
+        let req = CreateRequest {
+            image: Some(source.spec.image.clone()),
+            memory_bytes: Some(source.spec.memory_bytes),
+            cpu_millis: Some(source.spec.cpu_millis),
+            pids: Some(source.spec.pids),
+            network: Some(source.spec.network),
+            env: source.spec.env.clone(),
+            labels: merged,
+            ttl_secs,
+            idle_timeout_secs: source.idle_timeout_secs,
+            from_snapshot: Some(snap.id),
+        };
+        self.create(principal, req).await
+    }
+
+    async fn collect_artifacts(&self) -> Result<()> {
+        let referenced = self.inner.store.referenced_digests().await?;
+        let removed = self.inner.artifacts.gc(&referenced)?;
+        if removed > 0 {
+            tracing::info!(removed, "removed unreferenced artifacts");
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ sweeps
+
+    /// Brings records and containers into line. Run at start (re-adoption
+    /// after a crash) and every `sweep_interval_secs`.
+    pub async fn reconcile(&self) -> Result<()> {
+        self.flush_activity().await?;
+        let containers = self.inner.runtime.list().await?;
+        let records = self.inner.store.sandboxes(None).await?;
+        let known: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        let creating = self.inner.creating.lock().expect("lock").clone();
+        for c in &containers {
+            if !known.contains(c.sandbox_id.as_str()) && !creating.contains(&c.sandbox_id) {
+                tracing::info!(sandbox = %c.sandbox_id, container = %c.container_id, "removing an orphan container");
+                if let Err(e) = self.inner.runtime.remove(&c.sandbox_id).await {
+                    tracing::warn!(sandbox = %c.sandbox_id, "removing an orphan: {e}");
+                }
+                let _ = std::fs::remove_dir_all(self.socket_dir(&c.sandbox_id));
+            }
+        }
+        let by_id: HashMap<&str, _> = containers.iter().map(|c| (c.sandbox_id.as_str(), c)).collect();
+        let now = crate::now_ms();
+        for r in records {
+            if creating.contains(&r.id) {
+                continue;
+            }
+            let container = by_id.get(r.id.as_str());
+            match r.state {
+                // Left half-made by a crash: nobody is waiting for it.
+                SandboxState::Creating => {
+                    tracing::info!(sandbox = %r.id, "removing a sandbox whose creation was interrupted");
+                    self.destroy_logged(&r.id).await;
+                    continue;
+                }
+                SandboxState::Ready | SandboxState::Paused => match container {
+                    None => {
+                        self.inner
+                            .store
+                            .set_sandbox_state(&r.id, SandboxState::Failed, "its container is gone")
+                            .await?;
+                        continue;
+                    }
+                    Some(c) if !c.running => {
+                        tracing::info!(sandbox = %r.id, "starting a stopped sandbox again");
+                        let restarted = async {
+                            self.inner.runtime.restart(&r.id).await?;
+                            self.wait_ready(&r.id).await
+                        }
+                        .await;
+                        if let Err(e) = restarted {
+                            self.inner
+                                .store
+                                .set_sandbox_state(&r.id, SandboxState::Failed, &e.to_string())
+                                .await?;
+                            continue;
+                        }
+                    }
+                    Some(c) => {
+                        let state = if c.paused { SandboxState::Paused } else { SandboxState::Ready };
+                        if state != r.state {
+                            self.inner.store.set_sandbox_state(&r.id, state, "").await?;
+                        }
+                    }
+                },
+                SandboxState::Failed => {}
+            }
+            if r.owner.is_none() {
+                continue;
+            }
+            let expired = r.expires_unix_ms != 0 && now >= r.expires_unix_ms;
+            let busy = self.inner.streams.lock().expect("lock").get(&r.id).copied().unwrap_or(0) > 0;
+            let idle = r.idle_timeout_secs > 0
+                && !busy
+                && now - r.last_active_unix_ms >= (r.idle_timeout_secs as i64) * 1000;
+            if expired || idle {
+                tracing::info!(sandbox = %r.id, expired, idle, "deleting a sandbox past its time");
+                self.destroy_logged(&r.id).await;
+            }
+        }
+        self.collect_artifacts().await?;
+        Ok(())
+    }
+
+    async fn flush_activity(&self) -> Result<()> {
+        let pending: Vec<(String, i64)> = self.inner.activity.lock().expect("lock").drain().collect();
+        for (id, t) in pending {
+            self.inner.store.touch_sandbox(&id, t).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates what each warm pool lacks, at most `max_concurrent_creates` at a time.
+    pub async fn refill_pools(&self) -> Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for p in self.inner.config.pool.clone() {
+            let have = self.inner.store.pooled_count(&p.name).await?;
+            for _ in have..p.size {
+                let this = self.clone();
+                let spec = self.profile_spec(&p);
+                let name = p.name.clone();
+                tasks.spawn(async move {
+                    let now = crate::now_ms();
+                    let record = SandboxRecord {
+                        id: format!("sb-{}", crate::random_hex(6)),
+                        owner: None,
+                        state: SandboxState::Creating,
+                        spec,
+                        container_id: String::new(),
+                        created_unix_ms: now,
+                        expires_unix_ms: 0,
+                        idle_timeout_secs: 0,
+                        last_active_unix_ms: now,
+                        from_snapshot: String::new(),
+                        pool_profile: name.clone(),
+                        failure: String::new(),
+                    };
+                    if let Err(e) = this.build(record, None, &format!("pool:{name}")).await {
+                        tracing::warn!(pool = %name, "warm pool sandbox: {e}");
+                    }
+                });
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    /// Runs reconcile and pool refills until `shutdown` fires.
+    pub async fn maintain(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let every = Duration::from_secs(self.inner.config.sweep_interval_secs);
+        loop {
+            if let Err(e) = self.reconcile().await {
+                tracing::warn!("sandbox sweep: {e}");
+            }
+            if let Err(e) = self.refill_pools().await {
+                tracing::warn!("warm pool refill: {e}");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = self.inner.pool_wake.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// See [`Sandboxes::stream_guard`].
+pub struct StreamGuard<R: Runtime> {
+    sandboxes: Sandboxes<R>,
+    id: String,
+}
+
+impl<R: Runtime> Drop for StreamGuard<R> {
+    fn drop(&mut self) {
+        self.sandboxes.touch(&self.id);
+        let mut streams = self.sandboxes.inner.streams.lock().expect("lock");
+        if let Some(n) = streams.get_mut(&self.id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                streams.remove(&self.id);
+            }
+        }
+    }
+}
+
+fn denied(s: tonic::Status) -> Error {
+    Error::PermissionDenied(s.message().to_string())
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// A lazily dialled channel to an agent's Unix socket, with the windows the
+/// agent uses.
+pub fn connect_agent(socket: PathBuf) -> Agent {
+    let channel = Endpoint::from_static("http://agent.local")
+        .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?))
+            }
+        }));
+    SandboxAgentClient::new(channel)
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20)
+}
+
+async fn health_serving(socket: &Path) -> bool {
+    let socket = socket.to_path_buf();
+    let channel = Endpoint::from_static("http://agent.local")
+        .connect_timeout(Duration::from_secs(1))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?))
+            }
+        }))
+        .await;
+    let Ok(channel) = channel else { return false };
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }),
+        )
+        .await,
+        Ok(Ok(r)) if r.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    )
+}
