@@ -108,7 +108,12 @@ mod tests {
             Err(std::io::Error::other("cut")),
         ]);
         assert!(a.store(failing).await.is_err());
-        assert_eq!(std::fs::read_dir(dir.path().join("artifacts/tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("artifacts/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
         assert_eq!(a.gc(&HashSet::from([s.sha256.clone()])).unwrap(), 0);
         assert_eq!(a.gc(&HashSet::new()).unwrap(), 1);
         assert!(!a.path(&s.sha256).exists());

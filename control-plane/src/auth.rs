@@ -73,9 +73,7 @@ impl Principal {
     /// Whether this principal may change sandboxes it can see.
     pub fn require_write(&self) -> Result<(), Status> {
         match self.role {
-            Role::Auditor => Err(Status::permission_denied(
-                "the auditor role is read-only",
-            )),
+            Role::Auditor => Err(Status::permission_denied("the auditor role is read-only")),
             _ => Ok(()),
         }
     }
@@ -120,7 +118,11 @@ impl Auth {
     /// On the very first start (no token exists), creates an admin token and
     /// writes it to `<data_dir>/admin.token` with mode 0600. It is never
     /// logged; the path is.
-    pub async fn bootstrap(&self, data_dir: &Path, now: i64) -> anyhow::Result<Option<std::path::PathBuf>> {
+    pub async fn bootstrap(
+        &self,
+        data_dir: &Path,
+        now: i64,
+    ) -> anyhow::Result<Option<std::path::PathBuf>> {
         if !self.tokens.read().expect("token cache lock").is_empty() {
             return Ok(None);
         }
@@ -173,11 +175,18 @@ impl Auth {
     }
 
     pub fn get(&self, id: &str) -> Option<TokenRecord> {
-        self.tokens.read().expect("token cache lock").get(id).cloned()
+        self.tokens
+            .read()
+            .expect("token cache lock")
+            .get(id)
+            .cloned()
     }
 
     /// The principal behind a request's `authorization: Bearer` header.
-    pub fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Principal, Status> {
+    pub fn authenticate(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Principal, Status> {
         let header = metadata
             .get("authorization")
             .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
@@ -271,16 +280,29 @@ mod tests {
         auth.insert(t.record).await.unwrap();
         let p = auth.check(&secret, 1_500).unwrap();
         assert_eq!((p.role, p.owner.as_str()), (Role::Submitter, "team-a"));
-        assert_eq!(auth.check(&secret, 2_000).unwrap_err().message(), "token expired");
+        assert_eq!(
+            auth.check(&secret, 2_000).unwrap_err().message(),
+            "token expired"
+        );
         // One changed character of the secret, a missing secret, garbage.
         let mut wrong = secret.clone().into_bytes();
         let last = wrong.len() - 1;
         wrong[last] = if wrong[last] == b'0' { b'1' } else { b'0' };
-        for bad in [String::from_utf8(wrong).unwrap(), format!("bridle_{}_", p.token_id), "x".into()] {
-            assert_eq!(auth.check(&bad, 1_500).unwrap_err().code(), tonic::Code::Unauthenticated);
+        for bad in [
+            String::from_utf8(wrong).unwrap(),
+            format!("bridle_{}_", p.token_id),
+            "x".into(),
+        ] {
+            assert_eq!(
+                auth.check(&bad, 1_500).unwrap_err().code(),
+                tonic::Code::Unauthenticated
+            );
         }
         assert!(auth.revoke(&p.token_id, 1_600).await.unwrap());
-        assert_eq!(auth.check(&secret, 1_700).unwrap_err().message(), "token revoked");
+        assert_eq!(
+            auth.check(&secret, 1_700).unwrap_err().message(),
+            "token revoked"
+        );
         // The store holds the hash, never the secret.
         let stored = auth.store.tokens().await.unwrap();
         assert!(stored.iter().all(|t| !t.secret_sha256.contains(&secret)));
@@ -309,7 +331,10 @@ mod tests {
         };
         assert!(p(Role::Submitter).sees(Some("a")));
         assert!(!p(Role::Submitter).sees(Some("b")));
-        assert!(!p(Role::Submitter).sees(None), "pooled sandboxes belong to no one");
+        assert!(
+            !p(Role::Submitter).sees(None),
+            "pooled sandboxes belong to no one"
+        );
         assert!(p(Role::Admin).sees(Some("b")));
         assert!(p(Role::Auditor).sees(Some("b")));
         assert!(p(Role::Auditor).require_write().is_err());

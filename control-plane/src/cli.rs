@@ -1,1 +1,1161 @@
-pub fn main() -> std::process::ExitCode { std::process::ExitCode::FAILURE }
+//! `bridle`, the command-line client of the control plane.
+//!
+//! Errors are one line on stderr and an exit code that says what kind of
+//! failure it was (see [`exit_code`]); `sandbox exec` exits with the
+//! command's own code (128 + N when a signal ended it).
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use bridle_proto::control::v1 as pb;
+use bridle_proto::sandbox::v1 as agent_pb;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+#[derive(Parser)]
+#[command(name = "bridle", version, about = "Client of the bridle control plane")]
+pub struct Cli {
+    /// Control-plane address. Default: the `endpoint` file in the data
+    /// directory, else http://127.0.0.1:7443.
+    #[arg(long, global = true, env = "BRIDLE_ENDPOINT")]
+    endpoint: Option<String>,
+    /// API token. Default: --token-file.
+    #[arg(long, global = true, env = "BRIDLE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the API token. Default: <data dir>/admin.token when readable.
+    #[arg(long, global = true, env = "BRIDLE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The control plane's data directory (to find the endpoint and the
+    /// bootstrap token on the same machine).
+    #[arg(long, global = true, env = "BRIDLE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, use and remove sandboxes.
+    #[command(subcommand)]
+    Sandbox(SandboxCmd),
+    /// Manage API tokens (admin), or show your own.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+enum SandboxCmd {
+    /// Create a sandbox; prints its id.
+    Create(CreateArgs),
+    List {
+        /// Only sandboxes with this label (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
+    Get {
+        id: String,
+    },
+    /// Run a command; stdin, a terminal, signals and the exit code pass through.
+    Exec(ExecArgs),
+    /// Copy a file in or out: `cp ./file ID:path`, `cp ID:path ./file` (`-` is stdin/stdout).
+    Cp {
+        src: String,
+        dst: String,
+    },
+    /// Store a snapshot of the workspace; prints its id.
+    Snapshot {
+        id: String,
+        /// Subpath of the workspace.
+        #[arg(long, default_value = "")]
+        path: String,
+        /// Glob to leave out (repeatable).
+        #[arg(long)]
+        exclude: Vec<String>,
+    },
+    /// List your snapshots.
+    Snapshots,
+    /// Delete a snapshot.
+    RmSnapshot {
+        id: String,
+    },
+    /// A new sandbox with a copy of this one's workspace; prints its id.
+    Fork {
+        id: String,
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    /// Delete sandboxes (container, workspace and all).
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    #[arg(long)]
+    image: Option<String>,
+    /// Memory limit: 512m, 2g, or bytes.
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    /// CPU limit in CPUs: 0.5, 2.
+    #[arg(long)]
+    cpus: Option<f64>,
+    #[arg(long)]
+    pids: Option<u64>,
+    #[arg(long, value_parser = ["none", "bridge"])]
+    network: Option<String>,
+    /// Environment for every exec (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Delete the sandbox after this long: 30m, 2h, 1d.
+    #[arg(long, value_parser = parse_duration)]
+    ttl: Option<Duration>,
+    /// Delete the sandbox after this long without use.
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    #[arg(long)]
+    from_snapshot: Option<String>,
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    id: String,
+    /// Allocate a terminal even when not attached to one.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Never allocate a terminal.
+    #[arg(short = 'T', long, conflicts_with = "tty")]
+    no_tty: bool,
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory, relative to the workspace.
+    #[arg(long, short = 'w', default_value = "")]
+    workdir: String,
+    /// Stop the command (and everything it started) after this long.
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Caller-chosen exec id (re-running with the same id attaches instead).
+    #[arg(long, default_value = "")]
+    exec_id: String,
+    /// Start the command and return at once; it keeps running.
+    #[arg(long, short = 'd')]
+    detach: bool,
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token; prints its secret once.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["admin", "operator", "submitter", "auditor"])]
+        role: String,
+        /// Tenant the token acts for (default: its name).
+        #[arg(long, default_value = "")]
+        owner: String,
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+    List {
+        /// Include revoked tokens.
+        #[arg(long)]
+        all: bool,
+    },
+    Revoke {
+        id: String,
+    },
+    Whoami,
+}
+
+/// Runs the CLI with the process's arguments and returns its exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bridle: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            let code = e.downcast_ref::<Status>().map(exit_code).unwrap_or(1);
+            eprintln!("bridle: {}", one_line(&e));
+            code
+        }
+    };
+    // Blocking stdin reads must not hold the process open.
+    runtime.shutdown_timeout(Duration::from_millis(10));
+    std::process::ExitCode::from(code)
+}
+
+/// Exit codes by failure kind: 1 other, 2 usage, 3 not found,
+/// 4 not authenticated or not allowed, 5 server unreachable or unavailable,
+/// 6 refused as invalid or in the wrong state.
+pub fn exit_code(s: &Status) -> u8 {
+    match s.code() {
+        Code::NotFound => 3,
+        Code::Unauthenticated | Code::PermissionDenied => 4,
+        Code::Unavailable | Code::DeadlineExceeded => 5,
+        Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::AlreadyExists
+        | Code::ResourceExhausted
+        | Code::OutOfRange => 6,
+        _ => 1,
+    }
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    let text = match e.downcast_ref::<Status>() {
+        Some(s) => format!("{}: {}", code_name(s.code()), s.message()),
+        None => format!("{e:#}"),
+    };
+    text.replace('\n', " ")
+}
+
+fn code_name(c: Code) -> &'static str {
+    match c {
+        Code::NotFound => "not found",
+        Code::Unauthenticated => "not authenticated",
+        Code::PermissionDenied => "permission denied",
+        Code::Unavailable => "unavailable",
+        Code::InvalidArgument => "invalid argument",
+        Code::FailedPrecondition => "failed precondition",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::DeadlineExceeded => "deadline exceeded",
+        _ => "error",
+    }
+}
+
+type Authed = InterceptedService<Channel, Bearer>;
+
+#[derive(Clone)]
+pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+struct Conn {
+    sandboxes: pb::sandboxes_client::SandboxesClient<Authed>,
+    admin: pb::admin_client::AdminClient<Authed>,
+    json: bool,
+}
+
+fn data_dir(cli: &Cli) -> PathBuf {
+    cli.data_dir
+        .clone()
+        .unwrap_or_else(crate::config::default_data_dir)
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<Conn> {
+    let endpoint = match &cli.endpoint {
+        Some(e) => e.clone(),
+        None => std::fs::read_to_string(data_dir(cli).join(crate::ENDPOINT_FILE))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "http://127.0.0.1:7443".into()),
+    };
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading the token file {}", f.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => {
+            let f = data_dir(cli).join(crate::auth::BOOTSTRAP_TOKEN_FILE);
+            std::fs::read_to_string(&f)
+                .map(|s| s.trim().to_string())
+                .map_err(|_| {
+                    anyhow!(
+                        "no token: set BRIDLE_TOKEN, --token or --token-file ({} is not readable)",
+                        f.display()
+                    )
+                })?
+        }
+    };
+    let value = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| anyhow!("the token contains characters a header cannot carry"))?;
+    let channel = Endpoint::from_shared(endpoint.clone())
+        .with_context(|| format!("bad endpoint {endpoint:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .connect()
+        .await
+        .map_err(|e| {
+            anyhow::Error::new(Status::unavailable(format!(
+                "cannot reach the control plane at {endpoint}: {e}"
+            )))
+        })?;
+    let bearer = Bearer(value);
+    Ok(Conn {
+        sandboxes: pb::sandboxes_client::SandboxesClient::with_interceptor(
+            channel.clone(),
+            bearer.clone(),
+        )
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20),
+        admin: pb::admin_client::AdminClient::with_interceptor(channel, bearer),
+        json: cli.output == Output::Json,
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let mut c = connect(&cli).await?;
+    match cli.command {
+        Command::Sandbox(cmd) => sandbox(&mut c, cmd).await,
+        Command::Token(cmd) => token(&mut c, cmd).await.map(|()| 0),
+    }
+}
+
+fn print_json(v: serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+}
+
+fn key_values(pairs: &[String], what: &str) -> anyhow::Result<HashMap<String, String>> {
+    pairs
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow!("{what} {p:?} must be KEY=VALUE"))
+        })
+        .collect()
+}
+
+fn sandbox_json(s: &pb::Sandbox) -> serde_json::Value {
+    let limits = s.limits.unwrap_or_default();
+    json!({
+        "id": s.id,
+        "owner": s.owner,
+        "state": state_name(s.state),
+        "image": s.image,
+        "limits": {
+            "memory_bytes": limits.memory_bytes,
+            "cpu_millis": limits.cpu_millis,
+            "pids": limits.pids,
+        },
+        "network": match pb::NetworkMode::try_from(s.network) {
+            Ok(pb::NetworkMode::Bridge) => "bridge",
+            _ => "none",
+        },
+        "env": s.env,
+        "labels": s.labels,
+        "created_unix_ms": s.created_unix_ms,
+        "expires_unix_ms": s.expires_unix_ms,
+        "idle_timeout_seconds": s.idle_timeout_seconds,
+        "last_active_unix_ms": s.last_active_unix_ms,
+        "from_snapshot": s.from_snapshot,
+        "pool_profile": s.pool_profile,
+        "failure": s.failure,
+    })
+}
+
+fn state_name(s: i32) -> &'static str {
+    match pb::SandboxState::try_from(s) {
+        Ok(pb::SandboxState::Creating) => "creating",
+        Ok(pb::SandboxState::Ready) => "ready",
+        Ok(pb::SandboxState::Paused) => "paused",
+        Ok(pb::SandboxState::Failed) => "failed",
+        _ => "unknown",
+    }
+}
+
+fn snapshot_json(s: &pb::SnapshotInfo) -> serde_json::Value {
+    json!({
+        "id": s.id,
+        "owner": s.owner,
+        "sandbox_id": s.sandbox_id,
+        "sha256": s.sha256,
+        "size_bytes": s.size_bytes,
+        "created_unix_ms": s.created_unix_ms,
+    })
+}
+
+async fn sandbox(c: &mut Conn, cmd: SandboxCmd) -> anyhow::Result<u8> {
+    match cmd {
+        SandboxCmd::Create(a) => {
+            let network = match a.network.as_deref() {
+                Some("bridge") => pb::NetworkMode::Bridge,
+                Some(_) => pb::NetworkMode::None,
+                None => pb::NetworkMode::Unspecified,
+            };
+            let s = c
+                .sandboxes
+                .create(pb::CreateSandboxRequest {
+                    image: a.image.unwrap_or_default(),
+                    limits: Some(pb::Limits {
+                        memory_bytes: a.memory,
+                        cpu_millis: a.cpus.map(|c| (c * 1000.0).round() as u64),
+                        pids: a.pids,
+                    }),
+                    network: network as i32,
+                    env: key_values(&a.env, "--env")?,
+                    ttl_seconds: a.ttl.map(|d| d.as_secs()).unwrap_or(0),
+                    idle_timeout_seconds: a.idle_timeout.map(|d| d.as_secs()).unwrap_or(0),
+                    from_snapshot: a.from_snapshot.unwrap_or_default(),
+                    labels: key_values(&a.labels, "--label")?,
+                })
+                .await?
+                .into_inner();
+            if c.json {
+                print_json(sandbox_json(&s));
+            } else {
+                println!("{}", s.id);
+            }
+        }
+        SandboxCmd::List { labels } => {
+            let list = c
+                .sandboxes
+                .list(pb::ListSandboxesRequest {
+                    labels: key_values(&labels, "--label")?,
+                })
+                .await?
+                .into_inner()
+                .sandboxes;
+            if c.json {
+                print_json(json!(list.iter().map(sandbox_json).collect::<Vec<_>>()));
+            } else {
+                println!("{:<16} {:<9} {:<16} IMAGE", "ID", "STATE", "OWNER");
+                for s in &list {
+                    println!(
+                        "{:<16} {:<9} {:<16} {}",
+                        s.id,
+                        state_name(s.state),
+                        s.owner,
+                        s.image
+                    );
+                }
+            }
+        }
+        SandboxCmd::Get { id } => {
+            let s = c
+                .sandboxes
+                .get(pb::GetSandboxRequest { sandbox_id: id })
+                .await?
+                .into_inner();
+            if c.json {
+                print_json(sandbox_json(&s));
+            } else {
+                let limits = s.limits.unwrap_or_default();
+                println!("id:       {}", s.id);
+                println!("state:    {}", state_name(s.state));
+                println!("owner:    {}", s.owner);
+                println!("image:    {}", s.image);
+                println!(
+                    "limits:   memory {} B, cpu {} m, pids {}",
+                    limits.memory_bytes.unwrap_or(0),
+                    limits.cpu_millis.unwrap_or(0),
+                    limits.pids.unwrap_or(0)
+                );
+                if !s.failure.is_empty() {
+                    println!("failure:  {}", s.failure);
+                }
+            }
+        }
+        SandboxCmd::Exec(a) => return exec(c, a).await,
+        SandboxCmd::Cp { src, dst } => copy(c, &src, &dst).await?,
+        SandboxCmd::Snapshot { id, path, exclude } => {
+            let s = c
+                .sandboxes
+                .snapshot(pb::SnapshotRequest {
+                    sandbox_id: id,
+                    path,
+                    exclude,
+                    compression: agent_pb::Compression::Zstd as i32,
+                })
+                .await?
+                .into_inner();
+            if c.json {
+                print_json(snapshot_json(&s));
+            } else {
+                println!("{}", s.id);
+            }
+        }
+        SandboxCmd::Snapshots => {
+            let list = c
+                .sandboxes
+                .list_snapshots(pb::ListSnapshotsRequest {})
+                .await?
+                .into_inner()
+                .snapshots;
+            if c.json {
+                print_json(json!(list.iter().map(snapshot_json).collect::<Vec<_>>()));
+            } else {
+                println!("{:<18} {:<16} {:>12} SHA256", "ID", "SANDBOX", "BYTES");
+                for s in &list {
+                    println!(
+                        "{:<18} {:<16} {:>12} {}",
+                        s.id, s.sandbox_id, s.size_bytes, s.sha256
+                    );
+                }
+            }
+        }
+        SandboxCmd::RmSnapshot { id } => {
+            c.sandboxes
+                .delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: id })
+                .await?;
+        }
+        SandboxCmd::Fork { id, ttl } => {
+            let s = c
+                .sandboxes
+                .fork(pb::ForkRequest {
+                    sandbox_id: id,
+                    ttl_seconds: ttl.map(|d| d.as_secs()).unwrap_or(0),
+                    labels: HashMap::new(),
+                })
+                .await?
+                .into_inner();
+            if c.json {
+                print_json(sandbox_json(&s));
+            } else {
+                println!("{}", s.id);
+            }
+        }
+        SandboxCmd::Pause { id } => {
+            let s = c
+                .sandboxes
+                .pause(pb::PauseSandboxRequest { sandbox_id: id })
+                .await?
+                .into_inner();
+            if c.json {
+                print_json(sandbox_json(&s));
+            }
+        }
+        SandboxCmd::Resume { id } => {
+            let s = c
+                .sandboxes
+                .resume(pb::ResumeSandboxRequest { sandbox_id: id })
+                .await?
+                .into_inner();
+            if c.json {
+                print_json(sandbox_json(&s));
+            }
+        }
+        SandboxCmd::Rm { ids } => {
+            for id in ids {
+                c.sandboxes
+                    .delete(pb::DeleteSandboxRequest {
+                        sandbox_id: id.clone(),
+                    })
+                    .await?;
+                if c.json {
+                    print_json(json!({ "deleted": id }));
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn token_json(t: &pb::TokenInfo) -> serde_json::Value {
+    json!({
+        "id": t.id,
+        "name": t.name,
+        "role": role_name(t.role),
+        "owner": t.owner,
+        "created_unix_ms": t.created_unix_ms,
+        "expires_unix_ms": t.expires_unix_ms,
+        "revoked_unix_ms": t.revoked_unix_ms,
+        "created_by": t.created_by,
+    })
+}
+
+fn role_name(r: i32) -> &'static str {
+    match pb::Role::try_from(r) {
+        Ok(pb::Role::Admin) => "admin",
+        Ok(pb::Role::Operator) => "operator",
+        Ok(pb::Role::Submitter) => "submitter",
+        Ok(pb::Role::Auditor) => "auditor",
+        _ => "unknown",
+    }
+}
+
+async fn token(c: &mut Conn, cmd: TokenCmd) -> anyhow::Result<()> {
+    match cmd {
+        TokenCmd::Create {
+            name,
+            role,
+            owner,
+            ttl,
+        } => {
+            let role = match role.as_str() {
+                "admin" => pb::Role::Admin,
+                "operator" => pb::Role::Operator,
+                "auditor" => pb::Role::Auditor,
+                _ => pb::Role::Submitter,
+            };
+            let r = c
+                .admin
+                .create_token(pb::CreateTokenRequest {
+                    name,
+                    role: role as i32,
+                    owner,
+                    ttl_seconds: ttl.map(|d| d.as_secs()).unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            if c.json {
+                let mut v = token_json(&r.token.unwrap_or_default());
+                v["secret"] = json!(r.secret);
+                print_json(v);
+            } else {
+                println!("{}", r.secret);
+            }
+        }
+        TokenCmd::List { all } => {
+            let list = c
+                .admin
+                .list_tokens(pb::ListTokensRequest {
+                    include_revoked: all,
+                })
+                .await?
+                .into_inner()
+                .tokens;
+            if c.json {
+                print_json(json!(list.iter().map(token_json).collect::<Vec<_>>()));
+            } else {
+                println!(
+                    "{:<14} {:<10} {:<16} {:<20} REVOKED",
+                    "ID", "ROLE", "OWNER", "NAME"
+                );
+                for t in &list {
+                    println!(
+                        "{:<14} {:<10} {:<16} {:<20} {}",
+                        t.id,
+                        role_name(t.role),
+                        t.owner,
+                        t.name,
+                        if t.revoked_unix_ms != 0 { "yes" } else { "" }
+                    );
+                }
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            c.admin
+                .revoke_token(pb::RevokeTokenRequest { token_id: id })
+                .await?;
+        }
+        TokenCmd::Whoami => {
+            let t = c.admin.who_am_i(pb::WhoAmIRequest {}).await?.into_inner();
+            if c.json {
+                print_json(token_json(&t));
+            } else {
+                println!(
+                    "{} ({}, owner {}, token {})",
+                    t.name,
+                    role_name(t.role),
+                    t.owner,
+                    t.id
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- exec
+
+/// The terminal in raw mode for as long as this lives.
+struct RawTerminal {
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        // SAFETY: tcgetattr/tcsetattr on fd 0 with valid termios structs.
+        unsafe {
+            let mut saved: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut saved) != 0 {
+                return None;
+            }
+            let mut raw = saved;
+            libc::cfmakeraw(&mut raw);
+            if libc::tcsetattr(0, libc::TCSANOW, &raw) != 0 {
+                return None;
+            }
+            Some(Self { saved })
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restoring the attributes read in `enter`.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
+    }
+}
+
+fn window_size() -> Option<agent_pb::PtySize> {
+    // SAFETY: TIOCGWINSZ into a valid winsize.
+    unsafe {
+        let mut ws: libc::winsize = std::mem::zeroed();
+        if libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) != 0 || ws.ws_row == 0 {
+            return None;
+        }
+        Some(agent_pb::PtySize {
+            rows: ws.ws_row as u32,
+            cols: ws.ws_col as u32,
+        })
+    }
+}
+
+async fn exec(c: &mut Conn, a: ExecArgs) -> anyhow::Result<u8> {
+    let tty =
+        !a.no_tty && (a.tty || (std::io::stdin().is_terminal() && std::io::stdout().is_terminal()));
+    let pty = if tty {
+        Some(window_size().unwrap_or(agent_pb::PtySize { rows: 24, cols: 80 }))
+    } else {
+        None
+    };
+    let start = agent_pb::ExecStart {
+        exec_id: a.exec_id,
+        argv: a.command,
+        env: key_values(&a.env, "--env")?,
+        cwd: a.workdir,
+        stdin: !a.detach,
+        pty,
+        timeout_ms: a.timeout.map(|d| d.as_millis() as u32).unwrap_or(0),
+        ..Default::default()
+    };
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(pb::ExecRequest {
+        request: Some(pb::exec_request::Request::Start(pb::ExecStart {
+            sandbox_id: a.id,
+            exec: Some(start),
+            detach: a.detach,
+        })),
+    })
+    .await?;
+    let mut events = c
+        .sandboxes
+        .exec(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    if a.detach {
+        // The first event says whether it started.
+        return match events.message().await? {
+            Some(agent_pb::ExecEvent {
+                event: Some(agent_pb::exec_event::Event::Started(s)),
+            }) => {
+                if c.json {
+                    print_json(json!({ "exec_id": s.exec_id, "pid": s.pid }));
+                } else {
+                    println!("{}", s.exec_id);
+                }
+                Ok(0)
+            }
+            Some(agent_pb::ExecEvent {
+                event: Some(agent_pb::exec_event::Event::SpawnFailed(f)),
+            }) => bail!("the command did not start: {}", f.reason),
+            _ => bail!("the exec stream ended before the command started"),
+        };
+    }
+    let _raw = if tty { RawTerminal::enter() } else { None };
+    // stdin → exec; EOF closes the command's stdin.
+    let input = tx.clone();
+    tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = input
+                        .send(pb::ExecRequest {
+                            request: Some(pb::exec_request::Request::CloseStdin(
+                                agent_pb::CloseStdin {},
+                            )),
+                        })
+                        .await;
+                    return;
+                }
+                Ok(n) => {
+                    let msg = pb::ExecRequest {
+                        request: Some(pb::exec_request::Request::Stdin(buf[..n].to_vec().into())),
+                    };
+                    if input.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    // Signals: Ctrl-C and friends go to the command (in a terminal, Ctrl-C
+    // is a byte the remote terminal turns into SIGINT); window size changes
+    // resize the remote terminal.
+    let signals = tx.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term), Ok(mut hup), Ok(mut winch)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+            signal(SignalKind::window_change()),
+        ) else {
+            return;
+        };
+        loop {
+            let request = tokio::select! {
+                _ = int.recv() => pb::exec_request::Request::Signal(libc::SIGINT),
+                _ = term.recv() => pb::exec_request::Request::Signal(libc::SIGTERM),
+                _ = hup.recv() => pb::exec_request::Request::Signal(libc::SIGHUP),
+                _ = winch.recv() => match window_size() {
+                    Some(size) if tty => pb::exec_request::Request::Resize(size),
+                    _ => continue,
+                },
+            };
+            if signals
+                .send(pb::ExecRequest {
+                    request: Some(request),
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    drop(tx);
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    while let Some(ev) = events.message().await? {
+        use agent_pb::exec_event::Event;
+        match ev.event {
+            Some(Event::Output(o)) => {
+                if o.stream == agent_pb::OutputStream::Stderr as i32 {
+                    stderr.write_all(&o.data).await?;
+                    stderr.flush().await?;
+                } else {
+                    stdout.write_all(&o.data).await?;
+                    stdout.flush().await?;
+                }
+            }
+            Some(Event::Dropped(d)) => {
+                eprintln!(
+                    "bridle: [{} bytes of output dropped by the sandbox's output cap]",
+                    d.to_offset - d.from_offset
+                );
+            }
+            Some(Event::SpawnFailed(f)) => {
+                eprintln!("bridle: the command did not start: {}", f.reason);
+                return Ok(if f.errno == libc::ENOENT { 127 } else { 126 });
+            }
+            Some(Event::Exited(x)) => {
+                if x.timed_out {
+                    eprintln!("bridle: the command timed out and was stopped");
+                }
+                if x.oom_killed {
+                    eprintln!("bridle: the command ran out of memory");
+                }
+                return Ok(match (x.code, x.signal) {
+                    (Some(code), _) => code.clamp(0, 255) as u8,
+                    (None, Some(sig)) => (128 + sig).clamp(0, 255) as u8,
+                    (None, None) => 137,
+                });
+            }
+            Some(Event::Started(_)) | Some(Event::Keepalive(_)) | None => {}
+        }
+    }
+    bail!("the exec stream ended before the command exited")
+}
+
+// ---------------------------------------------------------------- cp
+
+/// `ID:path` names a file in a sandbox.
+fn remote(spec: &str) -> Option<(&str, &str)> {
+    let (id, path) = spec.split_once(':')?;
+    (id.starts_with("sb-") && !id.contains('/')).then_some((id, path))
+}
+
+fn progress(total: Option<u64>, label: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = match total {
+        Some(t) if t >= 8 << 20 => indicatif::ProgressBar::new(t),
+        Some(_) => return indicatif::ProgressBar::hidden(),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    let template = if total.is_some() {
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}"
+    } else {
+        "{msg} {spinner} {bytes} {bytes_per_sec}"
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(label.to_string());
+    bar
+}
+
+async fn copy(c: &mut Conn, src: &str, dst: &str) -> anyhow::Result<()> {
+    match (remote(src), remote(dst)) {
+        (None, Some((id, path))) => upload(c, src, id, path).await,
+        (Some((id, path)), None) => download(c, id, path, dst).await,
+        (Some(_), Some(_)) => {
+            bail!("copying between two sandboxes is not supported; go through a local file")
+        }
+        (None, None) => {
+            bail!("one side of cp must be a sandbox path, like sb-1234:path/in/workspace")
+        }
+    }
+}
+
+async fn upload(c: &mut Conn, src: &str, id: &str, path: &str) -> anyhow::Result<()> {
+    let (mut reader, size, mode): (
+        Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+        Option<u64>,
+        u32,
+    ) = if src == "-" {
+        (Box::new(tokio::io::stdin()), None, 0o644)
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        let f = tokio::fs::File::open(src)
+            .await
+            .with_context(|| format!("opening {src}"))?;
+        let meta = f.metadata().await?;
+        if !meta.is_file() {
+            bail!("{src} is not a regular file");
+        }
+        (
+            Box::new(f),
+            Some(meta.len()),
+            meta.permissions().mode() & 0o777,
+        )
+    };
+    let path = if path.is_empty() || path.ends_with('/') {
+        let name = Path::new(src)
+            .file_name()
+            .ok_or_else(|| anyhow!("name the destination file: {id}:path/name"))?;
+        format!("{path}{}", name.to_string_lossy())
+    } else {
+        path.to_string()
+    };
+    let bar = progress(size, &format!("{src} → {id}:{path}"));
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(pb::WriteFileRequest {
+        request: Some(pb::write_file_request::Request::Header(
+            pb::WriteFileHeader {
+                sandbox_id: id.to_string(),
+                file: Some(agent_pb::WriteFileHeader {
+                    path: path.clone(),
+                    mode,
+                    create_parents: true,
+                    ..Default::default()
+                }),
+            },
+        )),
+    })
+    .await?;
+    let feeder_bar = bar.clone();
+    let feeder = tokio::spawn(async move {
+        loop {
+            let mut buf = vec![0u8; 1 << 20];
+            let n = reader.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<(), std::io::Error>(());
+            }
+            buf.truncate(n);
+            feeder_bar.inc(n as u64);
+            let msg = pb::WriteFileRequest {
+                request: Some(pb::write_file_request::Request::Data(buf.into())),
+            };
+            if tx.send(msg).await.is_err() {
+                return Ok(());
+            }
+        }
+    });
+    let answer = c.sandboxes.write_file(ReceiverStream::new(rx)).await;
+    feeder.await??;
+    let r = answer?.into_inner();
+    bar.finish_and_clear();
+    if c.json {
+        print_json(json!({ "path": path, "size": r.size, "sha256": r.sha256 }));
+    }
+    Ok(())
+}
+
+async fn download(c: &mut Conn, id: &str, path: &str, dst: &str) -> anyhow::Result<()> {
+    let mut chunks = c
+        .sandboxes
+        .read_file(pb::ReadFileRequest {
+            sandbox_id: id.to_string(),
+            path: path.to_string(),
+            offset: 0,
+            length: 0,
+        })
+        .await?
+        .into_inner();
+    // Written to a temp file next to the destination and renamed when all
+    // of it arrived, so a failed copy leaves no partial file.
+    let (mut out, tmp, dst_path): (
+        Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+        Option<PathBuf>,
+        PathBuf,
+    ) = if dst == "-" {
+        (Box::new(tokio::io::stdout()), None, PathBuf::new())
+    } else {
+        let mut d = PathBuf::from(dst);
+        if d.is_dir() {
+            d.push(
+                Path::new(path)
+                    .file_name()
+                    .ok_or_else(|| anyhow!("{path} has no file name"))?,
+            );
+        }
+        let tmp = d.with_file_name(format!(
+            ".{}.bridle-part",
+            d.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        let f = tokio::fs::File::create(&tmp)
+            .await
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        (Box::new(f), Some(tmp), d)
+    };
+    let bar = progress(None, &format!("{id}:{path} → {dst}"));
+    let result = async {
+        let mut total = 0u64;
+        while let Some(chunk) = chunks.message().await? {
+            total += chunk.data.len() as u64;
+            bar.inc(chunk.data.len() as u64);
+            out.write_all(&chunk.data).await?;
+        }
+        out.flush().await?;
+        Ok::<u64, anyhow::Error>(total)
+    }
+    .await;
+    bar.finish_and_clear();
+    match (result, tmp) {
+        (Ok(total), Some(tmp)) => {
+            drop(out);
+            std::fs::rename(&tmp, &dst_path)?;
+            if c.json {
+                print_json(json!({ "path": dst_path, "size": total }));
+            }
+            Ok(())
+        }
+        (Ok(_), None) => Ok(()),
+        (Err(e), tmp) => {
+            if let Some(tmp) = tmp {
+                let _ = std::fs::remove_file(tmp);
+            }
+            Err(e)
+        }
+    }
+}
+
+// ---------------------------------------------------------------- parsing
+
+/// `90`, `90s`, `15m`, `2h`, `1d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 15m, 2h, 1d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        "ms" => return Ok(Duration::from_millis(n)),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// `1048576`, `512k`, `512m`, `2g` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 512m or 2g"))?;
+    let mult = match unit {
+        "" => 1,
+        "k" | "ki" => 1 << 10,
+        "m" | "mi" => 1 << 20,
+        "g" | "gi" => 1 << 30,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (k, m, g)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86400));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
+        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999999g").is_err());
+    }
+
+    #[test]
+    fn remote_paths() {
+        assert_eq!(remote("sb-12ab:dir/f"), Some(("sb-12ab", "dir/f")));
+        assert_eq!(remote("./sb-1:x"), None);
+        assert_eq!(remote("C:/x"), None);
+        assert_eq!(remote("file"), None);
+    }
+
+    #[test]
+    fn exit_codes_by_kind() {
+        assert_eq!(exit_code(&Status::not_found("x")), 3);
+        assert_eq!(exit_code(&Status::unauthenticated("x")), 4);
+        assert_eq!(exit_code(&Status::permission_denied("x")), 4);
+        assert_eq!(exit_code(&Status::unavailable("x")), 5);
+        assert_eq!(exit_code(&Status::invalid_argument("x")), 6);
+        assert_eq!(exit_code(&Status::internal("x")), 1);
+    }
+}

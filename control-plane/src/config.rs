@@ -179,7 +179,12 @@ pub fn default_data_dir() -> PathBuf {
 }
 
 /// Environment variables that are not configuration keys.
-const NOT_CONFIG: &[&str] = &["BRIDLE_CONFIG", "BRIDLE_LOG", "BRIDLE_TOKEN", "BRIDLE_ENDPOINT"];
+const NOT_CONFIG: &[&str] = &[
+    "BRIDLE_CONFIG",
+    "BRIDLE_LOG",
+    "BRIDLE_TOKEN",
+    "BRIDLE_ENDPOINT",
+];
 
 impl Config {
     /// Builds the layered configuration. `file` is read when given (a missing
@@ -190,17 +195,18 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         sets: &[String],
     ) -> Result<Self, Error> {
-        let mut tree = toml::Table::try_from(Config::default())
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let mut tree =
+            toml::Table::try_from(Config::default()).map_err(|e| Error::Invalid(e.to_string()))?;
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
                 path: path.into(),
                 source,
             })?;
-            let from_file: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::File {
-                path: path.into(),
-                message: e.to_string(),
-            })?;
+            let from_file: toml::Table =
+                text.parse().map_err(|e: toml::de::Error| Error::File {
+                    path: path.into(),
+                    message: e.to_string(),
+                })?;
             merge(&mut tree, from_file);
         }
         let mut env: Vec<(String, String)> = env
@@ -238,7 +244,7 @@ impl Config {
         }
         let config: Config = toml::Value::Table(tree)
             .try_into()
-            .map_err(|e: toml::de::Error| Error::Invalid(e.to_string()))?;
+            .map_err(|e: toml::de::Error| Error::Invalid(one_line(&e.to_string())))?;
         config.validate()?;
         Ok(config)
     }
@@ -282,7 +288,9 @@ impl Config {
             }
         }
         if self.sweep_interval_secs == 0 {
-            return Err(Error::Invalid("sweep_interval_secs must be at least 1".into()));
+            return Err(Error::Invalid(
+                "sweep_interval_secs must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -290,6 +298,12 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }
+}
+
+/// toml's messages span lines (with a caret under the spot); errors here
+/// are one line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// `uid:gid` as numbers.

@@ -24,6 +24,10 @@ use crate::config::Config;
 /// Name of the file in the data directory that holds the address the server
 /// listens on (useful with `listen = "127.0.0.1:0"`).
 pub const ENDPOINT_FILE: &str = "endpoint";
+/// Name of the file in the data directory that holds this control plane's
+/// instance id, the value of the `bridle.control-plane` label on its
+/// containers.
+pub const INSTANCE_FILE: &str = "instance";
 
 /// Serves until `shutdown` resolves. Sandboxes (and the commands in them)
 /// outlive the control plane: the next start re-adopts them.
@@ -42,6 +46,7 @@ pub async fn run(
         .instance_id(&random_hex(8), now_ms())
         .await
         .context("reading the instance id")?;
+    std::fs::write(data_dir.join(INSTANCE_FILE), format!("{instance}\n"))?;
     let auth = auth::Auth::load(store.clone()).await?;
     if let Some(path) = auth.bootstrap(&data_dir, now_ms()).await? {
         tracing::info!(path = %path.display(), "wrote the bootstrap admin token (mode 0600)");
@@ -59,7 +64,10 @@ pub async fn run(
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    std::fs::write(data_dir.join(ENDPOINT_FILE), format!("http://{addr}\n"))?;
+    // Written whole and renamed: a reader never sees half an address.
+    let tmp = data_dir.join(format!(".{ENDPOINT_FILE}.tmp"));
+    std::fs::write(&tmp, format!("http://{addr}\n"))?;
+    std::fs::rename(&tmp, data_dir.join(ENDPOINT_FILE))?;
     tracing::info!(%addr, instance, data_dir = %data_dir.display(), "control plane serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -73,7 +81,9 @@ pub async fn run(
     health
         .set_serving::<SandboxesServer<api::sandboxes::SandboxesApi<runtime::docker::Docker>>>()
         .await;
-    health.set_serving::<AdminServer<api::admin::AdminApi>>().await;
+    health
+        .set_serving::<AdminServer<api::admin::AdminApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(bridle_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -174,7 +174,12 @@ struct Inner<R> {
 }
 
 impl<R: Runtime> Sandboxes<R> {
-    pub fn new(config: Config, runtime: R, store: Store, artifacts: Artifacts) -> std::io::Result<Self> {
+    pub fn new(
+        config: Config,
+        runtime: R,
+        store: Store,
+        artifacts: Artifacts,
+    ) -> std::io::Result<Self> {
         let sockets = config.data_dir.join("sandboxes");
         std::fs::create_dir_all(&sockets)?;
         set_mode(&sockets, 0o700)?;
@@ -239,7 +244,12 @@ impl<R: Runtime> Sandboxes<R> {
                 Ok(())
             }
         };
-        bound("limits.memory_bytes", spec.memory_bytes, 16 << 20, d.max_memory_bytes)?;
+        bound(
+            "limits.memory_bytes",
+            spec.memory_bytes,
+            16 << 20,
+            d.max_memory_bytes,
+        )?;
         bound("limits.cpu_millis", spec.cpu_millis, 10, d.max_cpu_millis)?;
         bound("limits.pids", spec.pids, 8, d.max_pids)?;
         if spec.network != Network::None && !d.allow_network {
@@ -255,12 +265,20 @@ impl<R: Runtime> Sandboxes<R> {
         let d = &self.inner.config.sandbox;
         let or = |v: u64, dv: u64| if v == 0 { dv } else { v };
         Spec {
-            image: if p.image.is_empty() { d.image.clone() } else { p.image.clone() },
+            image: if p.image.is_empty() {
+                d.image.clone()
+            } else {
+                p.image.clone()
+            },
             memory_bytes: or(p.memory_bytes, d.memory_bytes),
             cpu_millis: or(p.cpu_millis, d.cpu_millis),
             pids: or(p.pids, d.pids),
-            network: Network::from_str(if p.network.is_empty() { &d.network } else { &p.network })
-                .unwrap_or(Network::None),
+            network: Network::from_str(if p.network.is_empty() {
+                &d.network
+            } else {
+                &p.network
+            })
+            .unwrap_or(Network::None),
             env: BTreeMap::new(),
             labels: BTreeMap::new(),
         }
@@ -270,9 +288,7 @@ impl<R: Runtime> Sandboxes<R> {
     /// otherwise cold; answers once its agent is healthy (and its snapshot,
     /// if any, restored).
     pub async fn create(&self, principal: &Principal, req: CreateRequest) -> Result<SandboxRecord> {
-        principal
-            .require_write()
-            .map_err(denied)?;
+        principal.require_write().map_err(denied)?;
         let spec = self.resolve_spec(&req)?;
         let max = self.inner.config.sandbox.max_per_owner;
         if max > 0 && self.inner.store.count_owned(&principal.owner).await? >= max {
@@ -287,13 +303,21 @@ impl<R: Runtime> Sandboxes<R> {
         };
         let now = crate::now_ms();
         let d = &self.inner.config.sandbox;
-        let ttl = if req.ttl_secs > 0 { req.ttl_secs } else { d.ttl_secs };
+        let ttl = if req.ttl_secs > 0 {
+            req.ttl_secs
+        } else {
+            d.ttl_secs
+        };
         let idle = if req.idle_timeout_secs > 0 {
             req.idle_timeout_secs
         } else {
             d.idle_timeout_secs
         };
-        let expires = if ttl > 0 { now + (ttl as i64) * 1000 } else { 0 };
+        let expires = if ttl > 0 {
+            now + (ttl as i64) * 1000
+        } else {
+            0
+        };
         if snapshot.is_none() {
             for p in &self.inner.config.pool {
                 if p.size == 0 || !self.profile_spec(p).same_machine(&spec) {
@@ -330,7 +354,8 @@ impl<R: Runtime> Sandboxes<R> {
             pool_profile: String::new(),
             failure: String::new(),
         };
-        self.build(record, snapshot.as_ref(), &principal.owner).await
+        self.build(record, snapshot.as_ref(), &principal.owner)
+            .await
     }
 
     /// Inserts the record, starts the container, waits for the agent and
@@ -409,7 +434,7 @@ impl<R: Runtime> Sandboxes<R> {
                 return Ok(());
             }
             polls += 1;
-            if polls % 20 == 0 {
+            if polls.is_multiple_of(20) {
                 let status = self.inner.runtime.status(id).await?;
                 if !status.is_some_and(|s| s.running) {
                     let logs = self.inner.runtime.logs(id).await;
@@ -467,7 +492,9 @@ impl<R: Runtime> Sandboxes<R> {
         let answer = agent
             .restore(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await;
-        reader.await.map_err(|e| std::io::Error::other(e.to_string()))??;
+        reader
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
         answer.map_err(Error::Agent)?;
         Ok(())
     }
@@ -529,9 +556,7 @@ impl<R: Runtime> Sandboxes<R> {
     }
 
     pub async fn delete(&self, principal: &Principal, id: &str) -> Result<()> {
-        principal
-            .require_write()
-            .map_err(denied)?;
+        principal.require_write().map_err(denied)?;
         let r = self.get(principal, id).await?;
         if r.state == SandboxState::Creating {
             return Err(Error::FailedPrecondition(format!(
@@ -542,9 +567,7 @@ impl<R: Runtime> Sandboxes<R> {
     }
 
     pub async fn pause(&self, principal: &Principal, id: &str) -> Result<SandboxRecord> {
-        principal
-            .require_write()
-            .map_err(denied)?;
+        principal.require_write().map_err(denied)?;
         let r = self.get(principal, id).await?;
         match r.state {
             SandboxState::Paused => return Ok(r),
@@ -565,9 +588,7 @@ impl<R: Runtime> Sandboxes<R> {
     }
 
     pub async fn resume(&self, principal: &Principal, id: &str) -> Result<SandboxRecord> {
-        principal
-            .require_write()
-            .map_err(denied)?;
+        principal.require_write().map_err(denied)?;
         let r = self.get(principal, id).await?;
         match r.state {
             SandboxState::Ready => return Ok(r),
@@ -591,9 +612,7 @@ impl<R: Runtime> Sandboxes<R> {
     /// The record of a sandbox `principal` may use now (ready, and not an
     /// auditor), and a client for its agent.
     pub async fn usable(&self, principal: &Principal, id: &str) -> Result<(SandboxRecord, Agent)> {
-        principal
-            .require_write()
-            .map_err(denied)?;
+        principal.require_write().map_err(denied)?;
         let r = self.get(principal, id).await?;
         match r.state {
             SandboxState::Ready => {}
@@ -653,7 +672,11 @@ impl<R: Runtime> Sandboxes<R> {
 
     // ------------------------------------------------------------ snapshots
 
-    pub async fn visible_snapshot(&self, principal: &Principal, id: &str) -> Result<SnapshotRecord> {
+    pub async fn visible_snapshot(
+        &self,
+        principal: &Principal,
+        id: &str,
+    ) -> Result<SnapshotRecord> {
         match self.inner.store.snapshot(id).await? {
             Some(s) if principal.sees(Some(&s.owner)) => Ok(s),
             _ => Err(Error::SnapshotNotFound(id.into())),
@@ -702,9 +725,7 @@ impl<R: Runtime> Sandboxes<R> {
     }
 
     pub async fn delete_snapshot(&self, principal: &Principal, id: &str) -> Result<()> {
-        principal
-            .require_write()
-            .map_err(denied)?;
+        principal.require_write().map_err(denied)?;
         self.visible_snapshot(principal, id).await?;
         self.inner.store.delete_snapshot(id).await?;
         self.collect_artifacts().await?;
@@ -722,7 +743,13 @@ impl<R: Runtime> Sandboxes<R> {
     ) -> Result<SandboxRecord> {
         let source = self.get(principal, id).await?;
         let snap = self
-            .snapshot(principal, id, String::new(), Vec::new(), agent_pb::Compression::Zstd)
+            .snapshot(
+                principal,
+                id,
+                String::new(),
+                Vec::new(),
+                agent_pb::Compression::Zstd,
+            )
             .await?;
         let mut merged = source.spec.labels.clone();
         merged.extend(labels);
@@ -763,13 +790,16 @@ impl<R: Runtime> Sandboxes<R> {
         for c in &containers {
             if !known.contains(c.sandbox_id.as_str()) && !creating.contains(&c.sandbox_id) {
                 tracing::info!(sandbox = %c.sandbox_id, container = %c.container_id, "removing an orphan container");
-                if let Err(e) = self.inner.runtime.remove(&c.sandbox_id).await {
+                if let Err(e) = self.inner.runtime.remove_orphan(c).await {
                     tracing::warn!(sandbox = %c.sandbox_id, "removing an orphan: {e}");
                 }
                 let _ = std::fs::remove_dir_all(self.socket_dir(&c.sandbox_id));
             }
         }
-        let by_id: HashMap<&str, _> = containers.iter().map(|c| (c.sandbox_id.as_str(), c)).collect();
+        let by_id: HashMap<&str, _> = containers
+            .iter()
+            .map(|c| (c.sandbox_id.as_str(), c))
+            .collect();
         let now = crate::now_ms();
         for r in records {
             if creating.contains(&r.id) {
@@ -807,7 +837,11 @@ impl<R: Runtime> Sandboxes<R> {
                         }
                     }
                     Some(c) => {
-                        let state = if c.paused { SandboxState::Paused } else { SandboxState::Ready };
+                        let state = if c.paused {
+                            SandboxState::Paused
+                        } else {
+                            SandboxState::Ready
+                        };
                         if state != r.state {
                             self.inner.store.set_sandbox_state(&r.id, state, "").await?;
                         }
@@ -819,7 +853,15 @@ impl<R: Runtime> Sandboxes<R> {
                 continue;
             }
             let expired = r.expires_unix_ms != 0 && now >= r.expires_unix_ms;
-            let busy = self.inner.streams.lock().expect("lock").get(&r.id).copied().unwrap_or(0) > 0;
+            let busy = self
+                .inner
+                .streams
+                .lock()
+                .expect("lock")
+                .get(&r.id)
+                .copied()
+                .unwrap_or(0)
+                > 0;
             let idle = r.idle_timeout_secs > 0
                 && !busy
                 && now - r.last_active_unix_ms >= (r.idle_timeout_secs as i64) * 1000;
@@ -833,7 +875,8 @@ impl<R: Runtime> Sandboxes<R> {
     }
 
     async fn flush_activity(&self) -> Result<()> {
-        let pending: Vec<(String, i64)> = self.inner.activity.lock().expect("lock").drain().collect();
+        let pending: Vec<(String, i64)> =
+            self.inner.activity.lock().expect("lock").drain().collect();
         for (id, t) in pending {
             self.inner.store.touch_sandbox(&id, t).await?;
         }
@@ -865,8 +908,11 @@ impl<R: Runtime> Sandboxes<R> {
                         pool_profile: name.clone(),
                         failure: String::new(),
                     };
-                    if let Err(e) = this.build(record, None, &format!("pool:{name}")).await {
-                        tracing::warn!(pool = %name, "warm pool sandbox: {e}");
+                    match this.build(record, None, &format!("pool:{name}")).await {
+                        Ok(r) => {
+                            tracing::info!(pool = %name, sandbox = %r.id, "warm pool sandbox ready")
+                        }
+                        Err(e) => tracing::warn!(pool = %name, "warm pool sandbox: {e}"),
                     }
                 });
             }
@@ -875,13 +921,12 @@ impl<R: Runtime> Sandboxes<R> {
         Ok(())
     }
 
-    /// Runs reconcile and pool refills until `shutdown` fires.
+    /// Keeps the pools full and runs [`Self::reconcile`] every
+    /// `sweep_interval_secs` (and after each pool claim) until `shutdown`
+    /// fires. The caller reconciles once before serving.
     pub async fn maintain(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let every = Duration::from_secs(self.inner.config.sweep_interval_secs);
         loop {
-            if let Err(e) = self.reconcile().await {
-                tracing::warn!("sandbox sweep: {e}");
-            }
             if let Err(e) = self.refill_pools().await {
                 tracing::warn!("warm pool refill: {e}");
             }
@@ -889,6 +934,9 @@ impl<R: Runtime> Sandboxes<R> {
                 _ = tokio::time::sleep(every) => {}
                 _ = self.inner.pool_wake.notified() => {}
                 _ = shutdown.changed() => return,
+            }
+            if let Err(e) = self.reconcile().await {
+                tracing::warn!("sandbox sweep: {e}");
             }
         }
     }
@@ -932,7 +980,9 @@ pub fn connect_agent(socket: PathBuf) -> Agent {
         .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?))
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
             }
         }));
     SandboxAgentClient::new(channel)
@@ -947,7 +997,9 @@ async fn health_serving(socket: &Path) -> bool {
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?))
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
             }
         }))
         .await;

@@ -194,10 +194,12 @@ impl Store {
     }
 
     pub async fn sandbox(&self, id: &str) -> Result<Option<SandboxRecord>> {
-        let row = sqlx::query(&format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(sandbox_from_row).transpose()
     }
 
@@ -349,10 +351,12 @@ impl Store {
                    FROM snapshots";
         let rows = match owner {
             Some(o) => {
-                sqlx::query(&format!("{sql} WHERE owner = $1 ORDER BY created_unix_ms, id"))
-                    .bind(o)
-                    .fetch_all(&self.pool)
-                    .await?
+                sqlx::query(&format!(
+                    "{sql} WHERE owner = $1 ORDER BY created_unix_ms, id"
+                ))
+                .bind(o)
+                .fetch_all(&self.pool)
+                .await?
             }
             None => {
                 sqlx::query(&format!("{sql} ORDER BY created_unix_ms, id"))

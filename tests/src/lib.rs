@@ -4,6 +4,7 @@
 //! daemon.
 
 pub mod client;
+pub mod control;
 pub mod docker;
 pub mod host;
 pub mod tarcraft;
@@ -35,6 +36,12 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("BRIDLE_AGENT_BIN") {
         return Ok(PathBuf::from(p));
     }
+    workspace_binary("sandbox-agent", "sandbox-agent")
+}
+
+/// A binary of this workspace from the same target directory as the running
+/// executable, built now (same profile) if it is missing.
+pub fn workspace_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the current executable")?;
     let mut dir = exe
         .parent()
@@ -43,24 +50,24 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
     if dir.ends_with("deps") {
         dir.pop();
     }
-    let candidate = dir.join("sandbox-agent");
+    let candidate = dir.join(bin);
     if candidate.exists() {
         return Ok(candidate);
     }
     let release = dir.ends_with("release");
     let mut cmd =
         std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "-p", "sandbox-agent", "--bin", "sandbox-agent"])
+    cmd.args(["build", "-p", package, "--bin", bin])
         .current_dir(repo_root());
     if release {
         cmd.arg("--release");
     }
     let status = cmd
         .status()
-        .context("running cargo build -p sandbox-agent")?;
+        .with_context(|| format!("running cargo build -p {package}"))?;
     if !status.success() || !candidate.exists() {
         bail!(
-            "sandbox-agent binary not found at {} (build it with `cargo build -p sandbox-agent`)",
+            "{bin} binary not found at {} (build it with `cargo build -p {package}`)",
             candidate.display()
         );
     }

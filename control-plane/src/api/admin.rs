@@ -74,10 +74,17 @@ impl pb::admin_server::Admin for AdminApi {
         let now = crate::now_ms();
         let expires = match req.ttl_seconds {
             0 => 0,
-            s => now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX / 2).saturating_mul(1000)),
+            s => now.saturating_add(
+                i64::try_from(s)
+                    .unwrap_or(i64::MAX / 2)
+                    .saturating_mul(1000),
+            ),
         };
         let token = make_token(name, role, owner, expires, &principal.token_id, now);
-        self.auth.insert(token.record.clone()).await.map_err(store_status)?;
+        self.auth
+            .insert(token.record.clone())
+            .await
+            .map_err(store_status)?;
         tracing::info!(token = %token.record.id, role = role.as_str(), owner, by = %principal.token_id, "token created");
         Ok(Response::new(pb::CreateTokenResponse {
             token: Some(token_pb(token.record)),

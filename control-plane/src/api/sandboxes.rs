@@ -447,7 +447,9 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
                             return;
                         }
                     }
-                    Ok(Some(_)) => break Status::invalid_argument("only data may follow the header"),
+                    Ok(Some(_)) => {
+                        break Status::invalid_argument("only data may follow the header")
+                    }
                     Ok(None) => return,
                     Err(e) => break e,
                 }
@@ -485,7 +487,13 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         };
         let snap = self
             .sandboxes
-            .snapshot(&principal, &req.sandbox_id, req.path, req.exclude, compression)
+            .snapshot(
+                &principal,
+                &req.sandbox_id,
+                req.path,
+                req.exclude,
+                compression,
+            )
             .await
             .map_err(sandbox_status)?;
         Ok(Response::new(snapshot_pb(snap)))

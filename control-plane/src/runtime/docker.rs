@@ -41,9 +41,10 @@ impl Docker {
             bollard::Docker::connect_with_host(host)
         }
         .map_err(docker_error)?;
-        let client = client.negotiate_version().await.map_err(|e| {
-            Error::Docker(format!("the Docker daemon is unreachable: {e}"))
-        })?;
+        let client = client
+            .negotiate_version()
+            .await
+            .map_err(|e| Error::Docker(format!("the Docker daemon is unreachable: {e}")))?;
         Ok(Self {
             client,
             instance: instance.to_string(),
@@ -187,13 +188,36 @@ impl Runtime for Docker {
         }
         match self
             .client
-            .remove_volume(&Self::volume_name(sandbox_id), Some(RemoveVolumeOptions { force: true }))
+            .remove_volume(
+                &Self::volume_name(sandbox_id),
+                Some(RemoveVolumeOptions { force: true }),
+            )
             .await
         {
             Ok(()) => Ok(()),
             Err(e) if status_code(&e) == Some(404) => Ok(()),
             Err(e) => Err(docker_error(e)),
         }
+    }
+
+    async fn remove_orphan(&self, orphan: &ContainerStatus) -> Result<(), Error> {
+        match self
+            .client
+            .remove_container(
+                &orphan.container_id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if matches!(status_code(&e), Some(404) | Some(409)) => {}
+            Err(e) => return Err(docker_error(e)),
+        }
+        self.remove(&orphan.sandbox_id).await
     }
 
     async fn pause(&self, sandbox_id: &str) -> Result<(), Error> {

@@ -55,6 +55,12 @@ pub trait Runtime: Send + Sync + 'static {
     fn create(&self, spec: &ContainerSpec) -> impl Future<Output = Result<String, Error>> + Send;
     /// Removes the container and its workspace volume; absent is fine.
     fn remove(&self, sandbox_id: &str) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Removes a container found by [`Runtime::list`] that no record owns
+    /// (its name may not be the one bridle would give it).
+    fn remove_orphan(
+        &self,
+        orphan: &ContainerStatus,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
     fn pause(&self, sandbox_id: &str) -> impl Future<Output = Result<(), Error>> + Send;
     fn resume(&self, sandbox_id: &str) -> impl Future<Output = Result<(), Error>> + Send;
     /// Starts a stopped container again (its volume kept its workspace).

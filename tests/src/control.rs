@@ -1,0 +1,328 @@
+//! The real `control-plane` binary, started on a data directory of its own
+//! with a free port, and the real `bridle` CLI pointed at it.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bridle_proto::control::v1 as pb;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub type Sandboxes = pb::sandboxes_client::SandboxesClient<InterceptedService<Channel, Bearer>>;
+pub type Admin = pb::admin_client::AdminClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer <token>` (nothing for an empty token).
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(token: &str) -> Self {
+        Self(if token.is_empty() {
+            None
+        } else {
+            format!("Bearer {token}").parse().ok()
+        })
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub struct ControlPlane {
+    pub data: tempfile::TempDir,
+    child: Option<Child>,
+    pub endpoint: String,
+    pub admin_token: String,
+    pub instance: String,
+    sets: Vec<String>,
+}
+
+impl ControlPlane {
+    /// Starts a control plane whose sandboxes use the image built around the
+    /// agent under test; `sets` are extra `--set key=value` flags.
+    pub async fn start(sets: &[&str]) -> anyhow::Result<Self> {
+        let image = crate::docker::ensure_image()?;
+        let data = tempfile::Builder::new().prefix("bridle-cp-").tempdir()?;
+        let mut sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        sets.push(format!("sandbox.image={image:?}"));
+        let mut cp = Self {
+            data,
+            child: None,
+            endpoint: String::new(),
+            admin_token: String::new(),
+            instance: String::new(),
+            sets,
+        };
+        cp.launch().await?;
+        cp.admin_token = std::fs::read_to_string(cp.data_dir().join("admin.token"))?
+            .trim()
+            .to_string();
+        cp.instance = std::fs::read_to_string(cp.data_dir().join("instance"))?
+            .trim()
+            .to_string();
+        Ok(cp)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data.path().join("data")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("control-plane.log")).unwrap_or_default()
+    }
+
+    async fn launch(&mut self) -> anyhow::Result<()> {
+        let endpoint_file = self.data_dir().join("endpoint");
+        let _ = std::fs::remove_file(&endpoint_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.path().join("control-plane.log"))?;
+        let mut cmd = Command::new(crate::workspace_binary("control-plane", "control-plane")?);
+        cmd.arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--listen", "127.0.0.1:0"]);
+        for s in &self.sets {
+            cmd.arg("--set").arg(s);
+        }
+        let child = cmd
+            .env("BRIDLE_LOG", "info,control_plane=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting control-plane")?;
+        self.child = Some(child);
+        let start = Instant::now();
+        while !endpoint_file.exists() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("control-plane exited with {status}: {}", self.log());
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("control-plane did not start within 60 s: {}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.endpoint = std::fs::read_to_string(&endpoint_file)?.trim().to_string();
+        Ok(())
+    }
+
+    /// SIGKILL: nothing gets to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the process to exit.
+    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut c = self.child.take().context("not running")?;
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        Ok(c.wait()?)
+    }
+
+    /// Starts the control plane again on the same data directory.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.launch().await
+    }
+
+    async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(self.endpoint.clone())?
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(16 << 20)
+            .connect()
+            .await?)
+    }
+
+    /// A Sandboxes client sending `token` (empty: no authorization header).
+    pub async fn sandboxes(&self, token: &str) -> anyhow::Result<Sandboxes> {
+        Ok(pb::sandboxes_client::SandboxesClient::with_interceptor(
+            self.channel().await?,
+            Bearer::new(token),
+        )
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20))
+    }
+
+    pub async fn admin(&self, token: &str) -> anyhow::Result<Admin> {
+        Ok(pb::admin_client::AdminClient::with_interceptor(
+            self.channel().await?,
+            Bearer::new(token),
+        ))
+    }
+
+    /// A new token with `role` acting for `owner`; answers its secret.
+    pub async fn token(&self, role: pb::Role, owner: &str) -> anyhow::Result<String> {
+        let mut admin = self.admin(&self.admin_token).await?;
+        Ok(admin
+            .create_token(pb::CreateTokenRequest {
+                name: format!("{owner}-{}", role.as_str_name().to_lowercase()),
+                role: role as i32,
+                owner: owner.into(),
+                ttl_seconds: 0,
+            })
+            .await?
+            .into_inner()
+            .secret)
+    }
+
+    /// Runs `bridle` against this control plane with `token`.
+    pub fn cli(&self, token: &str, args: &[&str]) -> anyhow::Result<Output> {
+        self.cli_with_stdin(token, args, &[])
+    }
+
+    pub fn cli_with_stdin(
+        &self,
+        token: &str,
+        args: &[&str],
+        stdin: &[u8],
+    ) -> anyhow::Result<Output> {
+        use std::io::Write;
+        let mut child = Command::new(crate::workspace_binary("control-plane", "bridle")?)
+            .args(args)
+            .env("BRIDLE_ENDPOINT", &self.endpoint)
+            .env("BRIDLE_TOKEN", token)
+            .env_remove("BRIDLE_TOKEN_FILE")
+            .env_remove("BRIDLE_DATA_DIR")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting bridle")?;
+        let mut input = child.stdin.take().context("stdin")?;
+        let data = stdin.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = input.write_all(&data);
+        });
+        let out = child.wait_with_output()?;
+        let _ = writer.join();
+        Ok(out)
+    }
+
+    /// Names of this control plane's containers, as Docker lists them.
+    pub fn containers(&self) -> Vec<String> {
+        containers_labelled(&format!("bridle.control-plane={}", self.instance))
+    }
+}
+
+pub fn containers_labelled(label: &str) -> Vec<String> {
+    Command::new("docker")
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label={label}"),
+            "--format",
+            "{{.Names}}",
+        ])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill9();
+        // Whatever the test left: containers and their workspace volumes.
+        for name in self.containers() {
+            let _ = Command::new("docker").args(["rm", "-fv", &name]).output();
+            let _ = Command::new("docker")
+                .args(["volume", "rm", "-f", &format!("{name}-workspace")])
+                .output();
+        }
+    }
+}
+
+/// `docker inspect` of a sandbox's container with a Go template.
+pub fn inspect(sandbox_id: &str, format: &str) -> String {
+    Command::new("docker")
+        .args([
+            "inspect",
+            "--format",
+            format,
+            &format!("bridle-{sandbox_id}"),
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn start_request(
+    sandbox_id: &str,
+    exec: bridle_proto::sandbox::v1::ExecStart,
+    detach: bool,
+) -> pb::ExecRequest {
+    pb::ExecRequest {
+        request: Some(pb::exec_request::Request::Start(pb::ExecStart {
+            sandbox_id: sandbox_id.into(),
+            exec: Some(exec),
+            detach,
+        })),
+    }
+}
+
+/// Runs a command in a sandbox through the control plane, to completion.
+pub async fn exec(
+    client: &mut Sandboxes,
+    sandbox_id: &str,
+    s: bridle_proto::sandbox::v1::ExecStart,
+) -> Result<crate::client::ExecResult, tonic::Status> {
+    let events = client
+        .exec(futures::stream::iter([start_request(sandbox_id, s, false)]))
+        .await?
+        .into_inner();
+    let mut r = crate::client::ExecResult::default();
+    let mut events = events;
+    while let Some(ev) = events.message().await? {
+        crate::client::apply(&mut r, ev);
+    }
+    Ok(r)
+}
+
+/// Starts a command through the control plane and hands back the request
+/// sender and the event stream.
+pub async fn exec_interactive(
+    client: &mut Sandboxes,
+    sandbox_id: &str,
+    s: bridle_proto::sandbox::v1::ExecStart,
+    detach: bool,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::Sender<pb::ExecRequest>,
+    tonic::Streaming<bridle_proto::sandbox::v1::ExecEvent>,
+)> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(start_request(sandbox_id, s, detach)).await?;
+    let events = client
+        .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, events))
+}
+
+/// Creates a sandbox with the server's defaults.
+pub async fn create(client: &mut Sandboxes) -> Result<pb::Sandbox, tonic::Status> {
+    Ok(client
+        .create(pb::CreateSandboxRequest::default())
+        .await?
+        .into_inner())
+}

@@ -1,0 +1,965 @@
+//! The control plane end to end: the real `control-plane` and `bridle`
+//! binaries, real containers on the real Docker daemon, talked to over gRPC
+//! and through the CLI the way a user would.
+
+use std::time::{Duration, Instant};
+
+use bridle_proto::control::v1 as pb;
+use bridle_proto::sandbox::v1 as agent_pb;
+use bridle_tests::client::{self, shell, start};
+use bridle_tests::control::{self, ControlPlane};
+use bridle_tests::docker::require_docker;
+use tonic::Code;
+
+macro_rules! docker_or_skip {
+    () => {
+        if !require_docker(module_path!()) {
+            return;
+        }
+    };
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Polls `check` until it holds; the deadline only bounds a broken run.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn lifecycle_through_the_cli() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&[]).await.unwrap();
+    let admin = cp.admin_token.clone();
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{:?}: {}",
+            out.status,
+            text(&out.stderr)
+        );
+        text(&out.stdout).trim().to_string()
+    };
+
+    let who = ok(cp.cli(&admin, &["token", "whoami", "-o", "json"]).unwrap());
+    let who: serde_json::Value = serde_json::from_str(&who).unwrap();
+    assert_eq!(who["role"], "admin");
+
+    let submitter = ok(cp
+        .cli(
+            &admin,
+            &["token", "create", "--name", "ci", "--role", "submitter"],
+        )
+        .unwrap());
+    let created = ok(cp
+        .cli(
+            &submitter,
+            &[
+                "sandbox",
+                "create",
+                "--memory",
+                "256m",
+                "--pids",
+                "64",
+                "-e",
+                "GREETING=hello",
+                "--label",
+                "job=cli",
+                "-o",
+                "json",
+            ],
+        )
+        .unwrap());
+    let created: serde_json::Value = serde_json::from_str(&created).unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(created["state"], "ready");
+    assert_eq!(created["owner"], "ci");
+    assert_eq!(created["limits"]["memory_bytes"], 256 << 20);
+
+    let listed = ok(cp
+        .cli(&submitter, &["sandbox", "list", "--label", "job=cli"])
+        .unwrap());
+    assert!(listed.contains(&id), "{listed}");
+
+    // Output, the sandbox's env, stdin and the exit code pass through.
+    let out = cp
+        .cli_with_stdin(
+            &submitter,
+            &[
+                "sandbox",
+                "exec",
+                &id,
+                "--",
+                "sh",
+                "-c",
+                "echo $GREETING; cat; echo oops >&2; exit 7",
+            ],
+            b"from stdin\n",
+        )
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello\nfrom stdin\n");
+    assert_eq!(text(&out.stderr), "oops\n");
+    let out = cp
+        .cli(
+            &submitter,
+            &["sandbox", "exec", &id, "--", "no-such-binary"],
+        )
+        .unwrap();
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
+
+    // A 5 MB file in and out, identical.
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..5_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let local = dir.path().join("blob");
+    std::fs::write(&local, &data).unwrap();
+    ok(cp
+        .cli(
+            &submitter,
+            &[
+                "sandbox",
+                "cp",
+                local.to_str().unwrap(),
+                &format!("{id}:in/blob"),
+            ],
+        )
+        .unwrap());
+    let back = dir.path().join("back");
+    ok(cp
+        .cli(
+            &submitter,
+            &[
+                "sandbox",
+                "cp",
+                &format!("{id}:in/blob"),
+                back.to_str().unwrap(),
+            ],
+        )
+        .unwrap());
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+
+    // Snapshot and fork: the fork has the file, and is its own sandbox.
+    let snap = ok(cp.cli(&submitter, &["sandbox", "snapshot", &id]).unwrap());
+    assert!(snap.starts_with("snap-"), "{snap}");
+    let fork = ok(cp.cli(&submitter, &["sandbox", "fork", &id]).unwrap());
+    assert_ne!(fork, id);
+    let out = ok(cp
+        .cli(
+            &submitter,
+            &["sandbox", "exec", &fork, "--", "sha256sum", "in/blob"],
+        )
+        .unwrap());
+    assert!(out.starts_with(&bridle_tests::sha256_hex(&data)), "{out}");
+    let fresh = ok(cp
+        .cli(&submitter, &["sandbox", "create", "--from-snapshot", &snap])
+        .unwrap());
+    let out = ok(cp
+        .cli(
+            &submitter,
+            &["sandbox", "exec", &fresh, "--", "wc", "-c", "in/blob"],
+        )
+        .unwrap());
+    assert!(out.contains("5000000"), "{out}");
+
+    // Paused: exec is refused with a clear error until resumed.
+    ok(cp.cli(&submitter, &["sandbox", "pause", &id]).unwrap());
+    let out = cp
+        .cli(&submitter, &["sandbox", "exec", &id, "--", "true"])
+        .unwrap();
+    assert_eq!(out.status.code(), Some(6));
+    assert!(
+        text(&out.stderr).contains("paused"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        text(&out.stderr).lines().count(),
+        1,
+        "one line: {}",
+        text(&out.stderr)
+    );
+    ok(cp.cli(&submitter, &["sandbox", "resume", &id]).unwrap());
+    ok(cp
+        .cli(&submitter, &["sandbox", "exec", &id, "--", "true"])
+        .unwrap());
+
+    // Errors: one line and an exit code by kind.
+    let out = cp
+        .cli(&submitter, &["sandbox", "get", "sb-000000000000"])
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(text(&out.stderr).lines().count(), 1);
+    let out = cp.cli("bridle_nope_nope", &["sandbox", "list"]).unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    let out = cp.cli(&submitter, &["token", "list"]).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "submitters cannot manage tokens"
+    );
+    let out = cp
+        .cli(&submitter, &["sandbox", "create", "--memory", "1k"])
+        .unwrap();
+    assert_eq!(out.status.code(), Some(6));
+    assert!(
+        text(&out.stderr).contains("memory"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    ok(cp
+        .cli(&submitter, &["sandbox", "rm", &id, &fork, &fresh])
+        .unwrap());
+    assert_eq!(
+        ok(cp
+            .cli(&submitter, &["sandbox", "list", "-o", "json"])
+            .unwrap()),
+        "[]"
+    );
+    assert!(cp.containers().is_empty(), "{:?}", cp.containers());
+    assert!(std::fs::read_dir(cp.data_dir().join("sandboxes"))
+        .unwrap()
+        .next()
+        .is_none());
+    // Snapshots stay until deleted; then their artifacts go too.
+    let snaps: serde_json::Value = serde_json::from_str(&ok(cp
+        .cli(&submitter, &["sandbox", "snapshots", "-o", "json"])
+        .unwrap()))
+    .unwrap();
+    for s in snaps.as_array().unwrap() {
+        ok(cp
+            .cli(
+                &submitter,
+                &["sandbox", "rm-snapshot", s["id"].as_str().unwrap()],
+            )
+            .unwrap());
+    }
+    let blobs = std::fs::read_dir(cp.data_dir().join("artifacts/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 0);
+}
+
+#[tokio::test]
+async fn sandboxes_are_hardened_inside_and_out() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&[]).await.unwrap();
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let sb = c
+        .create(pb::CreateSandboxRequest {
+            limits: Some(pb::Limits {
+                memory_bytes: Some(300 << 20),
+                cpu_millis: Some(500),
+                pids: Some(100),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = control::exec(
+        &mut c,
+        &sb.id,
+        shell("grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; id -u; touch /rootfs 2>&1; ls /sys/class/net; touch /workspace/ok /tmp/ok && echo writable"),
+    )
+    .await
+    .unwrap();
+    let out = r.stdout_str();
+    assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(out.contains("\n1000\n"), "{out}");
+    assert!(out.contains("Read-only file system"), "{out}");
+    assert!(out.contains("\nlo\nwritable"), "only loopback: {out}");
+
+    assert_eq!(control::inspect(&sb.id, "{{.HostConfig.CapDrop}}"), "[ALL]");
+    assert_eq!(
+        control::inspect(&sb.id, "{{.HostConfig.SecurityOpt}}"),
+        "[no-new-privileges]"
+    );
+    assert_eq!(
+        control::inspect(&sb.id, "{{.HostConfig.ReadonlyRootfs}}"),
+        "true"
+    );
+    assert_eq!(
+        control::inspect(&sb.id, "{{.HostConfig.NetworkMode}}"),
+        "none"
+    );
+    assert_eq!(
+        control::inspect(&sb.id, "{{.HostConfig.Privileged}}"),
+        "false"
+    );
+    assert_eq!(control::inspect(&sb.id, "{{.Config.User}}"), "1000:1000");
+    assert_eq!(
+        control::inspect(&sb.id, "{{.HostConfig.Memory}}"),
+        (300u64 << 20).to_string()
+    );
+    assert_eq!(
+        control::inspect(&sb.id, "{{.HostConfig.MemorySwap}}"),
+        (300u64 << 20).to_string()
+    );
+    assert_eq!(
+        control::inspect(&sb.id, "{{.HostConfig.NanoCpus}}"),
+        "500000000"
+    );
+    assert_eq!(control::inspect(&sb.id, "{{.HostConfig.PidsLimit}}"), "100");
+    assert_eq!(
+        control::inspect(&sb.id, "{{index .Config.Labels \"bridle.control-plane\"}}"),
+        cp.instance
+    );
+
+    // Limits beyond the server's maximum and unknown snapshots are refused
+    // and leave nothing behind.
+    let before = cp.containers().len();
+    let e = c
+        .create(pb::CreateSandboxRequest {
+            limits: Some(pb::Limits {
+                pids: Some(1 << 40),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = c
+        .create(pb::CreateSandboxRequest {
+            from_snapshot: "snap-nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = c
+        .create(pb::CreateSandboxRequest {
+            image: "bridle-no-such-image:1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("images/build.sh"), "{e:?}");
+    assert_eq!(cp.containers().len(), before);
+}
+
+#[tokio::test]
+async fn tenants_cannot_see_or_touch_each_other() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&[]).await.unwrap();
+    let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
+    let bob = cp.token(pb::Role::Submitter, "bob").await.unwrap();
+    let auditor = cp.token(pb::Role::Auditor, "audit").await.unwrap();
+    let mut a = cp.sandboxes(&alice).await.unwrap();
+    let mut b = cp.sandboxes(&bob).await.unwrap();
+    let sb = control::create(&mut a).await.unwrap();
+    assert_eq!(sb.owner, "alice");
+    let snap = a
+        .snapshot(pb::SnapshotRequest {
+            sandbox_id: sb.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Every way bob could reach alice's sandbox answers NOT_FOUND, exactly
+    // like an id that does not exist.
+    let id = sb.id.clone();
+    let not_found = |r: Result<(), tonic::Status>, what: &str| {
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{what}: {e:?}");
+    };
+    not_found(
+        b.get(pb::GetSandboxRequest {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .map(drop),
+        "get",
+    );
+    not_found(
+        b.delete(pb::DeleteSandboxRequest {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .map(drop),
+        "delete",
+    );
+    not_found(
+        b.pause(pb::PauseSandboxRequest {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .map(drop),
+        "pause",
+    );
+    not_found(
+        b.resume(pb::ResumeSandboxRequest {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .map(drop),
+        "resume",
+    );
+    not_found(
+        control::exec(&mut b, &id, start(&["true"])).await.map(drop),
+        "exec",
+    );
+    not_found(
+        b.attach(pb::AttachRequest {
+            sandbox_id: id.clone(),
+            exec_id: "x".into(),
+            from_offset: 0,
+        })
+        .await
+        .map(drop),
+        "attach",
+    );
+    not_found(
+        b.read_file(pb::ReadFileRequest {
+            sandbox_id: id.clone(),
+            path: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .map(drop),
+        "read_file",
+    );
+    let header = pb::WriteFileRequest {
+        request: Some(pb::write_file_request::Request::Header(
+            pb::WriteFileHeader {
+                sandbox_id: id.clone(),
+                file: Some(agent_pb::WriteFileHeader {
+                    path: "planted".into(),
+                    ..Default::default()
+                }),
+            },
+        )),
+    };
+    not_found(
+        b.write_file(futures::stream::iter([header]))
+            .await
+            .map(drop),
+        "write_file",
+    );
+    not_found(
+        b.snapshot(pb::SnapshotRequest {
+            sandbox_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .map(drop),
+        "snapshot",
+    );
+    not_found(
+        b.fork(pb::ForkRequest {
+            sandbox_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .map(drop),
+        "fork",
+    );
+    not_found(
+        b.create(pb::CreateSandboxRequest {
+            from_snapshot: snap.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .map(drop),
+        "create from another owner's snapshot",
+    );
+    not_found(
+        b.delete_snapshot(pb::DeleteSnapshotRequest {
+            snapshot_id: snap.id.clone(),
+        })
+        .await
+        .map(drop),
+        "delete_snapshot",
+    );
+    let listed = b
+        .list(pb::ListSandboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.sandboxes.is_empty(), "{listed:?}");
+    let snaps = b
+        .list_snapshots(pb::ListSnapshotsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(snaps.snapshots.is_empty(), "{snaps:?}");
+
+    // The auditor sees everything and changes nothing.
+    let mut au = cp.sandboxes(&auditor).await.unwrap();
+    let listed = au
+        .list(pb::ListSandboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.sandboxes.len(), 1);
+    let e = control::exec(&mut au, &id, start(&["true"]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = au
+        .delete(pb::DeleteSandboxRequest {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // Alice's sandbox is untouched and still hers.
+    let r = control::exec(&mut a, &id, shell("ls")).await.unwrap();
+    assert_eq!(r.code(), Some(0));
+    assert!(!r.stdout_str().contains("planted"));
+}
+
+#[tokio::test]
+async fn every_rpc_refuses_a_missing_bad_or_revoked_token() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&[]).await.unwrap();
+    let revoked = cp.token(pb::Role::Admin, "gone").await.unwrap();
+    let mut admin = cp.admin(&cp.admin_token).await.unwrap();
+    let id = admin
+        .list_tokens(pb::ListTokensRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens
+        .into_iter()
+        .find(|t| t.owner == "gone")
+        .unwrap()
+        .id;
+    admin
+        .revoke_token(pb::RevokeTokenRequest {
+            token_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    // A token's hash is stored, never its secret.
+    let db = std::fs::read(cp.data_dir().join("bridle.db")).unwrap();
+    let wal = std::fs::read(cp.data_dir().join("bridle.db-wal")).unwrap_or_default();
+    for secret in [&revoked, &cp.admin_token] {
+        let needle = secret.as_bytes();
+        assert!(!db.windows(needle.len()).any(|w| w == needle));
+        assert!(!wal.windows(needle.len()).any(|w| w == needle));
+    }
+    assert!(
+        !cp.log().contains(&cp.admin_token),
+        "the bootstrap token is never logged"
+    );
+
+    let forged = format!("bridle_{id}_{}", "0".repeat(64));
+    for token in ["", "garbage", forged.as_str(), revoked.as_str()] {
+        let mut s = cp.sandboxes(token).await.unwrap();
+        let mut a = cp.admin(token).await.unwrap();
+        let sid = || "sb-000000000000".to_string();
+        let mut codes = vec![
+            (
+                "Create",
+                s.create(pb::CreateSandboxRequest::default())
+                    .await
+                    .map(drop),
+            ),
+            (
+                "Get",
+                s.get(pb::GetSandboxRequest { sandbox_id: sid() })
+                    .await
+                    .map(drop),
+            ),
+            (
+                "List",
+                s.list(pb::ListSandboxesRequest::default()).await.map(drop),
+            ),
+            (
+                "Delete",
+                s.delete(pb::DeleteSandboxRequest { sandbox_id: sid() })
+                    .await
+                    .map(drop),
+            ),
+            (
+                "Pause",
+                s.pause(pb::PauseSandboxRequest { sandbox_id: sid() })
+                    .await
+                    .map(drop),
+            ),
+            (
+                "Resume",
+                s.resume(pb::ResumeSandboxRequest { sandbox_id: sid() })
+                    .await
+                    .map(drop),
+            ),
+            (
+                "Exec",
+                control::exec(&mut s, &sid(), start(&["true"]))
+                    .await
+                    .map(drop),
+            ),
+            (
+                "Attach",
+                s.attach(pb::AttachRequest {
+                    sandbox_id: sid(),
+                    exec_id: "x".into(),
+                    from_offset: 0,
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "ReadFile",
+                s.read_file(pb::ReadFileRequest {
+                    sandbox_id: sid(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "WriteFile",
+                s.write_file(futures::stream::iter(Vec::<pb::WriteFileRequest>::new()))
+                    .await
+                    .map(drop),
+            ),
+            (
+                "Snapshot",
+                s.snapshot(pb::SnapshotRequest {
+                    sandbox_id: sid(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "ListSnapshots",
+                s.list_snapshots(pb::ListSnapshotsRequest {})
+                    .await
+                    .map(drop),
+            ),
+            (
+                "DeleteSnapshot",
+                s.delete_snapshot(pb::DeleteSnapshotRequest {
+                    snapshot_id: "snap-x".into(),
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "Fork",
+                s.fork(pb::ForkRequest {
+                    sandbox_id: sid(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "CreateToken",
+                a.create_token(pb::CreateTokenRequest::default())
+                    .await
+                    .map(drop),
+            ),
+            (
+                "ListTokens",
+                a.list_tokens(pb::ListTokensRequest::default())
+                    .await
+                    .map(drop),
+            ),
+            (
+                "RevokeToken",
+                a.revoke_token(pb::RevokeTokenRequest {
+                    token_id: id.clone(),
+                })
+                .await
+                .map(drop),
+            ),
+            ("WhoAmI", a.who_am_i(pb::WhoAmIRequest {}).await.map(drop)),
+        ];
+        for (rpc, r) in codes.drain(..) {
+            let e = r.expect_err(rpc);
+            assert_eq!(
+                e.code(),
+                Code::Unauthenticated,
+                "{rpc} with {token:?}: {e:?}"
+            );
+        }
+    }
+    assert!(cp.containers().is_empty());
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_stops_its_command_unless_detached() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&[]).await.unwrap();
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let sb = control::create(&mut c).await.unwrap();
+
+    let mut attached = shell("echo started; sleep 1000");
+    attached.exec_id = "attached".into();
+    let (tx, mut events) = control::exec_interactive(&mut c, &sb.id, attached, false)
+        .await
+        .unwrap();
+    let mut r = client::ExecResult::default();
+    client::read_until(&mut events, &mut r, |r| r.stdout_str().contains("started"))
+        .await
+        .unwrap();
+    let mut detached = shell("echo started; sleep 1000");
+    detached.exec_id = "detached".into();
+    let (dtx, mut devents) = control::exec_interactive(&mut c, &sb.id, detached, true)
+        .await
+        .unwrap();
+    let mut dr = client::ExecResult::default();
+    client::read_until(&mut devents, &mut dr, |r| {
+        r.stdout_str().contains("started")
+    })
+    .await
+    .unwrap();
+    // Both clients disappear.
+    drop((tx, events, dtx, devents));
+
+    // Re-attach through the control plane: the attached one was stopped,
+    // the detached one still runs.
+    let mut c2 = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let events = c2
+        .attach(pb::AttachRequest {
+            sandbox_id: sb.id.clone(),
+            exec_id: "attached".into(),
+            from_offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = client::collect(events).await.unwrap();
+    let exited = r.exited.expect("the attached exec ended");
+    assert!(exited.killed, "{exited:?}");
+    let r = control::exec(
+        &mut c2,
+        &sb.id,
+        shell("ps -o comm,args | grep -c '^sleep  *sleep 1000'"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r.stdout_str().trim(),
+        "1",
+        "only the detached sleep is left: {}",
+        r.stdout_str()
+    );
+}
+
+#[tokio::test]
+async fn sandboxes_survive_a_killed_control_plane_and_orphans_are_removed() {
+    docker_or_skip!();
+    let mut cp = ControlPlane::start(&[]).await.unwrap();
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let sb = control::create(&mut c).await.unwrap();
+    let r = control::exec(&mut c, &sb.id, shell("echo kept > kept.txt"))
+        .await
+        .unwrap();
+    assert_eq!(r.code(), Some(0));
+    let mut long = shell("sleep 2; echo finished while the control plane was down");
+    long.exec_id = "across-restart".into();
+    let (_tx, mut events) = control::exec_interactive(&mut c, &sb.id, long, true)
+        .await
+        .unwrap();
+    let mut r = client::ExecResult::default();
+    client::read_until(&mut events, &mut r, |r| r.pid != 0)
+        .await
+        .unwrap();
+
+    cp.kill9();
+    // A container that claims to be ours but that no record owns, as a
+    // crash between `docker create` and the record's commit would leave.
+    let image = bridle_tests::docker::ensure_image().unwrap();
+    let orphan = std::process::Command::new("docker")
+        .args([
+            "run",
+            "-d",
+            "--name",
+            &format!("bridle-orphan-{}", cp.instance),
+        ])
+        .args(["--label", &format!("bridle.control-plane={}", cp.instance)])
+        .args(["--label", "bridle.sandbox=sb-0rphan000000"])
+        .args(["--entrypoint", "/bin/sleep", &image, "1000"])
+        .output()
+        .unwrap();
+    assert!(orphan.status.success(), "{}", text(&orphan.stderr));
+    // And one from another control plane, which must be left alone.
+    let foreign = std::process::Command::new("docker")
+        .args([
+            "run",
+            "-d",
+            "--label",
+            "bridle.control-plane=someone-else",
+            "--label",
+            "bridle.test=1",
+        ])
+        .args(["--entrypoint", "/bin/sleep", &image, "1000"])
+        .output()
+        .unwrap();
+    let foreign_id = text(&foreign.stdout).trim().to_string();
+
+    cp.restart().await.unwrap();
+    let names = cp.containers();
+    assert_eq!(
+        names,
+        vec![format!("bridle-{}", sb.id)],
+        "orphan removed, sandbox kept"
+    );
+    let foreign_alive = std::process::Command::new("docker")
+        .args(["inspect", "--format", "{{.State.Running}}", &foreign_id])
+        .output()
+        .unwrap();
+    let _ = std::process::Command::new("docker")
+        .args(["rm", "-f", &foreign_id])
+        .output();
+    assert_eq!(text(&foreign_alive.stdout).trim(), "true");
+
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let got = c
+        .get(pb::GetSandboxRequest {
+            sandbox_id: sb.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state, pb::SandboxState::Ready as i32);
+    let r = control::exec(&mut c, &sb.id, start(&["cat", "kept.txt"]))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout_str(), "kept\n");
+    // The exec that ran on while the control plane was down kept its result.
+    let events = c
+        .attach(pb::AttachRequest {
+            sandbox_id: sb.id.clone(),
+            exec_id: "across-restart".into(),
+            from_offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = client::collect(events).await.unwrap();
+    assert_eq!(r.code(), Some(0));
+    assert!(
+        r.stdout_str().contains("finished while"),
+        "{}",
+        r.stdout_str()
+    );
+
+    // A graceful stop leaves the sandbox running too.
+    let status = cp.terminate().unwrap();
+    assert!(status.success(), "{status:?}: {}", cp.log());
+    assert_eq!(control::inspect(&sb.id, "{{.State.Running}}"), "true");
+}
+
+#[tokio::test]
+async fn warm_pool_claims_never_hand_out_a_sandbox_twice() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&["pool=[{name=\"default\",size=3}]", "sweep_interval_secs=1"])
+        .await
+        .unwrap();
+    let pooled = || control::containers_labelled("bridle.owner=pool:default");
+    eventually("the pool fills", async || {
+        let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+        // Unclaimed sandboxes are nobody's: not even an admin lists them.
+        c.list(pb::ListSandboxesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .sandboxes
+            .is_empty()
+            && pooled().len() >= 3
+            && cp.log().matches("warm pool sandbox ready").count() >= 3
+    })
+    .await;
+
+    let owners: Vec<String> = (0..6).map(|i| format!("tenant{i}")).collect();
+    let mut tokens = Vec::new();
+    for o in &owners {
+        tokens.push(cp.token(pb::Role::Submitter, o).await.unwrap());
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in tokens.clone() {
+        let mut c = cp.sandboxes(&t).await.unwrap();
+        tasks.spawn(async move { control::create(&mut c).await.unwrap() });
+    }
+    let mut got = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        got.push(r.unwrap());
+    }
+    let mut ids: Vec<&str> = got.iter().map(|s| s.id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 6, "six distinct sandboxes: {got:?}");
+    let from_pool = got.iter().filter(|s| s.pool_profile == "default").count();
+    assert!(from_pool >= 1, "some came from the pool: {got:?}");
+    // Each owner sees exactly its own one, and it works.
+    for (t, o) in tokens.iter().zip(&owners) {
+        let mut c = cp.sandboxes(t).await.unwrap();
+        let list = c
+            .list(pb::ListSandboxesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .sandboxes;
+        assert_eq!(list.len(), 1, "{o}: {list:?}");
+        assert_eq!(&list[0].owner, o);
+        let r = control::exec(&mut c, &list[0].id, shell("ls -A | wc -l"))
+            .await
+            .unwrap();
+        assert_eq!(r.stdout_str().trim(), "0", "a fresh workspace");
+    }
+    // The pool refills behind the claims.
+    eventually("the pool refills", async || pooled().len() >= 3).await;
+}
+
+#[tokio::test]
+async fn ttl_and_idle_timeout_delete_sandboxes() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&["sweep_interval_secs=1"])
+        .await
+        .unwrap();
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let ttl = c
+        .create(pb::CreateSandboxRequest {
+            ttl_seconds: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let idle = c
+        .create(pb::CreateSandboxRequest {
+            idle_timeout_seconds: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let keep = control::create(&mut c).await.unwrap();
+    assert!(ttl.expires_unix_ms > ttl.created_unix_ms);
+    eventually("both are deleted", async || {
+        let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+        let list = c
+            .list(pb::ListSandboxesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .sandboxes;
+        list.len() == 1 && list[0].id == keep.id
+    })
+    .await;
+    assert_eq!(cp.containers(), vec![format!("bridle-{}", keep.id)]);
+    let _ = idle;
+}
