@@ -116,7 +116,8 @@ pub async fn run(
         )
         .add_service(AdminServer::new(admin_api))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Without TCP_NODELAY small answers wait on delayed ACKs (40 ms).
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 let _ = signalled_rx.await;
                 tracing::info!("shutting down: no new calls; open streams end");

@@ -69,11 +69,17 @@ fn cli_errors_are_one_line_with_an_exit_code() {
     // Nobody listening.
     let out = run(
         &["sandbox", "list"],
-        &[("BRIDLE_TOKEN", "t"), ("BRIDLE_ENDPOINT", "http://127.0.0.1:9")],
+        &[
+            ("BRIDLE_TOKEN", "t"),
+            ("BRIDLE_ENDPOINT", "http://127.0.0.1:9"),
+        ],
     );
     assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
     assert_eq!(text(&out.stderr).lines().count(), 1);
     // Usage errors are clap's (exit 2).
-    let out = run(&["sandbox", "create", "--ttl", "soon"], &[("BRIDLE_TOKEN", "t")]);
+    let out = run(
+        &["sandbox", "create", "--ttl", "soon"],
+        &[("BRIDLE_TOKEN", "t")],
+    );
     assert_eq!(out.status.code(), Some(2));
 }

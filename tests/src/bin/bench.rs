@@ -1,7 +1,7 @@
 //! bridle's benchmark: the sandbox agent against plain Docker, measured in
 //! one run against one warm container.
 //!
-//!     cargo run --release -p bridle-tests --bin bench [-- --json PATH --quick]
+//!     cargo run --release -p bridle-tests --bin bench [-- --json PATH --quick --only agent|control]
 //!
 //! Prints a table and writes JSON with every figure, the Docker baseline it
 //! is compared with, the ratio and the target.
@@ -138,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
         .position(|a| a == "--json")
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/bench/agent.json"));
+        .unwrap_or_else(|| PathBuf::from("target/bench/bench.json"));
     let (n_fast, n_docker_api, n_docker_cli, n_bulk) = if quick {
         (200, 20, 10, 3)
     } else {
@@ -148,6 +148,64 @@ async fn main() -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
         eprintln!("bench: this is a debug build; run with --release for meaningful numbers");
     }
+    build_binaries()?;
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_default();
+    let mut rows = Vec::new();
+    if only.is_empty() || only == "agent" {
+        agent_rows(&mut rows, n_fast, n_docker_api, n_docker_cli, n_bulk).await?;
+    }
+    if only.is_empty() || only == "control" {
+        control_plane_rows(&mut rows, quick).await?;
+    }
+
+    println!(
+        "{:<36} {:>12} {:>12} {:>9} {:>6}  target",
+        "figure", "bridle", "docker", "ratio", "met"
+    );
+    for r in &rows {
+        println!(
+            "{:<36} {:>9.3} {:<2} {:>12} {:>9} {:>6}  {}",
+            r.name,
+            r.bridle,
+            r.unit,
+            r.docker
+                .map(|d| format!("{d:.3}"))
+                .unwrap_or_else(|| "-".into()),
+            r.ratio
+                .map(|x| format!("{x:.1}x"))
+                .unwrap_or_else(|| "-".into()),
+            r.met.map(|m| if m { "yes" } else { "NO" }).unwrap_or("-"),
+            r.target
+        );
+    }
+    if let Some(parent) = json_path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let json = serde_json::json!({
+        "benchmark": "bridle (agent, control plane) vs docker",
+        "samples": { "exec_agent": n_fast, "exec_docker_api": n_docker_api, "exec_docker_cli": n_docker_cli, "bulk": n_bulk },
+        "release_build": !cfg!(debug_assertions),
+        "rows": rows,
+    });
+    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)?;
+    eprintln!("bench: wrote {}", json_path.display());
+    Ok(())
+}
+
+/// The agent straight over its socket against `docker exec` and `docker cp`,
+/// in one warm container.
+async fn agent_rows(
+    rows: &mut Vec<Row>,
+    n_fast: usize,
+    n_docker_api: usize,
+    n_docker_cli: usize,
+    n_bulk: usize,
+) -> anyhow::Result<()> {
     eprintln!("bench: building the image and starting a warm sandbox...");
     let sb = Sandbox::start(SandboxOptions {
         memory: "1g",
@@ -162,7 +220,6 @@ async fn main() -> anyhow::Result<()> {
         .into_inner()
         .agent_rss_bytes;
     let docker = bollard::Docker::connect_with_local_defaults()?;
-    let mut rows = Vec::new();
 
     // ---- exec of `true`
     for _ in 0..50 {
@@ -368,37 +425,239 @@ async fn main() -> anyhow::Result<()> {
         met: None,
     });
 
-    println!(
-        "{:<36} {:>12} {:>12} {:>9} {:>6}  target",
-        "figure", "bridle", "docker", "ratio", "met"
-    );
-    for r in &rows {
-        println!(
-            "{:<36} {:>9.3} {:<2} {:>12} {:>9} {:>6}  {}",
-            r.name,
-            r.bridle,
-            r.unit,
-            r.docker
-                .map(|d| format!("{d:.3}"))
-                .unwrap_or_else(|| "-".into()),
-            r.ratio
-                .map(|x| format!("{x:.1}x"))
-                .unwrap_or_else(|| "-".into()),
-            r.met.map(|m| if m { "yes" } else { "NO" }).unwrap_or("-"),
-            r.target
-        );
-    }
-    if let Some(parent) = json_path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let json = serde_json::json!({
-        "benchmark": "sandbox-agent vs docker",
-        "samples": { "exec_agent": n_fast, "exec_docker_api": n_docker_api, "exec_docker_cli": n_docker_cli, "bulk": n_bulk },
-        "release_build": !cfg!(debug_assertions),
-        "rows": rows,
-    });
-    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)?;
-    eprintln!("bench: wrote {}", json_path.display());
     drop(sb);
+    Ok(())
+}
+
+/// `cargo run` sets CARGO: make sure the agent and control-plane binaries
+/// next to this one are current (a no-op when they are).
+fn build_binaries() -> anyhow::Result<()> {
+    let Ok(cargo) = std::env::var("CARGO") else {
+        return Ok(());
+    };
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "-q",
+        "-p",
+        "sandbox-agent",
+        "-p",
+        "control-plane",
+        "--bins",
+    ])
+    .current_dir(bridle_tests::repo_root());
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    anyhow::ensure!(cmd.status()?.success(), "building the binaries failed");
+    Ok(())
+}
+
+fn report(name: &str, value: f64, unit: &'static str, target: &str, met: Option<bool>) -> Row {
+    Row {
+        name: name.into(),
+        bridle: value,
+        docker: None,
+        unit,
+        ratio: None,
+        target: target.into(),
+        met,
+    }
+}
+
+/// The control plane: warm-pool claims, cold creates against `docker run`,
+/// 50 creates at once, the overhead it adds to an exec, and the idle RSS of
+/// the agent in a sandbox it made.
+async fn control_plane_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
+    use bridle_proto::control::v1 as cpb;
+    use bridle_tests::control::{self, ControlPlane};
+
+    let (pool, n_cold, n_exec, n_many) = if quick {
+        (5, 3, 200, 20)
+    } else {
+        (10, 5, 2000, 50)
+    };
+    eprintln!("bench: starting a control plane with a warm pool of {pool}...");
+    let cp = ControlPlane::start(&[
+        &format!("pool=[{{name=\"bench\",size={pool}}}]"),
+        "sweep_interval_secs=1",
+        "docker.max_concurrent_creates=16",
+    ])
+    .await?;
+    let image = bridle_tests::docker::ensure_image()?;
+    let mut c = cp.sandboxes(&cp.admin_token).await?;
+    let filling = Instant::now();
+    while cp.log().matches("warm pool sandbox ready").count() < pool {
+        anyhow::ensure!(
+            filling.elapsed() < Duration::from_secs(120),
+            "the pool never filled: {}",
+            cp.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Claims: the pool holds `pool` ready sandboxes; take them one by one.
+    let mut claimed = Vec::new();
+    let mut claims = Vec::new();
+    for _ in 0..pool {
+        let t = Instant::now();
+        let sb = control::create(&mut c).await?;
+        claims.push(t.elapsed());
+        anyhow::ensure!(
+            sb.pool_profile == "bench",
+            "a claim was served cold: {sb:?}"
+        );
+        claimed.push(sb.id);
+    }
+    claims.sort();
+    let claim = ms(percentile(&claims, 0.5));
+    rows.push(report(
+        "warm-pool claim p50",
+        claim,
+        "ms",
+        "<= 10 ms",
+        Some(claim <= 10.0),
+    ));
+
+    // Cold create-to-ready (a spec no pool serves) vs `docker run --rm IMAGE true`.
+    let cold_spec = || cpb::CreateSandboxRequest {
+        limits: Some(cpb::Limits {
+            pids: Some(300),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut cold = Vec::new();
+    for _ in 0..n_cold {
+        let t = Instant::now();
+        let sb = c.create(cold_spec()).await?.into_inner();
+        cold.push(t.elapsed());
+        c.delete(cpb::DeleteSandboxRequest { sandbox_id: sb.id })
+            .await?;
+    }
+    cold.sort();
+    let docker_run = time_n(n_cold, || {
+        let image = image.clone();
+        async move {
+            run_cmd(Command::new("docker").args([
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--entrypoint",
+                "/bin/true",
+                &image,
+            ]))
+        }
+    })
+    .await?;
+    let (b, d) = (ms(percentile(&cold, 0.5)), ms(percentile(&docker_run, 0.5)));
+    rows.push(Row {
+        name: "cold create-to-ready p50 vs docker run".into(),
+        bridle: b,
+        docker: Some(d),
+        unit: "ms",
+        ratio: Some(d / b),
+        target: "not slower than docker run".into(),
+        met: Some(b <= d),
+    });
+
+    // Many at once.
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n_many {
+        let mut c = c.clone();
+        tasks.spawn(async move { c.create(cold_spec()).await.map(|r| r.into_inner().id) });
+    }
+    let mut made = Vec::new();
+    let mut failures = 0;
+    while let Some(r) = tasks.join_next().await {
+        match r? {
+            Ok(id) => made.push(id),
+            Err(e) => {
+                failures += 1;
+                eprintln!("bench: concurrent create failed: {e}");
+            }
+        }
+    }
+    let total = t.elapsed();
+    rows.push(report(
+        &format!("{n_many} creates at once: total"),
+        total.as_secs_f64(),
+        "s",
+        "report",
+        None,
+    ));
+    rows.push(report(
+        &format!("{n_many} creates at once: failures"),
+        failures as f64,
+        "",
+        "0",
+        Some(failures == 0),
+    ));
+    for id in made {
+        c.delete(cpb::DeleteSandboxRequest { sandbox_id: id })
+            .await?;
+    }
+
+    // Exec of `true` through the control plane vs straight to the agent,
+    // alternating so both see the same machine.
+    let sb = &claimed[0];
+    let mut direct = client::connect(&cp.data_dir().join("sandboxes").join(sb).join("agent.sock"))?;
+    for _ in 0..50 {
+        control::exec(&mut c, sb, start(&["true"])).await?;
+        client::run(&mut direct, start(&["true"])).await?;
+    }
+    let (mut via_cp, mut via_agent) = (Vec::new(), Vec::new());
+    for _ in 0..n_exec {
+        let t = Instant::now();
+        let r = control::exec(&mut c, sb, start(&["true"])).await?;
+        via_cp.push(t.elapsed());
+        anyhow::ensure!(r.code() == Some(0), "{r:?}");
+        let t = Instant::now();
+        client::run(&mut direct, start(&["true"])).await?;
+        via_agent.push(t.elapsed());
+    }
+    via_cp.sort();
+    via_agent.sort();
+    let overhead = ms(percentile(&via_cp, 0.5)) - ms(percentile(&via_agent, 0.5));
+    rows.push(Row {
+        name: "exec `true` p50 via control plane".into(),
+        bridle: ms(percentile(&via_cp, 0.5)),
+        docker: None,
+        unit: "ms",
+        ratio: None,
+        target: format!("agent direct {:.3} ms", ms(percentile(&via_agent, 0.5))),
+        met: None,
+    });
+    rows.push(report(
+        "control-plane overhead on exec p50",
+        overhead,
+        "ms",
+        "<= 1 ms",
+        Some(overhead <= 1.0),
+    ));
+
+    // Idle RSS of the agent in a sandbox the control plane made, untouched.
+    let fresh = &claimed[1];
+    let mut a = client::connect(
+        &cp.data_dir()
+            .join("sandboxes")
+            .join(fresh)
+            .join("agent.sock"),
+    )?;
+    let rss = a
+        .info(pb::InfoRequest {})
+        .await?
+        .into_inner()
+        .agent_rss_bytes as f64
+        / MB;
+    rows.push(report(
+        "agent RSS, idle, fresh sandbox",
+        rss,
+        "MB",
+        "<= 5 MB",
+        Some(rss <= 5.0),
+    ));
     Ok(())
 }
