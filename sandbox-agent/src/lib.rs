@@ -221,7 +221,8 @@ pub async fn run(
     let serve = async move {
         match tcp {
             Some(tcp) => {
-                let tcp_stream = tokio_stream::wrappers::TcpListenerStream::new(tcp);
+                let tcp_stream =
+                    tonic::transport::server::TcpIncoming::from(tcp).with_nodelay(Some(true));
                 let tcp_router = router.clone();
                 let a = router.serve_with_incoming_shutdown(uds_stream, stopped(stop_rx.clone()));
                 let b =
