@@ -244,11 +244,18 @@ impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.kill9();
         // Whatever the test left: containers and their workspace volumes.
-        for name in self.containers() {
-            let _ = Command::new("docker").args(["rm", "-fv", &name]).output();
-            let _ = Command::new("docker")
-                .args(["volume", "rm", "-f", &format!("{name}-workspace")])
-                .output();
+        // A create the killed process had already sent may still land on
+        // the daemon after the first pass, hence a second one.
+        for pass in 0..2 {
+            if pass == 1 {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            for name in self.containers() {
+                let _ = Command::new("docker").args(["rm", "-fv", &name]).output();
+                let _ = Command::new("docker")
+                    .args(["volume", "rm", "-f", &format!("{name}-workspace")])
+                    .output();
+            }
         }
     }
 }

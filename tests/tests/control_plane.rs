@@ -920,8 +920,11 @@ async fn warm_pool_claims_never_hand_out_a_sandbox_twice() {
             .unwrap();
         assert_eq!(r.stdout_str().trim(), "0", "a fresh workspace");
     }
-    // The pool refills behind the claims.
-    eventually("the pool refills", async || pooled().len() >= 3).await;
+    // The pool refills behind the claims (three more become ready).
+    eventually("the pool refills", async || {
+        cp.log().matches("warm pool sandbox ready").count() >= 6
+    })
+    .await;
 }
 
 #[tokio::test]
