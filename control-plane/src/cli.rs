@@ -28,6 +28,9 @@ pub struct Cli {
     /// directory, else http://127.0.0.1:7443.
     #[arg(long, global = true, env = "BRIDLE_ENDPOINT")]
     endpoint: Option<String>,
+    /// PEM CA certificate to verify an https endpoint with.
+    #[arg(long, global = true, env = "BRIDLE_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// API token. Default: --token-file.
     #[arg(long, global = true, env = "BRIDLE_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -313,8 +316,21 @@ async fn connect(cli: &Cli) -> anyhow::Result<Conn> {
     let value = format!("Bearer {token}")
         .parse()
         .map_err(|_| anyhow!("the token contains characters a header cannot carry"))?;
-    let channel = Endpoint::from_shared(endpoint.clone())
-        .with_context(|| format!("bad endpoint {endpoint:?}"))?
+    let mut ep = Endpoint::from_shared(endpoint.clone())
+        .with_context(|| format!("bad endpoint {endpoint:?}"))?;
+    if endpoint.starts_with("https://") {
+        let ca = cli.ca_cert.as_ref().ok_or_else(|| {
+            anyhow!("{endpoint} is https: give the CA certificate with --ca-cert or BRIDLE_CA_CERT")
+        })?;
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        ep = ep
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+            )
+            .context("configuring TLS")?;
+    }
+    let channel = ep
         .connect_timeout(Duration::from_secs(5))
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(16 << 20)

@@ -44,6 +44,17 @@ pub struct Config {
     pub sandbox: SandboxDefaults,
     /// Warm pools, one per profile.
     pub pool: Vec<PoolProfile>,
+    pub tls: TlsConfig,
+}
+
+/// TLS on the gRPC listener; both unset: plain HTTP/2 (bind to loopback).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,6 +123,7 @@ impl Default for Config {
             docker: DockerConfig::default(),
             sandbox: SandboxDefaults::default(),
             pool: Vec::new(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -257,6 +269,7 @@ impl Config {
             "sweep_interval_secs",
             "docker",
             "sandbox",
+            "tls",
         ]
     }
 
@@ -286,6 +299,11 @@ impl Config {
                     p.name
                 )));
             }
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(Error::Invalid(
+                "tls.cert and tls.key must be set together".into(),
+            ));
         }
         if self.sweep_interval_secs == 0 {
             return Err(Error::Invalid(

@@ -60,13 +60,27 @@ pub async fn run(
         .await
         .context("reconciling sandboxes with Docker")?;
 
+    let tls = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => {
+            let cert = std::fs::read(cert)
+                .with_context(|| format!("reading tls.cert {}", cert.display()))?;
+            let key =
+                std::fs::read(key).with_context(|| format!("reading tls.key {}", key.display()))?;
+            Some(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(cert, key)),
+            )
+        }
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
     // Written whole and renamed: a reader never sees half an address.
     let tmp = data_dir.join(format!(".{ENDPOINT_FILE}.tmp"));
-    std::fs::write(&tmp, format!("http://{addr}\n"))?;
+    std::fs::write(&tmp, format!("{scheme}://{addr}\n"))?;
     std::fs::rename(&tmp, data_dir.join(ENDPOINT_FILE))?;
     tracing::info!(%addr, instance, data_dir = %data_dir.display(), "control plane serving");
 
@@ -102,7 +116,13 @@ pub async fn run(
         let _ = signalled_tx.send(());
     });
     let stop_for_server = stop_tx.clone();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .context("tls.cert/tls.key: not a usable certificate and key")?;
+    }
+    let server = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(16 << 20)

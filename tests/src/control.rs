@@ -43,6 +43,8 @@ pub struct ControlPlane {
     pub admin_token: String,
     pub instance: String,
     sets: Vec<String>,
+    /// CA certificate the CLI verifies an https endpoint with.
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl ControlPlane {
@@ -60,6 +62,7 @@ impl ControlPlane {
             admin_token: String::new(),
             instance: String::new(),
             sets,
+            ca_cert: None,
         };
         cp.launch().await?;
         cp.admin_token = std::fs::read_to_string(cp.data_dir().join("admin.token"))?
@@ -193,7 +196,11 @@ impl ControlPlane {
         stdin: &[u8],
     ) -> anyhow::Result<Output> {
         use std::io::Write;
-        let mut child = Command::new(crate::workspace_binary("control-plane", "bridle")?)
+        let mut cmd = Command::new(crate::workspace_binary("control-plane", "bridle")?);
+        if let Some(ca) = &self.ca_cert {
+            cmd.env("BRIDLE_CA_CERT", ca);
+        }
+        let mut child = cmd
             .args(args)
             .env("BRIDLE_ENDPOINT", &self.endpoint)
             .env("BRIDLE_TOKEN", token)

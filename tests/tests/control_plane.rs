@@ -966,3 +966,52 @@ async fn ttl_and_idle_timeout_delete_sandboxes() {
     assert_eq!(cp.containers(), vec![format!("bridle-{}", keep.id)]);
     let _ = idle;
 }
+
+#[tokio::test]
+async fn tls_on_the_listener() {
+    docker_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let mut cp = ControlPlane::start(&[
+        &format!("tls.cert={:?}", cert_path.display().to_string()),
+        &format!("tls.key={:?}", key_path.display().to_string()),
+    ])
+    .await
+    .unwrap();
+    assert!(cp.endpoint.starts_with("https://"), "{}", cp.endpoint);
+
+    // Without the CA the CLI says what is missing; with it, it works.
+    let out = cp.cli(&cp.admin_token, &["token", "whoami"]).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--ca-cert"),
+        "{}",
+        text(&out.stderr)
+    );
+    cp.ca_cert = Some(cert_path.clone());
+    let out = cp.cli(&cp.admin_token, &["token", "whoami"]).unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("admin"));
+
+    // A plaintext client gets nowhere.
+    let plain = cp.endpoint.replace("https://", "http://");
+    let ch = tonic::transport::Channel::from_shared(plain)
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(ch) = ch {
+        let mut admin = pb::admin_client::AdminClient::new(ch);
+        assert!(admin.who_am_i(pb::WhoAmIRequest {}).await.is_err());
+    }
+    // A certificate the client does not trust is refused.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let other_path = dir.path().join("other.pem");
+    std::fs::write(&other_path, other.cert.pem()).unwrap();
+    cp.ca_cert = Some(other_path);
+    let out = cp.cli(&cp.admin_token, &["token", "whoami"]).unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+}
