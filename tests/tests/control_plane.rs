@@ -218,9 +218,32 @@ async fn lifecycle_through_the_cli() {
         text(&out.stderr)
     );
 
+    // A terminal when asked for one (or when attached to one).
+    let out = ok(cp
+        .cli(&submitter, &["sandbox", "exec", "-t", &id, "--", "tty"])
+        .unwrap());
+    assert!(out.starts_with("/dev/pts/"), "{out}");
+
     ok(cp
         .cli(&submitter, &["sandbox", "rm", &id, &fork, &fresh])
         .unwrap());
+    for sb in [&id, &fork, &fresh] {
+        let volumes = std::process::Command::new("docker")
+            .args([
+                "volume",
+                "ls",
+                "-q",
+                "--filter",
+                &format!("name=bridle-{sb}"),
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            text(&volumes.stdout).trim(),
+            "",
+            "the workspace volume of {sb} is gone"
+        );
+    }
     assert_eq!(
         ok(cp
             .cli(&submitter, &["sandbox", "list", "-o", "json"])
@@ -857,10 +880,43 @@ async fn sandboxes_survive_a_killed_control_plane_and_orphans_are_removed() {
         r.stdout_str()
     );
 
-    // A graceful stop leaves the sandbox running too.
+    // A graceful stop ends open streams with UNAVAILABLE but leaves the
+    // sandbox and the command (not detached) running.
+    let mut held = shell("sleep 2; echo survived the shutdown");
+    held.exec_id = "held-open".into();
+    let (_tx, mut events) = control::exec_interactive(&mut c, &sb.id, held, false)
+        .await
+        .unwrap();
+    let mut r = client::ExecResult::default();
+    client::read_until(&mut events, &mut r, |r| r.pid != 0)
+        .await
+        .unwrap();
     let status = cp.terminate().unwrap();
     assert!(status.success(), "{status:?}: {}", cp.log());
+    let end = loop {
+        match events.message().await {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    let e = end.expect_err("the stream ends with an error");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("held-open"), "{e:?}");
     assert_eq!(control::inspect(&sb.id, "{{.State.Running}}"), "true");
+    cp.restart().await.unwrap();
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let events = c
+        .attach(pb::AttachRequest {
+            sandbox_id: sb.id.clone(),
+            exec_id: "held-open".into(),
+            from_offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = client::collect(events).await.unwrap();
+    assert_eq!(r.code(), Some(0), "{r:?}");
+    assert_eq!(r.stdout_str(), "survived the shutdown\n");
 }
 
 #[tokio::test]
