@@ -81,6 +81,11 @@ pub struct SandboxDefaults {
     pub pids: u64,
     /// Size of the `/tmp` tmpfs.
     pub tmp_bytes: u64,
+    /// 0: the workspace is a Docker volume (populated from the image's
+    /// `/workspace`, which must belong to `user`). Otherwise a tmpfs of this
+    /// size owned by `user`: what images without such a directory need
+    /// (with `inject_agent`, any image).
+    pub workspace_tmpfs_bytes: u64,
     /// Largest values a request may ask for.
     pub max_memory_bytes: u64,
     pub max_cpu_millis: u64,
@@ -147,6 +152,7 @@ impl Default for SandboxDefaults {
             cpu_millis: 1000,
             pids: 256,
             tmp_bytes: 64 << 20,
+            workspace_tmpfs_bytes: 0,
             max_memory_bytes: 8 << 30,
             max_cpu_millis: 4000,
             max_pids: 4096,

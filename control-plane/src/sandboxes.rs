@@ -392,6 +392,7 @@ impl<R: Runtime> Sandboxes<R> {
                     cpu_millis: record.spec.cpu_millis,
                     pids: record.spec.pids,
                     tmp_bytes: d.tmp_bytes,
+                    workspace_tmpfs_bytes: d.workspace_tmpfs_bytes,
                     network: record.spec.network,
                     socket_dir: dir.clone(),
                     inject_agent: d.inject_agent.clone(),

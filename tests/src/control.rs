@@ -54,7 +54,9 @@ impl ControlPlane {
         let image = crate::docker::ensure_image()?;
         let data = tempfile::Builder::new().prefix("bridle-cp-").tempdir()?;
         let mut sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        sets.push(format!("sandbox.image={image:?}"));
+        if !sets.iter().any(|s| s.starts_with("sandbox.image=")) {
+            sets.push(format!("sandbox.image={image:?}"));
+        }
         let mut cp = Self {
             data,
             child: None,

@@ -1071,3 +1071,49 @@ async fn tls_on_the_listener() {
     let out = cp.cli(&cp.admin_token, &["token", "whoami"]).unwrap();
     assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
 }
+
+#[tokio::test]
+async fn the_agent_is_injected_read_only_into_an_image_without_one() {
+    docker_or_skip!();
+    // An image with no agent, built locally like every image here.
+    let tag = "bridle-plain:control-plane-test";
+    let built = std::process::Command::new(bridle_tests::repo_root().join("images/build.sh"))
+        .args(["--plain", tag])
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", text(&built.stderr));
+    let agent = bridle_tests::agent_binary().unwrap();
+    let cp = ControlPlane::start(&[
+        &format!("sandbox.image={tag:?}"),
+        &format!("sandbox.inject_agent={:?}", agent.display().to_string()),
+        // The image has no /workspace of the sandbox user's.
+        "sandbox.workspace_tmpfs_bytes=67108864",
+    ])
+    .await
+    .unwrap();
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let sb = control::create(&mut c).await.unwrap();
+    assert_eq!(sb.image, tag);
+    let r = control::exec(
+        &mut c,
+        &sb.id,
+        shell("echo works > f && cat f; cp /bin/busybox /.bridle/sandbox-agent 2>/dev/null || echo agent is read-only"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r.stdout_str(),
+        "works\nagent is read-only\n",
+        "{}",
+        r.stderr_str()
+    );
+    let mounts = control::inspect(&sb.id, "{{range .Mounts}}{{.Destination}}={{.RW}} {{end}}");
+    assert!(mounts.contains("/.bridle/sandbox-agent=false"), "{mounts}");
+    let before = bridle_tests::sha256_hex(&std::fs::read(&agent).unwrap());
+    drop(c);
+    drop(cp);
+    assert_eq!(
+        bridle_tests::sha256_hex(&std::fs::read(&agent).unwrap()),
+        before
+    );
+}

@@ -82,20 +82,33 @@ impl Runtime for Docker {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let mut mounts = vec![
-            Mount {
+        let mut mounts = vec![Mount {
+            typ: Some(MountType::BIND),
+            source: Some(spec.socket_dir.display().to_string()),
+            target: Some("/run/bridle".into()),
+            ..Default::default()
+        }];
+        let mut tmpfs = HashMap::from([(
+            "/tmp".to_string(),
+            format!("rw,nosuid,nodev,size={}", spec.tmp_bytes),
+        )]);
+        if spec.workspace_tmpfs_bytes > 0 {
+            let (uid, gid) = crate::config::parse_user(&spec.user).unwrap_or((1000, 1000));
+            tmpfs.insert(
+                "/workspace".into(),
+                format!(
+                    "rw,nosuid,nodev,size={},uid={uid},gid={gid},mode=0755",
+                    spec.workspace_tmpfs_bytes
+                ),
+            );
+        } else {
+            mounts.push(Mount {
                 typ: Some(MountType::VOLUME),
                 source: Some(Self::volume_name(&spec.sandbox_id)),
                 target: Some("/workspace".into()),
                 ..Default::default()
-            },
-            Mount {
-                typ: Some(MountType::BIND),
-                source: Some(spec.socket_dir.display().to_string()),
-                target: Some("/run/bridle".into()),
-                ..Default::default()
-            },
-        ];
+            });
+        }
         let mut entrypoint = None;
         if let Some(agent) = &spec.inject_agent {
             mounts.push(Mount {
@@ -112,10 +125,7 @@ impl Runtime for Docker {
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges".into()]),
             readonly_rootfs: Some(true),
-            tmpfs: Some(HashMap::from([(
-                "/tmp".to_string(),
-                format!("rw,nosuid,nodev,size={}", spec.tmp_bytes),
-            )])),
+            tmpfs: Some(tmpfs),
             mounts: Some(mounts),
             memory: Some(memory),
             memory_swap: Some(memory),

@@ -30,6 +30,8 @@ pub struct ContainerSpec {
     pub cpu_millis: u64,
     pub pids: u64,
     pub tmp_bytes: u64,
+    /// 0: a named volume; otherwise a tmpfs of this size owned by `user`.
+    pub workspace_tmpfs_bytes: u64,
     pub network: Network,
     /// Host directory mounted at `/run/bridle`, where the agent puts its socket.
     pub socket_dir: PathBuf,
