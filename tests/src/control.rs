@@ -132,12 +132,18 @@ impl ControlPlane {
         }
     }
 
-    /// SIGTERM, then waits for the process to exit.
-    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+    /// SIGTERM, then waits for the process to exit (without blocking the
+    /// runtime, so this process's own connections can wind down meanwhile).
+    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let mut c = self.child.take().context("not running")?;
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        Ok(c.wait()?)
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Starts the control plane again on the same data directory.

@@ -891,7 +891,7 @@ async fn sandboxes_survive_a_killed_control_plane_and_orphans_are_removed() {
     client::read_until(&mut events, &mut r, |r| r.pid != 0)
         .await
         .unwrap();
-    let status = cp.terminate().unwrap();
+    let status = cp.terminate().await.unwrap();
     assert!(status.success(), "{status:?}: {}", cp.log());
     let end = loop {
         match events.message().await {

@@ -270,8 +270,10 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
             .await?
             .into_inner();
         // Client → agent. The client's side ending ends the agent's (which
-        // closes stdin), exactly as if the client talked to the agent.
-        tokio::spawn(async move {
+        // closes stdin), exactly as if the client talked to the agent. It
+        // lives no longer than the answer: dropping the request stream
+        // resets it, so the connection can close.
+        let pump = AbortOnDrop(tokio::spawn(async move {
             while let Ok(Some(msg)) = inbound.message().await {
                 use agent_pb::exec_request::Request as A;
                 use pb::exec_request::Request as C;
@@ -289,7 +291,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
                     break;
                 }
             }
-        });
+        }));
         // Agent → client, watching for the client going away.
         let (tx, rx) = mpsc::channel(16);
         let guard = self.sandboxes.stream_guard(&start.sandbox_id);
@@ -297,6 +299,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         let detach = start.detach;
         tokio::spawn(async move {
             let _guard = guard;
+            let _pump = pump;
             let mut finished = false;
             loop {
                 tokio::select! {
@@ -548,6 +551,15 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
             .await
             .map_err(sandbox_status)?;
         Ok(Response::new(sandbox_pb(r)))
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
