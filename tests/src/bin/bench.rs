@@ -435,21 +435,17 @@ fn build_binaries() -> anyhow::Result<()> {
     let Ok(cargo) = std::env::var("CARGO") else {
         return Ok(());
     };
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "-q",
-        "-p",
-        "sandbox-agent",
-        "-p",
-        "control-plane",
-        "--bins",
-    ])
-    .current_dir(bridle_tests::repo_root());
-    if !cfg!(debug_assertions) {
-        cmd.arg("--release");
+    // One package per build: built together, cargo would unify the two
+    // packages' features and link the control plane's TLS into the agent.
+    for package in ["sandbox-agent", "control-plane"] {
+        let mut cmd = Command::new(&cargo);
+        cmd.args(["build", "-q", "-p", package, "--bins"])
+            .current_dir(bridle_tests::repo_root());
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        anyhow::ensure!(cmd.status()?.success(), "building {package} failed");
     }
-    anyhow::ensure!(cmd.status()?.success(), "building the binaries failed");
     Ok(())
 }
 
