@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "bridle/sandbox/v1/agent.proto",
     "bridle/control/v1/sandboxes.proto",
     "bridle/control/v1/admin.proto",
+    "bridle/control/v1/runs.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

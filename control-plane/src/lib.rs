@@ -9,6 +9,7 @@ pub mod artifacts;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod runs;
 pub mod runtime;
 pub mod sandboxes;
 pub mod store;
