@@ -91,6 +91,11 @@ impl Store {
         Ok(Self { pool })
     }
 
+    /// The connection pool, for the run event store that shares the database.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// This control plane's identity, created on first start; it names the
     /// containers it owns.
     pub async fn instance_id(&self, fresh: &str, now: i64) -> Result<String> {

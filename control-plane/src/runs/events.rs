@@ -1,0 +1,447 @@
+//! A run's events and the state they fold into. Events are the truth:
+//! [`RunView::fold`] rebuilds everything about a run from them, and the
+//! `runs` table only caches the state for listing.
+
+use serde::{Deserialize, Serialize};
+
+use super::job::Job;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Queued,
+    Provisioning,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Interrupted,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Queued => "queued",
+            RunState::Provisioning => "provisioning",
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Cancelled => "cancelled",
+            RunState::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => RunState::Queued,
+            "provisioning" => RunState::Provisioning,
+            "running" => RunState::Running,
+            "succeeded" => RunState::Succeeded,
+            "failed" => RunState::Failed,
+            "cancelled" => RunState::Cancelled,
+            "interrupted" => RunState::Interrupted,
+            _ => return None,
+        })
+    }
+
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            RunState::Succeeded | RunState::Failed | RunState::Cancelled | RunState::Interrupted
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Everything that happens to a run, in the order it happened. Each one is
+/// stored before the action it allows is taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    Submitted {
+        owner: String,
+        idempotency_key: String,
+        job: Box<Job>,
+    },
+    Provisioning,
+    SandboxAssigned {
+        sandbox_id: String,
+    },
+    /// Written before the agent is asked to run the step: a restarted
+    /// control plane re-attaches by `exec_id` and never starts it again.
+    StepStarted {
+        step: u32,
+        attempt: u32,
+        exec_id: String,
+    },
+    StepOutput {
+        step: u32,
+        stream: Stream,
+        /// Offset within this step's stream (across attempts, the latest
+        /// attempt's output follows the earlier ones).
+        offset: u64,
+        length: u64,
+        blob_sha256: String,
+    },
+    StepExited {
+        step: u32,
+        attempt: u32,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+        oom_killed: bool,
+        spawn_failure: String,
+        duration_ms: u64,
+    },
+    ArtifactCollected {
+        path: String,
+        snapshot_id: String,
+        sha256: String,
+        size_bytes: u64,
+    },
+    CancelRequested {
+        by: String,
+        reason: String,
+    },
+    Finished {
+        state: RunState,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Skipped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepView {
+    pub state: StepState,
+    pub attempts: u32,
+    pub exec_id: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Artifact {
+    pub path: String,
+    pub snapshot_id: String,
+    pub sha256: String,
+    pub size_bytes: u64,
+}
+
+/// A run as its events describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunView {
+    pub owner: String,
+    pub idempotency_key: String,
+    pub job: Job,
+    pub state: RunState,
+    pub steps: Vec<StepView>,
+    pub sandbox_id: Option<String>,
+    pub cancel_requested: Option<String>,
+    pub reason: String,
+    pub artifacts: Vec<Artifact>,
+    pub last_seq: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FoldError {
+    #[error("a run's log must start with `submitted`")]
+    NotSubmitted,
+    #[error("event {seq} follows {prev}: the log has a gap or a duplicate")]
+    Gap { seq: u64, prev: u64 },
+    #[error("event {seq} names step {step}, and the job has {steps}")]
+    NoSuchStep { seq: u64, step: u32, steps: usize },
+}
+
+impl RunView {
+    /// Folds `(seq, event)` pairs, numbered from 1 without gaps.
+    pub fn fold<'a>(events: impl IntoIterator<Item = (u64, &'a Event)>) -> Result<Self, FoldError> {
+        let mut events = events.into_iter();
+        let (seq, first) = events.next().ok_or(FoldError::NotSubmitted)?;
+        let Event::Submitted {
+            owner,
+            idempotency_key,
+            job,
+        } = first
+        else {
+            return Err(FoldError::NotSubmitted);
+        };
+        if seq != 1 {
+            return Err(FoldError::Gap { seq, prev: 0 });
+        }
+        let mut view = RunView {
+            owner: owner.clone(),
+            idempotency_key: idempotency_key.clone(),
+            steps: vec![
+                StepView {
+                    state: StepState::Pending,
+                    attempts: 0,
+                    exec_id: String::new(),
+                    exit_code: None,
+                    signal: None,
+                    timed_out: false,
+                    stdout_bytes: 0,
+                    stderr_bytes: 0,
+                };
+                job.steps.len()
+            ],
+            job: job.as_ref().clone(),
+            state: RunState::Queued,
+            sandbox_id: None,
+            cancel_requested: None,
+            reason: String::new(),
+            artifacts: Vec::new(),
+            last_seq: 1,
+        };
+        for (seq, event) in events {
+            if seq != view.last_seq + 1 {
+                return Err(FoldError::Gap {
+                    seq,
+                    prev: view.last_seq,
+                });
+            }
+            view.last_seq = seq;
+            view.apply(seq, event)?;
+        }
+        Ok(view)
+    }
+
+    fn step_mut(&mut self, seq: u64, step: u32) -> Result<&mut StepView, FoldError> {
+        let steps = self.steps.len();
+        self.steps
+            .get_mut(step as usize)
+            .ok_or(FoldError::NoSuchStep { seq, step, steps })
+    }
+
+    fn apply(&mut self, seq: u64, event: &Event) -> Result<(), FoldError> {
+        match event {
+            Event::Submitted { .. } => return Err(FoldError::Gap { seq, prev: seq }),
+            Event::Provisioning => self.state = RunState::Provisioning,
+            Event::SandboxAssigned { sandbox_id } => {
+                self.sandbox_id = Some(sandbox_id.clone());
+                self.state = RunState::Running;
+            }
+            Event::StepStarted {
+                step,
+                attempt,
+                exec_id,
+            } => {
+                let s = self.step_mut(seq, *step)?;
+                s.state = StepState::Running;
+                s.attempts = *attempt;
+                s.exec_id = exec_id.clone();
+                self.state = RunState::Running;
+            }
+            Event::StepOutput {
+                step,
+                stream,
+                offset,
+                length,
+                ..
+            } => {
+                let s = self.step_mut(seq, *step)?;
+                let end = offset + length;
+                match stream {
+                    Stream::Stdout => s.stdout_bytes = s.stdout_bytes.max(end),
+                    Stream::Stderr => s.stderr_bytes = s.stderr_bytes.max(end),
+                }
+            }
+            Event::StepExited {
+                step,
+                exit_code,
+                signal,
+                timed_out,
+                spawn_failure,
+                ..
+            } => {
+                let s = self.step_mut(seq, *step)?;
+                s.exit_code = *exit_code;
+                s.signal = *signal;
+                s.timed_out = *timed_out;
+                s.state = if *exit_code == Some(0) && spawn_failure.is_empty() {
+                    StepState::Succeeded
+                } else {
+                    StepState::Failed
+                };
+            }
+            Event::ArtifactCollected {
+                path,
+                snapshot_id,
+                sha256,
+                size_bytes,
+            } => self.artifacts.push(Artifact {
+                path: path.clone(),
+                snapshot_id: snapshot_id.clone(),
+                sha256: sha256.clone(),
+                size_bytes: *size_bytes,
+            }),
+            Event::CancelRequested { reason, .. } => {
+                self.cancel_requested = Some(reason.clone());
+            }
+            Event::Finished { state, reason } => {
+                self.state = *state;
+                self.reason = reason.clone();
+                for s in &mut self.steps {
+                    if s.state == StepState::Pending {
+                        s.state = StepState::Skipped;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+    use crate::runs::job::{Command, Step};
+
+    /// A job of `steps` shell steps, for tests.
+    pub fn job(steps: usize) -> Job {
+        Job {
+            image: None,
+            from_snapshot: None,
+            memory_bytes: None,
+            cpu_millis: None,
+            pids: None,
+            network: None,
+            env: Default::default(),
+            secret_names: vec![],
+            inputs: vec![],
+            steps: (0..steps)
+                .map(|i| Step {
+                    name: format!("s{i}"),
+                    command: Command::Shell("true".into()),
+                    env: Default::default(),
+                    cwd: String::new(),
+                    timeout_secs: 0,
+                    continue_on_error: false,
+                    idempotent: false,
+                    retries: 0,
+                })
+                .collect(),
+            artifacts: vec![],
+            labels: Default::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::job;
+    use super::*;
+
+    fn exited(step: u32, code: i32) -> Event {
+        Event::StepExited {
+            step,
+            attempt: 1,
+            exit_code: Some(code),
+            signal: None,
+            timed_out: false,
+            oom_killed: false,
+            spawn_failure: String::new(),
+            duration_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_run_folds_from_its_events() {
+        let events = [
+            Event::Submitted {
+                owner: "a".into(),
+                idempotency_key: "k".into(),
+                job: Box::new(job(3)),
+            },
+            Event::Provisioning,
+            Event::SandboxAssigned {
+                sandbox_id: "sb-1".into(),
+            },
+            Event::StepStarted {
+                step: 0,
+                attempt: 1,
+                exec_id: "x0".into(),
+            },
+            Event::StepOutput {
+                step: 0,
+                stream: Stream::Stdout,
+                offset: 0,
+                length: 5,
+                blob_sha256: "h".into(),
+            },
+            exited(0, 0),
+            Event::StepStarted {
+                step: 1,
+                attempt: 1,
+                exec_id: "x1".into(),
+            },
+            exited(1, 2),
+            Event::Finished {
+                state: RunState::Failed,
+                reason: "step s1 exited with 2".into(),
+            },
+        ];
+        let v = RunView::fold(events.iter().enumerate().map(|(i, e)| (i as u64 + 1, e))).unwrap();
+        assert_eq!(v.state, RunState::Failed);
+        assert_eq!(v.last_seq, 9);
+        assert_eq!(v.sandbox_id.as_deref(), Some("sb-1"));
+        assert_eq!(v.steps[0].state, StepState::Succeeded);
+        assert_eq!(v.steps[0].stdout_bytes, 5);
+        assert_eq!(v.steps[1].state, StepState::Failed);
+        assert_eq!(v.steps[1].exec_id, "x1");
+        assert_eq!(v.steps[2].state, StepState::Skipped);
+        // Halfway through, the same log says where the run stands.
+        let partial = RunView::fold(
+            events[..7]
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (i as u64 + 1, e)),
+        )
+        .unwrap();
+        assert_eq!(partial.state, RunState::Running);
+        assert_eq!(partial.steps[1].state, StepState::Running);
+    }
+
+    #[test]
+    fn gaps_duplicates_and_strangers_are_refused() {
+        let s = Event::Submitted {
+            owner: "a".into(),
+            idempotency_key: "k".into(),
+            job: Box::new(job(1)),
+        };
+        let p = Event::Provisioning;
+        assert_eq!(
+            RunView::fold([(1, &s), (3, &p)]).unwrap_err(),
+            FoldError::Gap { seq: 3, prev: 1 }
+        );
+        assert_eq!(
+            RunView::fold([(1, &s), (2, &p), (2, &p)]).unwrap_err(),
+            FoldError::Gap { seq: 2, prev: 2 }
+        );
+        assert_eq!(
+            RunView::fold([(1, &p)]).unwrap_err(),
+            FoldError::NotSubmitted
+        );
+        let bad = exited(7, 0);
+        assert!(matches!(
+            RunView::fold([(1, &s), (2, &bad)]).unwrap_err(),
+            FoldError::NoSuchStep { step: 7, .. }
+        ));
+    }
+}
