@@ -61,6 +61,50 @@ enum Command {
     /// Manage API tokens (admin), or show your own.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Submit a job file; with --follow, show its progress and output and
+    /// exit with the job's code.
+    Run {
+        file: PathBuf,
+        /// The same key returns the same run (default: a new key each time).
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Look at runs.
+    #[command(subcommand)]
+    Runs(RunsCmd),
+}
+
+#[derive(Subcommand)]
+enum RunsCmd {
+    List {
+        /// Only runs in this state (repeatable).
+        #[arg(long = "state")]
+        states: Vec<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    Get {
+        id: String,
+    },
+    /// A step's recorded output (steps are numbered from 1).
+    Logs {
+        id: String,
+        #[arg(long, default_value_t = 1)]
+        step: u32,
+        #[arg(long, value_parser = ["stdout", "stderr"])]
+        stream: Option<String>,
+    },
+    /// Follow a run's progress and output until it ends; exits with its code.
+    Watch {
+        id: String,
+    },
+    Cancel {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -279,6 +323,7 @@ impl tonic::service::Interceptor for Bearer {
 struct Conn {
     sandboxes: pb::sandboxes_client::SandboxesClient<Authed>,
     admin: pb::admin_client::AdminClient<Authed>,
+    runs: pb::runs_client::RunsClient<Authed>,
     json: bool,
 }
 
@@ -349,17 +394,342 @@ async fn connect(cli: &Cli) -> anyhow::Result<Conn> {
         )
         .max_decoding_message_size(16 << 20)
         .max_encoding_message_size(16 << 20),
-        admin: pb::admin_client::AdminClient::with_interceptor(channel, bearer),
+        admin: pb::admin_client::AdminClient::with_interceptor(channel.clone(), bearer.clone()),
+        runs: pb::runs_client::RunsClient::with_interceptor(channel, bearer)
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(64 << 20),
         json: cli.output == Output::Json,
     })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
+    // A bad job file is reported before anything is contacted.
+    let job = match &cli.command {
+        Command::Run { file, .. } => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            Some(
+                crate::runs::job::parse_job_file(file, &text, |k| std::env::var(k).ok())
+                    .map_err(|e| anyhow::Error::new(Status::invalid_argument(e)))?,
+            )
+        }
+        _ => None,
+    };
     let mut c = connect(&cli).await?;
     match cli.command {
         Command::Sandbox(cmd) => sandbox(&mut c, cmd).await,
         Command::Token(cmd) => token(&mut c, cmd).await.map(|()| 0),
+        Command::Run { key, follow, .. } => {
+            let key = key.unwrap_or_else(|| crate::random_hex(16));
+            let r = c
+                .runs
+                .submit(pb::SubmitRunRequest {
+                    idempotency_key: key,
+                    job,
+                })
+                .await?
+                .into_inner();
+            if !follow {
+                if c.json {
+                    print_json(run_json(&r));
+                } else {
+                    println!("{}", r.id);
+                }
+                return Ok(0);
+            }
+            eprintln!("bridle: run {}", r.id);
+            follow_run(&mut c, &r.id).await
+        }
+        Command::Runs(cmd) => runs(&mut c, cmd).await,
     }
+}
+
+fn run_state_name(s: i32) -> &'static str {
+    match pb::RunState::try_from(s) {
+        Ok(pb::RunState::Queued) => "queued",
+        Ok(pb::RunState::Provisioning) => "provisioning",
+        Ok(pb::RunState::Running) => "running",
+        Ok(pb::RunState::Succeeded) => "succeeded",
+        Ok(pb::RunState::Failed) => "failed",
+        Ok(pb::RunState::Cancelled) => "cancelled",
+        Ok(pb::RunState::Interrupted) => "interrupted",
+        _ => "unknown",
+    }
+}
+
+fn run_json(r: &pb::Run) -> serde_json::Value {
+    json!({
+        "id": r.id,
+        "owner": r.owner,
+        "state": run_state_name(r.state),
+        "idempotency_key": r.idempotency_key,
+        "sandbox_id": r.sandbox_id,
+        "reason": r.reason,
+        "created_unix_ms": r.created_unix_ms,
+        "finished_unix_ms": r.finished_unix_ms,
+        "last_seq": r.last_seq,
+        "steps": r.steps.iter().map(|s| json!({
+            "name": s.name,
+            "state": match pb::StepState::try_from(s.state) {
+                Ok(pb::StepState::Pending) => "pending",
+                Ok(pb::StepState::Running) => "running",
+                Ok(pb::StepState::Succeeded) => "succeeded",
+                Ok(pb::StepState::Failed) => "failed",
+                Ok(pb::StepState::Skipped) => "skipped",
+                _ => "unknown",
+            },
+            "attempts": s.attempts,
+            "exit_code": s.exit_code,
+            "signal": s.signal,
+            "timed_out": s.timed_out,
+            "stdout_bytes": s.stdout_bytes,
+            "stderr_bytes": s.stderr_bytes,
+        })).collect::<Vec<_>>(),
+        "artifacts": r.artifacts.iter().map(|a| json!({
+            "path": a.path, "snapshot_id": a.snapshot_id, "sha256": a.sha256, "size_bytes": a.size_bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The exit code a finished run stands for: 0 succeeded, the failing step's
+/// code (or 1) failed, 130 cancelled, 75 interrupted.
+fn run_exit_code(r: &pb::Run) -> u8 {
+    match pb::RunState::try_from(r.state) {
+        Ok(pb::RunState::Succeeded) => 0,
+        Ok(pb::RunState::Cancelled) => 130,
+        Ok(pb::RunState::Interrupted) => 75,
+        _ => r
+            .steps
+            .iter()
+            .rev()
+            .find(|s| s.state == pb::StepState::Failed as i32)
+            .and_then(|s| s.exit_code)
+            .filter(|c| *c > 0)
+            .map(|c| c.clamp(1, 255) as u8)
+            .unwrap_or(1),
+    }
+}
+
+/// Follows a run to its end, printing step progress to stderr and output to
+/// stdout/stderr; reconnects (from the next event) when the stream breaks,
+/// as it does when the control plane restarts.
+async fn follow_run(c: &mut Conn, id: &str) -> anyhow::Result<u8> {
+    let mut next_seq = 1u64;
+    let mut printed: HashMap<(u32, i32), u64> = HashMap::new();
+    let mut failures = 0u32;
+    loop {
+        let stream = c
+            .runs
+            .watch(pb::WatchRunRequest {
+                run_id: id.to_string(),
+                from_seq: next_seq,
+            })
+            .await;
+        let mut events = match stream {
+            Ok(s) => s.into_inner(),
+            Err(s)
+                if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Internal)
+                    && failures < 600 =>
+            {
+                failures += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(s) => return Err(s.into()),
+        };
+        loop {
+            let ev = match events.message().await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break,
+                Err(_) => break,
+            };
+            failures = 0;
+            next_seq = ev.seq + 1;
+            use pb::run_event::Event as E;
+            match ev.event {
+                Some(E::StepStarted(s)) => {
+                    eprintln!("bridle: ▶ step {} (attempt {})", s.step + 1, s.attempt)
+                }
+                Some(E::StepOutput(o)) => {
+                    let key = (o.step, o.stream);
+                    let from = *printed.get(&key).unwrap_or(&0);
+                    if o.offset + o.length <= from {
+                        continue;
+                    }
+                    let mut logs = c
+                        .runs
+                        .logs(pb::LogsRequest {
+                            run_id: id.to_string(),
+                            step: o.step,
+                            stream: o.stream,
+                            from_offset: from,
+                        })
+                        .await?
+                        .into_inner();
+                    while let Some(chunk) = logs.message().await? {
+                        let end = chunk.offset + chunk.data.len() as u64;
+                        if o.stream == pb::LogStream::Stderr as i32 {
+                            std::io::Write::write_all(&mut std::io::stderr(), &chunk.data)?;
+                        } else {
+                            std::io::Write::write_all(&mut std::io::stdout(), &chunk.data)?;
+                            std::io::Write::flush(&mut std::io::stdout())?;
+                        }
+                        printed.insert(key, end);
+                    }
+                }
+                Some(E::StepExited(x)) => {
+                    let how = match (x.exit_code, x.signal) {
+                        _ if !x.spawn_failure.is_empty() => {
+                            format!("could not start: {}", x.spawn_failure)
+                        }
+                        _ if x.timed_out => "timed out".into(),
+                        (Some(code), _) => format!("exited {code}"),
+                        (None, Some(sig)) => format!("killed by signal {sig}"),
+                        _ => "ended".into(),
+                    };
+                    eprintln!("bridle: ■ step {} {how} ({} ms)", x.step + 1, x.duration_ms);
+                }
+                Some(E::Finished(f)) => {
+                    let r = c
+                        .runs
+                        .get(pb::GetRunRequest {
+                            run_id: id.to_string(),
+                        })
+                        .await?
+                        .into_inner();
+                    eprintln!(
+                        "bridle: run {} {}{}",
+                        id,
+                        run_state_name(f.state),
+                        if f.reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", f.reason)
+                        }
+                    );
+                    return Ok(run_exit_code(&r));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+async fn runs(c: &mut Conn, cmd: RunsCmd) -> anyhow::Result<u8> {
+    match cmd {
+        RunsCmd::List { states, limit } => {
+            let mut wanted = Vec::new();
+            for s in &states {
+                let st = (1..=7)
+                    .find(|i| run_state_name(*i) == s.as_str())
+                    .ok_or_else(|| anyhow!("--state {s:?}: one of queued, provisioning, running, succeeded, failed, cancelled, interrupted"))?;
+                wanted.push(st);
+            }
+            let list = c
+                .runs
+                .list(pb::ListRunsRequest {
+                    states: wanted,
+                    labels: HashMap::new(),
+                    page_size: limit,
+                    page_token: String::new(),
+                })
+                .await?
+                .into_inner()
+                .runs;
+            if c.json {
+                print_json(json!(list.iter().map(run_json).collect::<Vec<_>>()));
+            } else {
+                println!("{:<22} {:<13} {:<16} STEPS", "ID", "STATE", "OWNER");
+                for r in &list {
+                    let done = r
+                        .steps
+                        .iter()
+                        .filter(|s| s.state == pb::StepState::Succeeded as i32)
+                        .count();
+                    println!(
+                        "{:<22} {:<13} {:<16} {}/{}",
+                        r.id,
+                        run_state_name(r.state),
+                        r.owner,
+                        done,
+                        r.steps.len()
+                    );
+                }
+            }
+        }
+        RunsCmd::Get { id } => {
+            let r = c
+                .runs
+                .get(pb::GetRunRequest { run_id: id })
+                .await?
+                .into_inner();
+            if c.json {
+                print_json(run_json(&r));
+            } else {
+                println!("id:      {}", r.id);
+                println!("state:   {}", run_state_name(r.state));
+                if !r.reason.is_empty() {
+                    println!("reason:  {}", r.reason);
+                }
+                println!("sandbox: {}", r.sandbox_id);
+                for (i, s) in r.steps.iter().enumerate() {
+                    let state = run_json(&pb::Run {
+                        steps: vec![s.clone()],
+                        ..Default::default()
+                    })["steps"][0]["state"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string();
+                    println!(
+                        "step {:>2}: {:<10} {:<20} exit {}",
+                        i + 1,
+                        state,
+                        s.name,
+                        s.exit_code
+                            .map(|c| c.to_string())
+                            .unwrap_or_else(|| "-".into())
+                    );
+                }
+            }
+        }
+        RunsCmd::Logs { id, step, stream } => {
+            if step == 0 {
+                bail!("--step counts from 1");
+            }
+            let stream = match stream.as_deref() {
+                Some("stdout") => pb::LogStream::Stdout,
+                Some("stderr") => pb::LogStream::Stderr,
+                _ => pb::LogStream::Unspecified,
+            };
+            let mut logs = c
+                .runs
+                .logs(pb::LogsRequest {
+                    run_id: id,
+                    step: step - 1,
+                    stream: stream as i32,
+                    from_offset: 0,
+                })
+                .await?
+                .into_inner();
+            let mut out = tokio::io::stdout();
+            while let Some(chunk) = logs.message().await? {
+                out.write_all(&chunk.data).await?;
+            }
+            out.flush().await?;
+        }
+        RunsCmd::Watch { id } => return follow_run(c, &id).await,
+        RunsCmd::Cancel { id, reason } => {
+            let r = c
+                .runs
+                .cancel(pb::CancelRunRequest { run_id: id, reason })
+                .await?
+                .into_inner();
+            if c.json {
+                print_json(run_json(&r));
+            }
+        }
+    }
+    Ok(0)
 }
 
 fn print_json(v: serde_json::Value) {

@@ -40,6 +40,8 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// Seconds between sweeps (TTL, idle timeout, orphans, pool refill).
     pub sweep_interval_secs: u64,
+    /// Runs executing at once; the others wait in the queue.
+    pub max_running_runs: usize,
     pub docker: DockerConfig,
     pub sandbox: SandboxDefaults,
     /// Warm pools, one per profile.
@@ -125,6 +127,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
             shutdown_grace_secs: 10,
             sweep_interval_secs: 15,
+            max_running_runs: 4,
             docker: DockerConfig::default(),
             sandbox: SandboxDefaults::default(),
             pool: Vec::new(),
@@ -273,6 +276,7 @@ impl Config {
             "listen",
             "shutdown_grace_secs",
             "sweep_interval_secs",
+            "max_running_runs",
             "docker",
             "sandbox",
             "tls",

@@ -18,7 +18,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context;
-use bridle_proto::control::v1::{admin_server::AdminServer, sandboxes_server::SandboxesServer};
+use bridle_proto::control::v1::{
+    admin_server::AdminServer, runs_server::RunsServer, sandboxes_server::SandboxesServer,
+};
 
 use crate::config::Config;
 
@@ -54,6 +56,7 @@ pub async fn run(
     }
     let docker = runtime::docker::Docker::connect(&config.docker.host, &instance).await?;
     let artifacts = artifacts::Artifacts::open(&data_dir)?;
+    let run_events = runs::store::SqlEvents::new(store.pool().clone());
     let sandboxes = sandboxes::Sandboxes::new(config.clone(), docker, store, artifacts)?;
     // Re-adopt what a previous run left, and remove orphans, before serving.
     sandboxes
@@ -86,6 +89,23 @@ pub async fn run(
     tracing::info!(%addr, instance, data_dir = %data_dir.display(), "control plane serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let runner = runs::executor::Runner::new(
+        run_events,
+        sandboxes.clone(),
+        config.max_running_runs,
+        stop_rx.clone(),
+    );
+    runner.release_leftover_sandboxes().await;
+    // Every run the log says is unfinished continues where it stands.
+    for id in runs::store::EventStore::unfinished(runner.store()).await? {
+        let runner = runner.clone();
+        tokio::spawn(async move {
+            tracing::info!(run = %id, "resuming an unfinished run");
+            if let Err(e) = runner.drive(&id).await {
+                tracing::warn!(run = %id, "run stopped: {e}");
+            }
+        });
+    }
     let maintenance = tokio::spawn({
         let sandboxes = sandboxes.clone();
         let stop = stop_rx.clone();
@@ -107,6 +127,10 @@ pub async fn run(
         auth: auth.clone(),
         sandboxes: sandboxes.clone(),
         shutdown: stop_rx.clone(),
+    };
+    let runs_api = api::runs::RunsApi {
+        auth: auth.clone(),
+        runner,
     };
     let admin_api = api::admin::AdminApi { auth };
 
@@ -136,6 +160,7 @@ pub async fn run(
                 .max_encoding_message_size(16 << 20),
         )
         .add_service(AdminServer::new(admin_api))
+        .add_service(RunsServer::new(runs_api))
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY small answers wait on delayed ACKs (40 ms).
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

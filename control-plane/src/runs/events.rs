@@ -72,6 +72,10 @@ pub enum Event {
     Provisioning,
     SandboxAssigned {
         sandbox_id: String,
+        /// When the sandbox's agent started: an agent that started later
+        /// (the container restarted) has forgotten every exec.
+        #[serde(default)]
+        agent_boot_unix_ms: i64,
     },
     /// Written before the agent is asked to run the step: a restarted
     /// control plane re-attaches by `exec_id` and never starts it again.
@@ -88,6 +92,9 @@ pub enum Event {
         offset: u64,
         length: u64,
         blob_sha256: String,
+        /// Where the agent's own offset (both streams, raw, this attempt)
+        /// stands after this chunk: a re-attach continues from here.
+        agent_end: u64,
     },
     StepExited {
         step: u32,
@@ -134,6 +141,8 @@ pub struct StepView {
     pub timed_out: bool,
     pub stdout_bytes: u64,
     pub stderr_bytes: u64,
+    /// The agent's output offset reached by the current attempt.
+    pub agent_offset: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +162,7 @@ pub struct RunView {
     pub state: RunState,
     pub steps: Vec<StepView>,
     pub sandbox_id: Option<String>,
+    pub agent_boot_unix_ms: i64,
     pub cancel_requested: Option<String>,
     pub reason: String,
     pub artifacts: Vec<Artifact>,
@@ -198,12 +208,14 @@ impl RunView {
                     timed_out: false,
                     stdout_bytes: 0,
                     stderr_bytes: 0,
+                    agent_offset: 0,
                 };
                 job.steps.len()
             ],
             job: job.as_ref().clone(),
             state: RunState::Queued,
             sandbox_id: None,
+            agent_boot_unix_ms: 0,
             cancel_requested: None,
             reason: String::new(),
             artifacts: Vec::new(),
@@ -222,6 +234,20 @@ impl RunView {
         Ok(view)
     }
 
+    /// `view` with one more event applied.
+    pub fn fold_onto(view: &RunView, seq: u64, event: &Event) -> Result<RunView, FoldError> {
+        if seq != view.last_seq + 1 {
+            return Err(FoldError::Gap {
+                seq,
+                prev: view.last_seq,
+            });
+        }
+        let mut next = view.clone();
+        next.last_seq = seq;
+        next.apply(seq, event)?;
+        Ok(next)
+    }
+
     fn step_mut(&mut self, seq: u64, step: u32) -> Result<&mut StepView, FoldError> {
         let steps = self.steps.len();
         self.steps
@@ -233,8 +259,12 @@ impl RunView {
         match event {
             Event::Submitted { .. } => return Err(FoldError::Gap { seq, prev: seq }),
             Event::Provisioning => self.state = RunState::Provisioning,
-            Event::SandboxAssigned { sandbox_id } => {
+            Event::SandboxAssigned {
+                sandbox_id,
+                agent_boot_unix_ms,
+            } => {
                 self.sandbox_id = Some(sandbox_id.clone());
+                self.agent_boot_unix_ms = *agent_boot_unix_ms;
                 self.state = RunState::Running;
             }
             Event::StepStarted {
@@ -246,6 +276,7 @@ impl RunView {
                 s.state = StepState::Running;
                 s.attempts = *attempt;
                 s.exec_id = exec_id.clone();
+                s.agent_offset = 0;
                 self.state = RunState::Running;
             }
             Event::StepOutput {
@@ -253,9 +284,11 @@ impl RunView {
                 stream,
                 offset,
                 length,
+                agent_end,
                 ..
             } => {
                 let s = self.step_mut(seq, *step)?;
+                s.agent_offset = *agent_end;
                 let end = offset + length;
                 match stream {
                     Stream::Stdout => s.stdout_bytes = s.stdout_bytes.max(end),
@@ -372,6 +405,7 @@ mod tests {
             Event::Provisioning,
             Event::SandboxAssigned {
                 sandbox_id: "sb-1".into(),
+                agent_boot_unix_ms: 0,
             },
             Event::StepStarted {
                 step: 0,
@@ -384,6 +418,7 @@ mod tests {
                 offset: 0,
                 length: 5,
                 blob_sha256: "h".into(),
+                agent_end: 5,
             },
             exited(0, 0),
             Event::StepStarted {

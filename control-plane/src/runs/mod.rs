@@ -5,5 +5,6 @@
 //! the `Runs` service follow.
 
 pub mod events;
+pub mod executor;
 pub mod job;
 pub mod store;

@@ -69,6 +69,15 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<StoredEvent>>> + Send;
     /// Runs whose log does not end in `finished`.
     fn unfinished(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// Run ids, newest first: one owner's (or every owner's), optionally only
+    /// in some states, `offset` into that order, at most `limit`.
+    fn list(
+        &self,
+        owner: Option<&str>,
+        states: &[RunState],
+        offset: u64,
+        limit: u64,
+    ) -> impl Future<Output = Result<Vec<String>>> + Send;
     /// Stores content once under its sha256 (a second put is a no-op).
     fn put_blob(&self, sha256: &str, data: &[u8]) -> impl Future<Output = Result<()>> + Send;
     fn blob(&self, sha256: &str) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;
@@ -198,6 +207,29 @@ impl EventStore for SqlEvents {
         rows.iter().map(|r| Ok(r.try_get("id")?)).collect()
     }
 
+    async fn list(
+        &self,
+        owner: Option<&str>,
+        states: &[RunState],
+        offset: u64,
+        limit: u64,
+    ) -> Result<Vec<String>> {
+        // States are a fixed vocabulary, so they can be spelled into the SQL.
+        let mut sql = String::from("SELECT id FROM runs WHERE ($1 IS NULL OR owner = $1)");
+        if !states.is_empty() {
+            let list: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
+            sql.push_str(&format!(" AND state IN ({})", list.join(", ")));
+        }
+        sql.push_str(" ORDER BY created_unix_ms DESC, id DESC LIMIT $2 OFFSET $3");
+        let rows = sqlx::query(&sql)
+            .bind(owner)
+            .bind(limit as i64)
+            .bind(offset as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("id")?)).collect()
+    }
+
     async fn put_blob(&self, sha256: &str, data: &[u8]) -> Result<()> {
         sqlx::query("INSERT INTO blobs (sha256, size, data) VALUES ($1, $2, $3) ON CONFLICT (sha256) DO NOTHING")
             .bind(sha256)
@@ -278,6 +310,7 @@ mod tests {
         ));
         let sandbox = Event::SandboxAssigned {
             sandbox_id: "sb-1".into(),
+            agent_boot_unix_ms: 0,
         };
         s.append("r1", 3, &sandbox, RunState::Running, 4)
             .await

@@ -1,0 +1,788 @@
+//! Drives runs: every transition is appended to the run's log before the
+//! action it allows, so [`Runner::drive`] can be called again on any run at
+//! any moment (after a crash, on another start) and continues from where the
+//! log says the run is, without repeating a started step.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use bridle_proto::sandbox::v1 as agent_pb;
+use sha2::Digest;
+use tokio::sync::{broadcast, watch, Semaphore};
+
+use super::events::{Event, RunState, RunView, StepState, Stream};
+use super::job::Command;
+use super::store::{EventStore, StoredEvent};
+use crate::auth::{Principal, Role};
+use crate::runtime::Runtime;
+use crate::sandboxes::{CreateRequest, Sandboxes};
+
+/// Label that ties a sandbox to the run it was made for, so a run whose
+/// sandbox was created but not yet recorded finds it again.
+pub const RUN_LABEL: &str = "bridle.run";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] super::store::Error),
+    #[error("run {0}: {1}")]
+    Fold(String, super::events::FoldError),
+    #[error("run {0} not found")]
+    NotFound(String),
+    /// The control plane is stopping: the run stays where its log says.
+    #[error("shutting down")]
+    Stopping,
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+struct Live {
+    events: broadcast::Sender<StoredEvent>,
+    cancel: watch::Sender<bool>,
+}
+
+pub struct Runner<R: Runtime, S: EventStore> {
+    inner: Arc<Inner<R, S>>,
+}
+
+impl<R: Runtime, S: EventStore> Clone for Runner<R, S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<R: Runtime, S: EventStore> {
+    store: S,
+    sandboxes: Sandboxes<R>,
+    live: Mutex<HashMap<String, Arc<Live>>>,
+    /// Secret values by run; kept in memory only (see docs/recovery.md).
+    secrets: Mutex<HashMap<String, BTreeMap<String, String>>>,
+    running: Semaphore,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Where a step's attempt ended.
+enum StepEnd {
+    Exited(Event),
+    /// The sandbox or the exec is gone while the step ran.
+    Lost(String),
+}
+
+impl<R: Runtime, S: EventStore> Runner<R, S> {
+    pub fn new(
+        store: S,
+        sandboxes: Sandboxes<R>,
+        max_running: usize,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                sandboxes,
+                live: Mutex::default(),
+                secrets: Mutex::default(),
+                running: Semaphore::new(max_running.max(1)),
+                shutdown,
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &S {
+        &self.inner.store
+    }
+
+    pub fn remember_secrets(&self, run_id: &str, secrets: BTreeMap<String, String>) {
+        if !secrets.is_empty() {
+            self.inner
+                .secrets
+                .lock()
+                .expect("lock")
+                .insert(run_id.to_string(), secrets);
+        }
+    }
+
+    fn live(&self, run_id: &str) -> Arc<Live> {
+        self.inner
+            .live
+            .lock()
+            .expect("lock")
+            .entry(run_id.to_string())
+            .or_insert_with(|| {
+                Arc::new(Live {
+                    events: broadcast::channel(1024).0,
+                    cancel: watch::channel(false).0,
+                })
+            })
+            .clone()
+    }
+
+    /// New events of a run as they are appended.
+    pub fn subscribe(&self, run_id: &str) -> broadcast::Receiver<StoredEvent> {
+        self.live(run_id).events.subscribe()
+    }
+
+    pub async fn view(&self, run_id: &str) -> Result<RunView> {
+        let events = self.inner.store.events(run_id, 1).await?;
+        if events.is_empty() {
+            return Err(Error::NotFound(run_id.into()));
+        }
+        RunView::fold(events.iter().map(|e| (e.seq, &e.event)))
+            .map_err(|e| Error::Fold(run_id.into(), e))
+    }
+
+    /// Appends the next event and tells watchers.
+    async fn record(&self, run_id: &str, view: &mut RunView, event: Event) -> Result<()> {
+        let seq = view.last_seq + 1;
+        // The new state is what folding the event gives.
+        let folded =
+            RunView::fold_onto(view, seq, &event).map_err(|e| Error::Fold(run_id.into(), e))?;
+        let now = crate::now_ms();
+        self.inner
+            .store
+            .append(run_id, seq, &event, folded.state, now)
+            .await?;
+        *view = folded;
+        let _ = self.live(run_id).events.send(StoredEvent {
+            seq,
+            unix_ms: now,
+            event,
+        });
+        Ok(())
+    }
+
+    /// Deletes sandboxes made for runs that have finished (a crash between
+    /// `finished` and the delete leaves one). Called at start.
+    pub async fn release_leftover_sandboxes(&self) {
+        let system = Principal {
+            token_id: "system".into(),
+            name: "control plane".into(),
+            role: Role::Admin,
+            owner: String::new(),
+        };
+        let Ok(all) = self.inner.sandboxes.list(&system, &BTreeMap::new()).await else {
+            return;
+        };
+        for sb in all {
+            let Some(run_id) = sb.spec.labels.get(RUN_LABEL) else {
+                continue;
+            };
+            let done = match self.view(run_id).await {
+                Ok(v) => v.state.is_finished(),
+                Err(Error::NotFound(_)) => true,
+                Err(_) => false,
+            };
+            if done {
+                tracing::info!(run = %run_id, sandbox = %sb.id, "removing the sandbox of a finished run");
+                let _ = self.inner.sandboxes.delete(&system, &sb.id).await;
+            }
+        }
+    }
+
+    /// Asks a run to stop: recorded first, then its step's tree is killed.
+    pub async fn cancel(&self, run_id: &str, by: &str, reason: &str) -> Result<RunView> {
+        let mut view = self.view(run_id).await?;
+        if !view.state.is_finished() && view.cancel_requested.is_none() {
+            self.record(
+                run_id,
+                &mut view,
+                Event::CancelRequested {
+                    by: by.into(),
+                    reason: reason.into(),
+                },
+            )
+            .await?;
+        }
+        let _ = self.live(run_id).cancel.send(true);
+        Ok(view)
+    }
+
+    /// Runs `run_id` to its end (or until shutdown), from wherever its log
+    /// says it is. Safe to call on any run at any time, once at a time.
+    pub async fn drive(&self, run_id: &str) -> Result<()> {
+        let _permit = self
+            .inner
+            .running
+            .acquire()
+            .await
+            .map_err(|_| Error::Stopping)?;
+        let mut view = self.view(run_id).await?;
+        if view.state.is_finished() {
+            return Ok(());
+        }
+        let principal = Principal {
+            token_id: format!("run:{run_id}"),
+            name: format!("run {run_id}"),
+            role: Role::Submitter,
+            owner: view.owner.clone(),
+        };
+        let result = self.drive_inner(run_id, &mut view, &principal).await;
+        if let Err(Error::Stopping) = result {
+            return Err(Error::Stopping);
+        }
+        // Whatever ended the run, its sandbox goes.
+        if view.state.is_finished() {
+            if let Some(sb) = &view.sandbox_id {
+                let _ = self.inner.sandboxes.delete(&principal, sb).await;
+            }
+            self.inner.secrets.lock().expect("lock").remove(run_id);
+        }
+        result
+    }
+
+    async fn finish(
+        &self,
+        run_id: &str,
+        view: &mut RunView,
+        state: RunState,
+        reason: String,
+    ) -> Result<()> {
+        self.record(run_id, view, Event::Finished { state, reason })
+            .await
+    }
+
+    async fn drive_inner(
+        &self,
+        run_id: &str,
+        view: &mut RunView,
+        principal: &Principal,
+    ) -> Result<()> {
+        if let Some(reason) = view.cancel_requested.clone() {
+            return self.finish(run_id, view, RunState::Cancelled, reason).await;
+        }
+        let secrets = self
+            .inner
+            .secrets
+            .lock()
+            .expect("lock")
+            .get(run_id)
+            .cloned();
+        if !view.job.secret_names.is_empty() && secrets.is_none() {
+            return self
+                .finish(
+                    run_id,
+                    view,
+                    RunState::Interrupted,
+                    "the run's secrets are held in memory only and the control plane restarted before it finished".into(),
+                )
+                .await;
+        }
+        let secrets = secrets.unwrap_or_default();
+
+        // A sandbox: the recorded one, or one made for this run.
+        if view.sandbox_id.is_none() {
+            if view.state == RunState::Queued {
+                self.record(run_id, view, Event::Provisioning).await?;
+            }
+            let labels = BTreeMap::from([(RUN_LABEL.to_string(), run_id.to_string())]);
+            // A crash after the sandbox was made and before it was recorded
+            // leaves one with this run's label: use it rather than make another.
+            let found = self
+                .inner
+                .sandboxes
+                .list(principal, &labels)
+                .await
+                .ok()
+                .and_then(|l| l.into_iter().next());
+            let sandbox = match found {
+                Some(s) => s,
+                None => {
+                    let mut job_labels = view.job.labels.clone();
+                    job_labels.extend(labels);
+                    let req = CreateRequest {
+                        image: view.job.image.clone(),
+                        memory_bytes: view.job.memory_bytes,
+                        cpu_millis: view.job.cpu_millis,
+                        pids: view.job.pids,
+                        network: view.job.network,
+                        env: BTreeMap::new(),
+                        labels: job_labels,
+                        ttl_secs: 0,
+                        idle_timeout_secs: 0,
+                        from_snapshot: view.job.from_snapshot.clone(),
+                    };
+                    match self.inner.sandboxes.create(principal, req).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            return self
+                                .finish(
+                                    run_id,
+                                    view,
+                                    RunState::Failed,
+                                    format!("provisioning: {e}"),
+                                )
+                                .await
+                        }
+                    }
+                }
+            };
+            // Inputs go in before the sandbox is recorded: a crash in between
+            // writes them again into the same sandbox, which is harmless.
+            if let Err(e) = self.write_inputs(view, &sandbox.id).await {
+                return self
+                    .finish(
+                        run_id,
+                        view,
+                        RunState::Failed,
+                        format!("writing inputs: {e}"),
+                    )
+                    .await;
+            }
+            let agent_boot_unix_ms = match self.agent_boot(&sandbox.id).await {
+                Some(t) => t,
+                None => {
+                    return self
+                        .finish(
+                            run_id,
+                            view,
+                            RunState::Failed,
+                            "the sandbox's agent does not answer".into(),
+                        )
+                        .await
+                }
+            };
+            self.record(
+                run_id,
+                view,
+                Event::SandboxAssigned {
+                    sandbox_id: sandbox.id.clone(),
+                    agent_boot_unix_ms,
+                },
+            )
+            .await?;
+        }
+        let sandbox_id = view.sandbox_id.clone().expect("assigned above");
+        let mut cancel = self.live(run_id).cancel.subscribe();
+
+        let mut failed: Option<String> = None;
+        for index in 0..view.job.steps.len() {
+            let step = view.job.steps[index].clone();
+            let status = view.steps[index].clone();
+            match status.state {
+                StepState::Succeeded => continue,
+                StepState::Failed if status.attempts > step.retries => {
+                    if step.continue_on_error {
+                        continue;
+                    }
+                    failed = Some(format!("step {} ({}) failed", index + 1, step.name));
+                    break;
+                }
+                _ => {}
+            }
+            // Attempts: resume the one the log says is running, else start the next.
+            let mut attempt = status.attempts.max(1);
+            let mut resume = status.state == StepState::Running;
+            if status.state == StepState::Failed {
+                attempt = status.attempts + 1;
+            }
+            loop {
+                if *cancel.borrow() {
+                    let reason = view.cancel_requested.clone().unwrap_or_default();
+                    return self.finish(run_id, view, RunState::Cancelled, reason).await;
+                }
+                let exec_id = format!("{run_id}-s{index}-a{attempt}");
+                if !resume {
+                    self.record(
+                        run_id,
+                        view,
+                        Event::StepStarted {
+                            step: index as u32,
+                            attempt,
+                            exec_id: exec_id.clone(),
+                        },
+                    )
+                    .await?;
+                }
+                let end = self
+                    .run_step(
+                        run_id,
+                        view,
+                        &sandbox_id,
+                        index,
+                        attempt,
+                        &exec_id,
+                        resume,
+                        &secrets,
+                        &mut cancel,
+                    )
+                    .await?;
+                resume = false;
+                match end {
+                    StepEnd::Exited(exited) => {
+                        self.record(run_id, view, exited).await?;
+                    }
+                    StepEnd::Lost(why) => {
+                        if !step.idempotent {
+                            return self
+                                .finish(
+                                    run_id,
+                                    view,
+                                    RunState::Interrupted,
+                                    format!(
+                                        "step {} ({}) may or may not have run to completion: {why}; it is not marked idempotent, so it is not run again",
+                                        index + 1,
+                                        step.name
+                                    ),
+                                )
+                                .await;
+                        }
+                        if attempt > step.retries {
+                            return self
+                                .finish(
+                                    run_id,
+                                    view,
+                                    RunState::Interrupted,
+                                    format!("step {} ({}): {why}", index + 1, step.name),
+                                )
+                                .await;
+                        }
+                        attempt += 1;
+                        continue;
+                    }
+                }
+                if *cancel.borrow() {
+                    let reason = view.cancel_requested.clone().unwrap_or_default();
+                    return self.finish(run_id, view, RunState::Cancelled, reason).await;
+                }
+                if view.steps[index].state == StepState::Succeeded {
+                    break;
+                }
+                if step.idempotent && attempt <= step.retries {
+                    attempt += 1;
+                    continue;
+                }
+                if !step.continue_on_error {
+                    failed = Some(describe_failure(index, &step.name, &view.steps[index]));
+                }
+                break;
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        if let Some(reason) = failed {
+            return self.finish(run_id, view, RunState::Failed, reason).await;
+        }
+        for path in view.job.artifacts.clone() {
+            if view.artifacts.iter().any(|a| a.path == path) {
+                continue;
+            }
+            match self
+                .inner
+                .sandboxes
+                .snapshot(
+                    principal,
+                    &sandbox_id,
+                    path.clone(),
+                    Vec::new(),
+                    agent_pb::Compression::Zstd,
+                )
+                .await
+            {
+                Ok(snap) => {
+                    self.record(
+                        run_id,
+                        view,
+                        Event::ArtifactCollected {
+                            path,
+                            snapshot_id: snap.id,
+                            sha256: snap.sha256,
+                            size_bytes: snap.size_bytes,
+                        },
+                    )
+                    .await?
+                }
+                Err(e) => {
+                    return self
+                        .finish(
+                            run_id,
+                            view,
+                            RunState::Failed,
+                            format!("collecting artifact {path}: {e}"),
+                        )
+                        .await
+                }
+            }
+        }
+        self.finish(run_id, view, RunState::Succeeded, String::new())
+            .await
+    }
+
+    /// When the sandbox's agent started, from its uptime.
+    async fn agent_boot(&self, sandbox_id: &str) -> Option<i64> {
+        let mut agent = self.inner.sandboxes.agent(sandbox_id);
+        let info = agent
+            .info(agent_pb::InfoRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        Some(crate::now_ms() - info.uptime_ms as i64)
+    }
+
+    async fn write_inputs(&self, view: &RunView, sandbox_id: &str) -> anyhow::Result<()> {
+        let mut agent = self.inner.sandboxes.agent(sandbox_id);
+        for f in &view.job.inputs {
+            let data = self
+                .inner
+                .store
+                .blob(&f.sha256)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("input {} is missing from the store", f.path))?;
+            let msgs = vec![
+                agent_pb::WriteFileRequest {
+                    request: Some(agent_pb::write_file_request::Request::Header(
+                        agent_pb::WriteFileHeader {
+                            path: f.path.clone(),
+                            mode: f.mode,
+                            create_parents: true,
+                            ..Default::default()
+                        },
+                    )),
+                },
+                agent_pb::WriteFileRequest {
+                    request: Some(agent_pb::write_file_request::Request::Data(data.into())),
+                },
+            ];
+            agent.write_file(futures::stream::iter(msgs)).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts (or, with `resume`, re-attaches to) one attempt of a step and
+    /// records its output until it exits.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_step(
+        &self,
+        run_id: &str,
+        view: &mut RunView,
+        sandbox_id: &str,
+        index: usize,
+        attempt: u32,
+        exec_id: &str,
+        resume: bool,
+        secrets: &BTreeMap<String, String>,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> Result<StepEnd> {
+        let step = view.job.steps[index].clone();
+        let mut agent = self.inner.sandboxes.agent(sandbox_id);
+        // Output already recorded is not asked for again.
+        let recorded = view.steps[index].agent_offset;
+        if resume {
+            match agent
+                .attach(agent_pb::AttachRequest {
+                    exec_id: exec_id.to_string(),
+                    from_offset: recorded,
+                })
+                .await
+            {
+                Ok(s) => {
+                    return self
+                        .record_step(
+                            run_id,
+                            view,
+                            index,
+                            attempt,
+                            exec_id,
+                            s.into_inner(),
+                            secrets,
+                            cancel,
+                        )
+                        .await
+                }
+                // The agent does not know the exec. If it is the same agent
+                // that was there when the sandbox was assigned, the exec never
+                // started (the crash fell between recording StepStarted and
+                // asking the agent): start it now. Otherwise the agent lost
+                // its memory, and whether the step ran is unknown.
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    let same_agent = match self.agent_boot(sandbox_id).await {
+                        Some(boot) => (boot - view.agent_boot_unix_ms).abs() < 10_000,
+                        None => false,
+                    };
+                    if !same_agent {
+                        return Ok(StepEnd::Lost(format!(
+                            "the sandbox's agent restarted and no longer knows exec {exec_id}"
+                        )));
+                    }
+                }
+                Err(s) => {
+                    return Ok(StepEnd::Lost(format!(
+                        "the sandbox is unreachable: {}",
+                        s.message()
+                    )))
+                }
+            }
+        }
+        let stream = {
+            let mut env: HashMap<String, String> = view.job.env.clone().into_iter().collect();
+            env.extend(secrets.clone());
+            env.extend(step.env.clone());
+            let (argv, shell) = match &step.command {
+                Command::Argv(a) => (a.clone(), String::new()),
+                Command::Shell(s) => (Vec::new(), s.clone()),
+            };
+            let start = agent_pb::ExecStart {
+                exec_id: exec_id.to_string(),
+                argv,
+                shell,
+                env,
+                cwd: step.cwd.clone(),
+                timeout_ms: step.timeout_secs.saturating_mul(1000),
+                ..Default::default()
+            };
+            agent
+                .exec(futures::stream::iter([agent_pb::ExecRequest {
+                    request: Some(agent_pb::exec_request::Request::Start(start)),
+                }]))
+                .await
+        };
+        let events = match stream {
+            Ok(s) => s.into_inner(),
+            Err(s) => {
+                return Ok(StepEnd::Lost(format!(
+                    "the sandbox is unreachable: {}",
+                    s.message()
+                )))
+            }
+        };
+        self.record_step(
+            run_id, view, index, attempt, exec_id, events, secrets, cancel,
+        )
+        .await
+    }
+
+    /// Records an exec's output and exit from its event stream.
+    #[allow(clippy::too_many_arguments)]
+    async fn record_step(
+        &self,
+        run_id: &str,
+        view: &mut RunView,
+        index: usize,
+        attempt: u32,
+        exec_id: &str,
+        mut events: tonic::Streaming<agent_pb::ExecEvent>,
+        secrets: &BTreeMap<String, String>,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> Result<StepEnd> {
+        let sandbox_id = view.sandbox_id.clone().unwrap_or_default();
+        let mut agent = self.inner.sandboxes.agent(&sandbox_id);
+        let started = std::time::Instant::now();
+        let mut stopping = self.inner.shutdown.clone();
+        loop {
+            let message = tokio::select! {
+                m = events.message() => m,
+                _ = cancel.changed() => {
+                    let _ = agent
+                        .signal(agent_pb::SignalRequest { exec_id: exec_id.into(), signal: 0, kill_tree: true })
+                        .await;
+                    continue;
+                }
+                _ = stopping.changed() => return Err(Error::Stopping),
+            };
+            let ev = match message {
+                Ok(Some(ev)) => ev,
+                Ok(None) => {
+                    return Ok(StepEnd::Lost(
+                        "the exec stream ended before the step exited".into(),
+                    ))
+                }
+                Err(s) => {
+                    return Ok(StepEnd::Lost(format!(
+                        "the sandbox went away: {}",
+                        s.message()
+                    )))
+                }
+            };
+            use agent_pb::exec_event::Event as E;
+            match ev.event {
+                Some(E::Output(o)) => {
+                    let stream = if o.stream == agent_pb::OutputStream::Stderr as i32 {
+                        Stream::Stderr
+                    } else {
+                        Stream::Stdout
+                    };
+                    let data = redact(&o.data, secrets);
+                    let sha = hex::encode(sha2::Sha256::digest(&data));
+                    self.inner.store.put_blob(&sha, &data).await?;
+                    let offset = match stream {
+                        Stream::Stdout => view.steps[index].stdout_bytes,
+                        Stream::Stderr => view.steps[index].stderr_bytes,
+                    };
+                    self.record(
+                        run_id,
+                        view,
+                        Event::StepOutput {
+                            step: index as u32,
+                            stream,
+                            offset,
+                            length: data.len() as u64,
+                            blob_sha256: sha,
+                            agent_end: o.offset + o.data.len() as u64,
+                        },
+                    )
+                    .await?;
+                }
+                Some(E::Exited(x)) => {
+                    return Ok(StepEnd::Exited(Event::StepExited {
+                        step: index as u32,
+                        attempt,
+                        exit_code: x.code,
+                        signal: x.signal,
+                        timed_out: x.timed_out,
+                        oom_killed: x.oom_killed,
+                        spawn_failure: String::new(),
+                        duration_ms: x.duration_ms,
+                    }))
+                }
+                Some(E::SpawnFailed(f)) => {
+                    return Ok(StepEnd::Exited(Event::StepExited {
+                        step: index as u32,
+                        attempt,
+                        exit_code: None,
+                        signal: None,
+                        timed_out: false,
+                        oom_killed: false,
+                        spawn_failure: f.reason,
+                        duration_ms: started.elapsed().as_millis() as u64,
+                    }))
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn describe_failure(index: usize, name: &str, s: &super::events::StepView) -> String {
+    let how = match (s.exit_code, s.signal, s.timed_out) {
+        (_, _, true) => "timed out".to_string(),
+        (Some(c), _, _) => format!("exited with {c}"),
+        (None, Some(sig), _) => format!("was killed by signal {sig}"),
+        _ => "could not start".to_string(),
+    };
+    format!("step {} ({name}) {how}", index + 1)
+}
+
+/// Replaces every secret value in `data` with `***`.
+pub fn redact(data: &[u8], secrets: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut out = data.to_vec();
+    for v in secrets.values() {
+        let needle = v.as_bytes();
+        if needle.is_empty() {
+            continue;
+        }
+        let mut i = 0;
+        let mut next = Vec::with_capacity(out.len());
+        while i < out.len() {
+            if out[i..].starts_with(needle) {
+                next.extend_from_slice(b"***");
+                i += needle.len();
+            } else {
+                next.push(out[i]);
+                i += 1;
+            }
+        }
+        out = next;
+    }
+    out
+}

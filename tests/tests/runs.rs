@@ -1,0 +1,294 @@
+//! Runs end to end: jobs submitted to the real control plane, executed in
+//! real containers, and the control plane killed with SIGKILL again and
+//! again while a job runs.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bridle_proto::control::v1 as pb;
+use bridle_tests::control::ControlPlane;
+use bridle_tests::docker::require_docker;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+macro_rules! docker_or_skip {
+    () => {
+        if !require_docker(module_path!()) {
+            return;
+        }
+    };
+}
+
+type Runs = pb::runs_client::RunsClient<InterceptedService<Channel, bridle_tests::control::Bearer>>;
+
+async fn runs_client(endpoint: &str, token: &str) -> anyhow::Result<Runs> {
+    let ch = Channel::from_shared(endpoint.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await?;
+    Ok(pb::runs_client::RunsClient::with_interceptor(
+        ch,
+        bridle_tests::control::Bearer::new(token),
+    ))
+}
+
+fn shell_step(name: &str, cmd: &str) -> pb::Step {
+    pb::Step {
+        name: name.into(),
+        shell: cmd.into(),
+        ..Default::default()
+    }
+}
+
+async fn logs(c: &mut Runs, run_id: &str, step: u32) -> String {
+    let mut s = c
+        .logs(pb::LogsRequest {
+            run_id: run_id.into(),
+            step,
+            stream: pb::LogStream::Stdout as i32,
+            from_offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = s.message().await.unwrap() {
+        out.extend_from_slice(&chunk.data);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_job_runs_with_secrets_redacted_and_the_same_key_returns_the_same_run() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&[]).await.unwrap();
+    let mut c = runs_client(&cp.endpoint, &cp.admin_token).await.unwrap();
+    let job = pb::Job {
+        secrets: HashMap::from([("TOKEN".to_string(), "hunter2-secret-value".to_string())]),
+        inputs: vec![pb::InputFile {
+            path: "in/data.txt".into(),
+            content: b"input data\n".to_vec().into(),
+            mode: 0,
+        }],
+        steps: vec![
+            shell_step("read", "cat in/data.txt; echo \"token=$TOKEN\""),
+            shell_step("fail", "exit 4"),
+            shell_step("never", "echo never"),
+        ],
+        ..Default::default()
+    };
+    let submit = pb::SubmitRunRequest {
+        idempotency_key: "same-key".into(),
+        job: Some(job.clone()),
+    };
+    let run = c.submit(submit.clone()).await.unwrap().into_inner();
+    let again = c.submit(submit).await.unwrap().into_inner();
+    assert_eq!(run.id, again.id, "the same key returns the same run");
+    assert_eq!(run.job.unwrap().secrets["TOKEN"], "***");
+
+    let start = Instant::now();
+    let done = loop {
+        let r = c
+            .get(pb::GetRunRequest {
+                run_id: run.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.finished_unix_ms != 0 {
+            break r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "run never finished: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(done.state, pb::RunState::Failed as i32, "{done:?}");
+    assert_eq!(done.steps[1].exit_code, Some(4));
+    assert_eq!(done.steps[2].state, pb::StepState::Skipped as i32);
+    assert!(done.reason.contains("exited with 4"), "{}", done.reason);
+    assert_eq!(logs(&mut c, &run.id, 0).await, "input data\ntoken=***\n");
+    // The secret is nowhere: not in the store file, not in the log.
+    let needle = b"hunter2-secret-value";
+    for f in ["bridle.db", "bridle.db-wal"] {
+        let bytes = std::fs::read(cp.data_dir().join(f)).unwrap_or_default();
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "{f} holds the secret"
+        );
+    }
+    assert!(!cp.log().contains("hunter2"));
+    // Its sandbox is gone with it.
+    assert!(cp.containers().is_empty(), "{:?}", cp.containers());
+
+    // Bad jobs are refused with the field named, and create nothing.
+    let bad = c
+        .submit(pb::SubmitRunRequest {
+            idempotency_key: "bad".into(),
+            job: Some(pb::Job {
+                steps: vec![pb::Step {
+                    shell: "x".into(),
+                    retries: 2,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("steps[0]"), "{bad:?}");
+    let list = c
+        .list(pb::ListRunsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.runs.len(), 1);
+}
+
+/// The heart of it: a 20-step job whose steps each append one line to a
+/// workspace file, with the control plane SIGKILLed at least 20 times while
+/// it runs and restarted each time.
+#[tokio::test]
+async fn a_job_survives_twenty_kills_with_every_step_run_exactly_once() {
+    docker_or_skip!();
+    let mut cp = ControlPlane::start(&[]).await.unwrap();
+    let token = cp.admin_token.clone();
+    let mut steps: Vec<pb::Step> = (1..=20)
+        .map(|i| {
+            shell_step(
+                &format!("step {i}"),
+                &format!("echo line-{i} >> lines.txt; echo out-{i}; sleep 0.4"),
+            )
+        })
+        .collect();
+    steps.push(shell_step("show", "cat lines.txt"));
+    let mut c = runs_client(&cp.endpoint, &token).await.unwrap();
+    let run = c
+        .submit(pb::SubmitRunRequest {
+            idempotency_key: "crash".into(),
+            job: Some(pb::Job {
+                steps,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // A watcher that reconnects across every restart, from the next seq.
+    let endpoint_file = cp.data_dir().join("endpoint");
+    let run_id = run.id.clone();
+    let watcher = tokio::spawn(async move {
+        let mut seen: Vec<u64> = Vec::new();
+        let mut next = 1u64;
+        loop {
+            let endpoint = match std::fs::read_to_string(&endpoint_file) {
+                Ok(e) => e.trim().to_string(),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            let Ok(mut c) = runs_client(&endpoint, &token).await else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            let Ok(stream) = c
+                .watch(pb::WatchRunRequest {
+                    run_id: run_id.clone(),
+                    from_seq: next,
+                })
+                .await
+            else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            let mut stream = stream.into_inner();
+            while let Ok(Some(ev)) = stream.message().await {
+                seen.push(ev.seq);
+                next = ev.seq + 1;
+                if matches!(ev.event, Some(pb::run_event::Event::Finished(_))) {
+                    return seen;
+                }
+            }
+        }
+    });
+
+    // At least 20 kills while the run is unfinished, at varied moments
+    // (right after a restart, mid-step, around step boundaries).
+    let mut kills = 0;
+    let mut rng = 0x2545F4914F6CDD1Du64;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        tokio::time::sleep(Duration::from_millis(rng % 350)).await;
+        let mut c = match runs_client(&cp.endpoint, &cp.admin_token).await {
+            Ok(c) => c,
+            Err(_) => continue,
+        };
+        let finished = match c
+            .get(pb::GetRunRequest {
+                run_id: run.id.clone(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner().finished_unix_ms != 0,
+            Err(_) => false,
+        };
+        if finished {
+            break;
+        }
+        if kills < 24 {
+            cp.kill9();
+            kills += 1;
+            cp.restart().await.unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run did not finish: {}",
+            cp.log()
+        );
+    }
+    assert!(
+        kills >= 20,
+        "only {kills} kills happened before the run finished"
+    );
+
+    let mut c = runs_client(&cp.endpoint, &cp.admin_token).await.unwrap();
+    let done = c
+        .get(pb::GetRunRequest {
+            run_id: run.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        done.state,
+        pb::RunState::Succeeded as i32,
+        "{done:?}\n{}",
+        cp.log()
+    );
+    let expected: String = (1..=20).map(|i| format!("line-{i}\n")).collect();
+    assert_eq!(
+        logs(&mut c, &run.id, 20).await,
+        expected,
+        "each line exactly once, in order"
+    );
+    // Every step's own output recorded once.
+    for i in 1..=20u32 {
+        assert_eq!(logs(&mut c, &run.id, i - 1).await, format!("out-{i}\n"));
+        assert_eq!(done.steps[i as usize - 1].attempts, 1, "step {i} ran once");
+    }
+    // The log has no gap, and the watcher saw every event once, in order.
+    let seen = tokio::time::timeout(Duration::from_secs(60), watcher)
+        .await
+        .unwrap()
+        .unwrap();
+    let all: Vec<u64> = (1..=done.last_seq).collect();
+    assert_eq!(seen, all);
+    assert!(cp.containers().is_empty(), "the run's sandbox is released");
+}
