@@ -58,6 +58,19 @@ async fn logs(c: &mut Runs, run_id: &str, step: u32) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A finished run's sandbox is deleted right after `finished` is recorded.
+async fn wait_released(cp: &ControlPlane) {
+    let start = Instant::now();
+    while !cp.containers().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the run's sandbox was not released: {:?}",
+            cp.containers()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_job_runs_with_secrets_redacted_and_the_same_key_returns_the_same_run() {
     docker_or_skip!();
@@ -119,8 +132,8 @@ async fn a_job_runs_with_secrets_redacted_and_the_same_key_returns_the_same_run(
         );
     }
     assert!(!cp.log().contains("hunter2"));
-    // Its sandbox is gone with it.
-    assert!(cp.containers().is_empty(), "{:?}", cp.containers());
+    // Its sandbox goes with it (right after `finished` is recorded).
+    wait_released(&cp).await;
 
     // Bad jobs are refused with the field named, and create nothing.
     let bad = c
@@ -290,5 +303,108 @@ async fn a_job_survives_twenty_kills_with_every_step_run_exactly_once() {
         .unwrap();
     let all: Vec<u64> = (1..=done.last_seq).collect();
     assert_eq!(seen, all);
-    assert!(cp.containers().is_empty(), "the run's sandbox is released");
+    wait_released(&cp).await;
+}
+
+#[tokio::test]
+async fn cancel_stops_the_running_step_and_its_children() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&[]).await.unwrap();
+    let mut c = runs_client(&cp.endpoint, &cp.admin_token).await.unwrap();
+    let run = c
+        .submit(pb::SubmitRunRequest {
+            idempotency_key: "cancel-me".into(),
+            job: Some(pb::Job {
+                steps: vec![
+                    shell_step("forks", "sleep 1000 & sleep 1000 & echo started; wait"),
+                    shell_step("after", "echo never"),
+                ],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let start = Instant::now();
+    while logs(&mut c, &run.id, 0).await != "started\n" {
+        assert!(start.elapsed() < Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.cancel(pb::CancelRunRequest {
+        run_id: run.id.clone(),
+        reason: "enough".into(),
+    })
+    .await
+    .unwrap();
+    let done = loop {
+        let r = c
+            .get(pb::GetRunRequest {
+                run_id: run.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.finished_unix_ms != 0 {
+            break r;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(done.state, pb::RunState::Cancelled as i32, "{done:?}");
+    assert_eq!(done.reason, "enough");
+    // The step's tree was killed (not waited out), and nothing after it ran.
+    assert!(done.steps[0].signal.is_some(), "{:?}", done.steps[0]);
+    assert_eq!(done.steps[1].state, pb::StepState::Skipped as i32);
+    let gone = Instant::now();
+    while !cp.containers().is_empty() {
+        assert!(
+            gone.elapsed() < Duration::from_secs(30),
+            "the sandbox is released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_cli_runs_a_job_file_and_exits_with_its_code() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&[]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        "steps:\n  - name: hello\n    run: echo hello from the job\n  - name: fails\n    run: exit 3\n",
+    )
+    .unwrap();
+    let out = cp
+        .cli(&cp.admin_token, &["run", job.to_str().unwrap(), "--follow"])
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the job\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("failed"), "{err}");
+
+    // A malformed file: one line naming the line, exit 6, and no run.
+    std::fs::write(&job, "steps:\n  - run: a\n    retries: 2\n").unwrap();
+    let out = cp
+        .cli(&cp.admin_token, &["run", job.to_str().unwrap()])
+        .unwrap();
+    assert_eq!(out.status.code(), Some(6));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("job.yaml:2:"), "{err}");
+    let out = cp
+        .cli(&cp.admin_token, &["runs", "list", "-o", "json"])
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "only the first run exists"
+    );
 }

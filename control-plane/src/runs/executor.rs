@@ -134,22 +134,41 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
 
     /// Appends the next event and tells watchers.
     async fn record(&self, run_id: &str, view: &mut RunView, event: Event) -> Result<()> {
-        let seq = view.last_seq + 1;
-        // The new state is what folding the event gives.
-        let folded =
-            RunView::fold_onto(view, seq, &event).map_err(|e| Error::Fold(run_id.into(), e))?;
-        let now = crate::now_ms();
-        self.inner
-            .store
-            .append(run_id, seq, &event, folded.state, now)
-            .await?;
-        *view = folded;
-        let _ = self.live(run_id).events.send(StoredEvent {
-            seq,
-            unix_ms: now,
-            event,
-        });
-        Ok(())
+        // Two writers can meet on one run: its driver, and a Cancel. The
+        // loser of a sequence number reads what was written and appends
+        // after it (a cancel never makes the driver's event wrong).
+        let mut tries = 0;
+        loop {
+            let seq = view.last_seq + 1;
+            // The new state is what folding the event gives.
+            let folded =
+                RunView::fold_onto(view, seq, &event).map_err(|e| Error::Fold(run_id.into(), e))?;
+            let now = crate::now_ms();
+            match self
+                .inner
+                .store
+                .append(run_id, seq, &event, folded.state, now)
+                .await
+            {
+                Ok(()) => {
+                    *view = folded;
+                    let _ = self.live(run_id).events.send(StoredEvent {
+                        seq,
+                        unix_ms: now,
+                        event,
+                    });
+                    return Ok(());
+                }
+                Err(super::store::Error::Conflict { .. }) if tries < 5 => {
+                    tries += 1;
+                    *view = self.view(run_id).await?;
+                    if view.state.is_finished() {
+                        return Err(Error::Stopping);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Deletes sandboxes made for runs that have finished (a crash between
