@@ -42,6 +42,8 @@ pub struct Config {
     pub sweep_interval_secs: u64,
     /// Runs executing at once; the others wait in the queue.
     pub max_running_runs: usize,
+    /// Runs of one owner executing at once; owners take turns.
+    pub max_running_runs_per_owner: usize,
     pub docker: DockerConfig,
     pub sandbox: SandboxDefaults,
     /// Warm pools, one per profile.
@@ -128,6 +130,7 @@ impl Default for Config {
             shutdown_grace_secs: 10,
             sweep_interval_secs: 15,
             max_running_runs: 4,
+            max_running_runs_per_owner: 2,
             docker: DockerConfig::default(),
             sandbox: SandboxDefaults::default(),
             pool: Vec::new(),
@@ -277,6 +280,7 @@ impl Config {
             "shutdown_grace_secs",
             "sweep_interval_secs",
             "max_running_runs",
+            "max_running_runs_per_owner",
             "docker",
             "sandbox",
             "tls",

@@ -93,18 +93,20 @@ pub async fn run(
         run_events,
         sandboxes.clone(),
         config.max_running_runs,
+        config.max_running_runs_per_owner,
         stop_rx.clone(),
     );
     runner.release_leftover_sandboxes().await;
-    // Every run the log says is unfinished continues where it stands.
+    // Every run the log says is unfinished continues where it stands, in the
+    // order they were submitted.
     for id in runs::store::EventStore::unfinished(runner.store()).await? {
-        let runner = runner.clone();
-        tokio::spawn(async move {
-            tracing::info!(run = %id, "resuming an unfinished run");
-            if let Err(e) = runner.drive(&id).await {
-                tracing::warn!(run = %id, "run stopped: {e}");
+        match runner.view(&id).await {
+            Ok(view) => {
+                tracing::info!(run = %id, "resuming an unfinished run");
+                runner.schedule(&view.owner, &id);
             }
-        });
+            Err(e) => tracing::warn!(run = %id, "cannot resume: {e}"),
+        }
     }
     let maintenance = tokio::spawn({
         let sandboxes = sandboxes.clone();

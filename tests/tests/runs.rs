@@ -408,3 +408,108 @@ async fn the_cli_runs_a_job_file_and_exits_with_its_code() {
         "only the first run exists"
     );
 }
+
+async fn get_run(c: &mut Runs, run_id: &str) -> pb::Run {
+    c.get(pb::GetRunRequest {
+        run_id: run_id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Waits until exactly one of `ids` is running (its step started) and
+/// answers it.
+async fn the_one_running(c: &mut Runs, ids: &[&str]) -> pb::Run {
+    let start = Instant::now();
+    loop {
+        let mut running = Vec::new();
+        for id in ids {
+            let r = get_run(c, id).await;
+            if r.state == pb::RunState::Running as i32
+                && r.steps
+                    .first()
+                    .is_some_and(|s| s.state == pb::StepState::Running as i32)
+            {
+                running.push(r);
+            }
+        }
+        assert!(running.len() <= 1, "more than one run at once: {running:?}");
+        if let Some(r) = running.pop() {
+            return r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "none of {ids:?} started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn owners_take_turns_in_the_queue_and_limits_hold() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&["max_running_runs=1", "max_running_runs_per_owner=1"])
+        .await
+        .unwrap();
+    let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
+    let bob = cp.token(pb::Role::Submitter, "bob").await.unwrap();
+    let mut a = runs_client(&cp.endpoint, &alice).await.unwrap();
+    let mut b = runs_client(&cp.endpoint, &bob).await.unwrap();
+    let mut admin = cp.sandboxes(&cp.admin_token).await.unwrap();
+    // Each run waits until the test lets it finish, so the order it sees
+    // does not depend on how long anything takes.
+    let job = || pb::Job {
+        steps: vec![shell_step(
+            "wait",
+            "while [ ! -e /workspace/go ]; do sleep 0.02; done",
+        )],
+        ..Default::default()
+    };
+    let submit = |key: &str| pb::SubmitRunRequest {
+        idempotency_key: key.into(),
+        job: Some(job()),
+    };
+    let a1 = a.submit(submit("a1")).await.unwrap().into_inner().id;
+    assert_eq!(the_one_running(&mut a, &[&a1]).await.id, a1);
+    // Alice queues two more before Bob queues one.
+    let a2 = a.submit(submit("a2")).await.unwrap().into_inner().id;
+    let a3 = a.submit(submit("a3")).await.unwrap().into_inner().id;
+    let b1 = b.submit(submit("b1")).await.unwrap().into_inner().id;
+    for id in [&a2, &a3] {
+        assert_eq!(get_run(&mut a, id).await.state, pb::RunState::Queued as i32);
+    }
+    assert_eq!(
+        get_run(&mut b, &b1).await.state,
+        pb::RunState::Queued as i32
+    );
+
+    let all = [a1.as_str(), &a2, &a3, &b1];
+    let mut runs = admin_runs(&cp).await;
+    let mut order = Vec::new();
+    for _ in 0..all.len() {
+        let r = the_one_running(&mut runs, &all).await;
+        order.push(r.id.clone());
+        let go = bridle_proto::sandbox::v1::ExecStart {
+            argv: vec!["touch".into(), "/workspace/go".into()],
+            ..Default::default()
+        };
+        let out = bridle_tests::control::exec(&mut admin, &r.sandbox_id, go)
+            .await
+            .unwrap();
+        assert_eq!(out.exited.as_ref().and_then(|x| x.code), Some(0), "{out:?}");
+        // Wait for it to finish before looking for the next one.
+        let start = Instant::now();
+        while get_run(&mut runs, &r.id).await.finished_unix_ms == 0 {
+            assert!(start.elapsed() < Duration::from_secs(60));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Bob's one run went before Alice's third, which was submitted earlier.
+    assert_eq!(order, [a1.clone(), a2, b1, a3]);
+    wait_released(&cp).await;
+}
+
+async fn admin_runs(cp: &ControlPlane) -> Runs {
+    runs_client(&cp.endpoint, &cp.admin_token).await.unwrap()
+}

@@ -307,13 +307,7 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
         let id = match outcome {
             Submission::Created(id) => {
                 self.runner.remember_secrets(&id, submitted.secrets);
-                let runner = self.runner.clone();
-                let run = id.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = runner.drive(&run).await {
-                        tracing::warn!(run, "run stopped: {e}");
-                    }
-                });
+                self.runner.schedule(&principal.owner, &id);
                 tracing::info!(run = %id, owner = %principal.owner, "run submitted");
                 id
             }

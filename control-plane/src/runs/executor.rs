@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use bridle_proto::sandbox::v1 as agent_pb;
 use sha2::Digest;
-use tokio::sync::{broadcast, watch, Semaphore};
+use tokio::sync::{broadcast, watch, Notify};
 
 use super::events::{Event, RunState, RunView, StepState, Stream};
 use super::job::Command;
@@ -59,7 +59,8 @@ struct Inner<R: Runtime, S: EventStore> {
     live: Mutex<HashMap<String, Arc<Live>>>,
     /// Secret values by run; kept in memory only (see docs/recovery.md).
     secrets: Mutex<HashMap<String, BTreeMap<String, String>>>,
-    running: Semaphore,
+    queue: Mutex<super::queue::Queue>,
+    wake: Notify,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -71,21 +72,56 @@ enum StepEnd {
 }
 
 impl<R: Runtime, S: EventStore> Runner<R, S> {
+    /// A runner that starts at most `max_running` runs at once, at most
+    /// `max_per_owner` of one owner, owners taking turns.
     pub fn new(
         store: S,
         sandboxes: Sandboxes<R>,
         max_running: usize,
+        max_per_owner: usize,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        Self {
+        let runner = Self {
             inner: Arc::new(Inner {
                 store,
                 sandboxes,
                 live: Mutex::default(),
                 secrets: Mutex::default(),
-                running: Semaphore::new(max_running.max(1)),
+                queue: Mutex::new(super::queue::Queue::new(max_running, max_per_owner)),
+                wake: Notify::new(),
                 shutdown,
             }),
+        };
+        let dispatcher = runner.clone();
+        tokio::spawn(async move { dispatcher.dispatch().await });
+        runner
+    }
+
+    /// Queues a run; it starts when the limits and the owners' turns allow.
+    pub fn schedule(&self, owner: &str, run_id: &str) {
+        self.inner.queue.lock().expect("lock").push(owner, run_id);
+        self.inner.wake.notify_one();
+    }
+
+    async fn dispatch(&self) {
+        let mut stop = self.inner.shutdown.clone();
+        loop {
+            loop {
+                let next = self.inner.queue.lock().expect("lock").pop();
+                let Some((owner, run_id)) = next else { break };
+                let runner = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = runner.drive(&run_id).await {
+                        tracing::warn!(run = %run_id, "run stopped: {e}");
+                    }
+                    runner.inner.queue.lock().expect("lock").finished(&owner);
+                    runner.inner.wake.notify_one();
+                });
+            }
+            tokio::select! {
+                _ = self.inner.wake.notified() => {}
+                _ = stop.changed() => return,
+            }
         }
     }
 
@@ -218,14 +254,9 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
     }
 
     /// Runs `run_id` to its end (or until shutdown), from wherever its log
-    /// says it is. Safe to call on any run at any time, once at a time.
+    /// says it is. Safe to call on any run at any time, once at a time (the
+    /// queue sees to that; tests may call it directly).
     pub async fn drive(&self, run_id: &str) -> Result<()> {
-        let _permit = self
-            .inner
-            .running
-            .acquire()
-            .await
-            .map_err(|_| Error::Stopping)?;
         let mut view = self.view(run_id).await?;
         if view.state.is_finished() {
             return Ok(());

@@ -1,10 +1,11 @@
 //! Runs: jobs executed in sandboxes, recorded as an append-only event log.
 //!
-//! Built so far: the job (validation and the YAML job file), the events and
-//! the state they fold into, and the event store. The executor, recovery and
-//! the `Runs` service follow.
+//! `job` is what a run executes, `events` what happens to it and the state
+//! that folds from them, `store` where the events live, `queue` who runs
+//! next, and `executor` what drives a run from its log (docs/recovery.md).
 
 pub mod events;
 pub mod executor;
 pub mod job;
+pub mod queue;
 pub mod store;
