@@ -44,6 +44,9 @@ pub struct Config {
     pub max_running_runs: usize,
     /// Runs of one owner executing at once; owners take turns.
     pub max_running_runs_per_owner: usize,
+    /// The key that seals run secrets at rest (created 0600 on first start);
+    /// default `<data_dir>/secrets.key`.
+    pub secrets_key_file: Option<PathBuf>,
     pub docker: DockerConfig,
     pub sandbox: SandboxDefaults,
     /// Warm pools, one per profile.
@@ -131,6 +134,7 @@ impl Default for Config {
             sweep_interval_secs: 15,
             max_running_runs: 4,
             max_running_runs_per_owner: 2,
+            secrets_key_file: None,
             docker: DockerConfig::default(),
             sandbox: SandboxDefaults::default(),
             pool: Vec::new(),
@@ -281,6 +285,7 @@ impl Config {
             "sweep_interval_secs",
             "max_running_runs",
             "max_running_runs_per_owner",
+            "secrets_key_file",
             "docker",
             "sandbox",
             "tls",

@@ -57,6 +57,12 @@ pub async fn run(
     let docker = runtime::docker::Docker::connect(&config.docker.host, &instance).await?;
     let artifacts = artifacts::Artifacts::open(&data_dir)?;
     let run_events = runs::store::SqlEvents::new(store.pool().clone());
+    let sealer = runs::sealed::Sealer::open_or_create(
+        &config
+            .secrets_key_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("secrets.key")),
+    )?;
     let sandboxes = sandboxes::Sandboxes::new(config.clone(), docker, store, artifacts)?;
     // Re-adopt what a previous run left, and remove orphans, before serving.
     sandboxes
@@ -94,6 +100,7 @@ pub async fn run(
         sandboxes.clone(),
         config.max_running_runs,
         config.max_running_runs_per_owner,
+        sealer,
         stop_rx.clone(),
     );
     runner.release_leftover_sandboxes().await;

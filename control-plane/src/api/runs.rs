@@ -1,5 +1,6 @@
 //! `bridle.control.v1.Runs`.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 
 use bridle_proto::control::v1 as pb;
@@ -12,7 +13,7 @@ use crate::auth::{Auth, Principal};
 use crate::runs::events::{Event, RunState, RunView, StepState, Stream as LogStream};
 use crate::runs::executor::{self, Runner};
 use crate::runs::job::{Command, Submitted};
-use crate::runs::store::{EventStore, SqlEvents, StoredEvent, Submission};
+use crate::runs::store::{EventStore, NewRun, SqlEvents, StoredEvent, Submission};
 use crate::runtime::Runtime;
 use crate::sandboxes::Network;
 
@@ -300,13 +301,25 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
             idempotency_key: key.clone(),
             job: Box::new(submitted.job),
         };
+        let Event::Submitted { job, .. } = &first else {
+            unreachable!("built just above")
+        };
+        let sealed =
+            (!submitted.secrets.is_empty()).then(|| self.runner.seal(&run_id, &submitted.secrets));
         let outcome = store
-            .submit(&run_id, &principal.owner, &key, &first, crate::now_ms())
+            .submit(NewRun {
+                run_id: &run_id,
+                owner: &principal.owner,
+                idempotency_key: &key,
+                first: &first,
+                labels: &job.labels,
+                sealed_secrets: sealed.as_deref(),
+                now: crate::now_ms(),
+            })
             .await
             .map_err(|e| run_status(e.into()))?;
         let id = match outcome {
             Submission::Created(id) => {
-                self.runner.remember_secrets(&id, submitted.secrets);
                 self.runner.schedule(&principal.owner, &id);
                 tracing::info!(run = %id, owner = %principal.owner, "run submitted");
                 id
@@ -357,24 +370,17 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
                 .map_err(|_| Status::invalid_argument("page_token: not one this server gave"))?
         };
         let owner = (!principal.sees(None)).then_some(principal.owner.as_str());
+        let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
         let ids = self
             .runner
             .store()
-            .list(owner, &states, offset, limit + 1)
+            .list(owner, &states, &labels, offset, limit + 1)
             .await
             .map_err(|e| run_status(e.into()))?;
         let more = ids.len() as u64 > limit;
         let mut runs = Vec::new();
         for id in ids.iter().take(limit as usize) {
-            let run = self.visible(&principal, id).await?;
-            let labels = &run
-                .job
-                .as_ref()
-                .map(|j| j.labels.clone())
-                .unwrap_or_default();
-            if req.labels.iter().all(|(k, v)| labels.get(k) == Some(v)) {
-                runs.push(run);
-            }
+            runs.push(self.visible(&principal, id).await?);
         }
         Ok(Response::new(pb::ListRunsResponse {
             runs,

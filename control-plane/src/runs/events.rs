@@ -92,9 +92,14 @@ pub enum Event {
         offset: u64,
         length: u64,
         blob_sha256: String,
-        /// Where the agent's own offset (both streams, raw, this attempt)
-        /// stands after this chunk: a re-attach continues from here.
+        /// The agent's own offset (both streams, raw, this attempt) below
+        /// which every byte of this stream is recorded. Bytes that might
+        /// begin a secret wait for the next chunk (docs/recovery.md), so
+        /// this can stand before the end of the chunk just read.
         agent_end: u64,
+        /// The same for the other stream.
+        #[serde(default)]
+        agent_other_end: u64,
     },
     StepExited {
         step: u32,
@@ -141,8 +146,26 @@ pub struct StepView {
     pub timed_out: bool,
     pub stdout_bytes: u64,
     pub stderr_bytes: u64,
-    /// The agent's output offset reached by the current attempt.
-    pub agent_offset: u64,
+    /// Per stream (stdout, stderr), the agent's output offset below which
+    /// the current attempt's bytes of that stream are recorded.
+    pub agent_recorded: [u64; 2],
+}
+
+impl StepView {
+    /// Where a re-attach to the current attempt continues: bytes from here
+    /// on are either unrecorded or skipped by their stream's position.
+    pub fn agent_resume_offset(&self) -> u64 {
+        self.agent_recorded[0].min(self.agent_recorded[1])
+    }
+}
+
+impl Stream {
+    pub fn index(self) -> usize {
+        match self {
+            Stream::Stdout => 0,
+            Stream::Stderr => 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,7 +231,7 @@ impl RunView {
                     timed_out: false,
                     stdout_bytes: 0,
                     stderr_bytes: 0,
-                    agent_offset: 0,
+                    agent_recorded: [0, 0],
                 };
                 job.steps.len()
             ],
@@ -276,7 +299,7 @@ impl RunView {
                 s.state = StepState::Running;
                 s.attempts = *attempt;
                 s.exec_id = exec_id.clone();
-                s.agent_offset = 0;
+                s.agent_recorded = [0, 0];
                 self.state = RunState::Running;
             }
             Event::StepOutput {
@@ -285,10 +308,13 @@ impl RunView {
                 offset,
                 length,
                 agent_end,
+                agent_other_end,
                 ..
             } => {
                 let s = self.step_mut(seq, *step)?;
-                s.agent_offset = *agent_end;
+                let (this, other) = (stream.index(), 1 - stream.index());
+                s.agent_recorded[this] = s.agent_recorded[this].max(*agent_end);
+                s.agent_recorded[other] = s.agent_recorded[other].max(*agent_other_end);
                 let end = offset + length;
                 match stream {
                     Stream::Stdout => s.stdout_bytes = s.stdout_bytes.max(end),
@@ -419,6 +445,7 @@ mod tests {
                 length: 5,
                 blob_sha256: "h".into(),
                 agent_end: 5,
+                agent_other_end: 5,
             },
             exited(0, 0),
             Event::StepStarted {

@@ -12,6 +12,8 @@ use tokio::sync::{broadcast, watch, Notify};
 
 use super::events::{Event, RunState, RunView, StepState, Stream};
 use super::job::Command;
+use super::redact::Redactor;
+use super::sealed::Sealer;
 use super::store::{EventStore, StoredEvent};
 use crate::auth::{Principal, Role};
 use crate::runtime::Runtime;
@@ -57,11 +59,17 @@ struct Inner<R: Runtime, S: EventStore> {
     store: S,
     sandboxes: Sandboxes<R>,
     live: Mutex<HashMap<String, Arc<Live>>>,
-    /// Secret values by run; kept in memory only (see docs/recovery.md).
-    secrets: Mutex<HashMap<String, BTreeMap<String, String>>>,
+    /// Opens the runs' sealed secrets.
+    sealer: Sealer,
     queue: Mutex<super::queue::Queue>,
     wake: Notify,
     shutdown: watch::Receiver<bool>,
+}
+
+/// A run's secret values, and the redactor that keeps them out of its output.
+struct RunSecrets {
+    values: BTreeMap<String, String>,
+    redactor: Redactor,
 }
 
 /// Where a step's attempt ended.
@@ -79,6 +87,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         sandboxes: Sandboxes<R>,
         max_running: usize,
         max_per_owner: usize,
+        sealer: Sealer,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let runner = Self {
@@ -86,7 +95,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                 store,
                 sandboxes,
                 live: Mutex::default(),
-                secrets: Mutex::default(),
+                sealer,
                 queue: Mutex::new(super::queue::Queue::new(max_running, max_per_owner)),
                 wake: Notify::new(),
                 shutdown,
@@ -129,14 +138,9 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         &self.inner.store
     }
 
-    pub fn remember_secrets(&self, run_id: &str, secrets: BTreeMap<String, String>) {
-        if !secrets.is_empty() {
-            self.inner
-                .secrets
-                .lock()
-                .expect("lock")
-                .insert(run_id.to_string(), secrets);
-        }
+    /// Seals secrets for storing with run `run_id`.
+    pub fn seal(&self, run_id: &str, secrets: &BTreeMap<String, String>) -> Vec<u8> {
+        self.inner.sealer.seal(run_id, secrets)
     }
 
     fn live(&self, run_id: &str) -> Arc<Live> {
@@ -276,7 +280,11 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
             if let Some(sb) = &view.sandbox_id {
                 let _ = self.inner.sandboxes.delete(&principal, sb).await;
             }
-            self.inner.secrets.lock().expect("lock").remove(run_id);
+            if !view.job.secret_names.is_empty() {
+                if let Err(e) = self.inner.store.forget_secrets(run_id).await {
+                    tracing::warn!(run = %run_id, "could not delete the finished run's sealed secrets: {e}");
+                }
+            }
         }
         result
     }
@@ -292,6 +300,25 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
             .await
     }
 
+    /// The run's secret values, or why they cannot be had.
+    async fn secrets(
+        &self,
+        run_id: &str,
+        view: &RunView,
+    ) -> Result<std::result::Result<BTreeMap<String, String>, String>> {
+        if view.job.secret_names.is_empty() {
+            return Ok(Ok(BTreeMap::new()));
+        }
+        let Some(sealed) = self.inner.store.sealed_secrets(run_id).await? else {
+            return Ok(Err("the run's secrets are missing from the store".into()));
+        };
+        Ok(self
+            .inner
+            .sealer
+            .open(run_id, &sealed)
+            .map_err(|e| e.to_string()))
+    }
+
     async fn drive_inner(
         &self,
         run_id: &str,
@@ -301,24 +328,17 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         if let Some(reason) = view.cancel_requested.clone() {
             return self.finish(run_id, view, RunState::Cancelled, reason).await;
         }
-        let secrets = self
-            .inner
-            .secrets
-            .lock()
-            .expect("lock")
-            .get(run_id)
-            .cloned();
-        if !view.job.secret_names.is_empty() && secrets.is_none() {
-            return self
-                .finish(
-                    run_id,
-                    view,
-                    RunState::Interrupted,
-                    "the run's secrets are held in memory only and the control plane restarted before it finished".into(),
-                )
-                .await;
-        }
-        let secrets = secrets.unwrap_or_default();
+        let secrets = match self.secrets(run_id, view).await? {
+            Ok(values) => RunSecrets {
+                redactor: Redactor::new(values.values().map(String::as_str)),
+                values,
+            },
+            Err(reason) => {
+                return self
+                    .finish(run_id, view, RunState::Interrupted, reason)
+                    .await
+            }
+        };
 
         // A sandbox: the recorded one, or one made for this run.
         if view.sandbox_id.is_none() {
@@ -611,18 +631,17 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         attempt: u32,
         exec_id: &str,
         resume: bool,
-        secrets: &BTreeMap<String, String>,
+        secrets: &RunSecrets,
         cancel: &mut watch::Receiver<bool>,
     ) -> Result<StepEnd> {
         let step = view.job.steps[index].clone();
         let mut agent = self.inner.sandboxes.agent(sandbox_id);
         // Output already recorded is not asked for again.
-        let recorded = view.steps[index].agent_offset;
         if resume {
             match agent
                 .attach(agent_pb::AttachRequest {
                     exec_id: exec_id.to_string(),
-                    from_offset: recorded,
+                    from_offset: view.steps[index].agent_resume_offset(),
                 })
                 .await
             {
@@ -635,7 +654,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                             attempt,
                             exec_id,
                             s.into_inner(),
-                            secrets,
+                            &secrets.redactor,
                             cancel,
                         )
                         .await
@@ -666,7 +685,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         }
         let stream = {
             let mut env: HashMap<String, String> = view.job.env.clone().into_iter().collect();
-            env.extend(secrets.clone());
+            env.extend(secrets.values.clone());
             env.extend(step.env.clone());
             let (argv, shell) = match &step.command {
                 Command::Argv(a) => (a.clone(), String::new()),
@@ -697,7 +716,14 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
             }
         };
         self.record_step(
-            run_id, view, index, attempt, exec_id, events, secrets, cancel,
+            run_id,
+            view,
+            index,
+            attempt,
+            exec_id,
+            events,
+            &secrets.redactor,
+            cancel,
         )
         .await
     }
@@ -712,13 +738,18 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         attempt: u32,
         exec_id: &str,
         mut events: tonic::Streaming<agent_pb::ExecEvent>,
-        secrets: &BTreeMap<String, String>,
+        redactor: &Redactor,
         cancel: &mut watch::Receiver<bool>,
     ) -> Result<StepEnd> {
         let sandbox_id = view.sandbox_id.clone().unwrap_or_default();
         let mut agent = self.inner.sandboxes.agent(&sandbox_id);
         let started = std::time::Instant::now();
         let mut stopping = self.inner.shutdown.clone();
+        // On a re-attach the agent replays from the lower of the two
+        // streams' positions; what a stream already recorded is skipped.
+        let recorded = view.steps[index].agent_recorded;
+        let mut held = [Held::default(), Held::default()];
+        let mut read_to = view.steps[index].agent_resume_offset();
         loop {
             let message = tokio::select! {
                 m = events.message() => m,
@@ -745,60 +776,147 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                 }
             };
             use agent_pb::exec_event::Event as E;
-            match ev.event {
+            let exited = match ev.event {
                 Some(E::Output(o)) => {
                     let stream = if o.stream == agent_pb::OutputStream::Stderr as i32 {
                         Stream::Stderr
                     } else {
                         Stream::Stdout
                     };
-                    let data = redact(&o.data, secrets);
-                    let sha = hex::encode(sha2::Sha256::digest(&data));
-                    self.inner.store.put_blob(&sha, &data).await?;
-                    let offset = match stream {
-                        Stream::Stdout => view.steps[index].stdout_bytes,
-                        Stream::Stderr => view.steps[index].stderr_bytes,
-                    };
-                    self.record(
-                        run_id,
-                        view,
-                        Event::StepOutput {
-                            step: index as u32,
-                            stream,
-                            offset,
-                            length: data.len() as u64,
-                            blob_sha256: sha,
-                            agent_end: o.offset + o.data.len() as u64,
-                        },
+                    let end = o.offset + o.data.len() as u64;
+                    read_to = read_to.max(end);
+                    let skip = recorded[stream.index()]
+                        .saturating_sub(o.offset)
+                        .min(o.data.len() as u64);
+                    if skip as usize == o.data.len() {
+                        continue;
+                    }
+                    held[stream.index()].push(o.offset + skip, &o.data[skip as usize..]);
+                    self.record_output(
+                        run_id, view, index, stream, &mut held, read_to, redactor, false,
                     )
                     .await?;
+                    continue;
                 }
-                Some(E::Exited(x)) => {
-                    return Ok(StepEnd::Exited(Event::StepExited {
-                        step: index as u32,
-                        attempt,
-                        exit_code: x.code,
-                        signal: x.signal,
-                        timed_out: x.timed_out,
-                        oom_killed: x.oom_killed,
-                        spawn_failure: String::new(),
-                        duration_ms: x.duration_ms,
-                    }))
-                }
-                Some(E::SpawnFailed(f)) => {
-                    return Ok(StepEnd::Exited(Event::StepExited {
-                        step: index as u32,
-                        attempt,
-                        exit_code: None,
-                        signal: None,
-                        timed_out: false,
-                        oom_killed: false,
-                        spawn_failure: f.reason,
-                        duration_ms: started.elapsed().as_millis() as u64,
-                    }))
-                }
-                _ => {}
+                Some(E::Exited(x)) => Event::StepExited {
+                    step: index as u32,
+                    attempt,
+                    exit_code: x.code,
+                    signal: x.signal,
+                    timed_out: x.timed_out,
+                    oom_killed: x.oom_killed,
+                    spawn_failure: String::new(),
+                    duration_ms: x.duration_ms,
+                },
+                Some(E::SpawnFailed(f)) => Event::StepExited {
+                    step: index as u32,
+                    attempt,
+                    exit_code: None,
+                    signal: None,
+                    timed_out: false,
+                    oom_killed: false,
+                    spawn_failure: f.reason,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                },
+                _ => continue,
+            };
+            // The end of the output: whatever was held back is decided.
+            for stream in [Stream::Stdout, Stream::Stderr] {
+                self.record_output(
+                    run_id, view, index, stream, &mut held, read_to, redactor, true,
+                )
+                .await?;
             }
+            return Ok(StepEnd::Exited(exited));
+        }
+    }
+
+    /// Records what `held[stream]` can decide (everything, when `last`):
+    /// redacted, stored as a blob, referenced by a `StepOutput` event.
+    #[allow(clippy::too_many_arguments)]
+    async fn record_output(
+        &self,
+        run_id: &str,
+        view: &mut RunView,
+        index: usize,
+        stream: Stream,
+        held: &mut [Held; 2],
+        read_to: u64,
+        redactor: &Redactor,
+        last: bool,
+    ) -> Result<()> {
+        let this = stream.index();
+        if held[this].bytes.is_empty() {
+            return Ok(());
+        }
+        let (data, used) = redactor.redact(&held[this].bytes, last);
+        if used == 0 {
+            return Ok(());
+        }
+        held[this].consume(used);
+        let position = |h: &Held| h.start().unwrap_or(read_to);
+        let sha = hex::encode(sha2::Sha256::digest(&data));
+        self.inner.store.put_blob(&sha, &data).await?;
+        let offset = match stream {
+            Stream::Stdout => view.steps[index].stdout_bytes,
+            Stream::Stderr => view.steps[index].stderr_bytes,
+        };
+        self.record(
+            run_id,
+            view,
+            Event::StepOutput {
+                step: index as u32,
+                stream,
+                offset,
+                length: data.len() as u64,
+                blob_sha256: sha,
+                agent_end: position(&held[this]),
+                agent_other_end: position(&held[1 - this]),
+            },
+        )
+        .await
+    }
+}
+
+/// Raw output of one stream that is not recorded yet, because it might be
+/// the beginning of a secret, with the agent offset of each piece (the two
+/// streams share the agent's offsets, so one stream's bytes are not
+/// contiguous in them).
+#[derive(Debug, Default)]
+struct Held {
+    bytes: Vec<u8>,
+    /// (index into `bytes`, agent offset of that byte), ascending.
+    pieces: Vec<(usize, u64)>,
+}
+
+impl Held {
+    fn push(&mut self, agent_offset: u64, data: &[u8]) {
+        self.pieces.push((self.bytes.len(), agent_offset));
+        self.bytes.extend_from_slice(data);
+    }
+
+    /// The agent offset of the first held byte.
+    fn start(&self) -> Option<u64> {
+        (!self.bytes.is_empty()).then(|| self.pieces[0].1)
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.bytes.drain(..n);
+        let mut pieces = Vec::new();
+        for (i, &(at, offset)) in self.pieces.iter().enumerate() {
+            let next = self.pieces.get(i + 1).map_or(usize::MAX, |p| p.0);
+            if next <= n {
+                continue;
+            }
+            pieces.push(if at >= n {
+                (at - n, offset)
+            } else {
+                (0, offset + (n - at) as u64)
+            });
+        }
+        self.pieces = pieces;
+        if self.bytes.is_empty() {
+            self.pieces.clear();
         }
     }
 }
@@ -811,28 +929,4 @@ fn describe_failure(index: usize, name: &str, s: &super::events::StepView) -> St
         _ => "could not start".to_string(),
     };
     format!("step {} ({name}) {how}", index + 1)
-}
-
-/// Replaces every secret value in `data` with `***`.
-pub fn redact(data: &[u8], secrets: &BTreeMap<String, String>) -> Vec<u8> {
-    let mut out = data.to_vec();
-    for v in secrets.values() {
-        let needle = v.as_bytes();
-        if needle.is_empty() {
-            continue;
-        }
-        let mut i = 0;
-        let mut next = Vec::with_capacity(out.len());
-        while i < out.len() {
-            if out[i..].starts_with(needle) {
-                next.extend_from_slice(b"***");
-                i += needle.len();
-            } else {
-                next.push(out[i]);
-                i += 1;
-            }
-        }
-        out = next;
-    }
-    out
 }
