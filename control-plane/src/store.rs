@@ -80,7 +80,10 @@ impl Store {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            // Every commit is on disk before it is acknowledged, power loss
+            // included; run events are committed in groups
+            // (runs::store::SqlEvents) so this costs one fsync per group.
+            .synchronous(SqliteSynchronous::Full)
             .busy_timeout(std::time::Duration::from_secs(10))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()

@@ -62,7 +62,9 @@ pub enum Stream {
 /// Everything that happens to a run, in the order it happened. Each one is
 /// stored before the action it allows is taken.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+// Externally tagged (`{"step_output": {...}}`): decoding needs no
+// buffering, which matters when a long run is rebuilt from its log.
+#[serde(rename_all = "snake_case")]
 pub enum Event {
     Submitted {
         owner: String,

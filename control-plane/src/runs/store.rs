@@ -2,10 +2,11 @@
 //! embedded SQLite database. The SQL is plain enough for PostgreSQL, which a
 //! later backend adds behind the same trait.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 
 use sqlx::{Row, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
 
 use super::events::{Event, RunState};
 
@@ -15,6 +16,10 @@ pub enum Error {
     Sql(#[from] sqlx::Error),
     #[error("run {run_id}: event {seq} was already written (another writer, or a replay)")]
     Conflict { run_id: String, seq: u64 },
+    #[error("run store: the write failed: {0}")]
+    Batch(String),
+    #[error("run store: the writer has stopped")]
+    Closed,
     #[error("run store: corrupt event {run_id}#{seq}: {message}")]
     Corrupt {
         run_id: String,
@@ -97,19 +102,305 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     fn blob(&self, sha256: &str) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;
 }
 
+/// The event store on SQLite. Appends and blob puts go through one writer
+/// task that commits whatever has queued up while the previous commit was
+/// being made durable in one transaction (group commit): a commit costs one
+/// fsync however many runs are writing, and each caller still hears about
+/// its own write only once it is durable.
 #[derive(Clone)]
 pub struct SqlEvents {
     pool: SqlitePool,
+    writer: mpsc::Sender<Write>,
+}
+
+/// Writes per commit at most.
+pub const DEFAULT_GROUP: usize = 512;
+
+enum Write {
+    Append {
+        run_id: String,
+        seq: u64,
+        body: String,
+        state: RunState,
+        now: i64,
+        done: oneshot::Sender<Result<()>>,
+    },
+    Blob {
+        sha256: String,
+        data: Vec<u8>,
+        done: oneshot::Sender<Result<()>>,
+    },
 }
 
 impl SqlEvents {
     pub fn new(pool: SqlitePool) -> Self {
-        Self { pool }
+        Self::with_group(pool, DEFAULT_GROUP)
     }
+
+    /// At most `group` writes per commit (1: a commit per write, which the
+    /// benchmark uses as its baseline).
+    pub fn with_group(pool: SqlitePool, group: usize) -> Self {
+        let (writer, queue) = mpsc::channel(group.max(1) * 4);
+        tokio::spawn(commit_loop(pool.clone(), queue, group.max(1)));
+        Self { pool, writer }
+    }
+
+    async fn write(&self, w: Write, done: oneshot::Receiver<Result<()>>) -> Result<()> {
+        self.writer.send(w).await.map_err(|_| Error::Closed)?;
+        done.await.map_err(|_| Error::Closed)?
+    }
+}
+
+/// The writer task: takes what is queued (up to `group`), writes it in one
+/// transaction, commits, answers each writer, and goes again.
+async fn commit_loop(pool: SqlitePool, mut queue: mpsc::Receiver<Write>, group: usize) {
+    let mut batch = Vec::with_capacity(group);
+    while queue.recv_many(&mut batch, group).await > 0 {
+        // Writers woken by the previous commit are about to queue their next
+        // write: let them, so the batch is as large as the load.
+        tokio::task::yield_now().await;
+        while batch.len() < group {
+            match queue.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let outcomes: Vec<std::result::Result<bool, String>> =
+            match write_batch(&pool, &batch).await {
+                Ok(took) => took.into_iter().map(Ok).collect(),
+                Err(e) => {
+                    let message = e.to_string();
+                    batch.iter().map(|_| Err(message.clone())).collect()
+                }
+            };
+        for (w, outcome) in batch.drain(..).zip(outcomes) {
+            let (done, run_id, seq) = match w {
+                Write::Append {
+                    done, run_id, seq, ..
+                } => (done, run_id, seq),
+                Write::Blob { done, .. } => (done, String::new(), 0),
+            };
+            let _ = done.send(match outcome {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(Error::Conflict { run_id, seq }),
+                Err(message) => Err(Error::Batch(message)),
+            });
+        }
+    }
+}
+
+/// Rows per multi-row statement (4 parameters each, well under SQLite's
+/// and PostgreSQL's limits).
+const ROWS_PER_STATEMENT: usize = 200;
+
+/// Writes a batch in one transaction with a handful of statements however
+/// large it is; per write, whether it took (an append whose number is not
+/// the next one of its run does not). An error fails the batch.
+async fn write_batch(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<bool>> {
+    // IMMEDIATE: the write lock is taken before last_seq is read, so nobody
+    // can append in between.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let runs: BTreeSet<&str> = batch
+        .iter()
+        .filter_map(|w| match w {
+            Write::Append { run_id, .. } => Some(run_id.as_str()),
+            Write::Blob { .. } => None,
+        })
+        .collect();
+    let mut last: HashMap<String, i64> = HashMap::new();
+    let runs: Vec<&str> = runs.into_iter().collect();
+    for chunk in runs.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT id, last_seq FROM runs WHERE id IN ({})",
+            placeholders(chunk.len(), 1, 0)
+        );
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for row in q.fetch_all(&mut *tx).await? {
+            last.insert(row.try_get("id")?, row.try_get("last_seq")?);
+        }
+    }
+    // Decide each write in order, as if they were made one by one.
+    let mut took = Vec::with_capacity(batch.len());
+    let mut events = Vec::new();
+    let mut blobs = Vec::new();
+    let mut states: BTreeMap<&str, (i64, RunState)> = BTreeMap::new();
+    for w in batch {
+        match w {
+            Write::Append {
+                run_id, seq, state, ..
+            } => {
+                let seq = *seq as i64;
+                let next = last.get(run_id.as_str()).is_some_and(|&l| l == seq - 1);
+                if next {
+                    last.insert(run_id.clone(), seq);
+                    states.insert(run_id, (seq, *state));
+                    events.push(w);
+                }
+                took.push(next);
+            }
+            Write::Blob { .. } => {
+                blobs.push(w);
+                took.push(true);
+            }
+        }
+    }
+    for chunk in blobs.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO blobs (sha256, size, data) VALUES {} ON CONFLICT (sha256) DO NOTHING",
+            placeholders(chunk.len(), 3, 0)
+        );
+        let mut q = sqlx::query(&sql);
+        for w in chunk {
+            if let Write::Blob { sha256, data, .. } = w {
+                q = q.bind(sha256).bind(data.len() as i64).bind(data);
+            }
+        }
+        q.execute(&mut *tx).await?;
+    }
+    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO run_events (run_id, seq, unix_ms, body) VALUES {}",
+            placeholders(chunk.len(), 4, 0)
+        );
+        let mut q = sqlx::query(&sql);
+        for w in chunk {
+            if let Write::Append {
+                run_id,
+                seq,
+                body,
+                now,
+                ..
+            } = w
+            {
+                q = q.bind(run_id).bind(*seq as i64).bind(now).bind(body);
+            }
+        }
+        q.execute(&mut *tx).await?;
+    }
+    let states: Vec<_> = states.into_iter().collect();
+    for chunk in states.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "WITH v (id, seq, state) AS (VALUES {}) \
+             UPDATE runs SET last_seq = v.seq, state = v.state FROM v WHERE runs.id = v.id",
+            placeholders(chunk.len(), 3, 0)
+        );
+        let mut q = sqlx::query(&sql);
+        for (id, (seq, state)) in chunk {
+            q = q.bind(*id).bind(*seq).bind(state.as_str());
+        }
+        q.execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(took)
+}
+
+/// `rows` groups of `width` numbered placeholders, `($1, $2), ($3, $4)`,
+/// numbered after `skip`; with `width` 1 a plain list, `$1, $2`.
+fn placeholders(rows: usize, width: usize, skip: usize) -> String {
+    let mut out = String::new();
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        let cols: Vec<String> = (0..width)
+            .map(|c| format!("${}", skip + r * width + c + 1))
+            .collect();
+        if width == 1 {
+            out.push_str(&cols[0]);
+        } else {
+            out.push('(');
+            out.push_str(&cols.join(", "));
+            out.push(')');
+        }
+    }
+    out
+}
+
+/// One line of a page of the log: `seq unix_ms body`.
+fn decode_line(run_id: &str, line: &str) -> Result<StoredEvent> {
+    let corrupt = |seq: u64, message: String| Error::Corrupt {
+        run_id: run_id.into(),
+        seq,
+        message,
+    };
+    let mut parts = line.splitn(3, ' ');
+    let (Some(seq), Some(unix_ms), Some(body)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(corrupt(
+            0,
+            "a line of the log is not `seq unix_ms body`".into(),
+        ));
+    };
+    let seq: u64 = seq
+        .parse()
+        .map_err(|_| corrupt(0, format!("bad sequence number {seq:?}")))?;
+    Ok(StoredEvent {
+        seq,
+        unix_ms: unix_ms
+            .parse()
+            .map_err(|_| corrupt(seq, format!("bad time {unix_ms:?}")))?,
+        event: serde_json::from_str(body).map_err(|e| corrupt(seq, e.to_string()))?,
+    })
 }
 
 fn encode(e: &Event) -> String {
     serde_json::to_string(e).expect("events always serialize")
+}
+
+impl SqlEvents {
+    /// A long run has a million events: rather than a row each (every row
+    /// crosses over from the database thread on its own), the log is read
+    /// in pages of `page` events, each page one row of lines
+    /// `seq unix_ms body` (an encoded event never holds a raw newline), and
+    /// the next page is read while this one is decoded.
+    async fn events_in_pages(
+        &self,
+        run_id: &str,
+        from_seq: u64,
+        page: u64,
+    ) -> Result<Vec<StoredEvent>> {
+        let read =
+            |from: u64| tokio::spawn(read_page(self.pool.clone(), run_id.to_string(), from, page));
+        let mut out: Vec<StoredEvent> = Vec::new();
+        let mut next = Some(read(from_seq));
+        while let Some(reading) = next.take() {
+            let lines = reading
+                .await
+                .map_err(|e| Error::Batch(format!("reading the log: {e}")))??;
+            let Some(lines) = lines else { break };
+            let count = lines.bytes().filter(|&b| b == b'\n').count() as u64 + 1;
+            if count >= page {
+                let last = lines.rsplit('\n').next().unwrap_or_default();
+                next = Some(read(decode_line(run_id, last)?.seq + 1));
+            }
+            for line in lines.split('\n') {
+                out.push(decode_line(run_id, line)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Up to `page` events from `from`, as lines; None when there are none.
+async fn read_page(
+    pool: SqlitePool,
+    run_id: String,
+    from: u64,
+    page: u64,
+) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT string_agg(seq || ' ' || unix_ms || ' ' || body, $4 ORDER BY seq) FROM \
+         (SELECT seq, unix_ms, body FROM run_events WHERE run_id = $1 AND seq >= $2 \
+          ORDER BY seq LIMIT $3) AS page",
+    )
+    .bind(run_id)
+    .bind(from as i64)
+    .bind(page as i64)
+    .bind("\n")
+    .fetch_one(&pool)
+    .await?)
 }
 
 impl EventStore for SqlEvents {
@@ -176,56 +467,20 @@ impl EventStore for SqlEvents {
         state: RunState,
         now: i64,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let moved = sqlx::query(
-            "UPDATE runs SET last_seq = $1, state = $2 WHERE id = $3 AND last_seq = $4",
-        )
-        .bind(seq as i64)
-        .bind(state.as_str())
-        .bind(run_id)
-        .bind(seq as i64 - 1)
-        .execute(&mut *tx)
-        .await?;
-        if moved.rows_affected() != 1 {
-            return Err(Error::Conflict {
-                run_id: run_id.into(),
-                seq,
-            });
-        }
-        sqlx::query("INSERT INTO run_events (run_id, seq, unix_ms, body) VALUES ($1, $2, $3, $4)")
-            .bind(run_id)
-            .bind(seq as i64)
-            .bind(now)
-            .bind(encode(event))
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
+        let (done, answer) = oneshot::channel();
+        let w = Write::Append {
+            run_id: run_id.to_string(),
+            seq,
+            body: encode(event),
+            state,
+            now,
+            done,
+        };
+        self.write(w, answer).await
     }
 
     async fn events(&self, run_id: &str, from_seq: u64) -> Result<Vec<StoredEvent>> {
-        let rows = sqlx::query(
-            "SELECT seq, unix_ms, body FROM run_events WHERE run_id = $1 AND seq >= $2 ORDER BY seq",
-        )
-        .bind(run_id)
-        .bind(from_seq as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let seq = r.try_get::<i64, _>("seq")? as u64;
-                let body: String = r.try_get("body")?;
-                Ok(StoredEvent {
-                    seq,
-                    unix_ms: r.try_get("unix_ms")?,
-                    event: serde_json::from_str(&body).map_err(|e| Error::Corrupt {
-                        run_id: run_id.into(),
-                        seq,
-                        message: e.to_string(),
-                    })?,
-                })
-            })
-            .collect()
+        self.events_in_pages(run_id, from_seq, 8192).await
     }
 
     async fn unfinished(&self) -> Result<Vec<String>> {
@@ -296,13 +551,13 @@ impl EventStore for SqlEvents {
     }
 
     async fn put_blob(&self, sha256: &str, data: &[u8]) -> Result<()> {
-        sqlx::query("INSERT INTO blobs (sha256, size, data) VALUES ($1, $2, $3) ON CONFLICT (sha256) DO NOTHING")
-            .bind(sha256)
-            .bind(data.len() as i64)
-            .bind(data)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let (done, answer) = oneshot::channel();
+        let w = Write::Blob {
+            sha256: sha256.to_string(),
+            data: data.to_vec(),
+            done,
+        };
+        self.write(w, answer).await
     }
 
     async fn blob(&self, sha256: &str) -> Result<Option<Vec<u8>>> {
@@ -484,6 +739,90 @@ mod tests {
         assert_eq!(s.sealed_secrets("r2").await.unwrap(), None);
         s.forget_secrets("r1").await.unwrap();
         assert_eq!(s.sealed_secrets("r1").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn concurrent_writers_share_commits_and_each_hears_its_own_outcome() {
+        let (_d, s) = store().await;
+        let first = submitted();
+        let none = BTreeMap::new();
+        let runs: Vec<String> = (0..40).map(|i| format!("r{i}")).collect();
+        for (i, id) in runs.iter().enumerate() {
+            let key = format!("k{i}");
+            s.submit(new_run(id, "a", &key, &first, &none, 1))
+                .await
+                .unwrap();
+        }
+        // Forty runs appending at once, and for each seq a second writer
+        // racing the first: exactly one of each pair takes.
+        let mut tasks = tokio::task::JoinSet::new();
+        for id in runs.clone() {
+            let s = s.clone();
+            tasks.spawn(async move {
+                let mut conflicts = 0;
+                for seq in 2..=30u64 {
+                    let e = Event::Provisioning;
+                    let (a, b) = tokio::join!(
+                        s.append(&id, seq, &e, RunState::Provisioning, 2),
+                        s.append(&id, seq, &e, RunState::Provisioning, 2)
+                    );
+                    match (a, b) {
+                        (Ok(()), Err(Error::Conflict { .. }))
+                        | (Err(Error::Conflict { .. }), Ok(())) => conflicts += 1,
+                        other => panic!("seq {seq}: {other:?}"),
+                    }
+                }
+                conflicts
+            });
+        }
+        while let Some(conflicts) = tasks.join_next().await {
+            assert_eq!(conflicts.unwrap(), 29);
+        }
+        for id in &runs {
+            let seqs: Vec<u64> = s
+                .events(id, 1)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect();
+            assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_log_reads_the_same_in_pages_of_any_size() {
+        let (_d, s) = store().await;
+        let none = BTreeMap::new();
+        s.submit(new_run("r1", "a", "k1", &submitted(), &none, 1))
+            .await
+            .unwrap();
+        // Output with a newline, a quote and a backslash in its fields.
+        for seq in 2..=10u64 {
+            let e = Event::CancelRequested {
+                by: "tester".into(),
+                reason: format!("line {seq}\nwith \"quotes\" and \\"),
+            };
+            s.append("r1", seq, &e, RunState::Running, seq as i64)
+                .await
+                .unwrap();
+        }
+        let whole = s.events_in_pages("r1", 1, 1000).await.unwrap();
+        assert_eq!(whole.len(), 10);
+        for page in [1, 2, 3, 9, 10, 11] {
+            assert_eq!(
+                s.events_in_pages("r1", 1, page).await.unwrap(),
+                whole,
+                "page {page}"
+            );
+            assert_eq!(
+                s.events_in_pages("r1", 4, page).await.unwrap(),
+                whole[3..],
+                "page {page}"
+            );
+        }
+        assert!(s.events_in_pages("r1", 11, 3).await.unwrap().is_empty());
+        assert!(s.events_in_pages("nope", 1, 3).await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! bridle's benchmark: the sandbox agent against plain Docker, measured in
 //! one run against one warm container.
 //!
-//!     cargo run --release -p bridle-tests --bin bench [-- --json PATH --quick --only agent|control]
+//!     cargo run --release -p bridle-tests --bin bench [-- --json PATH --quick --only agent|control|runs]
 //!
 //! Prints a table and writes JSON with every figure, the Docker baseline it
 //! is compared with, the ratio and the target.
@@ -161,6 +161,10 @@ async fn main() -> anyhow::Result<()> {
     }
     if only.is_empty() || only == "control" {
         control_plane_rows(&mut rows, quick).await?;
+    }
+    if only.is_empty() || only == "runs" {
+        event_store_rows(&mut rows, quick).await?;
+        job_rows(&mut rows, quick).await?;
     }
 
     println!(
@@ -655,5 +659,300 @@ async fn control_plane_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<
         "<= 5 MB",
         Some(rss <= 5.0),
     ));
+    Ok(())
+}
+
+/// A job's `Submitted` event, for filling a store.
+fn submitted_event(owner: &str, key: &str) -> anyhow::Result<control_plane::runs::events::Event> {
+    use bridle_proto::control::v1 as cpb;
+    let job = control_plane::runs::job::Submitted::try_from(cpb::Job {
+        steps: vec![cpb::Step {
+            name: "out".into(),
+            shell: "yes".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(control_plane::runs::events::Event::Submitted {
+        owner: owner.into(),
+        idempotency_key: key.into(),
+        job: Box::new(job.job),
+    })
+}
+
+/// The run event store on its own: durable appends from many runs at once
+/// (group commit, and a commit per event as the baseline), and rebuilding a
+/// run's state from a million events.
+async fn event_store_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
+    use control_plane::runs::events::{Event, RunState, RunView, Stream};
+    use control_plane::runs::store::{EventStore, NewRun, SqlEvents, DEFAULT_GROUP};
+    use std::collections::BTreeMap;
+
+    let dir = tempfile::Builder::new()
+        .prefix("bridle-bench-events-")
+        .tempdir_in(std::env::var_os("BRIDLE_BENCH_DIR").unwrap_or_else(|| "/var/tmp".into()))?;
+    let none = BTreeMap::new();
+    let output = |seq: u64| Event::StepOutput {
+        step: 0,
+        stream: Stream::Stdout,
+        offset: seq * 64,
+        length: 64,
+        blob_sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+        agent_end: seq * 64 + 64,
+        agent_other_end: seq * 64 + 64,
+    };
+
+    // ---- appends, durable (synchronous=FULL), from 64 runs at once
+    let writers = 64u64;
+    let mut rates = Vec::new();
+    for (group, per_writer) in [
+        (DEFAULT_GROUP, if quick { 100 } else { 400 }),
+        (1, if quick { 5 } else { 20 }),
+    ] {
+        let store =
+            control_plane::store::Store::open(&dir.path().join(format!("append-{group}.db")))
+                .await?;
+        let events = SqlEvents::with_group(store.pool().clone(), group);
+        let first = submitted_event("bench", "k")?;
+        for w in 0..writers {
+            let (id, key) = (format!("run-{w}"), format!("key-{w}"));
+            events
+                .submit(NewRun {
+                    run_id: &id,
+                    owner: "bench",
+                    idempotency_key: &key,
+                    first: &first,
+                    labels: &none,
+                    sealed_secrets: None,
+                    now: 0,
+                })
+                .await?;
+        }
+        let t = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..writers {
+            let events = events.clone();
+            tasks.spawn(async move {
+                let id = format!("run-{w}");
+                for seq in 2..2 + per_writer {
+                    events
+                        .append(&id, seq, &output(seq), RunState::Running, 0)
+                        .await?;
+                }
+                anyhow::Ok(())
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r??;
+        }
+        let rate = (writers * per_writer) as f64 / t.elapsed().as_secs_f64();
+        rates.push(rate);
+    }
+    rows.push(Row {
+        name: "event appends/s, durable, group commit".into(),
+        bridle: rates[0],
+        docker: Some(rates[1]),
+        unit: "/s",
+        ratio: Some(rates[0] / rates[1]),
+        target: ">= 20000/s (baseline: a commit per event)".into(),
+        met: Some(rates[0] >= 20_000.0),
+    });
+
+    // ---- rebuild one run's state from a million events
+    let n: u64 = if quick { 200_000 } else { 1_000_000 };
+    let store = control_plane::store::Store::open(&dir.path().join("rebuild.db")).await?;
+    let events = SqlEvents::new(store.pool().clone());
+    let first = submitted_event("bench", "big")?;
+    events
+        .submit(NewRun {
+            run_id: "big",
+            owner: "bench",
+            idempotency_key: "big",
+            first: &first,
+            labels: &none,
+            sealed_secrets: None,
+            now: 0,
+        })
+        .await?;
+    let head = [
+        (Event::Provisioning, RunState::Provisioning),
+        (
+            Event::SandboxAssigned {
+                sandbox_id: "sb-bench".into(),
+                agent_boot_unix_ms: 1,
+            },
+            RunState::Running,
+        ),
+        (
+            Event::StepStarted {
+                step: 0,
+                attempt: 1,
+                exec_id: "big-s0-a1".into(),
+            },
+            RunState::Running,
+        ),
+    ];
+    for (i, (e, state)) in head.iter().enumerate() {
+        events.append("big", 2 + i as u64, e, *state, 0).await?;
+    }
+    // The bulk is written by SQLite itself, in the encoding the store uses.
+    let template = serde_json::to_string(&output(0))?;
+    let (before, after) = template
+        .split_once("\"offset\":0")
+        .context("the event encoding changed")?;
+    let body = format!(
+        "{}\"offset\":' || ((i - 5) * 64) || '{}",
+        before.replace('\'', "''"),
+        after.replace('\'', "''")
+    );
+    eprintln!("bench: writing {n} events for the rebuild...");
+    sqlx::query(&format!(
+        "WITH RECURSIVE s(i) AS (SELECT 5 UNION ALL SELECT i + 1 FROM s WHERE i < {last}) \
+         INSERT INTO run_events (run_id, seq, unix_ms, body) SELECT 'big', i, 0, '{body}' FROM s",
+        last = n + 4
+    ))
+    .execute(store.pool())
+    .await?;
+    sqlx::query("UPDATE runs SET last_seq = $1 WHERE id = 'big'")
+        .bind((n + 4) as i64)
+        .execute(store.pool())
+        .await?;
+    let mut samples = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let all = events.events("big", 1).await?;
+        let view = RunView::fold(all.iter().map(|e| (e.seq, &e.event)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        samples.push(t.elapsed());
+        anyhow::ensure!(view.last_seq == n + 4 && view.steps[0].stdout_bytes == n * 64);
+    }
+    samples.sort();
+    let secs = samples[0].as_secs_f64();
+    rows.push(report(
+        &format!("rebuild a run from {} events", n + 4),
+        secs,
+        "s",
+        "< 2 s (1,000,000 events)",
+        Some(secs < 2.0 && n >= 1_000_000),
+    ));
+    Ok(())
+}
+
+/// A 10-step job of `true` on a warm pool, submit to finished, against the
+/// same ten `docker exec` calls in a warm container.
+async fn job_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
+    use bridle_proto::control::v1 as cpb;
+    use bridle_tests::control::ControlPlane;
+
+    let reps = if quick { 3 } else { 7 };
+    eprintln!("bench: a control plane with a warm pool for jobs...");
+    let cp =
+        ControlPlane::start(&["pool=[{name=\"jobs\",size=2}]", "sweep_interval_secs=1"]).await?;
+    let ready = |n: usize| cp.log().matches("warm pool sandbox ready").count() >= n;
+    let ch = tonic::transport::Channel::from_shared(cp.endpoint.clone())?
+        .connect()
+        .await?;
+    let mut runs = cpb::runs_client::RunsClient::with_interceptor(
+        ch,
+        bridle_tests::control::Bearer::new(&cp.admin_token),
+    );
+    let job = cpb::Job {
+        steps: (0..10)
+            .map(|i| cpb::Step {
+                name: format!("true {i}"),
+                argv: vec!["true".into()],
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let mut totals = Vec::new();
+    for rep in 0..reps + 1 {
+        // Each run takes a warm sandbox and releases it; wait for the refill.
+        let wait = Instant::now();
+        while !ready(2 + rep) {
+            anyhow::ensure!(
+                wait.elapsed() < Duration::from_secs(120),
+                "the pool never refilled"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let t = Instant::now();
+        let run = runs
+            .submit(cpb::SubmitRunRequest {
+                idempotency_key: format!("bench-{rep}"),
+                job: Some(job.clone()),
+            })
+            .await?
+            .into_inner();
+        let mut watch = runs
+            .watch(cpb::WatchRunRequest {
+                run_id: run.id.clone(),
+                from_seq: 1,
+            })
+            .await?
+            .into_inner();
+        let mut finished = None;
+        while let Some(ev) = watch.message().await? {
+            if let Some(cpb::run_event::Event::Finished(f)) = ev.event {
+                finished = Some(f);
+                break;
+            }
+        }
+        let elapsed = t.elapsed();
+        let f = finished.context("the watch ended before the run finished")?;
+        anyhow::ensure!(
+            f.state == cpb::RunState::Succeeded as i32,
+            "bench job: {f:?}"
+        );
+        if rep > 0 {
+            totals.push(elapsed);
+        }
+    }
+    drop(cp);
+
+    let sb = Sandbox::start(SandboxOptions {
+        memory: "512m",
+        pids: 256,
+        extra: vec![],
+    })
+    .await?;
+    let docker = bollard::Docker::connect_with_local_defaults()?;
+    let mut baseline = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        for _ in 0..10 {
+            let exec = docker
+                .create_exec(
+                    &sb.id,
+                    ExecConfig {
+                        cmd: Some(vec!["true".into()]),
+                        attach_stdout: Some(true),
+                        attach_stderr: Some(true),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            if let StartExecResults::Attached { mut output, .. } =
+                docker.start_exec(&exec.id, None).await?
+            {
+                while output.next().await.is_some() {}
+            }
+            let code = docker.inspect_exec(&exec.id).await?.exit_code;
+            anyhow::ensure!(code == Some(0), "docker exec true: {code:?}");
+        }
+        baseline.push(t.elapsed());
+    }
+    totals.sort();
+    baseline.sort();
+    let mut row = Row::latency(
+        "10-step job of `true`, warm pool",
+        percentile(&totals, 0.5),
+        percentile(&baseline, 0.5),
+    );
+    row.target = "faster than 10 docker exec".into();
+    row.met = row.ratio.map(|r| r > 1.0);
+    rows.push(row);
     Ok(())
 }
