@@ -514,6 +514,20 @@ fn run_exit_code(r: &pb::Run) -> u8 {
 /// stdout/stderr; reconnects (from the next event) when the stream breaks,
 /// as it does when the control plane restarts.
 async fn follow_run(c: &mut Conn, id: &str) -> anyhow::Result<u8> {
+    let names: Vec<String> = c
+        .runs
+        .get(pb::GetRunRequest {
+            run_id: id.to_string(),
+        })
+        .await?
+        .into_inner()
+        .job
+        .map(|j| j.steps.into_iter().map(|s| s.name).collect())
+        .unwrap_or_default();
+    let step_name = |step: u32| {
+        let name = names.get(step as usize).map(String::as_str).unwrap_or("");
+        format!("step {}/{} {name}", step + 1, names.len())
+    };
     let mut next_seq = 1u64;
     let mut printed: HashMap<(u32, i32), u64> = HashMap::new();
     let mut failures = 0u32;
@@ -548,7 +562,12 @@ async fn follow_run(c: &mut Conn, id: &str) -> anyhow::Result<u8> {
             use pb::run_event::Event as E;
             match ev.event {
                 Some(E::StepStarted(s)) => {
-                    eprintln!("bridle: ▶ step {} (attempt {})", s.step + 1, s.attempt)
+                    let again = if s.attempt > 1 {
+                        format!(" (attempt {})", s.attempt)
+                    } else {
+                        String::new()
+                    };
+                    eprintln!("bridle: ▶ {}{again}", step_name(s.step))
                 }
                 Some(E::StepOutput(o)) => {
                     let key = (o.step, o.stream);
@@ -587,7 +606,7 @@ async fn follow_run(c: &mut Conn, id: &str) -> anyhow::Result<u8> {
                         (None, Some(sig)) => format!("killed by signal {sig}"),
                         _ => "ended".into(),
                     };
-                    eprintln!("bridle: ■ step {} {how} ({} ms)", x.step + 1, x.duration_ms);
+                    eprintln!("bridle: ■ {} {how} ({} ms)", step_name(x.step), x.duration_ms);
                 }
                 Some(E::Finished(f)) => {
                     let r = c

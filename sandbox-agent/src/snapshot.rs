@@ -63,9 +63,20 @@ pub struct SnapshotOptions {
 /// can be refused (a bad path or pattern) is refused by [`Snapshot::prepare`],
 /// before any byte is written.
 pub struct Snapshot {
-    dir: OwnedFd,
+    source: Source,
     globs: GlobSet,
     zstd_level: Option<i32>,
+}
+
+/// What a snapshot archives: a directory's tree, or one regular file (an
+/// artifact such as `out/report.xml`), stored under its own name.
+enum Source {
+    Dir(OwnedFd),
+    File {
+        file: std::fs::File,
+        name: std::ffi::OsString,
+        st: libc::stat,
+    },
 }
 
 impl Snapshot {
@@ -83,9 +94,34 @@ impl Snapshot {
             reason: e.to_string(),
         })?;
         let rel = ws.relative(&opts.path)?;
-        let dir = ws.open(&rel, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        // O_NONBLOCK: opening a FIFO must not wait for a writer (it is then
+        // refused below); it changes nothing for files and directories.
+        let fd = ws.open(&rel, libc::O_RDONLY | libc::O_NONBLOCK, 0)?;
+        let st = fs::fstat(fd.as_raw_fd(), &rel)?;
+        let source = match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => Source::Dir(fd),
+            libc::S_IFREG => Source::File {
+                file: {
+                    // SAFETY: F_SETFL on a valid fd: back to blocking reads.
+                    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_RDONLY) };
+                    std::fs::File::from(fd)
+                },
+                name: rel
+                    .file_name()
+                    .map(|n| n.to_os_string())
+                    .unwrap_or_else(|| "file".into()),
+                st,
+            },
+            _ => {
+                return Err(fs::Error::InvalidPath {
+                    path: rel.display().to_string(),
+                    reason: "is neither a directory nor a regular file",
+                }
+                .into())
+            }
+        };
         Ok(Self {
-            dir,
+            source,
             globs,
             zstd_level: opts.zstd_level,
         })
@@ -96,19 +132,32 @@ impl Snapshot {
         match self.zstd_level {
             Some(level) => {
                 let mut enc = zstd::Encoder::new(out, level).map_err(io("starting zstd"))?;
-                write_tar(self.dir, &self.globs, &mut enc)?;
+                write_tar(self.source, &self.globs, &mut enc)?;
                 enc.finish().map_err(io("finishing zstd"))?;
             }
-            None => write_tar(self.dir, &self.globs, out)?,
+            None => write_tar(self.source, &self.globs, out)?,
         }
         Ok(())
     }
 }
 
-fn write_tar(dir: OwnedFd, globs: &GlobSet, out: impl Write) -> Result<(), Error> {
+fn write_tar(source: Source, globs: &GlobSet, out: impl Write) -> Result<(), Error> {
     let mut b = tar::Builder::new(out);
     b.mode(tar::HeaderMode::Complete);
-    add_dir(&mut b, dir, Path::new(""), globs, true)?;
+    match source {
+        Source::Dir(dir) => add_dir(&mut b, dir, Path::new(""), globs, true)?,
+        Source::File { file, name, st } => {
+            let path = Path::new(&name);
+            let size = st.st_size as u64;
+            let mut h = header_for(&st, tar::EntryType::Regular, size);
+            let body = ExactSize {
+                inner: file,
+                left: size,
+            };
+            b.append_data(&mut h, path, body)
+                .map_err(io(format!("archiving {}", path.display())))?;
+        }
+    }
     b.into_inner()
         .map_err(io("finishing the archive"))?
         .flush()
@@ -821,6 +870,42 @@ mod tests {
             expected.remove(Path::new("excluded.log"));
             assert_eq!(tree(&dst.ws_path()), expected);
         }
+    }
+
+    #[test]
+    fn a_single_file_is_archived_under_its_name_and_other_kinds_are_refused() {
+        let src = Jail::new();
+        let ws = src.ws_path();
+        std::fs::create_dir_all(ws.join("out")).unwrap();
+        std::fs::write(ws.join("out/report.xml"), b"<ok/>").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", ws.join("out/escape")).unwrap();
+        let w = Workspace::at(&ws).unwrap();
+        let snap = |path: &str| {
+            let opts = SnapshotOptions {
+                path: path.into(),
+                exclude: vec![],
+                zstd_level: None,
+            };
+            let mut archive = Vec::new();
+            Snapshot::prepare(&w, &opts)?.write(&mut archive)?;
+            Ok::<_, Error>(archive)
+        };
+        let archive = snap("out/report.xml").unwrap();
+        let dst = Jail::new();
+        dst.restore(&archive).unwrap();
+        assert_eq!(
+            std::fs::read(dst.ws_path().join("report.xml")).unwrap(),
+            b"<ok/>"
+        );
+        // A link out of the workspace is not followed, and a FIFO does not
+        // hang the agent.
+        assert!(snap("out/escape").is_err());
+        let fifo =
+            std::ffi::CString::new(ws.join("out/fifo").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let e = snap("out/fifo").unwrap_err().to_string();
+        assert!(e.contains("neither a directory nor a regular file"), "{e}");
     }
 
     fn arb_name() -> impl Strategy<Value = String> {
