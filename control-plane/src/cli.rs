@@ -606,7 +606,11 @@ async fn follow_run(c: &mut Conn, id: &str) -> anyhow::Result<u8> {
                         (None, Some(sig)) => format!("killed by signal {sig}"),
                         _ => "ended".into(),
                     };
-                    eprintln!("bridle: ■ {} {how} ({} ms)", step_name(x.step), x.duration_ms);
+                    eprintln!(
+                        "bridle: ■ {} {how} ({} ms)",
+                        step_name(x.step),
+                        x.duration_ms
+                    );
                 }
                 Some(E::Finished(f)) => {
                     let r = c

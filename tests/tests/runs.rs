@@ -272,6 +272,7 @@ async fn a_job_survives_twenty_kills_with_every_step_run_exactly_once() {
         kills >= 20,
         "only {kills} kills happened before the run finished"
     );
+    eprintln!("crash test: {kills} SIGKILLs and restarts during the run");
 
     let mut c = runs_client(&cp.endpoint, &cp.admin_token).await.unwrap();
     let done = c
@@ -304,6 +305,11 @@ async fn a_job_survives_twenty_kills_with_every_step_run_exactly_once() {
         .unwrap()
         .unwrap();
     let all: Vec<u64> = (1..=done.last_seq).collect();
+    eprintln!(
+        "crash test: {} events, the watcher saw {} across the restarts",
+        all.len(),
+        seen.len()
+    );
     assert_eq!(seen, all);
     wait_released(&cp).await;
 }
