@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "bridle/control/v1/sandboxes.proto",
     "bridle/control/v1/admin.proto",
     "bridle/control/v1/runs.proto",
+    "bridle/control/v1/audit.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -296,6 +296,17 @@ impl AuditLog {
             .map_err(|e| anyhow::anyhow!("audit: {e}"))
     }
 
+    /// Appends `entry` without waiting for it to be durable (it is, within
+    /// one group commit).
+    pub fn record(&self, entry: Entry) {
+        let log = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = log.append(entry).await {
+                tracing::error!("{e:#}");
+            }
+        });
+    }
+
     /// Every entry and checkpoint in order, as an export would hold them.
     pub async fn lines(&self) -> anyhow::Result<Vec<Line>> {
         let rows: Vec<(i64, String, String, String)> =

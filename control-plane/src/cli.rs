@@ -74,6 +74,39 @@ enum Command {
     /// Look at runs.
     #[command(subcommand)]
     Runs(RunsCmd),
+    /// Read and verify the audit log (admin, auditor).
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the hash chain and the signed checkpoints: names the first bad
+    /// entry and exits 1. With --file, checks an export offline.
+    Verify {
+        /// An export (`bridle audit export > F`) to check without a server.
+        #[arg(long, requires = "public_key")]
+        file: Option<PathBuf>,
+        /// The control plane's public key file (`<data dir>/audit.pub`).
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
+    /// The whole log as JSON lines, with hashes and signed checkpoints.
+    Export,
+    /// Entries, oldest first.
+    Query {
+        /// Only this token id or principal name.
+        #[arg(long)]
+        principal: Option<String>,
+        /// Only actions starting with this (e.g. `Runs/`).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only entries about this resource.
+        #[arg(long)]
+        resource: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -324,6 +357,7 @@ struct Conn {
     sandboxes: pb::sandboxes_client::SandboxesClient<Authed>,
     admin: pb::admin_client::AdminClient<Authed>,
     runs: pb::runs_client::RunsClient<Authed>,
+    audit: pb::audit_client::AuditClient<Authed>,
     json: bool,
 }
 
@@ -395,6 +429,7 @@ async fn connect(cli: &Cli) -> anyhow::Result<Conn> {
         .max_decoding_message_size(16 << 20)
         .max_encoding_message_size(16 << 20),
         admin: pb::admin_client::AdminClient::with_interceptor(channel.clone(), bearer.clone()),
+        audit: pb::audit_client::AuditClient::with_interceptor(channel.clone(), bearer.clone()),
         runs: pb::runs_client::RunsClient::with_interceptor(channel, bearer)
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(64 << 20),
@@ -415,6 +450,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         _ => None,
     };
+    // An export is verified offline, without a control plane.
+    if let Command::Audit(AuditCmd::Verify {
+        file: Some(file),
+        public_key: Some(key),
+    }) = &cli.command
+    {
+        return verify_export(file, key, cli.output == Output::Json);
+    }
     let mut c = connect(&cli).await?;
     match cli.command {
         Command::Sandbox(cmd) => sandbox(&mut c, cmd).await,
@@ -441,6 +484,148 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             follow_run(&mut c, &r.id).await
         }
         Command::Runs(cmd) => runs(&mut c, cmd).await,
+        Command::Audit(cmd) => audit(&mut c, cmd).await,
+    }
+}
+
+fn audit_verdict(
+    json: bool,
+    ok: bool,
+    entries: u64,
+    checkpoints: u64,
+    bad: u64,
+    problem: &str,
+) -> u8 {
+    if json {
+        print_json(json!({
+            "ok": ok,
+            "entries": entries,
+            "checkpoints": checkpoints,
+            "first_bad_seq": bad,
+            "problem": problem,
+        }));
+    }
+    if ok {
+        if !json {
+            println!("ok: {entries} entries, {checkpoints} signed checkpoints");
+        }
+        0
+    } else {
+        eprintln!("bridle: audit log: entry {bad}: {problem}");
+        1
+    }
+}
+
+fn verify_export(file: &Path, key: &Path, json: bool) -> anyhow::Result<u8> {
+    let key = std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?;
+    let key = crate::audit::parse_public_key(&key).context("--public-key")?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut lines = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        lines.push(serde_json::from_str(line).map_err(|e| {
+            anyhow::Error::new(Status::invalid_argument(format!(
+                "{}:{}: not an audit export line: {e}",
+                file.display(),
+                n + 1
+            )))
+        })?);
+    }
+    let r = crate::audit::verify(lines, &key);
+    let (bad, problem) = r.first_bad.clone().unwrap_or_default();
+    Ok(audit_verdict(
+        json,
+        r.ok(),
+        r.entries,
+        r.checkpoints,
+        bad,
+        &problem,
+    ))
+}
+
+async fn audit(c: &mut Conn, cmd: AuditCmd) -> anyhow::Result<u8> {
+    match cmd {
+        AuditCmd::Verify { .. } => {
+            let r = c
+                .audit
+                .verify(pb::VerifyAuditRequest {})
+                .await?
+                .into_inner();
+            Ok(audit_verdict(
+                c.json,
+                r.ok,
+                r.entries,
+                r.checkpoints,
+                r.first_bad_seq,
+                &r.problem,
+            ))
+        }
+        AuditCmd::Export => {
+            let mut s = c
+                .audit
+                .export(pb::ExportAuditRequest {})
+                .await?
+                .into_inner();
+            let mut out = std::io::stdout().lock();
+            while let Some(chunk) = s.message().await? {
+                std::io::Write::write_all(&mut out, &chunk.data)?;
+            }
+            Ok(0)
+        }
+        AuditCmd::Query {
+            principal,
+            action,
+            resource,
+            limit,
+        } => {
+            let r = c
+                .audit
+                .query(pb::QueryAuditRequest {
+                    principal: principal.unwrap_or_default(),
+                    action: action.unwrap_or_default(),
+                    resource: resource.unwrap_or_default(),
+                    page_size: limit,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            if c.json {
+                print_json(serde_json::Value::Array(
+                    r.entries
+                        .iter()
+                        .map(|e| {
+                            json!({
+                                "seq": e.seq, "unix_ms": e.unix_ms, "request_id": e.request_id,
+                                "token_id": e.token_id, "principal": e.principal, "role": e.role,
+                                "owner": e.owner, "action": e.action, "resource": e.resource,
+                                "decision": e.decision, "policy_version": e.policy_version,
+                                "outcome": e.outcome, "hash": e.hash,
+                            })
+                        })
+                        .collect(),
+                ));
+            } else {
+                println!(
+                    "{:<6} {:<14} {:<20} {:<28} OUTCOME",
+                    "SEQ", "TIME(ms)", "PRINCIPAL", "ACTION"
+                );
+                for e in r.entries {
+                    let who = if e.principal.is_empty() {
+                        "-"
+                    } else {
+                        e.principal.as_str()
+                    };
+                    println!(
+                        "{:<6} {:<14} {:<20} {:<28} {}",
+                        e.seq, e.unix_ms, who, e.action, e.outcome
+                    );
+                }
+            }
+            Ok(0)
+        }
     }
 }
 

@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bridle_proto::control::v1::{
-    admin_server::AdminServer, runs_server::RunsServer, sandboxes_server::SandboxesServer,
+    admin_server::AdminServer, audit_server::AuditServer, runs_server::RunsServer,
+    sandboxes_server::SandboxesServer,
 };
 
 use crate::config::Config;
@@ -58,6 +59,12 @@ pub async fn run(
     let docker = runtime::docker::Docker::connect(&config.docker.host, &instance).await?;
     let artifacts = artifacts::Artifacts::open(&data_dir)?;
     let run_events = runs::store::SqlEvents::new(store.pool().clone());
+    let audit_log = audit::AuditLog::open(
+        store.pool().clone(),
+        audit::load_or_create_key(&data_dir).context("the audit signing key")?,
+    )
+    .await
+    .context("opening the audit log")?;
     let sealer = runs::sealed::Sealer::open_or_create(
         &config
             .secrets_key_file
@@ -142,7 +149,7 @@ pub async fn run(
         auth: auth.clone(),
         runner,
     };
-    let admin_api = api::admin::AdminApi { auth };
+    let admin_api = api::admin::AdminApi { auth: auth.clone() };
 
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
@@ -162,6 +169,10 @@ pub async fn run(
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(16 << 20)
         .max_concurrent_streams(1024)
+        .layer(api::audit::AuditLayer {
+            auth: auth.clone(),
+            log: audit_log.clone(),
+        })
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -171,6 +182,10 @@ pub async fn run(
         )
         .add_service(AdminServer::new(admin_api))
         .add_service(RunsServer::new(runs_api))
+        .add_service(AuditServer::new(api::audit::AuditApi {
+            auth: auth.clone(),
+            log: audit_log,
+        }))
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY small answers wait on delayed ACKs (40 ms).
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -12,6 +12,8 @@ use tonic::transport::Channel;
 
 pub type Sandboxes = pb::sandboxes_client::SandboxesClient<InterceptedService<Channel, Bearer>>;
 pub type Admin = pb::admin_client::AdminClient<InterceptedService<Channel, Bearer>>;
+pub type Runs = pb::runs_client::RunsClient<InterceptedService<Channel, Bearer>>;
+pub type Audit = pb::audit_client::AuditClient<InterceptedService<Channel, Bearer>>;
 
 /// Adds `authorization: Bearer <token>` (nothing for an empty token).
 #[derive(Clone)]
@@ -172,6 +174,20 @@ impl ControlPlane {
 
     pub async fn admin(&self, token: &str) -> anyhow::Result<Admin> {
         Ok(pb::admin_client::AdminClient::with_interceptor(
+            self.channel().await?,
+            Bearer::new(token),
+        ))
+    }
+
+    pub async fn runs(&self, token: &str) -> anyhow::Result<Runs> {
+        Ok(pb::runs_client::RunsClient::with_interceptor(
+            self.channel().await?,
+            Bearer::new(token),
+        ))
+    }
+
+    pub async fn audit(&self, token: &str) -> anyhow::Result<Audit> {
+        Ok(pb::audit_client::AuditClient::with_interceptor(
             self.channel().await?,
             Bearer::new(token),
         ))

@@ -588,7 +588,10 @@ async fn every_rpc_refuses_a_missing_bad_or_revoked_token() {
     for token in ["", "garbage", forged.as_str(), revoked.as_str()] {
         let mut s = cp.sandboxes(token).await.unwrap();
         let mut a = cp.admin(token).await.unwrap();
+        let mut r = cp.runs(token).await.unwrap();
+        let mut au = cp.audit(token).await.unwrap();
         let sid = || "sb-000000000000".to_string();
+        let rid = || "run-0000000000000000".to_string();
         let mut codes = vec![
             (
                 "Create",
@@ -708,6 +711,57 @@ async fn every_rpc_refuses_a_missing_bad_or_revoked_token() {
                 .map(drop),
             ),
             ("WhoAmI", a.who_am_i(pb::WhoAmIRequest {}).await.map(drop)),
+            (
+                "Submit",
+                r.submit(pb::SubmitRunRequest::default()).await.map(drop),
+            ),
+            (
+                "GetRun",
+                r.get(pb::GetRunRequest { run_id: rid() }).await.map(drop),
+            ),
+            (
+                "ListRuns",
+                r.list(pb::ListRunsRequest::default()).await.map(drop),
+            ),
+            (
+                "Watch",
+                r.watch(pb::WatchRunRequest {
+                    run_id: rid(),
+                    from_seq: 1,
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "Cancel",
+                r.cancel(pb::CancelRunRequest {
+                    run_id: rid(),
+                    reason: String::new(),
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "Logs",
+                r.logs(pb::LogsRequest {
+                    run_id: rid(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            ),
+            (
+                "AuditQuery",
+                au.query(pb::QueryAuditRequest::default()).await.map(drop),
+            ),
+            (
+                "AuditExport",
+                au.export(pb::ExportAuditRequest {}).await.map(drop),
+            ),
+            (
+                "AuditVerify",
+                au.verify(pb::VerifyAuditRequest {}).await.map(drop),
+            ),
         ];
         for (rpc, r) in codes.drain(..) {
             let e = r.expect_err(rpc);

@@ -236,6 +236,7 @@ async fn a_job_survives_twenty_kills_with_every_step_run_exactly_once() {
     let mut kills = 0;
     let mut rng = 0x2545F4914F6CDD1Du64;
     let deadline = Instant::now() + Duration::from_secs(240);
+    let mut last_seen = String::new();
     loop {
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -245,15 +246,16 @@ async fn a_job_survives_twenty_kills_with_every_step_run_exactly_once() {
             Ok(c) => c,
             Err(_) => continue,
         };
-        let finished = match c
+        let got = c
             .get(pb::GetRunRequest {
                 run_id: run.id.clone(),
             })
-            .await
-        {
-            Ok(r) => r.into_inner().finished_unix_ms != 0,
+            .await;
+        let finished = match &got {
+            Ok(r) => r.get_ref().finished_unix_ms != 0,
             Err(_) => false,
         };
+        last_seen = format!("{got:?}");
         if finished {
             break;
         }
@@ -264,7 +266,8 @@ async fn a_job_survives_twenty_kills_with_every_step_run_exactly_once() {
         }
         assert!(
             Instant::now() < deadline,
-            "the run did not finish: {}",
+            "the run did not finish after {kills} kills; last Get: {last_seen}\ncontainers: {:?}\n{}",
+            cp.containers(),
             cp.log()
         );
     }

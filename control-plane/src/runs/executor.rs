@@ -356,8 +356,12 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                 .ok()
                 .and_then(|l| l.into_iter().next());
             let sandbox = match found {
-                Some(s) => s,
+                Some(s) => {
+                    tracing::info!(run = %run_id, sandbox = %s.id, "reusing the sandbox made for the run before a restart");
+                    s
+                }
                 None => {
+                    tracing::info!(run = %run_id, "creating the run's sandbox");
                     let mut job_labels = view.job.labels.clone();
                     job_labels.extend(labels);
                     let req = CreateRequest {
@@ -421,6 +425,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                 },
             )
             .await?;
+            tracing::info!(run = %run_id, sandbox = %sandbox.id, "sandbox assigned");
         }
         let sandbox_id = view.sandbox_id.clone().expect("assigned above");
         let mut cancel = self.live(run_id).cancel.subscribe();

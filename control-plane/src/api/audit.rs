@@ -1,0 +1,277 @@
+//! `bridle.control.v1.Audit`: reading and verifying the audit log (admin and
+//! auditor), and [`AuditLayer`], which records every call made to the
+//! control plane.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bridle_proto::control::v1 as pb;
+use futures::Stream;
+use tonic::codegen::http;
+use tonic::{Request, Response, Status};
+
+use crate::audit::{AuditLog, Entry, Line};
+use crate::auth::{Auth, Principal, Role};
+
+pub struct AuditApi {
+    pub auth: Auth,
+    pub log: AuditLog,
+}
+
+fn require_reader(p: &Principal) -> Result<(), Status> {
+    match p.role {
+        Role::Admin | Role::Auditor => Ok(()),
+        _ => Err(Status::permission_denied(
+            "the audit log is read by the admin and auditor roles",
+        )),
+    }
+}
+
+fn internal(e: anyhow::Error) -> Status {
+    tracing::error!("audit: {e:#}");
+    Status::internal(format!("audit: {e:#}"))
+}
+
+fn entry_pb(e: Entry, hash: String) -> pb::AuditEntry {
+    pb::AuditEntry {
+        seq: e.seq,
+        unix_ms: e.unix_ms,
+        request_id: e.request_id,
+        token_id: e.token_id,
+        principal: e.principal,
+        role: e.role,
+        owner: e.owner,
+        action: e.action,
+        resource: e.resource,
+        decision: e.decision,
+        policy_version: e.policy_version,
+        outcome: e.outcome,
+        hash,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::audit_server::Audit for AuditApi {
+    async fn query(
+        &self,
+        request: Request<pb::QueryAuditRequest>,
+    ) -> Result<Response<pb::QueryAuditResponse>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        require_reader(&principal)?;
+        let req = request.into_inner();
+        let limit = match req.page_size {
+            0 => 100,
+            n => n.min(1000),
+        } as usize;
+        let after: u64 = if req.page_token.is_empty() {
+            0
+        } else {
+            req.page_token
+                .parse()
+                .map_err(|_| Status::invalid_argument("page_token: not one this server gave"))?
+        };
+        let mut entries = Vec::new();
+        let mut more = false;
+        for line in self.log.lines().await.map_err(internal)? {
+            let Line::Entry { entry, hash, .. } = line else {
+                continue;
+            };
+            let e = *entry;
+            let keep = e.seq > after
+                && (req.since_unix_ms == 0 || e.unix_ms >= req.since_unix_ms)
+                && (req.until_unix_ms == 0 || e.unix_ms < req.until_unix_ms)
+                && (req.principal.is_empty()
+                    || e.token_id == req.principal
+                    || e.principal == req.principal)
+                && e.action.starts_with(&req.action)
+                && (req.resource.is_empty() || e.resource == req.resource);
+            if !keep {
+                continue;
+            }
+            if entries.len() == limit {
+                more = true;
+                break;
+            }
+            entries.push(entry_pb(e, hash));
+        }
+        let next_page_token = match (more, entries.last()) {
+            (true, Some(last)) => last.seq.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::QueryAuditResponse {
+            entries,
+            next_page_token,
+        }))
+    }
+
+    type ExportStream =
+        Pin<Box<dyn Stream<Item = Result<pb::ExportAuditChunk, Status>> + Send + 'static>>;
+
+    async fn export(
+        &self,
+        request: Request<pb::ExportAuditRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        require_reader(&principal)?;
+        let lines = self.log.lines().await.map_err(internal)?;
+        let mut chunks = Vec::new();
+        let mut data = Vec::new();
+        for line in &lines {
+            serde_json::to_writer(&mut data, line).map_err(|e| internal(e.into()))?;
+            data.push(b'\n');
+            if data.len() >= 1 << 20 {
+                chunks.push(Ok(pb::ExportAuditChunk {
+                    data: std::mem::take(&mut data).into(),
+                }));
+            }
+        }
+        if !data.is_empty() {
+            chunks.push(Ok(pb::ExportAuditChunk { data: data.into() }));
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        require_reader(&principal)?;
+        let report = self.log.verify().await.map_err(internal)?;
+        let (first_bad_seq, problem) = report.first_bad.clone().unwrap_or_default();
+        Ok(Response::new(pb::VerifyAuditResponse {
+            ok: report.ok(),
+            entries: report.entries,
+            checkpoints: report.checkpoints,
+            first_bad_seq,
+            problem,
+            public_key: hex::encode(self.log.public_key().as_bytes()),
+        }))
+    }
+}
+
+/// Records every call (but health checks) in the audit log: who, which RPC,
+/// how it ended (for a stream: whether it opened), under a request id that
+/// the answer carries as `x-request-id`. The entry is handed to the log's
+/// group-committing writer without holding up the answer.
+#[derive(Clone)]
+pub struct AuditLayer {
+    pub auth: Auth,
+    pub log: AuditLog,
+}
+
+impl<S> tower::Layer<S> for AuditLayer {
+    type Service = AuditService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuditService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuditService<S> {
+    inner: S,
+    layer: AuditLayer,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for AuditService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        // The ready service goes to this call; a clone waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let path = req.uri().path();
+        if path.starts_with("/grpc.health.") {
+            return Box::pin(inner.call(req));
+        }
+        let action = path
+            .rsplit_once('.')
+            .map(|(_, a)| a)
+            .unwrap_or(path)
+            .to_string();
+        let principal = self
+            .layer
+            .auth
+            .authenticate(&tonic::metadata::MetadataMap::from_headers(
+                req.headers().clone(),
+            ))
+            .ok();
+        let request_id = crate::random_hex(8);
+        let log = self.layer.log.clone();
+        Box::pin(async move {
+            let mut response = inner.call(req).await?;
+            let headers = response.headers_mut();
+            let outcome = match headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
+                None | Some("0") => "ok".to_string(),
+                Some(code) => {
+                    let code = tonic::Code::from_bytes(code.as_bytes());
+                    let message = headers
+                        .get("grpc-message")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(percent_decode)
+                        .unwrap_or_default();
+                    format!("{code:?}: {message}")
+                }
+            };
+            if let Ok(v) = http::HeaderValue::from_str(&request_id) {
+                headers.insert("x-request-id", v);
+            }
+            let p = principal.unwrap_or(Principal {
+                token_id: String::new(),
+                name: String::new(),
+                role: Role::Auditor,
+                owner: String::new(),
+            });
+            let authenticated = !p.token_id.is_empty();
+            log.record(Entry {
+                unix_ms: crate::now_ms(),
+                request_id,
+                role: if authenticated {
+                    p.role.as_str().to_string()
+                } else {
+                    String::new()
+                },
+                token_id: p.token_id,
+                principal: p.name,
+                owner: p.owner,
+                action,
+                outcome,
+                ..Entry::default()
+            });
+            Ok(response)
+        })
+    }
+}
+
+/// grpc-message is percent-encoded.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}

@@ -1,0 +1,202 @@
+//! The audit log end to end: every call recorded with who made it and how it
+//! ended, readable by auditors only, verifiable online and offline, and
+//! tampering with the store file found and named.
+
+use std::time::{Duration, Instant};
+
+use bridle_proto::control::v1 as pb;
+use bridle_tests::control::ControlPlane;
+use bridle_tests::docker::require_docker;
+
+macro_rules! docker_or_skip {
+    () => {
+        if !require_docker(module_path!()) {
+            return;
+        }
+    };
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The log as an auditor's `bridle audit query -o json` shows it.
+fn query(cp: &ControlPlane, auditor: &str) -> Vec<serde_json::Value> {
+    let out = cp
+        .cli(
+            auditor,
+            &["audit", "query", "--limit", "1000", "-o", "json"],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Entries are committed within one group commit of the answer.
+async fn until_logged(
+    cp: &ControlPlane,
+    auditor: &str,
+    check: impl Fn(&[serde_json::Value]) -> bool,
+) {
+    let start = Instant::now();
+    loop {
+        let entries = query(cp, auditor);
+        if check(&entries) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not in the audit log: {entries:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_call_is_recorded_and_tampering_is_named() {
+    docker_or_skip!();
+    let mut cp = ControlPlane::start(&[]).await.unwrap();
+    let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
+    let auditor = cp.token(pb::Role::Auditor, "audit-team").await.unwrap();
+
+    // Calls: a good one, a refused one, one without a token, and a run with
+    // a secret.
+    let mut sb = cp.sandboxes(&alice).await.unwrap();
+    sb.list(pb::ListSandboxesRequest::default()).await.unwrap();
+    let missing = sb
+        .get(pb::GetSandboxRequest {
+            sandbox_id: "sb-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let mut anonymous = cp.sandboxes("").await.unwrap();
+    anonymous
+        .list(pb::ListSandboxesRequest::default())
+        .await
+        .unwrap_err();
+    let secret = "audit-secret-value-0451";
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        "secrets: {TOKEN: {from_env: AUDIT_TEST_TOKEN}}\nsteps:\n  - run: echo \"$TOKEN\"\n",
+    )
+    .unwrap();
+    // SAFETY: set before the CLI child is spawned; this test's own threads
+    // do not read the environment.
+    unsafe { std::env::set_var("AUDIT_TEST_TOKEN", secret) };
+    let out = cp
+        .cli(&alice, &["run", job.to_str().unwrap(), "--follow"])
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    until_logged(&cp, &auditor, |entries| {
+        let has = |action: &str, who: &str, outcome: &str| {
+            entries.iter().any(|e| {
+                e["action"] == action
+                    && e["principal"] == who
+                    && e["outcome"].as_str().unwrap().starts_with(outcome)
+            })
+        };
+        has("Sandboxes/List", "alice-role_submitter", "ok")
+            && has("Sandboxes/Get", "alice-role_submitter", "NotFound")
+            && has("Sandboxes/List", "", "Unauthenticated")
+            && has("Runs/Submit", "alice-role_submitter", "ok")
+            && has("Admin/CreateToken", "bootstrap-admin", "ok")
+    })
+    .await;
+
+    // Only auditors and admins read it.
+    let out = cp.cli(&alice, &["audit", "query"]).unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let out = cp.cli(&auditor, &["audit", "verify"]).unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("ok: "),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // An export verifies offline with the public key, and the secret is in
+    // neither the export nor the store file.
+    let out = cp.cli(&auditor, &["audit", "export"]).unwrap();
+    assert!(out.status.success());
+    let export = dir.path().join("audit.jsonl");
+    std::fs::write(&export, &out.stdout).unwrap();
+    assert!(!text(&out.stdout).contains(secret));
+    let public = cp.data_dir().join("audit.pub");
+    let offline = |file: &std::path::Path| {
+        cp.cli(
+            "",
+            &[
+                "audit",
+                "verify",
+                "--file",
+                file.to_str().unwrap(),
+                "--public-key",
+                public.to_str().unwrap(),
+            ],
+        )
+        .unwrap()
+    };
+    let out = offline(&export);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // An edited export is named at the entry.
+    let edited: Vec<String> = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.contains("\"seq\":2,") {
+                l.replace("\"outcome\":\"ok\"", "\"outcome\":\"fine\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    let tampered = dir.path().join("tampered.jsonl");
+    std::fs::write(&tampered, edited.join("\n")).unwrap();
+    let out = offline(&tampered);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("entry 2:"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Tampering with the store file, the control plane stopped meanwhile.
+    cp.terminate().await.unwrap();
+    let db = cp.data_dir().join("bridle.db");
+    for f in ["bridle.db", "bridle.db-wal"] {
+        let bytes = std::fs::read(cp.data_dir().join(f)).unwrap_or_default();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{f} holds the secret"
+        );
+    }
+    edit_db(
+        &db,
+        "UPDATE audit_log SET body = replace(body, '\"ok\"', '\"fine\"') WHERE seq = 3",
+    )
+    .await;
+    cp.restart().await.unwrap();
+    let out = cp.cli(&auditor, &["audit", "verify"]).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(err.contains("entry 3:") && err.contains("edited"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+async fn edit_db(db: &std::path::Path, sql: &str) {
+    use sqlx::ConnectOptions;
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query(sql).execute(&mut conn).await.unwrap();
+}
