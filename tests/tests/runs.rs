@@ -236,7 +236,6 @@ async fn a_job_survives_twenty_kills_with_every_step_run_exactly_once() {
     let mut kills = 0;
     let mut rng = 0x2545F4914F6CDD1Du64;
     let deadline = Instant::now() + Duration::from_secs(240);
-    let mut last_seen = String::new();
     loop {
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -255,7 +254,7 @@ async fn a_job_survives_twenty_kills_with_every_step_run_exactly_once() {
             Ok(r) => r.get_ref().finished_unix_ms != 0,
             Err(_) => false,
         };
-        last_seen = format!("{got:?}");
+        let last_seen = format!("{got:?}");
         if finished {
             break;
         }
