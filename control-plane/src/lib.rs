@@ -10,6 +10,7 @@ pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod policy;
 pub mod runs;
 pub mod runtime;
 pub mod sandboxes;

@@ -1,0 +1,493 @@
+//! Policy: every action a principal asks for is a Cedar request checked
+//! against the policy set in force. The outcome is `deny` (a `forbid`
+//! matches, or no `permit` does), `require_approval` (a matching `permit`
+//! carries `@approval("why")`), or `allow`. The schema and the default
+//! policies live in `deploy/policies/`; the set in force is versioned, and
+//! the version goes with every decision.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
+    EntityUid, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use miette::Diagnostic;
+
+use crate::auth::Principal;
+
+pub const SCHEMA: &str = include_str!("../../deploy/policies/schema.cedarschema");
+pub const DEFAULT_POLICIES: &str = include_str!("../../deploy/policies/default.cedar");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    SandboxCreate,
+    Exec,
+    FileRead,
+    FileWrite,
+    FileRemove,
+    Snapshot,
+    Network,
+    RunSubmit,
+    ModelCall,
+    ToolCall,
+    ApprovalDecide,
+    PolicyChange,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::SandboxCreate => "sandbox.create",
+            Action::Exec => "exec",
+            Action::FileRead => "file.read",
+            Action::FileWrite => "file.write",
+            Action::FileRemove => "file.remove",
+            Action::Snapshot => "snapshot",
+            Action::Network => "network",
+            Action::RunSubmit => "run.submit",
+            Action::ModelCall => "model.call",
+            Action::ToolCall => "tool.call",
+            Action::ApprovalDecide => "approval.decide",
+            Action::PolicyChange => "policy.change",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceKind {
+    Sandbox,
+    Run,
+    Approval,
+    PolicySet,
+}
+
+impl ResourceKind {
+    fn type_name(self) -> &'static str {
+        match self {
+            ResourceKind::Sandbox => "Bridle::Sandbox",
+            ResourceKind::Run => "Bridle::Run",
+            ResourceKind::Approval => "Bridle::Approval",
+            ResourceKind::PolicySet => "Bridle::PolicySet",
+        }
+    }
+}
+
+/// What an action is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    pub kind: ResourceKind,
+    pub id: String,
+    pub owner: String,
+}
+
+/// The facts of one request (Cedar's context); what does not apply stays
+/// empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facts {
+    pub image: String,
+    pub argv: Vec<String>,
+    /// The command as one line: the shell string, or argv joined by spaces.
+    pub command: String,
+    pub path: String,
+    pub network: String,
+    pub memory_bytes: u64,
+    pub cpu_millis: u64,
+    pub pids: u64,
+    pub run_id: String,
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny,
+    RequireApproval,
+}
+
+impl Decision {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::RequireApproval => "require_approval",
+        }
+    }
+}
+
+/// A decision, why, and under which version of the policies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub decision: Decision,
+    /// For a person: which policy decided and (for an approval) its reason.
+    pub reason: String,
+    /// The policies that determined it (their `@id`, else Cedar's id).
+    pub policies: Vec<String>,
+    pub policy_version: u64,
+}
+
+/// Something wrong in a policy text, where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}: {}", self.line, self.column, self.message)
+    }
+}
+
+struct Loaded {
+    policies: PolicySet,
+    source: String,
+    version: u64,
+}
+
+/// The policies in force; replaced whole, atomically, by [`Engine::set`].
+#[derive(Clone)]
+pub struct Engine {
+    schema: Arc<Schema>,
+    loaded: Arc<RwLock<Arc<Loaded>>>,
+}
+
+fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let before = &source[..offset.min(source.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+fn problems(source: &str, d: &dyn Diagnostic, fallback: String) -> Vec<Problem> {
+    let message = {
+        let m = d.to_string();
+        match d.help() {
+            Some(h) => format!("{m} ({h})"),
+            None => m,
+        }
+    };
+    let mut out: Vec<Problem> = d
+        .labels()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            let (line, column) = line_col(source, l.offset());
+            Problem {
+                line,
+                column,
+                message: message.clone(),
+            }
+        })
+        .take(1)
+        .collect();
+    if out.is_empty() {
+        out.push(Problem {
+            line: 1,
+            column: 1,
+            message: if message.is_empty() { fallback } else { message },
+        });
+    }
+    out
+}
+
+impl Engine {
+    /// An engine with `source` in force as version `version`.
+    pub fn new(source: &str, version: u64) -> Result<Self, Vec<Problem>> {
+        let (schema, _warnings) = Schema::from_cedarschema_str(SCHEMA)
+            .map_err(|e| problems(SCHEMA, &e, "the built-in schema does not parse".into()))?;
+        let schema = Arc::new(schema);
+        let policies = validate_with(&schema, source)?;
+        Ok(Self {
+            schema,
+            loaded: Arc::new(RwLock::new(Arc::new(Loaded {
+                policies,
+                source: source.to_string(),
+                version,
+            }))),
+        })
+    }
+
+    /// Parses and validates `source` against the schema: every problem
+    /// found, with its line and column.
+    pub fn validate(&self, source: &str) -> Result<(), Vec<Problem>> {
+        validate_with(&self.schema, source).map(drop)
+    }
+
+    /// Puts `source` in force as the next version; the old set stays when it
+    /// does not validate.
+    pub fn set(&self, source: &str) -> Result<u64, Vec<Problem>> {
+        let policies = validate_with(&self.schema, source)?;
+        let mut loaded = self.loaded.write().expect("policy lock");
+        let version = loaded.version + 1;
+        *loaded = Arc::new(Loaded {
+            policies,
+            source: source.to_string(),
+            version,
+        });
+        Ok(version)
+    }
+
+    /// The text and version in force.
+    pub fn current(&self) -> (String, u64) {
+        let l = self.loaded.read().expect("policy lock").clone();
+        (l.source.clone(), l.version)
+    }
+
+    pub fn decide(
+        &self,
+        principal: &Principal,
+        action: Action,
+        resource: &Resource,
+        facts: &Facts,
+    ) -> Verdict {
+        let loaded = self.loaded.read().expect("policy lock").clone();
+        let deny = |reason: String| Verdict {
+            decision: Decision::Deny,
+            reason,
+            policies: Vec::new(),
+            policy_version: loaded.version,
+        };
+        let request = match self.request(principal, action, resource, facts) {
+            Ok(r) => r,
+            Err(e) => return deny(format!("the request does not fit the policy schema: {e}")),
+        };
+        let (request, entities) = request;
+        let response = Authorizer::new().is_authorized(&request, &loaded.policies, &entities);
+        let determining: Vec<_> = response
+            .diagnostics()
+            .reason()
+            .filter_map(|id| loaded.policies.policy(id))
+            .collect();
+        let name = |p: &cedar_policy::Policy| {
+            p.annotation("id")
+                .map(str::to_string)
+                .unwrap_or_else(|| p.id().to_string())
+        };
+        let policies: Vec<String> = determining.iter().map(|p| name(p)).collect();
+        match response.decision() {
+            CedarDecision::Deny if policies.is_empty() => Verdict {
+                decision: Decision::Deny,
+                reason: format!("no policy permits {}", action.name()),
+                policies,
+                policy_version: loaded.version,
+            },
+            CedarDecision::Deny => Verdict {
+                decision: Decision::Deny,
+                reason: format!("forbidden by {}", policies.join(", ")),
+                policies,
+                policy_version: loaded.version,
+            },
+            CedarDecision::Allow => {
+                match determining
+                    .iter()
+                    .find_map(|p| p.annotation("approval").map(|why| (name(p), why)))
+                {
+                    Some((policy, why)) => Verdict {
+                        decision: Decision::RequireApproval,
+                        reason: format!("{why} (policy {policy})"),
+                        policies,
+                        policy_version: loaded.version,
+                    },
+                    None => Verdict {
+                        decision: Decision::Allow,
+                        reason: format!("permitted by {}", policies.join(", ")),
+                        policies,
+                        policy_version: loaded.version,
+                    },
+                }
+            }
+        }
+    }
+
+    fn request(
+        &self,
+        principal: &Principal,
+        action: Action,
+        resource: &Resource,
+        facts: &Facts,
+    ) -> anyhow::Result<(Request, Entities)> {
+        let uid = |ty: &str, id: &str| -> anyhow::Result<EntityUid> {
+            Ok(EntityUid::from_type_name_and_id(
+                EntityTypeName::from_str(ty)?,
+                EntityId::new(id),
+            ))
+        };
+        let s = RestrictedExpression::new_string;
+        let p = uid("Bridle::Token", &principal.token_id)?;
+        let r = uid(resource.kind.type_name(), &resource.id)?;
+        let a = uid("Bridle::Action", action.name())?;
+        let principal_entity = Entity::new(
+            p.clone(),
+            HashMap::from([
+                ("name".to_string(), s(principal.name.clone())),
+                ("role".to_string(), s(principal.role.as_str().to_string())),
+                ("owner".to_string(), s(principal.owner.clone())),
+            ]),
+            HashSet::new(),
+        )?;
+        let resource_entity = Entity::new(
+            r.clone(),
+            HashMap::from([("owner".to_string(), s(resource.owner.clone()))]),
+            HashSet::new(),
+        )?;
+        let entities = Entities::from_entities(
+            [principal_entity, resource_entity],
+            Some(&self.schema),
+        )?;
+        let long = |n: u64| RestrictedExpression::new_long(n.min(i64::MAX as u64) as i64);
+        let context = Context::from_pairs(
+            [
+                ("image", s(facts.image.clone())),
+                (
+                    "argv",
+                    RestrictedExpression::new_set(facts.argv.iter().cloned().map(s)),
+                ),
+                ("command", s(facts.command.clone())),
+                ("path", s(facts.path.clone())),
+                ("network", s(facts.network.clone())),
+                ("memory_bytes", long(facts.memory_bytes)),
+                ("cpu_millis", long(facts.cpu_millis)),
+                ("pids", long(facts.pids)),
+                ("run_id", s(facts.run_id.clone())),
+                (
+                    "labels",
+                    RestrictedExpression::new_set(
+                        facts.labels.iter().map(|(k, v)| s(format!("{k}={v}"))),
+                    ),
+                ),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+        )?;
+        let request = Request::new(p, a, r, context, Some(&self.schema))?;
+        Ok((request, entities))
+    }
+}
+
+fn validate_with(schema: &Schema, source: &str) -> Result<PolicySet, Vec<Problem>> {
+    let policies = PolicySet::from_str(source).map_err(|errs| {
+        errs.iter()
+            .flat_map(|e| problems(source, e, "the policies do not parse".into()))
+            .collect::<Vec<_>>()
+    })?;
+    let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+    let errors: Vec<Problem> = result
+        .validation_errors()
+        .flat_map(|e| problems(source, e, "the policy does not fit the schema".into()))
+        .collect();
+    if errors.is_empty() {
+        Ok(policies)
+    } else {
+        Err(errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Role;
+
+    fn who(role: Role, owner: &str) -> Principal {
+        Principal {
+            token_id: format!("t-{owner}-{}", role.as_str()),
+            name: format!("{owner} {}", role.as_str()),
+            role,
+            owner: owner.into(),
+        }
+    }
+
+    fn sandbox(owner: &str) -> Resource {
+        Resource {
+            kind: ResourceKind::Sandbox,
+            id: "sb-1".into(),
+            owner: owner.into(),
+        }
+    }
+
+    fn exec(command: &str) -> Facts {
+        Facts {
+            argv: command.split(' ').map(str::to_string).collect(),
+            command: command.into(),
+            ..Facts::default()
+        }
+    }
+
+    fn path(p: &str) -> Facts {
+        Facts {
+            path: p.into(),
+            ..Facts::default()
+        }
+    }
+
+    /// The default policies, principal × action × resource attributes.
+    #[test]
+    fn the_default_policy_matrix() {
+        use Decision::*;
+        let engine = Engine::new(DEFAULT_POLICIES, 1).unwrap();
+        let alice = who(Role::Submitter, "alice");
+        let admin = who(Role::Admin, "admin");
+        let auditor = who(Role::Auditor, "audit");
+        let operator = who(Role::Operator, "ops");
+        let approval = Resource {
+            kind: ResourceKind::Approval,
+            id: "ap-1".into(),
+            owner: "alice".into(),
+        };
+        let cases: Vec<(&str, &Principal, Action, Resource, Facts, Decision)> = vec![
+            ("own exec", &alice, Action::Exec, sandbox("alice"), exec("make test"), Allow),
+            ("another owner's exec", &alice, Action::Exec, sandbox("bob"), exec("ls"), Deny),
+            ("git push", &alice, Action::Exec, sandbox("alice"), exec("git push origin main"), RequireApproval),
+            ("git push by admin", &admin, Action::Exec, sandbox("alice"), exec("git push"), Allow),
+            ("network", &alice, Action::Network, sandbox("alice"), Facts { network: "bridge".into(), ..Facts::default() }, RequireApproval),
+            ("network, another owner", &alice, Action::Network, sandbox("bob"), Facts::default(), Deny),
+            ("write a file", &alice, Action::FileWrite, sandbox("alice"), path("src/main.rs"), Allow),
+            ("write a key", &alice, Action::FileWrite, sandbox("alice"), path("certs/server.pem"), Deny),
+            ("write .env", &alice, Action::FileWrite, sandbox("alice"), path("app/.env"), Deny),
+            ("write ssh key", &alice, Action::FileWrite, sandbox("alice"), path(".ssh/id_ed25519"), Deny),
+            ("admin writes a key", &admin, Action::FileWrite, sandbox("alice"), path("a.pem"), Deny),
+            ("read a key", &alice, Action::FileRead, sandbox("alice"), path("a.pem"), Allow),
+            ("auditor execs", &auditor, Action::Exec, sandbox("audit"), exec("ls"), Deny),
+            ("auditor creates", &auditor, Action::SandboxCreate, sandbox("audit"), Facts::default(), Deny),
+            ("submit a run", &alice, Action::RunSubmit, Resource { kind: ResourceKind::Run, id: "run-1".into(), owner: "alice".into() }, Facts::default(), Allow),
+            ("operator decides", &operator, Action::ApprovalDecide, approval.clone(), Facts::default(), Allow),
+            ("submitter decides", &alice, Action::ApprovalDecide, approval.clone(), Facts::default(), Deny),
+            ("change policy, submitter", &alice, Action::PolicyChange, Resource { kind: ResourceKind::PolicySet, id: "default".into(), owner: "admin".into() }, Facts::default(), Deny),
+            ("change policy, admin", &admin, Action::PolicyChange, Resource { kind: ResourceKind::PolicySet, id: "default".into(), owner: "admin".into() }, Facts::default(), Allow),
+        ];
+        for (what, p, action, resource, facts, expected) in cases {
+            let v = engine.decide(p, action, &resource, &facts);
+            assert_eq!(v.decision, expected, "{what}: {v:?}");
+            assert_eq!(v.policy_version, 1);
+        }
+        let v = engine.decide(&alice, Action::Exec, &sandbox("alice"), &exec("git push"));
+        assert!(v.reason.contains("git push publishes code"), "{v:?}");
+        assert_eq!(v.policies.len(), 2, "{v:?}");
+        let v = engine.decide(&alice, Action::FileWrite, &sandbox("alice"), &path("x.pem"));
+        assert!(v.reason.contains("no-writes-to-secret-looking-paths"), "{v:?}");
+    }
+
+    #[test]
+    fn invalid_policies_are_refused_with_their_line_and_nothing_changes() {
+        let engine = Engine::new(DEFAULT_POLICIES, 1).unwrap();
+        // A syntax error on line 3.
+        let e = engine
+            .set("permit (principal, action, resource);\n\npermit (principal action, resource);\n")
+            .unwrap_err();
+        assert_eq!(e[0].line, 3, "{e:?}");
+        // An attribute the schema does not have, on line 2.
+        let e = engine
+            .set("permit (principal, action, resource)\nwhen { principal.department == \"x\" };\n")
+            .unwrap_err();
+        assert_eq!(e[0].line, 2, "{e:?}");
+        assert!(e[0].to_string().starts_with("2:"), "{}", e[0]);
+        assert_eq!(engine.current().1, 1, "the set in force did not change");
+        // A valid set becomes version 2, and takes effect.
+        let v = engine.set("forbid (principal, action, resource);\n").unwrap();
+        assert_eq!(v, 2);
+        let d = engine.decide(&who(Role::Admin, "admin"), Action::Exec, &sandbox("admin"), &exec("ls"));
+        assert_eq!((d.decision, d.policy_version), (Decision::Deny, 2));
+    }
+}
