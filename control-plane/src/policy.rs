@@ -187,7 +187,11 @@ fn problems(source: &str, d: &dyn Diagnostic, fallback: String) -> Vec<Problem> 
         out.push(Problem {
             line: 1,
             column: 1,
-            message: if message.is_empty() { fallback } else { message },
+            message: if message.is_empty() {
+                fallback
+            } else {
+                message
+            },
         });
     }
     out
@@ -333,10 +337,8 @@ impl Engine {
             HashMap::from([("owner".to_string(), s(resource.owner.clone()))]),
             HashSet::new(),
         )?;
-        let entities = Entities::from_entities(
-            [principal_entity, resource_entity],
-            Some(&self.schema),
-        )?;
+        let entities =
+            Entities::from_entities([principal_entity, resource_entity], Some(&self.schema))?;
         let long = |n: u64| RestrictedExpression::new_long(n.min(i64::MAX as u64) as i64);
         let context = Context::from_pairs(
             [
@@ -437,25 +439,173 @@ mod tests {
             owner: "alice".into(),
         };
         let cases: Vec<(&str, &Principal, Action, Resource, Facts, Decision)> = vec![
-            ("own exec", &alice, Action::Exec, sandbox("alice"), exec("make test"), Allow),
-            ("another owner's exec", &alice, Action::Exec, sandbox("bob"), exec("ls"), Deny),
-            ("git push", &alice, Action::Exec, sandbox("alice"), exec("git push origin main"), RequireApproval),
-            ("git push by admin", &admin, Action::Exec, sandbox("alice"), exec("git push"), Allow),
-            ("network", &alice, Action::Network, sandbox("alice"), Facts { network: "bridge".into(), ..Facts::default() }, RequireApproval),
-            ("network, another owner", &alice, Action::Network, sandbox("bob"), Facts::default(), Deny),
-            ("write a file", &alice, Action::FileWrite, sandbox("alice"), path("src/main.rs"), Allow),
-            ("write a key", &alice, Action::FileWrite, sandbox("alice"), path("certs/server.pem"), Deny),
-            ("write .env", &alice, Action::FileWrite, sandbox("alice"), path("app/.env"), Deny),
-            ("write ssh key", &alice, Action::FileWrite, sandbox("alice"), path(".ssh/id_ed25519"), Deny),
-            ("admin writes a key", &admin, Action::FileWrite, sandbox("alice"), path("a.pem"), Deny),
-            ("read a key", &alice, Action::FileRead, sandbox("alice"), path("a.pem"), Allow),
-            ("auditor execs", &auditor, Action::Exec, sandbox("audit"), exec("ls"), Deny),
-            ("auditor creates", &auditor, Action::SandboxCreate, sandbox("audit"), Facts::default(), Deny),
-            ("submit a run", &alice, Action::RunSubmit, Resource { kind: ResourceKind::Run, id: "run-1".into(), owner: "alice".into() }, Facts::default(), Allow),
-            ("operator decides", &operator, Action::ApprovalDecide, approval.clone(), Facts::default(), Allow),
-            ("submitter decides", &alice, Action::ApprovalDecide, approval.clone(), Facts::default(), Deny),
-            ("change policy, submitter", &alice, Action::PolicyChange, Resource { kind: ResourceKind::PolicySet, id: "default".into(), owner: "admin".into() }, Facts::default(), Deny),
-            ("change policy, admin", &admin, Action::PolicyChange, Resource { kind: ResourceKind::PolicySet, id: "default".into(), owner: "admin".into() }, Facts::default(), Allow),
+            (
+                "own exec",
+                &alice,
+                Action::Exec,
+                sandbox("alice"),
+                exec("make test"),
+                Allow,
+            ),
+            (
+                "another owner's exec",
+                &alice,
+                Action::Exec,
+                sandbox("bob"),
+                exec("ls"),
+                Deny,
+            ),
+            (
+                "git push",
+                &alice,
+                Action::Exec,
+                sandbox("alice"),
+                exec("git push origin main"),
+                RequireApproval,
+            ),
+            (
+                "git push by admin",
+                &admin,
+                Action::Exec,
+                sandbox("alice"),
+                exec("git push"),
+                Allow,
+            ),
+            (
+                "network",
+                &alice,
+                Action::Network,
+                sandbox("alice"),
+                Facts {
+                    network: "bridge".into(),
+                    ..Facts::default()
+                },
+                RequireApproval,
+            ),
+            (
+                "network, another owner",
+                &alice,
+                Action::Network,
+                sandbox("bob"),
+                Facts::default(),
+                Deny,
+            ),
+            (
+                "write a file",
+                &alice,
+                Action::FileWrite,
+                sandbox("alice"),
+                path("src/main.rs"),
+                Allow,
+            ),
+            (
+                "write a key",
+                &alice,
+                Action::FileWrite,
+                sandbox("alice"),
+                path("certs/server.pem"),
+                Deny,
+            ),
+            (
+                "write .env",
+                &alice,
+                Action::FileWrite,
+                sandbox("alice"),
+                path("app/.env"),
+                Deny,
+            ),
+            (
+                "write ssh key",
+                &alice,
+                Action::FileWrite,
+                sandbox("alice"),
+                path(".ssh/id_ed25519"),
+                Deny,
+            ),
+            (
+                "admin writes a key",
+                &admin,
+                Action::FileWrite,
+                sandbox("alice"),
+                path("a.pem"),
+                Deny,
+            ),
+            (
+                "read a key",
+                &alice,
+                Action::FileRead,
+                sandbox("alice"),
+                path("a.pem"),
+                Allow,
+            ),
+            (
+                "auditor execs",
+                &auditor,
+                Action::Exec,
+                sandbox("audit"),
+                exec("ls"),
+                Deny,
+            ),
+            (
+                "auditor creates",
+                &auditor,
+                Action::SandboxCreate,
+                sandbox("audit"),
+                Facts::default(),
+                Deny,
+            ),
+            (
+                "submit a run",
+                &alice,
+                Action::RunSubmit,
+                Resource {
+                    kind: ResourceKind::Run,
+                    id: "run-1".into(),
+                    owner: "alice".into(),
+                },
+                Facts::default(),
+                Allow,
+            ),
+            (
+                "operator decides",
+                &operator,
+                Action::ApprovalDecide,
+                approval.clone(),
+                Facts::default(),
+                Allow,
+            ),
+            (
+                "submitter decides",
+                &alice,
+                Action::ApprovalDecide,
+                approval.clone(),
+                Facts::default(),
+                Deny,
+            ),
+            (
+                "change policy, submitter",
+                &alice,
+                Action::PolicyChange,
+                Resource {
+                    kind: ResourceKind::PolicySet,
+                    id: "default".into(),
+                    owner: "admin".into(),
+                },
+                Facts::default(),
+                Deny,
+            ),
+            (
+                "change policy, admin",
+                &admin,
+                Action::PolicyChange,
+                Resource {
+                    kind: ResourceKind::PolicySet,
+                    id: "default".into(),
+                    owner: "admin".into(),
+                },
+                Facts::default(),
+                Allow,
+            ),
         ];
         for (what, p, action, resource, facts, expected) in cases {
             let v = engine.decide(p, action, &resource, &facts);
@@ -466,7 +616,10 @@ mod tests {
         assert!(v.reason.contains("git push publishes code"), "{v:?}");
         assert_eq!(v.policies.len(), 2, "{v:?}");
         let v = engine.decide(&alice, Action::FileWrite, &sandbox("alice"), &path("x.pem"));
-        assert!(v.reason.contains("no-writes-to-secret-looking-paths"), "{v:?}");
+        assert!(
+            v.reason.contains("no-writes-to-secret-looking-paths"),
+            "{v:?}"
+        );
     }
 
     #[test]
@@ -485,9 +638,16 @@ mod tests {
         assert!(e[0].to_string().starts_with("2:"), "{}", e[0]);
         assert_eq!(engine.current().1, 1, "the set in force did not change");
         // A valid set becomes version 2, and takes effect.
-        let v = engine.set("forbid (principal, action, resource);\n").unwrap();
+        let v = engine
+            .set("forbid (principal, action, resource);\n")
+            .unwrap();
         assert_eq!(v, 2);
-        let d = engine.decide(&who(Role::Admin, "admin"), Action::Exec, &sandbox("admin"), &exec("ls"));
+        let d = engine.decide(
+            &who(Role::Admin, "admin"),
+            Action::Exec,
+            &sandbox("admin"),
+            &exec("ls"),
+        );
         assert_eq!((d.decision, d.policy_version), (Decision::Deny, 2));
     }
 }

@@ -1,7 +1,7 @@
 //! bridle's benchmark: the sandbox agent against plain Docker, measured in
 //! one run against one warm container.
 //!
-//!     cargo run --release -p bridle-tests --bin bench [-- --json PATH --quick --only agent|control|runs]
+//!     cargo run --release -p bridle-tests --bin bench [-- --json PATH --quick --only agent|control|runs|policy]
 //!
 //! Prints a table and writes JSON with every figure, the Docker baseline it
 //! is compared with, the ratio and the target.
@@ -161,6 +161,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if only.is_empty() || only == "control" {
         control_plane_rows(&mut rows, quick).await?;
+    }
+    if only.is_empty() || only == "policy" {
+        policy_rows(&mut rows, quick)?;
     }
     if only.is_empty() || only == "runs" {
         event_store_rows(&mut rows, quick).await?;
@@ -954,5 +957,75 @@ async fn job_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     row.target = "faster than 10 docker exec".into();
     row.met = row.ratio.map(|r| r > 1.0);
     rows.push(row);
+    Ok(())
+}
+
+/// Policy evaluation with the default policies plus generated ones, 100 in
+/// all, over a mix of requests.
+fn policy_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
+    use control_plane::auth::{Principal, Role};
+    use control_plane::policy::{Action, Engine, Facts, Resource, ResourceKind, DEFAULT_POLICIES};
+
+    let mut source = DEFAULT_POLICIES.to_string();
+    let defaults = source.matches("@id(").count();
+    for i in defaults..100 {
+        source.push_str(&format!(
+            "@id(\"generated-{i}\")\npermit (principal, action == Bridle::Action::\"exec\", resource)\n\
+             when {{ principal.owner == \"team-{i}\" && context.command like \"*tool-{i} *\" && resource.owner == principal.owner }};\n"
+        ));
+    }
+    let engine = Engine::new(&source, 1).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let principal = Principal {
+        token_id: "tok".into(),
+        name: "alice".into(),
+        role: Role::Submitter,
+        owner: "alice".into(),
+    };
+    let sandbox = Resource {
+        kind: ResourceKind::Sandbox,
+        id: "sb-1".into(),
+        owner: "alice".into(),
+    };
+    let requests = [
+        (Action::Exec, "make test"),
+        (Action::Exec, "git push origin main"),
+        (Action::FileWrite, "certs/server.pem"),
+        (Action::Network, "bridge"),
+    ];
+    let n = if quick { 20_000 } else { 100_000 };
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n + 1000 {
+        let (action, text) = requests[i % requests.len()];
+        let facts = Facts {
+            argv: text.split(' ').map(str::to_string).collect(),
+            command: text.into(),
+            path: text.into(),
+            ..Facts::default()
+        };
+        let t = Instant::now();
+        let v = engine.decide(&principal, action, &sandbox, &facts);
+        let took = t.elapsed();
+        std::hint::black_box(v);
+        if i >= 1000 {
+            samples.push(took);
+        }
+    }
+    samples.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    rows.push(report(
+        "policy decision p50, 100 policies",
+        us(percentile(&samples, 0.5)),
+        "us",
+        "report",
+        None,
+    ));
+    let p99 = us(percentile(&samples, 0.99));
+    rows.push(report(
+        "policy decision p99, 100 policies",
+        p99,
+        "us",
+        "< 100 us",
+        Some(p99 < 100.0),
+    ));
     Ok(())
 }
