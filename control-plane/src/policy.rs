@@ -364,7 +364,7 @@ impl Engine {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v)),
         )?;
-        let request = Request::new(p, a, r, context, Some(&self.schema))?;
+        let request = Request::new(p, a, r, context, None)?;
         Ok((request, entities))
     }
 }
@@ -620,6 +620,52 @@ mod tests {
             v.reason.contains("no-writes-to-secret-looking-paths"),
             "{v:?}"
         );
+    }
+
+    /// Requests are built without the schema at run time (it is costly);
+    /// here they are checked against it, for every action and resource kind.
+    #[test]
+    fn requests_fit_the_schema() {
+        let engine = Engine::new(DEFAULT_POLICIES, 1).unwrap();
+        let alice = who(Role::Submitter, "alice");
+        let facts = Facts {
+            labels: vec![("team".into(), "a".into())],
+            argv: vec!["ls".into()],
+            ..exec("ls")
+        };
+        let on = |kind| Resource {
+            kind,
+            id: "x".into(),
+            owner: "alice".into(),
+        };
+        use Action::*;
+        for (action, kind) in [
+            (SandboxCreate, ResourceKind::Sandbox),
+            (Exec, ResourceKind::Sandbox),
+            (FileRead, ResourceKind::Sandbox),
+            (FileWrite, ResourceKind::Sandbox),
+            (FileRemove, ResourceKind::Sandbox),
+            (Snapshot, ResourceKind::Sandbox),
+            (Network, ResourceKind::Sandbox),
+            (RunSubmit, ResourceKind::Run),
+            (Exec, ResourceKind::Run),
+            (ModelCall, ResourceKind::Run),
+            (ToolCall, ResourceKind::Run),
+            (ApprovalDecide, ResourceKind::Approval),
+            (PolicyChange, ResourceKind::PolicySet),
+        ] {
+            let (request, entities) = engine.request(&alice, action, &on(kind), &facts).unwrap();
+            let (p, a, r) = (
+                request.principal().unwrap().clone(),
+                request.action().unwrap().clone(),
+                request.resource().unwrap().clone(),
+            );
+            let context = request.context().unwrap().clone();
+            Request::new(p, a, r, context, Some(&engine.schema))
+                .unwrap_or_else(|e| panic!("{action:?} on {kind:?}: {e}"));
+            Entities::from_entities(entities, Some(&engine.schema))
+                .unwrap_or_else(|e| panic!("{action:?} on {kind:?}: {e}"));
+        }
     }
 
     #[test]
