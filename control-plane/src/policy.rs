@@ -37,6 +37,21 @@ pub enum Action {
 }
 
 impl Action {
+    pub const ALL: [Action; 12] = [
+        Action::SandboxCreate,
+        Action::Exec,
+        Action::FileRead,
+        Action::FileWrite,
+        Action::FileRemove,
+        Action::Snapshot,
+        Action::Network,
+        Action::RunSubmit,
+        Action::ModelCall,
+        Action::ToolCall,
+        Action::ApprovalDecide,
+        Action::PolicyChange,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Action::SandboxCreate => "sandbox.create",
@@ -143,8 +158,49 @@ impl std::fmt::Display for Problem {
 
 struct Loaded {
     policies: PolicySet,
+    /// Per action, the policies whose action scope can include it: a
+    /// request is evaluated against its slice only.
+    by_action: HashMap<Action, PolicySet>,
     source: String,
     version: u64,
+}
+
+impl Loaded {
+    fn new(policies: PolicySet, source: &str, version: u64) -> Self {
+        let by_action = Action::ALL
+            .into_iter()
+            .map(|action| {
+                let mut slice = PolicySet::new();
+                for p in policies.policies().filter(|p| may_apply(p, action)) {
+                    slice
+                        .add(p.clone())
+                        .expect("ids are unique in the whole set");
+                }
+                (action, slice)
+            })
+            .collect();
+        Self {
+            policies,
+            by_action,
+            source: source.to_string(),
+            version,
+        }
+    }
+}
+
+/// Whether `p`'s action scope can match `action`. A scope naming something
+/// that is not one of our actions (an action group, should the schema grow
+/// some) is kept for every action.
+fn may_apply(p: &cedar_policy::Policy, action: Action) -> bool {
+    let names = |uid: &EntityUid| {
+        let id: &str = uid.id().as_ref();
+        id == action.name() || !Action::ALL.iter().any(|a| a.name() == id)
+    };
+    match p.action_constraint() {
+        cedar_policy::ActionConstraint::Any => true,
+        cedar_policy::ActionConstraint::Eq(uid) => names(&uid),
+        cedar_policy::ActionConstraint::In(uids) => uids.iter().any(names),
+    }
 }
 
 /// The policies in force; replaced whole, atomically, by [`Engine::set`].
@@ -206,11 +262,9 @@ impl Engine {
         let policies = validate_with(&schema, source)?;
         Ok(Self {
             schema,
-            loaded: Arc::new(RwLock::new(Arc::new(Loaded {
-                policies,
-                source: source.to_string(),
-                version,
-            }))),
+            loaded: Arc::new(RwLock::new(Arc::new(Loaded::new(
+                policies, source, version,
+            )))),
         })
     }
 
@@ -226,11 +280,7 @@ impl Engine {
         let policies = validate_with(&self.schema, source)?;
         let mut loaded = self.loaded.write().expect("policy lock");
         let version = loaded.version + 1;
-        *loaded = Arc::new(Loaded {
-            policies,
-            source: source.to_string(),
-            version,
-        });
+        *loaded = Arc::new(Loaded::new(policies, source, version));
         Ok(version)
     }
 
@@ -259,7 +309,8 @@ impl Engine {
             Err(e) => return deny(format!("the request does not fit the policy schema: {e}")),
         };
         let (request, entities) = request;
-        let response = Authorizer::new().is_authorized(&request, &loaded.policies, &entities);
+        let slice = &loaded.by_action[&action];
+        let response = Authorizer::new().is_authorized(&request, slice, &entities);
         let determining: Vec<_> = response
             .diagnostics()
             .reason()
