@@ -77,6 +77,24 @@ enum Command {
     /// Read and verify the audit log (admin, auditor).
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The Cedar policy set in force: show, check or change it.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Print the set in force (its version goes to stderr).
+    Get,
+    /// Check a policy file against the schema; problems as FILE:LINE:COL.
+    Validate { file: PathBuf },
+    /// Put a policy file in force as the next version (admin).
+    Set {
+        file: PathBuf,
+        /// Refuse if the version in force is not this one.
+        #[arg(long)]
+        expected_version: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -485,6 +503,70 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Runs(cmd) => runs(&mut c, cmd).await,
         Command::Audit(cmd) => audit(&mut c, cmd).await,
+        Command::Policy(cmd) => policy(&mut c, cmd).await,
+    }
+}
+
+async fn policy(c: &mut Conn, cmd: PolicyCmd) -> anyhow::Result<u8> {
+    let read = |file: &Path| {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))
+    };
+    match cmd {
+        PolicyCmd::Get => {
+            let p = c
+                .admin
+                .get_policy(pb::GetPolicyRequest {})
+                .await?
+                .into_inner();
+            if c.json {
+                print_json(json!({
+                    "version": p.version, "source": p.source,
+                    "set_by": p.set_by, "set_unix_ms": p.set_unix_ms,
+                }));
+            } else {
+                eprintln!("bridle: policy version {} (set by {})", p.version, p.set_by);
+                print!("{}", p.source);
+            }
+            Ok(0)
+        }
+        PolicyCmd::Validate { file } => {
+            let source = read(&file)?;
+            let r = c
+                .admin
+                .validate_policy(pb::ValidatePolicyRequest { source })
+                .await?
+                .into_inner();
+            if r.ok {
+                println!("ok");
+                return Ok(0);
+            }
+            for p in &r.problems {
+                eprintln!(
+                    "{}:{}:{}: {}",
+                    file.display(),
+                    p.line,
+                    p.column,
+                    p.message.replace('\n', " ")
+                );
+            }
+            Ok(6)
+        }
+        PolicyCmd::Set {
+            file,
+            expected_version,
+        } => {
+            let source = read(&file)?;
+            let p = c
+                .admin
+                .set_policy(pb::SetPolicyRequest {
+                    source,
+                    expected_version: expected_version.unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            println!("{}", p.version);
+            Ok(0)
+        }
     }
 }
 

@@ -59,6 +59,7 @@ pub async fn run(
     }
     let docker = runtime::docker::Docker::connect(&config.docker.host, &instance).await?;
     let artifacts = artifacts::Artifacts::open(&data_dir)?;
+    let store_pool = store.pool().clone();
     let run_events = runs::store::SqlEvents::new(store.pool().clone());
     let audit_log = audit::AuditLog::open(
         store.pool().clone(),
@@ -150,7 +151,29 @@ pub async fn run(
         auth: auth.clone(),
         runner,
     };
-    let admin_api = api::admin::AdminApi { auth: auth.clone() };
+    let policies = policy::PolicyStore::new(store_pool.clone());
+    let in_force = policies
+        .current()
+        .await
+        .context("reading the policy set in force")?;
+    let engine = policy::Engine::new(&in_force.source, in_force.version).map_err(|problems| {
+        anyhow::anyhow!(
+            "the stored policy set (version {}) does not load: {}",
+            in_force.version,
+            problems
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
+    tracing::info!(version = in_force.version, "policy set in force");
+    let admin_api = api::admin::AdminApi {
+        auth: auth.clone(),
+        policy: engine,
+        policies,
+        policy_change: tokio::sync::Mutex::new(()),
+    };
 
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();

@@ -274,14 +274,13 @@ impl Engine {
         validate_with(&self.schema, source).map(drop)
     }
 
-    /// Puts `source` in force as the next version; the old set stays when it
-    /// does not validate.
-    pub fn set(&self, source: &str) -> Result<u64, Vec<Problem>> {
+    /// Puts `source` in force as `version`; the old set stays when it does
+    /// not validate.
+    pub fn set(&self, source: &str, version: u64) -> Result<(), Vec<Problem>> {
         let policies = validate_with(&self.schema, source)?;
-        let mut loaded = self.loaded.write().expect("policy lock");
-        let version = loaded.version + 1;
-        *loaded = Arc::new(Loaded::new(policies, source, version));
-        Ok(version)
+        *self.loaded.write().expect("policy lock") =
+            Arc::new(Loaded::new(policies, source, version));
+        Ok(())
     }
 
     /// The text and version in force.
@@ -435,6 +434,67 @@ fn validate_with(schema: &Schema, source: &str) -> Result<PolicySet, Vec<Problem
         Ok(policies)
     } else {
         Err(errors)
+    }
+}
+
+/// One stored version of the policy set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub version: u64,
+    pub source: String,
+    pub set_by: String,
+    pub set_unix_ms: i64,
+}
+
+/// The policy versions in the store: every set ever in force, the highest
+/// version in force.
+#[derive(Clone)]
+pub struct PolicyStore {
+    pool: sqlx::SqlitePool,
+}
+
+impl PolicyStore {
+    pub fn new(pool: sqlx::SqlitePool) -> Self {
+        Self { pool }
+    }
+
+    /// The set in force; on first start, the built-in default as version 1.
+    pub async fn current(&self) -> Result<Stored, sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO policies (version, source, set_by, set_unix_ms) \
+             SELECT 1, $1, 'default', $2 WHERE NOT EXISTS (SELECT 1 FROM policies)",
+        )
+        .bind(DEFAULT_POLICIES)
+        .bind(crate::now_ms())
+        .execute(&self.pool)
+        .await?;
+        let (version, source, set_by, set_unix_ms): (i64, String, String, i64) = sqlx::query_as(
+            "SELECT version, source, set_by, set_unix_ms FROM policies ORDER BY version DESC LIMIT 1",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Stored {
+            version: version as u64,
+            source,
+            set_by,
+            set_unix_ms,
+        })
+    }
+
+    /// Stores `version`; false when that version exists already (another
+    /// change got there first).
+    pub async fn put(&self, s: &Stored) -> Result<bool, sqlx::Error> {
+        let r = sqlx::query(
+            "INSERT INTO policies (version, source, set_by, set_unix_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(s.version as i64)
+        .bind(&s.source)
+        .bind(&s.set_by)
+        .bind(s.set_unix_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
     }
 }
 
@@ -724,21 +784,27 @@ mod tests {
         let engine = Engine::new(DEFAULT_POLICIES, 1).unwrap();
         // A syntax error on line 3.
         let e = engine
-            .set("permit (principal, action, resource);\n\npermit (principal action, resource);\n")
+            .set(
+                "permit (principal, action, resource);\n\npermit (principal action, resource);\n",
+                2,
+            )
             .unwrap_err();
         assert_eq!(e[0].line, 3, "{e:?}");
         // An attribute the schema does not have, on line 2.
         let e = engine
-            .set("permit (principal, action, resource)\nwhen { principal.department == \"x\" };\n")
+            .set(
+                "permit (principal, action, resource)\nwhen { principal.department == \"x\" };\n",
+                2,
+            )
             .unwrap_err();
         assert_eq!(e[0].line, 2, "{e:?}");
         assert!(e[0].to_string().starts_with("2:"), "{}", e[0]);
         assert_eq!(engine.current().1, 1, "the set in force did not change");
         // A valid set becomes version 2, and takes effect.
-        let v = engine
-            .set("forbid (principal, action, resource);\n")
+        engine
+            .set("forbid (principal, action, resource);\n", 2)
             .unwrap();
-        assert_eq!(v, 2);
+        assert_eq!(engine.current().1, 2);
         let d = engine.decide(
             &who(Role::Admin, "admin"),
             Action::Exec,

@@ -751,6 +751,22 @@ async fn every_rpc_refuses_a_missing_bad_or_revoked_token() {
                 .map(drop),
             ),
             (
+                "GetPolicy",
+                a.get_policy(pb::GetPolicyRequest {}).await.map(drop),
+            ),
+            (
+                "ValidatePolicy",
+                a.validate_policy(pb::ValidatePolicyRequest::default())
+                    .await
+                    .map(drop),
+            ),
+            (
+                "SetPolicy",
+                a.set_policy(pb::SetPolicyRequest::default())
+                    .await
+                    .map(drop),
+            ),
+            (
                 "AuditQuery",
                 au.query(pb::QueryAuditRequest::default()).await.map(drop),
             ),

@@ -8,6 +8,30 @@ use crate::store::TokenRecord;
 
 pub struct AdminApi {
     pub auth: Auth,
+    pub policy: crate::policy::Engine,
+    pub policies: crate::policy::PolicyStore,
+    /// Serializes policy changes in this process.
+    pub policy_change: tokio::sync::Mutex<()>,
+}
+
+fn problems_pb(problems: Vec<crate::policy::Problem>) -> Vec<pb::PolicyProblem> {
+    problems
+        .into_iter()
+        .map(|p| pb::PolicyProblem {
+            line: p.line as u32,
+            column: p.column as u32,
+            message: p.message,
+        })
+        .collect()
+}
+
+fn require_policy_reader(p: &crate::auth::Principal) -> Result<(), Status> {
+    match p.role {
+        Role::Admin | Role::Operator | Role::Auditor => Ok(()),
+        Role::Submitter => Err(Status::permission_denied(
+            "policies are read by the admin, operator and auditor roles",
+        )),
+    }
 }
 
 fn role_pb(r: Role) -> pb::Role {
@@ -143,5 +167,89 @@ impl pb::admin_server::Admin for AdminApi {
             .get(&principal.token_id)
             .ok_or_else(|| Status::unauthenticated("invalid token"))?;
         Ok(Response::new(token_pb(record)))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::PolicyInfo>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        require_policy_reader(&principal)?;
+        let s = self
+            .policies
+            .current()
+            .await
+            .map_err(|e| Status::internal(format!("policy store: {e}")))?;
+        Ok(Response::new(pb::PolicyInfo {
+            version: s.version,
+            source: s.source,
+            set_by: s.set_by,
+            set_unix_ms: s.set_unix_ms,
+        }))
+    }
+
+    async fn validate_policy(
+        &self,
+        request: Request<pb::ValidatePolicyRequest>,
+    ) -> Result<Response<pb::ValidatePolicyResponse>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        require_policy_reader(&principal)?;
+        let req = request.into_inner();
+        Ok(Response::new(match self.policy.validate(&req.source) {
+            Ok(()) => pb::ValidatePolicyResponse {
+                ok: true,
+                problems: Vec::new(),
+            },
+            Err(problems) => pb::ValidatePolicyResponse {
+                ok: false,
+                problems: problems_pb(problems),
+            },
+        }))
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::PolicyInfo>, Status> {
+        let principal = self.auth.authenticate(request.metadata())?;
+        principal.require_admin()?;
+        let req = request.into_inner();
+        if let Err(problems) = self.policy.validate(&req.source) {
+            let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+            return Err(Status::invalid_argument(format!(
+                "the policy set is not valid: {}",
+                lines.join("; ")
+            )));
+        }
+        let _one_at_a_time = self.policy_change.lock().await;
+        let internal = |e: sqlx::Error| Status::internal(format!("policy store: {e}"));
+        let current = self.policies.current().await.map_err(internal)?;
+        if req.expected_version != 0 && req.expected_version != current.version {
+            return Err(Status::aborted(format!(
+                "the policy set changed: version {} is in force, not {}",
+                current.version, req.expected_version
+            )));
+        }
+        let next = crate::policy::Stored {
+            version: current.version + 1,
+            source: req.source,
+            set_by: principal.token_id.clone(),
+            set_unix_ms: crate::now_ms(),
+        };
+        if !self.policies.put(&next).await.map_err(internal)? {
+            return Err(Status::aborted(
+                "another policy change was stored at the same time; read the set again",
+            ));
+        }
+        self.policy
+            .set(&next.source, next.version)
+            .map_err(|_| Status::internal("a validated policy set failed to load"))?;
+        tracing::info!(version = next.version, by = %principal.token_id, "policy set changed");
+        Ok(Response::new(pb::PolicyInfo {
+            version: next.version,
+            source: next.source,
+            set_by: next.set_by,
+            set_unix_ms: next.set_unix_ms,
+        }))
     }
 }
