@@ -299,12 +299,22 @@ impl AuditLog {
     /// Appends `entry` without waiting for it to be durable (it is, within
     /// one group commit).
     pub fn record(&self, entry: Entry) {
-        let log = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = log.append(entry).await {
-                tracing::error!("{e:#}");
+        // Queued now, in call order; the answer is not awaited.
+        let (done, _answer) = oneshot::channel();
+        match self.writer.try_send((entry, done)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full((entry, _))) => {
+                let log = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = log.append(entry).await {
+                        tracing::error!("{e:#}");
+                    }
+                });
             }
-        });
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("audit: the writer has stopped; an entry is lost");
+            }
+        }
     }
 
     /// Every entry and checkpoint in order, as an export would hold them.

@@ -47,6 +47,10 @@ pub struct Config {
     /// The key that seals run secrets at rest (created 0600 on first start);
     /// default `<data_dir>/secrets.key`.
     pub secrets_key_file: Option<PathBuf>,
+    /// A Cedar policy file to keep in force: read at start and whenever it
+    /// changes (checked every 2 s); a new content that validates becomes the
+    /// next policy version, one that does not is logged and ignored.
+    pub policy_file: Option<PathBuf>,
     pub docker: DockerConfig,
     pub sandbox: SandboxDefaults,
     /// Warm pools, one per profile.
@@ -135,6 +139,7 @@ impl Default for Config {
             max_running_runs: 4,
             max_running_runs_per_owner: 2,
             secrets_key_file: None,
+            policy_file: None,
             docker: DockerConfig::default(),
             sandbox: SandboxDefaults::default(),
             pool: Vec::new(),
@@ -286,6 +291,7 @@ impl Config {
             "max_running_runs",
             "max_running_runs_per_owner",
             "secrets_key_file",
+            "policy_file",
             "docker",
             "sandbox",
             "tls",

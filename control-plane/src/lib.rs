@@ -151,28 +151,16 @@ pub async fn run(
         auth: auth.clone(),
         runner,
     };
-    let policies = policy::PolicyStore::new(store_pool.clone());
-    let in_force = policies
-        .current()
+    let policies = policy::Policies::load(store_pool.clone())
         .await
-        .context("reading the policy set in force")?;
-    let engine = policy::Engine::new(&in_force.source, in_force.version).map_err(|problems| {
-        anyhow::anyhow!(
-            "the stored policy set (version {}) does not load: {}",
-            in_force.version,
-            problems
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
-    })?;
-    tracing::info!(version = in_force.version, "policy set in force");
+        .context("loading the policy set in force")?;
+    tracing::info!(version = policies.engine.current().1, "policy set in force");
+    if let Some(path) = config.policy_file.clone() {
+        tokio::spawn(policies.clone().follow_file(path, stop_rx.clone()));
+    }
     let admin_api = api::admin::AdminApi {
         auth: auth.clone(),
-        policy: engine,
         policies,
-        policy_change: tokio::sync::Mutex::new(()),
     };
 
     let grace = Duration::from_secs(config.shutdown_grace_secs);

@@ -285,12 +285,8 @@ async fn policy_sets_are_validated_versioned_kept_and_audited() {
         text(&out.stderr)
     );
 
-    // Kept across a restart, and every change is on the record.
-    cp.restart().await.unwrap();
-    let out = cp.cli(&admin, &["policy", "get", "-o", "json"]).unwrap();
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(got["version"], 2);
-    assert!(got["source"].as_str().unwrap().contains("@id(\"admins\")"));
+    // Every change is on the record (entries are committed within one group
+    // commit of the answer, so this waits before the SIGKILL below)...
     until_logged(&cp, &admin, |entries| {
         let sets: Vec<&str> = entries
             .iter()
@@ -303,4 +299,72 @@ async fn policy_sets_are_validated_versioned_kept_and_audited() {
             && sets.iter().any(|o| o.starts_with("Aborted"))
     })
     .await;
+    // ...and the set is kept across a restart.
+    cp.restart().await.unwrap();
+    let out = cp.cli(&admin, &["policy", "get", "-o", "json"]).unwrap();
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["version"], 2);
+    assert!(got["source"].as_str().unwrap().contains("@id(\"admins\")"));
+}
+
+/// Polls `check` until it holds; the deadline only bounds a broken run.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_policy_file_is_followed_and_a_bad_edit_is_refused() {
+    docker_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policies.cedar");
+    let first = "@id(\"first\")\npermit (principal, action, resource) when { principal.role == \"admin\" };\n";
+    std::fs::write(&file, first).unwrap();
+    let mut cp = ControlPlane::start(&[&format!("policy_file={:?}", file.to_str().unwrap())])
+        .await
+        .unwrap();
+    let admin = cp.admin_token.clone();
+    let policy = |cp: &ControlPlane| {
+        let out = cp.cli(&admin, &["policy", "get", "-o", "json"]).unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    eventually("the file is in force", || policy(&cp)["version"] == 2).await;
+    let p = policy(&cp);
+    assert_eq!(p["source"], first);
+    assert!(p["set_by"].as_str().unwrap().starts_with("file:"), "{p}");
+
+    // An edit that does not validate is logged with its line and ignored.
+    std::fs::write(
+        &file,
+        "@id(\"broken\")\npermit (principal action, resource);\n",
+    )
+    .unwrap();
+    eventually("the bad edit is reported", || {
+        cp.log().contains("policy file not put in force")
+    })
+    .await;
+    assert!(cp.log().contains("policies.cedar:2:"), "{}", cp.log());
+    assert_eq!(policy(&cp)["version"], 2);
+
+    // A good edit becomes the next version.
+    let second = "@id(\"second\")\nforbid (principal, action, resource);\n";
+    std::fs::write(&file, second).unwrap();
+    eventually("the edit is in force", || policy(&cp)["version"] == 3).await;
+    assert_eq!(policy(&cp)["source"], second);
+
+    // A restart with the same file makes no new version.
+    cp.restart().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let p = policy(&cp);
+    assert_eq!(
+        (p["version"].clone(), p["source"].clone()),
+        (3.into(), second.into())
+    );
 }

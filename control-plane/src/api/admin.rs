@@ -8,10 +8,7 @@ use crate::store::TokenRecord;
 
 pub struct AdminApi {
     pub auth: Auth,
-    pub policy: crate::policy::Engine,
-    pub policies: crate::policy::PolicyStore,
-    /// Serializes policy changes in this process.
-    pub policy_change: tokio::sync::Mutex<()>,
+    pub policies: crate::policy::Policies,
 }
 
 fn problems_pb(problems: Vec<crate::policy::Problem>) -> Vec<pb::PolicyProblem> {
@@ -177,6 +174,7 @@ impl pb::admin_server::Admin for AdminApi {
         require_policy_reader(&principal)?;
         let s = self
             .policies
+            .store
             .current()
             .await
             .map_err(|e| Status::internal(format!("policy store: {e}")))?;
@@ -195,16 +193,18 @@ impl pb::admin_server::Admin for AdminApi {
         let principal = self.auth.authenticate(request.metadata())?;
         require_policy_reader(&principal)?;
         let req = request.into_inner();
-        Ok(Response::new(match self.policy.validate(&req.source) {
-            Ok(()) => pb::ValidatePolicyResponse {
-                ok: true,
-                problems: Vec::new(),
+        Ok(Response::new(
+            match self.policies.engine.validate(&req.source) {
+                Ok(()) => pb::ValidatePolicyResponse {
+                    ok: true,
+                    problems: Vec::new(),
+                },
+                Err(problems) => pb::ValidatePolicyResponse {
+                    ok: false,
+                    problems: problems_pb(problems),
+                },
             },
-            Err(problems) => pb::ValidatePolicyResponse {
-                ok: false,
-                problems: problems_pb(problems),
-            },
-        }))
+        ))
     }
 
     async fn set_policy(
@@ -214,37 +214,27 @@ impl pb::admin_server::Admin for AdminApi {
         let principal = self.auth.authenticate(request.metadata())?;
         principal.require_admin()?;
         let req = request.into_inner();
-        if let Err(problems) = self.policy.validate(&req.source) {
-            let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-            return Err(Status::invalid_argument(format!(
-                "the policy set is not valid: {}",
-                lines.join("; ")
-            )));
-        }
-        let _one_at_a_time = self.policy_change.lock().await;
-        let internal = |e: sqlx::Error| Status::internal(format!("policy store: {e}"));
-        let current = self.policies.current().await.map_err(internal)?;
-        if req.expected_version != 0 && req.expected_version != current.version {
-            return Err(Status::aborted(format!(
-                "the policy set changed: version {} is in force, not {}",
-                current.version, req.expected_version
-            )));
-        }
-        let next = crate::policy::Stored {
-            version: current.version + 1,
-            source: req.source,
-            set_by: principal.token_id.clone(),
-            set_unix_ms: crate::now_ms(),
-        };
-        if !self.policies.put(&next).await.map_err(internal)? {
-            return Err(Status::aborted(
-                "another policy change was stored at the same time; read the set again",
-            ));
-        }
-        self.policy
-            .set(&next.source, next.version)
-            .map_err(|_| Status::internal("a validated policy set failed to load"))?;
-        tracing::info!(version = next.version, by = %principal.token_id, "policy set changed");
+        use crate::policy::Refusal;
+        let next = self
+            .policies
+            .change(&req.source, &principal.token_id, req.expected_version)
+            .await
+            .map_err(|e| match e {
+                Refusal::Invalid(problems) => {
+                    let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+                    Status::invalid_argument(format!(
+                        "the policy set is not valid: {}",
+                        lines.join("; ")
+                    ))
+                }
+                Refusal::Changed { in_force, expected } => Status::aborted(format!(
+                    "the policy set changed: version {in_force} is in force, not {expected}"
+                )),
+                Refusal::Race => Status::aborted(
+                    "another policy change was stored at the same time; read the set again",
+                ),
+                Refusal::Store(e) => Status::internal(format!("policy store: {e}")),
+            })?;
         Ok(Response::new(pb::PolicyInfo {
             version: next.version,
             source: next.source,
