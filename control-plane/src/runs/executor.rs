@@ -72,8 +72,15 @@ struct RunSecrets {
     redactor: Redactor,
 }
 
+/// How long an attached exec stream may stay silent: the agent sends a
+/// keepalive every 15 s, so a longer silence means the stream is dead (a
+/// half-open connection) and is replaced by a fresh attach.
+const SILENCE: std::time::Duration = std::time::Duration::from_secs(40);
+
 /// Where a step's attempt ended.
 enum StepEnd {
+    /// The stream to the agent went silent; attach again.
+    Silent,
     Exited(Event),
     /// The sandbox or the exec is gone while the step ran.
     Lost(String),
@@ -484,6 +491,11 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                     .await?;
                 resume = false;
                 match end {
+                    StepEnd::Silent => {
+                        tracing::warn!(run = %run_id, step = index + 1, "the exec stream went silent; attaching again");
+                        resume = true;
+                        continue;
+                    }
                     StepEnd::Exited(exited) => {
                         self.record(run_id, view, exited).await?;
                     }
@@ -643,13 +655,19 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         let mut agent = self.inner.sandboxes.agent(sandbox_id);
         // Output already recorded is not asked for again.
         if resume {
-            match agent
-                .attach(agent_pb::AttachRequest {
+            tracing::info!(run = %run_id, step = index + 1, exec_id, "re-attaching to a started step");
+            let attached = tokio::time::timeout(
+                SILENCE,
+                agent.attach(agent_pb::AttachRequest {
                     exec_id: exec_id.to_string(),
                     from_offset: view.steps[index].agent_resume_offset(),
-                })
-                .await
-            {
+                }),
+            )
+            .await;
+            let Ok(attached) = attached else {
+                return Ok(StepEnd::Silent);
+            };
+            match attached {
                 Ok(s) => {
                     return self
                         .record_step(
@@ -757,7 +775,10 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         let mut read_to = view.steps[index].agent_resume_offset();
         loop {
             let message = tokio::select! {
-                m = events.message() => m,
+                m = tokio::time::timeout(SILENCE, events.message()) => match m {
+                    Ok(m) => m,
+                    Err(_) => return Ok(StepEnd::Silent),
+                },
                 _ = cancel.changed() => {
                     let _ = agent
                         .signal(agent_pb::SignalRequest { exec_id: exec_id.into(), signal: 0, kill_tree: true })
