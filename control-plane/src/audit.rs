@@ -12,8 +12,6 @@
 //! the previous commit (as the run store does), so the chain is built in one
 //! place and each caller hears back once its entry is durable.
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
@@ -209,31 +207,9 @@ pub fn verify(lines: impl IntoIterator<Item = Line>, key: &VerifyingKey) -> Repo
 /// The signing key, created (0600, with `audit.pub` beside it) on first use.
 pub fn load_or_create_key(data_dir: &Path) -> anyhow::Result<SigningKey> {
     let path = data_dir.join("audit.key");
-    let key = match std::fs::read(&path) {
-        Ok(bytes) => {
-            let bytes: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-                anyhow::anyhow!(
-                    "{}: holds {} bytes, a key is 32",
-                    path.display(),
-                    bytes.len()
-                )
-            })?;
-            SigningKey::from_bytes(&bytes)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut bytes = [0u8; 32];
-            getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random: {e}"))?;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            SigningKey::from_bytes(&bytes)
-        }
-        Err(e) => return Err(anyhow::anyhow!("{}: {e}", path.display())),
-    };
+    let key = SigningKey::from_bytes(
+        &crate::key_file(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+    );
     std::fs::write(
         data_dir.join("audit.pub"),
         format!("{}\n", hex::encode(key.verifying_key().as_bytes())),
@@ -369,14 +345,7 @@ async fn write_loop(
     mut hash: String,
 ) {
     let mut batch = Vec::new();
-    while queue.recv_many(&mut batch, 512).await > 0 {
-        tokio::task::yield_now().await;
-        while batch.len() < 512 {
-            match queue.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
-            }
-        }
+    while crate::store::next_group(&mut queue, &mut batch, 512).await {
         let (start_seq, start_hash) = (seq, hash.clone());
         let mut rows = Vec::with_capacity(batch.len());
         for (entry, _) in &mut batch {
@@ -414,22 +383,10 @@ async fn write_rows(
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     for chunk in rows.chunks(150) {
-        let mut sql =
-            String::from("INSERT INTO audit_log (seq, unix_ms, body, prev_hash, hash) VALUES ");
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            let b = i * 5;
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5
-            ));
-        }
+        let sql = format!(
+            "INSERT INTO audit_log (seq, unix_ms, body, prev_hash, hash) VALUES {}",
+            crate::store::placeholders(chunk.len(), 5)
+        );
         let mut q = sqlx::query(&sql);
         for (seq, unix_ms, body, prev, hash) in chunk {
             q = q

@@ -187,7 +187,16 @@ impl Auth {
         &self,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<Principal, Status> {
-        let header = metadata
+        self.authenticate_headers(metadata.as_ref())
+    }
+
+    /// [`Auth::authenticate`] on the raw HTTP headers (for layers that see
+    /// the request before it is a gRPC call).
+    pub fn authenticate_headers(
+        &self,
+        headers: &tonic::codegen::http::HeaderMap,
+    ) -> Result<Principal, Status> {
+        let header = headers
             .get("authorization")
             .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
         let value = header

@@ -271,15 +271,23 @@ impl Engine {
     /// Parses and validates `source` against the schema: every problem
     /// found, with its line and column.
     pub fn validate(&self, source: &str) -> Result<(), Vec<Problem>> {
-        validate_with(&self.schema, source).map(drop)
+        self.parse(source).map(drop)
+    }
+
+    fn parse(&self, source: &str) -> Result<PolicySet, Vec<Problem>> {
+        validate_with(&self.schema, source)
+    }
+
+    fn install(&self, policies: PolicySet, source: &str, version: u64) {
+        *self.loaded.write().expect("policy lock") =
+            Arc::new(Loaded::new(policies, source, version));
     }
 
     /// Puts `source` in force as `version`; the old set stays when it does
     /// not validate.
     pub fn set(&self, source: &str, version: u64) -> Result<(), Vec<Problem>> {
-        let policies = validate_with(&self.schema, source)?;
-        *self.loaded.write().expect("policy lock") =
-            Arc::new(Loaded::new(policies, source, version));
+        let policies = self.parse(source)?;
+        self.install(policies, source, version);
         Ok(())
     }
 
@@ -458,8 +466,9 @@ impl PolicyStore {
         Self { pool }
     }
 
-    /// The set in force; on first start, the built-in default as version 1.
-    pub async fn current(&self) -> Result<Stored, sqlx::Error> {
+    /// Stores the built-in default as version 1 when nothing is stored yet
+    /// (the first start).
+    pub async fn seed_default(&self) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO policies (version, source, set_by, set_unix_ms) \
              SELECT 1, $1, 'default', $2 WHERE NOT EXISTS (SELECT 1 FROM policies)",
@@ -468,6 +477,11 @@ impl PolicyStore {
         .bind(crate::now_ms())
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    /// The set in force.
+    pub async fn current(&self) -> Result<Stored, sqlx::Error> {
         let (version, source, set_by, set_unix_ms): (i64, String, String, i64) = sqlx::query_as(
             "SELECT version, source, set_by, set_unix_ms FROM policies ORDER BY version DESC LIMIT 1",
         )
@@ -525,6 +539,7 @@ impl Policies {
     /// start).
     pub async fn load(pool: sqlx::SqlitePool) -> anyhow::Result<Self> {
         let store = PolicyStore::new(pool);
+        store.seed_default().await?;
         let in_force = store.current().await?;
         let engine = Engine::new(&in_force.source, in_force.version).map_err(|problems| {
             anyhow::anyhow!(
@@ -552,7 +567,7 @@ impl Policies {
         set_by: &str,
         expected_version: u64,
     ) -> Result<Stored, Refusal> {
-        self.engine.validate(source).map_err(Refusal::Invalid)?;
+        let policies = self.engine.parse(source).map_err(Refusal::Invalid)?;
         let _one_at_a_time = self.change.lock().await;
         let current = self.store.current().await.map_err(Refusal::Store)?;
         if expected_version != 0 && expected_version != current.version {
@@ -570,9 +585,7 @@ impl Policies {
         if !self.store.put(&next).await.map_err(Refusal::Store)? {
             return Err(Refusal::Race);
         }
-        self.engine
-            .set(&next.source, next.version)
-            .map_err(Refusal::Invalid)?;
+        self.engine.install(policies, &next.source, next.version);
         tracing::info!(version = next.version, by = %set_by, "policy set changed");
         Ok(next)
     }

@@ -441,3 +441,47 @@ fn snapshot_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<SnapshotRecord> {
         created_unix_ms: r.try_get("created_unix_ms")?,
     })
 }
+
+/// Waits for the next group of queued writes (up to `max`) for a
+/// group-committing writer: everything already queued, after letting the
+/// writers that the previous commit woke queue theirs, so a group is as
+/// large as the load. False when every sender is gone.
+pub async fn next_group<T>(
+    queue: &mut tokio::sync::mpsc::Receiver<T>,
+    batch: &mut Vec<T>,
+    max: usize,
+) -> bool {
+    if queue.recv_many(batch, max).await == 0 {
+        return false;
+    }
+    tokio::task::yield_now().await;
+    while batch.len() < max {
+        match queue.try_recv() {
+            Ok(w) => batch.push(w),
+            Err(_) => break,
+        }
+    }
+    true
+}
+
+/// `rows` groups of `width` numbered placeholders for a multi-row
+/// statement, `($1, $2), ($3, $4)`; with `width` 1 a plain list, `$1, $2`.
+pub fn placeholders(rows: usize, width: usize) -> String {
+    let mut out = String::new();
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        let cols: Vec<String> = (0..width)
+            .map(|c| format!("${}", r * width + c + 1))
+            .collect();
+        if width == 1 {
+            out.push_str(&cols[0]);
+        } else {
+            out.push('(');
+            out.push_str(&cols.join(", "));
+            out.push(')');
+        }
+    }
+    out
+}

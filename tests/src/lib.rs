@@ -79,3 +79,16 @@ pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
 }
+
+/// Polls `check` until it holds; `within` only bounds a broken run.
+pub async fn eventually(
+    what: &str,
+    within: std::time::Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) {
+    let start = std::time::Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < within, "never happened: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -307,16 +307,8 @@ async fn policy_sets_are_validated_versioned_kept_and_audited() {
     assert!(got["source"].as_str().unwrap().contains("@id(\"admins\")"));
 }
 
-/// Polls `check` until it holds; the deadline only bounds a broken run.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
+    bridle_tests::eventually(what, Duration::from_secs(60), check).await
 }
 
 #[tokio::test]
@@ -335,7 +327,7 @@ async fn a_policy_file_is_followed_and_a_bad_edit_is_refused() {
         assert!(out.status.success(), "{}", text(&out.stderr));
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
-    eventually("the file is in force", || policy(&cp)["version"] == 2).await;
+    eventually("the file is in force", async || policy(&cp)["version"] == 2).await;
     let p = policy(&cp);
     assert_eq!(p["source"], first);
     assert!(p["set_by"].as_str().unwrap().starts_with("file:"), "{p}");
@@ -346,7 +338,7 @@ async fn a_policy_file_is_followed_and_a_bad_edit_is_refused() {
         "@id(\"broken\")\npermit (principal action, resource);\n",
     )
     .unwrap();
-    eventually("the bad edit is reported", || {
+    eventually("the bad edit is reported", async || {
         cp.log().contains("policy file not put in force")
     })
     .await;
@@ -356,7 +348,7 @@ async fn a_policy_file_is_followed_and_a_bad_edit_is_refused() {
     // A good edit becomes the next version.
     let second = "@id(\"second\")\nforbid (principal, action, resource);\n";
     std::fs::write(&file, second).unwrap();
-    eventually("the edit is in force", || policy(&cp)["version"] == 3).await;
+    eventually("the edit is in force", async || policy(&cp)["version"] == 3).await;
     assert_eq!(policy(&cp)["source"], second);
 
     // A restart with the same file makes no new version.

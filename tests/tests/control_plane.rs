@@ -2,7 +2,7 @@
 //! binaries, real containers on the real Docker daemon, talked to over gRPC
 //! and through the CLI the way a user would.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bridle_proto::control::v1 as pb;
 use bridle_proto::sandbox::v1 as agent_pb;
@@ -23,16 +23,8 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Polls `check` until it holds; the deadline only bounds a broken run.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while !check().await {
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
+    bridle_tests::eventually(what, Duration::from_secs(90), check).await
 }
 
 #[tokio::test]

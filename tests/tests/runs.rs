@@ -101,24 +101,7 @@ async fn a_job_runs_with_secrets_redacted_and_the_same_key_returns_the_same_run(
     assert_eq!(run.id, again.id, "the same key returns the same run");
     assert_eq!(run.job.unwrap().secrets["TOKEN"], "***");
 
-    let start = Instant::now();
-    let done = loop {
-        let r = c
-            .get(pb::GetRunRequest {
-                run_id: run.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if r.finished_unix_ms != 0 {
-            break r;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "run never finished: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let done = wait_finished(&mut c, &run.id).await;
     assert_eq!(done.state, pb::RunState::Failed as i32, "{done:?}");
     assert_eq!(done.steps[1].exit_code, Some(4));
     assert_eq!(done.steps[2].state, pb::StepState::Skipped as i32);
@@ -428,6 +411,22 @@ async fn get_run(c: &mut Runs, run_id: &str) -> pb::Run {
     .into_inner()
 }
 
+/// Waits until the run has finished and answers it.
+async fn wait_finished(c: &mut Runs, run_id: &str) -> pb::Run {
+    let start = Instant::now();
+    loop {
+        let r = get_run(c, run_id).await;
+        if r.finished_unix_ms != 0 {
+            return r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "run never finished: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until exactly one of `ids` is running (its step started) and
 /// answers it.
 async fn the_one_running(c: &mut Runs, ids: &[&str]) -> pb::Run {
@@ -509,11 +508,7 @@ async fn owners_take_turns_in_the_queue_and_limits_hold() {
             .unwrap();
         assert_eq!(out.exited.as_ref().and_then(|x| x.code), Some(0), "{out:?}");
         // Wait for it to finish before looking for the next one.
-        let start = Instant::now();
-        while get_run(&mut runs, &r.id).await.finished_unix_ms == 0 {
-            assert!(start.elapsed() < Duration::from_secs(60));
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_finished(&mut runs, &r.id).await;
     }
     // Bob's one run went before Alice's third, which was submitted earlier.
     assert_eq!(order, [a1.clone(), a2, b1, a3]);
@@ -593,15 +588,7 @@ async fn secrets_survive_a_restart_sealed_and_a_split_secret_is_still_masked() {
         .await
         .unwrap();
     let mut c = runs_client(&cp.endpoint, &cp.admin_token).await.unwrap();
-    let start = Instant::now();
-    let done = loop {
-        let r = get_run(&mut c, &run.id).await;
-        if r.finished_unix_ms != 0 {
-            break r;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "{r:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let done = wait_finished(&mut c, &run.id).await;
     wait_released(&cp).await;
     assert_eq!(done.state, pb::RunState::Succeeded as i32, "{done:?}");
     assert_eq!(logs(&mut c, &run.id, 0).await, "***\n");

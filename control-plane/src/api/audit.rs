@@ -204,29 +204,19 @@ where
             .map(|(_, a)| a)
             .unwrap_or(path)
             .to_string();
-        let principal = self
-            .layer
-            .auth
-            .authenticate(&tonic::metadata::MetadataMap::from_headers(
-                req.headers().clone(),
-            ))
-            .ok();
+        let principal = self.layer.auth.authenticate_headers(req.headers()).ok();
         let request_id = crate::random_hex(8);
         let log = self.layer.log.clone();
         Box::pin(async move {
             let mut response = inner.call(req).await?;
             let headers = response.headers_mut();
-            let outcome = match headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
-                None | Some("0") => "ok".to_string(),
-                Some(code) => {
-                    let code = tonic::Code::from_bytes(code.as_bytes());
-                    let message = headers
-                        .get("grpc-message")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(percent_decode)
-                        .unwrap_or_default();
-                    format!("{code:?}: {message}")
+            // A call that failed at once answers with its status in the
+            // headers (trailers-only); a stream that opened has none yet.
+            let outcome = match tonic::Status::from_header_map(headers) {
+                Some(s) if s.code() != tonic::Code::Ok => {
+                    format!("{:?}: {}", s.code(), s.message())
                 }
+                _ => "ok".to_string(),
             };
             if let Ok(v) = http::HeaderValue::from_str(&request_id) {
                 headers.insert("x-request-id", v);
@@ -256,22 +246,4 @@ where
             Ok(response)
         })
     }
-}
-
-/// grpc-message is percent-encoded.
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }

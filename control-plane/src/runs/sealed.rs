@@ -7,14 +7,11 @@
 //! run. A sealed value is deleted when its run finishes.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
-const KEY_LEN: usize = 32;
 const NONCE_LEN: usize = 24;
 
 #[derive(Clone)]
@@ -40,34 +37,10 @@ impl Sealer {
     /// Reads the key at `path`, creating it (32 random bytes, mode 0600) the
     /// first time.
     pub fn open_or_create(path: &Path) -> Result<Self, Error> {
-        let err = |message: String| Error::Key {
+        let key = crate::key_file(path).map_err(|message| Error::Key {
             path: path.display().to_string(),
             message,
-        };
-        let key = match std::fs::read(path) {
-            Ok(key) => key,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = [0u8; KEY_LEN];
-                getrandom::fill(&mut key).map_err(|e| err(e.to_string()))?;
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(|e| err(e.to_string()))?;
-                f.write_all(&key)
-                    .and_then(|()| f.sync_all())
-                    .map_err(|e| err(e.to_string()))?;
-                key.to_vec()
-            }
-            Err(e) => return Err(err(e.to_string())),
-        };
-        if key.len() != KEY_LEN {
-            return Err(err(format!(
-                "holds {} bytes, a key is {KEY_LEN}",
-                key.len()
-            )));
-        }
+        })?;
         Ok(Self::from_key(&key))
     }
 

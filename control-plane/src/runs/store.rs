@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 
 use sqlx::{Row, SqlitePool};
+
+use crate::store::placeholders;
 use tokio::sync::{mpsc, oneshot};
 
 use super::events::{Event, RunState};
@@ -155,16 +157,7 @@ impl SqlEvents {
 /// transaction, commits, answers each writer, and goes again.
 async fn commit_loop(pool: SqlitePool, mut queue: mpsc::Receiver<Write>, group: usize) {
     let mut batch = Vec::with_capacity(group);
-    while queue.recv_many(&mut batch, group).await > 0 {
-        // Writers woken by the previous commit are about to queue their next
-        // write: let them, so the batch is as large as the load.
-        tokio::task::yield_now().await;
-        while batch.len() < group {
-            match queue.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
-            }
-        }
+    while crate::store::next_group(&mut queue, &mut batch, group).await {
         let outcomes: Vec<std::result::Result<bool, String>> =
             match write_batch(&pool, &batch).await {
                 Ok(took) => took.into_iter().map(Ok).collect(),
@@ -212,7 +205,7 @@ async fn write_batch(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<bool>> {
     for chunk in runs.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "SELECT id, last_seq FROM runs WHERE id IN ({})",
-            placeholders(chunk.len(), 1, 0)
+            placeholders(chunk.len(), 1)
         );
         let mut q = sqlx::query(&sql);
         for id in chunk {
@@ -250,7 +243,7 @@ async fn write_batch(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<bool>> {
     for chunk in blobs.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO blobs (sha256, size, data) VALUES {} ON CONFLICT (sha256) DO NOTHING",
-            placeholders(chunk.len(), 3, 0)
+            placeholders(chunk.len(), 3)
         );
         let mut q = sqlx::query(&sql);
         for w in chunk {
@@ -263,7 +256,7 @@ async fn write_batch(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<bool>> {
     for chunk in events.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO run_events (run_id, seq, unix_ms, body) VALUES {}",
-            placeholders(chunk.len(), 4, 0)
+            placeholders(chunk.len(), 4)
         );
         let mut q = sqlx::query(&sql);
         for w in chunk {
@@ -285,7 +278,7 @@ async fn write_batch(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<bool>> {
         let sql = format!(
             "WITH v (id, seq, state) AS (VALUES {}) \
              UPDATE runs SET last_seq = v.seq, state = v.state FROM v WHERE runs.id = v.id",
-            placeholders(chunk.len(), 3, 0)
+            placeholders(chunk.len(), 3)
         );
         let mut q = sqlx::query(&sql);
         for (id, (seq, state)) in chunk {
@@ -295,28 +288,6 @@ async fn write_batch(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<bool>> {
     }
     tx.commit().await?;
     Ok(took)
-}
-
-/// `rows` groups of `width` numbered placeholders, `($1, $2), ($3, $4)`,
-/// numbered after `skip`; with `width` 1 a plain list, `$1, $2`.
-fn placeholders(rows: usize, width: usize, skip: usize) -> String {
-    let mut out = String::new();
-    for r in 0..rows {
-        if r > 0 {
-            out.push_str(", ");
-        }
-        let cols: Vec<String> = (0..width)
-            .map(|c| format!("${}", skip + r * width + c + 1))
-            .collect();
-        if width == 1 {
-            out.push_str(&cols[0]);
-        } else {
-            out.push('(');
-            out.push_str(&cols.join(", "));
-            out.push(')');
-        }
-    }
-    out
 }
 
 /// One line of a page of the log: `seq unix_ms body`.

@@ -204,6 +204,29 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `docker exec CONTAINER true` through the Docker API, the way a client
+/// does it: create, start attached, drain, inspect the exit code.
+async fn docker_exec_true(docker: &bollard::Docker, container: &str) -> anyhow::Result<()> {
+    let exec = docker
+        .create_exec(
+            container,
+            ExecConfig {
+                cmd: Some(vec!["true".into()]),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                ..Default::default()
+            },
+        )
+        .await?;
+    if let StartExecResults::Attached { mut output, .. } = docker.start_exec(&exec.id, None).await?
+    {
+        while output.next().await.is_some() {}
+    }
+    let code = docker.inspect_exec(&exec.id).await?.exit_code;
+    anyhow::ensure!(code == Some(0), "docker exec true: {code:?}");
+    Ok(())
+}
+
 /// The agent straight over its socket against `docker exec` and `docker cp`,
 /// in one warm container.
 async fn agent_rows(
@@ -245,27 +268,7 @@ async fn agent_rows(
     let via_api = time_n(n_docker_api, || {
         let docker = docker.clone();
         let id = id.clone();
-        async move {
-            let exec = docker
-                .create_exec(
-                    &id,
-                    ExecConfig {
-                        cmd: Some(vec!["true".into()]),
-                        attach_stdout: Some(true),
-                        attach_stderr: Some(true),
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            if let StartExecResults::Attached { mut output, .. } =
-                docker.start_exec(&exec.id, None).await?
-            {
-                while output.next().await.is_some() {}
-            }
-            let code = docker.inspect_exec(&exec.id).await?.exit_code;
-            anyhow::ensure!(code == Some(0), "docker exec true: {code:?}");
-            Ok(())
-        }
+        async move { docker_exec_true(&docker, &id).await }
     })
     .await?;
     let via_cli = time_n(n_docker_cli, || {
@@ -926,24 +929,7 @@ async fn job_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     for _ in 0..reps {
         let t = Instant::now();
         for _ in 0..10 {
-            let exec = docker
-                .create_exec(
-                    &sb.id,
-                    ExecConfig {
-                        cmd: Some(vec!["true".into()]),
-                        attach_stdout: Some(true),
-                        attach_stderr: Some(true),
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            if let StartExecResults::Attached { mut output, .. } =
-                docker.start_exec(&exec.id, None).await?
-            {
-                while output.next().await.is_some() {}
-            }
-            let code = docker.inspect_exec(&exec.id).await?.exit_code;
-            anyhow::ensure!(code == Some(0), "docker exec true: {code:?}");
+            docker_exec_true(&docker, &sb.id).await?;
         }
         baseline.push(t.elapsed());
     }
