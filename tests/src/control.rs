@@ -249,6 +249,35 @@ impl ControlPlane {
     pub fn containers(&self) -> Vec<String> {
         containers_labelled(&format!("bridle.control-plane={}", self.instance))
     }
+
+    /// Prints the end of the control plane's log and the processes in each
+    /// of its containers to stderr.
+    fn dump(&self) {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        eprintln!(
+            "--- control-plane log (last {} of {} lines) ---",
+            lines.len().min(300),
+            lines.len()
+        );
+        for line in &lines[lines.len().saturating_sub(300)..] {
+            eprintln!("{line}");
+        }
+        for name in self.containers() {
+            let ps = Command::new("docker")
+                .args(["exec", &name, "ps", "-o", "pid,ppid,stat,args"])
+                .output();
+            eprintln!("--- processes in {name} ---");
+            match ps {
+                Ok(o) => eprintln!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(e) => eprintln!("docker exec: {e}"),
+            }
+        }
+    }
 }
 
 pub fn containers_labelled(label: &str) -> Vec<String> {
@@ -273,6 +302,11 @@ pub fn containers_labelled(label: &str) -> Vec<String> {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
+        // A failing test shows what the control plane said and what its
+        // sandboxes were running: the only trace CI keeps.
+        if std::thread::panicking() {
+            self.dump();
+        }
         self.kill9();
         // Whatever the test left: containers and their workspace volumes.
         // A create the killed process had already sent may still land on

@@ -161,6 +161,49 @@ async fn a_running_exec_survives_its_client_and_can_be_reattached() {
     assert_eq!(again.code(), Some(0));
 }
 
+/// A client that goes away while the agent is still starting its exec (the
+/// control plane killed between asking and hearing back) must not leave an
+/// exec that never finishes: a later attach gets its outcome. The agent is
+/// caught mid-start by cancelling the call as soon as the exec is listed,
+/// which is before the supervisor has reported; tried many times.
+#[tokio::test]
+async fn a_client_gone_during_start_leaves_an_exec_that_still_finishes() {
+    let agent = HostAgent::start(&[]).await.unwrap();
+    let mut c = agent.client().unwrap();
+    for i in 0..40 {
+        let id = format!("cut-{i}");
+        let mut starter = agent.client().unwrap();
+        let s = pb::ExecStart {
+            exec_id: id.clone(),
+            ..shell("echo hi")
+        };
+        let call = tokio::spawn(async move {
+            let _ = client::start_interactive(&mut starter, s).await;
+        });
+        // Cancel the call the moment the agent has the exec in its table.
+        loop {
+            let listed = c
+                .list_execs(pb::ListExecsRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if listed.execs.iter().any(|e| e.exec_id == id) || call.is_finished() {
+                break;
+            }
+        }
+        call.abort();
+        let _ = call.await;
+        let again = tokio::time::timeout(Duration::from_secs(20), client::attach(&mut c, &id, 0))
+            .await
+            .unwrap_or_else(|_| panic!("exec {id} never finished after its client went away"))
+            .unwrap();
+        assert!(
+            again.exited.is_some() || again.spawn_failed.is_some(),
+            "{id}: {again:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn stdin_streams_and_closes() {
     let agent = HostAgent::start(&[]).await.unwrap();

@@ -584,9 +584,10 @@ async fn secrets_survive_a_restart_sealed_and_a_split_secret_is_still_masked() {
         argv: vec!["touch".into(), "/workspace/go".into()],
         ..Default::default()
     };
-    bridle_tests::control::exec(&mut admin, &sandbox, go)
+    let out = bridle_tests::control::exec(&mut admin, &sandbox, go)
         .await
         .unwrap();
+    assert_eq!(out.exited.as_ref().and_then(|x| x.code), Some(0), "{out:?}");
     let mut c = runs_client(&cp.endpoint, &cp.admin_token).await.unwrap();
     let done = wait_finished(&mut c, &run.id).await;
     wait_released(&cp).await;

@@ -453,7 +453,22 @@ impl Execs {
             t.insert(spec.exec_id.clone(), exec.clone());
         }
         match prepared {
-            Ok(p) => self.clone().launch(exec.clone(), spec, p, control_rx).await,
+            // The launch runs as its own task: the caller's future may be
+            // dropped (its client went away) while the supervisor is still
+            // reporting, and an exec already in the table must then still
+            // be supervised to its end rather than left without an outcome.
+            Ok(p) => {
+                let launch = tokio::spawn(self.clone().launch(exec.clone(), spec, p, control_rx));
+                if let Err(e) = launch.await {
+                    finish(
+                        &exec,
+                        Outcome::SpawnFailed {
+                            reason: format!("starting the command failed: {e}"),
+                            errno: libc::EIO,
+                        },
+                    );
+                }
+            }
             Err((reason, errno)) => finish(&exec, Outcome::SpawnFailed { reason, errno }),
         }
         self.gc();
