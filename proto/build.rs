@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "bridle/control/v1/admin.proto",
     "bridle/control/v1/runs.proto",
     "bridle/control/v1/audit.proto",
+    "bridle/control/v1/approvals.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -80,6 +80,38 @@ enum Command {
     /// The Cedar policy set in force: show, check or change it.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Human approvals: list, show, approve or deny (operator), watch.
+    #[command(subcommand)]
+    Approvals(ApprovalsCmd),
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCmd {
+    /// Approvals, newest first (default: pending ones).
+    List {
+        /// Every state, not only pending.
+        #[arg(long)]
+        all: bool,
+        /// Only those of this run.
+        #[arg(long)]
+        run: Option<String>,
+    },
+    /// One approval in full.
+    Show { approval_id: String },
+    /// Approve (operator; never your own request).
+    Approve {
+        approval_id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Deny (operator; never your own request).
+    Deny {
+        approval_id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Pending approvals now, then each change as it happens.
+    Watch,
 }
 
 #[derive(Subcommand)]
@@ -376,6 +408,7 @@ struct Conn {
     admin: pb::admin_client::AdminClient<Authed>,
     runs: pb::runs_client::RunsClient<Authed>,
     audit: pb::audit_client::AuditClient<Authed>,
+    approvals: pb::approvals_client::ApprovalsClient<Authed>,
     json: bool,
 }
 
@@ -448,6 +481,10 @@ async fn connect(cli: &Cli) -> anyhow::Result<Conn> {
         .max_encoding_message_size(16 << 20),
         admin: pb::admin_client::AdminClient::with_interceptor(channel.clone(), bearer.clone()),
         audit: pb::audit_client::AuditClient::with_interceptor(channel.clone(), bearer.clone()),
+        approvals: pb::approvals_client::ApprovalsClient::with_interceptor(
+            channel.clone(),
+            bearer.clone(),
+        ),
         runs: pb::runs_client::RunsClient::with_interceptor(channel, bearer)
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(64 << 20),
@@ -503,6 +540,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Runs(cmd) => runs(&mut c, cmd).await,
         Command::Audit(cmd) => audit(&mut c, cmd).await,
+        Command::Approvals(cmd) => approvals(&mut c, cmd).await,
         Command::Policy(cmd) => policy(&mut c, cmd).await,
     }
 }
@@ -628,6 +666,163 @@ fn verify_export(file: &Path, key: &Path, json: bool) -> anyhow::Result<u8> {
     ))
 }
 
+fn approval_state_name(s: i32) -> &'static str {
+    match pb::ApprovalState::try_from(s) {
+        Ok(pb::ApprovalState::Pending) => "pending",
+        Ok(pb::ApprovalState::Approved) => "approved",
+        Ok(pb::ApprovalState::Denied) => "denied",
+        Ok(pb::ApprovalState::Expired) => "expired",
+        _ => "unknown",
+    }
+}
+
+fn approval_json(a: &pb::Approval) -> serde_json::Value {
+    json!({
+        "id": a.id, "state": approval_state_name(a.state),
+        "requested_by": a.requested_by, "requested_by_token": a.requested_by_token,
+        "owner": a.owner, "action": a.action, "resource": a.resource, "summary": a.summary,
+        "run_id": a.run_id, "step": a.step, "action_sha256": a.action_sha256,
+        "policy": a.policy, "policy_reason": a.policy_reason, "policy_version": a.policy_version,
+        "created_unix_ms": a.created_unix_ms, "expires_unix_ms": a.expires_unix_ms,
+        "decided_by": a.decided_by, "decision_reason": a.decision_reason,
+        "decided_unix_ms": a.decided_unix_ms, "used": a.used,
+    })
+}
+
+fn approval_line(a: &pb::Approval) -> String {
+    format!(
+        "{:<20} {:<9} {:<16} {}",
+        a.id,
+        approval_state_name(a.state),
+        a.requested_by,
+        a.summary
+    )
+}
+
+async fn approvals(c: &mut Conn, cmd: ApprovalsCmd) -> anyhow::Result<u8> {
+    match cmd {
+        ApprovalsCmd::List { all, run } => {
+            let r = c
+                .approvals
+                .list(pb::ListApprovalsRequest {
+                    states: if all {
+                        vec![]
+                    } else {
+                        vec![pb::ApprovalState::Pending as i32]
+                    },
+                    run_id: run.unwrap_or_default(),
+                    page_size: 1000,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            if c.json {
+                print_json(serde_json::Value::Array(
+                    r.approvals.iter().map(approval_json).collect(),
+                ));
+            } else {
+                println!("{:<20} {:<9} {:<16} ACTION", "ID", "STATE", "REQUESTED BY");
+                for a in &r.approvals {
+                    println!("{}", approval_line(a));
+                }
+            }
+            Ok(0)
+        }
+        ApprovalsCmd::Show { approval_id } => {
+            let a = c
+                .approvals
+                .get(pb::GetApprovalRequest { approval_id })
+                .await?
+                .into_inner();
+            if c.json {
+                print_json(approval_json(&a));
+            } else {
+                println!("id:           {}", a.id);
+                println!("state:        {}", approval_state_name(a.state));
+                println!("action:       {}", a.summary);
+                println!(
+                    "requested by: {} ({})",
+                    a.requested_by, a.requested_by_token
+                );
+                if !a.run_id.is_empty() {
+                    println!("run:          {} step {}", a.run_id, a.step + 1);
+                }
+                println!(
+                    "policy:       {} (version {}): {}",
+                    a.policy, a.policy_version, a.policy_reason
+                );
+                println!("action hash:  {}", a.action_sha256);
+                println!("expires:      {} (unix ms)", a.expires_unix_ms);
+                if !a.decided_by.is_empty() {
+                    println!("decided by:   {}: {}", a.decided_by, a.decision_reason);
+                }
+                if a.used {
+                    println!("used:         yes");
+                }
+            }
+            Ok(0)
+        }
+        ApprovalsCmd::Approve {
+            approval_id,
+            reason,
+        }
+        | ApprovalsCmd::Deny {
+            approval_id,
+            reason,
+        } if reason.trim().is_empty() => {
+            let _ = approval_id;
+            bail!("--reason must say why")
+        }
+        ApprovalsCmd::Approve {
+            approval_id,
+            reason,
+        } => decide(c, approval_id, true, reason).await,
+        ApprovalsCmd::Deny {
+            approval_id,
+            reason,
+        } => decide(c, approval_id, false, reason).await,
+        ApprovalsCmd::Watch => {
+            let mut s = c
+                .approvals
+                .watch(pb::WatchApprovalsRequest {})
+                .await?
+                .into_inner();
+            while let Some(ev) = s.message().await? {
+                let Some(a) = ev.approval else { continue };
+                if c.json {
+                    println!("{}", approval_json(&a));
+                } else {
+                    println!("{}", approval_line(&a));
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+async fn decide(
+    c: &mut Conn,
+    approval_id: String,
+    approve: bool,
+    reason: String,
+) -> anyhow::Result<u8> {
+    let a = c
+        .approvals
+        .decide(pb::DecideApprovalRequest {
+            approval_id,
+            approve,
+            reason,
+        })
+        .await?
+        .into_inner();
+    if c.json {
+        print_json(approval_json(&a));
+    } else {
+        println!("{} {}", a.id, approval_state_name(a.state));
+    }
+    Ok(0)
+}
+
 async fn audit(c: &mut Conn, cmd: AuditCmd) -> anyhow::Result<u8> {
     match cmd {
         AuditCmd::Verify { .. } => {
@@ -720,6 +915,7 @@ fn run_state_name(s: i32) -> &'static str {
         Ok(pb::RunState::Failed) => "failed",
         Ok(pb::RunState::Cancelled) => "cancelled",
         Ok(pb::RunState::Interrupted) => "interrupted",
+        Ok(pb::RunState::AwaitingApproval) => "awaiting_approval",
         _ => "unknown",
     }
 }
@@ -835,6 +1031,25 @@ async fn follow_run(c: &mut Conn, id: &str) -> anyhow::Result<u8> {
                         String::new()
                     };
                     eprintln!("bridle: ▶ {}{again}", step_name(s.step))
+                }
+                Some(E::ApprovalRequested(a)) => {
+                    let what = if a.for_network {
+                        "the run's network".to_string()
+                    } else {
+                        step_name(a.step)
+                    };
+                    eprintln!(
+                        "bridle: ⏸ {what} waits for approval {} (an operator: `bridle approvals approve {} --reason …`)",
+                        a.approval_id, a.approval_id
+                    )
+                }
+                Some(E::ApprovalDecided(a)) => {
+                    let by = if a.by.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" by {}: {}", a.by, a.reason)
+                    };
+                    eprintln!("bridle: approval {} {}{by}", a.approval_id, a.outcome)
                 }
                 Some(E::StepOutput(o)) => {
                     let key = (o.step, o.stream);
@@ -1566,6 +1781,12 @@ async fn exec(c: &mut Conn, a: ExecArgs) -> anyhow::Result<u8> {
                     (None, Some(sig)) => (128 + sig).clamp(0, 255) as u8,
                     (None, None) => 137,
                 });
+            }
+            Some(Event::ApprovalPending(a)) => {
+                eprintln!(
+                    "bridle: waiting for approval {} ({}); an operator decides it with `bridle approvals approve {} --reason …`",
+                    a.approval_id, a.reason, a.approval_id
+                );
             }
             Some(Event::Started(_)) | Some(Event::Keepalive(_)) | None => {}
         }

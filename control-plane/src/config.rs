@@ -51,6 +51,11 @@ pub struct Config {
     /// changes (checked every 2 s); a new content that validates becomes the
     /// next policy version, one that does not is logged and ignored.
     pub policy_file: Option<PathBuf>,
+    /// Seconds a pending approval waits for a decision before it expires
+    /// (fails closed, recorded as `expired`).
+    pub approval_ttl_secs: u64,
+    /// An http:// URL that gets a JSON POST for every new pending approval.
+    pub approval_webhook_url: Option<String>,
     pub docker: DockerConfig,
     pub sandbox: SandboxDefaults,
     /// Warm pools, one per profile.
@@ -140,6 +145,8 @@ impl Default for Config {
             max_running_runs_per_owner: 2,
             secrets_key_file: None,
             policy_file: None,
+            approval_ttl_secs: 3600,
+            approval_webhook_url: None,
             docker: DockerConfig::default(),
             sandbox: SandboxDefaults::default(),
             pool: Vec::new(),
@@ -292,6 +299,8 @@ impl Config {
             "max_running_runs_per_owner",
             "secrets_key_file",
             "policy_file",
+            "approval_ttl_secs",
+            "approval_webhook_url",
             "docker",
             "sandbox",
             "tls",
@@ -322,6 +331,18 @@ impl Config {
                 return Err(Error::Invalid(format!(
                     "every [[pool]] needs a unique, non-empty name (got {:?})",
                     p.name
+                )));
+            }
+        }
+        if self.approval_ttl_secs == 0 {
+            return Err(Error::Invalid(
+                "approval_ttl_secs must be at least 1".into(),
+            ));
+        }
+        if let Some(url) = &self.approval_webhook_url {
+            if !url.starts_with("http://") {
+                return Err(Error::Invalid(format!(
+                    "approval_webhook_url must be an http:// URL, got {url:?}"
                 )));
             }
         }

@@ -5,11 +5,13 @@
 //! the `bridle` binary is [`cli`]. Everything testable lives here.
 
 pub mod api;
+pub mod approvals;
 pub mod artifacts;
 pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod guard;
 pub mod policy;
 pub mod runs;
 pub mod runtime;
@@ -21,8 +23,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bridle_proto::control::v1::{
-    admin_server::AdminServer, audit_server::AuditServer, runs_server::RunsServer,
-    sandboxes_server::SandboxesServer,
+    admin_server::AdminServer, approvals_server::ApprovalsServer, audit_server::AuditServer,
+    runs_server::RunsServer, sandboxes_server::SandboxesServer,
 };
 
 use crate::config::Config;
@@ -105,12 +107,44 @@ pub async fn run(
     tracing::info!(%addr, instance, data_dir = %data_dir.display(), "control plane serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let policies = policy::Policies::load(store_pool.clone())
+        .await
+        .context("loading the policy set in force")?;
+    tracing::info!(version = policies.engine.current().1, "policy set in force");
+    let approvals = approvals::Approvals::new(
+        store_pool.clone(),
+        audit_log.clone(),
+        Duration::from_secs(config.approval_ttl_secs),
+        config.approval_webhook_url.clone(),
+    );
+    let guard = guard::Guard {
+        policies: policies.clone(),
+        approvals: approvals.clone(),
+        audit: audit_log.clone(),
+    };
+    // Pending approvals past their time expire even when nobody waits on them.
+    tokio::spawn({
+        let approvals = approvals.clone();
+        let mut stop = stop_rx.clone();
+        async move {
+            loop {
+                if let Err(e) = approvals.expire_due().await {
+                    tracing::warn!("expiring approvals: {e}");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    });
     let runner = runs::executor::Runner::new(
         run_events,
         sandboxes.clone(),
         config.max_running_runs,
         config.max_running_runs_per_owner,
         sealer,
+        guard.clone(),
         stop_rx.clone(),
     );
     runner.release_leftover_sandboxes().await;
@@ -145,22 +179,26 @@ pub async fn run(
     let sandboxes_api = api::sandboxes::SandboxesApi {
         auth: auth.clone(),
         sandboxes: sandboxes.clone(),
+        guard: guard.clone(),
         shutdown: stop_rx.clone(),
     };
     let runs_api = api::runs::RunsApi {
         auth: auth.clone(),
         runner,
+        guard: guard.clone(),
     };
-    let policies = policy::Policies::load(store_pool.clone())
-        .await
-        .context("loading the policy set in force")?;
-    tracing::info!(version = policies.engine.current().1, "policy set in force");
+    let approvals_api = api::approvals::ApprovalsApi {
+        auth: auth.clone(),
+        guard: guard.clone(),
+        shutdown: stop_rx.clone(),
+    };
     if let Some(path) = config.policy_file.clone() {
         tokio::spawn(policies.clone().follow_file(path, stop_rx.clone()));
     }
     let admin_api = api::admin::AdminApi {
         auth: auth.clone(),
         policies,
+        guard: guard.clone(),
     };
 
     let grace = Duration::from_secs(config.shutdown_grace_secs);
@@ -194,6 +232,7 @@ pub async fn run(
         )
         .add_service(AdminServer::new(admin_api))
         .add_service(RunsServer::new(runs_api))
+        .add_service(ApprovalsServer::new(approvals_api))
         .add_service(AuditServer::new(api::audit::AuditApi {
             auth: auth.clone(),
             log: audit_log,

@@ -31,6 +31,15 @@ pub enum Network {
     Bridge,
 }
 
+impl Network {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Network::None => "none",
+            Network::Bridge => "bridge",
+        }
+    }
+}
+
 impl FromStr for Network {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {

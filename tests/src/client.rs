@@ -95,6 +95,8 @@ pub struct ExecResult {
     pub exited: Option<pb::ExecExited>,
     pub spawn_failed: Option<pb::SpawnFailed>,
     pub keepalives: u32,
+    /// The approval the exec waited for, if the control plane said so.
+    pub approval_pending: Option<pb::ApprovalPending>,
     /// Offset after the last output byte seen.
     pub next_offset: u64,
 }
@@ -163,6 +165,7 @@ pub fn apply(r: &mut ExecResult, ev: pb::ExecEvent) {
         Some(Event::Exited(e)) => r.exited = Some(e),
         Some(Event::SpawnFailed(f)) => r.spawn_failed = Some(f),
         Some(Event::Keepalive(_)) => r.keepalives += 1,
+        Some(Event::ApprovalPending(a)) => r.approval_pending = Some(a),
         None => {}
     }
 }

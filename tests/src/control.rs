@@ -14,6 +14,7 @@ pub type Sandboxes = pb::sandboxes_client::SandboxesClient<InterceptedService<Ch
 pub type Admin = pb::admin_client::AdminClient<InterceptedService<Channel, Bearer>>;
 pub type Runs = pb::runs_client::RunsClient<InterceptedService<Channel, Bearer>>;
 pub type Audit = pb::audit_client::AuditClient<InterceptedService<Channel, Bearer>>;
+pub type Approvals = pb::approvals_client::ApprovalsClient<InterceptedService<Channel, Bearer>>;
 
 /// Adds `authorization: Bearer <token>` (nothing for an empty token).
 #[derive(Clone)]
@@ -193,6 +194,13 @@ impl ControlPlane {
         ))
     }
 
+    pub async fn approvals(&self, token: &str) -> anyhow::Result<Approvals> {
+        Ok(pb::approvals_client::ApprovalsClient::with_interceptor(
+            self.channel().await?,
+            Bearer::new(token),
+        ))
+    }
+
     /// A new token with `role` acting for `owner`; answers its secret.
     pub async fn token(&self, role: pb::Role, owner: &str) -> anyhow::Result<String> {
         let mut admin = self.admin(&self.admin_token).await?;
@@ -339,7 +347,7 @@ pub fn inspect(sandbox_id: &str, format: &str) -> String {
         .unwrap_or_default()
 }
 
-fn start_request(
+pub fn start_request(
     sandbox_id: &str,
     exec: bridle_proto::sandbox::v1::ExecStart,
     detach: bool,

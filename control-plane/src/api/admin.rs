@@ -9,6 +9,7 @@ use crate::store::TokenRecord;
 pub struct AdminApi {
     pub auth: Auth,
     pub policies: crate::policy::Policies,
+    pub guard: crate::guard::Guard,
 }
 
 fn problems_pb(problems: Vec<crate::policy::Problem>) -> Vec<pb::PolicyProblem> {
@@ -213,6 +214,21 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::PolicyInfo>, Status> {
         let principal = self.auth.authenticate(request.metadata())?;
         principal.require_admin()?;
+        let (_, version) = self.policies.engine.current();
+        let resource = crate::policy::Resource {
+            kind: crate::policy::ResourceKind::PolicySet,
+            id: format!("policy-v{version}"),
+            owner: String::new(),
+        };
+        self.guard
+            .authorize(
+                &request,
+                &principal,
+                crate::policy::Action::PolicyChange,
+                &resource,
+                &crate::policy::Facts::default(),
+            )
+            .await?;
         let req = request.into_inner();
         use crate::policy::Refusal;
         let next = self

@@ -191,7 +191,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         // The ready service goes to this call; a clone waits for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -206,6 +206,10 @@ where
             .to_string();
         let principal = self.layer.auth.authenticate_headers(req.headers()).ok();
         let request_id = crate::random_hex(8);
+        // The handler notes what it decided (resource, decision, policy
+        // version) for this entry.
+        let note = crate::guard::AuditNote::new(request_id.clone());
+        req.extensions_mut().insert(note.clone());
         let log = self.layer.log.clone();
         Box::pin(async move {
             let mut response = inner.call(req).await?;
@@ -228,6 +232,7 @@ where
                 owner: String::new(),
             });
             let authenticated = !p.token_id.is_empty();
+            let decided = note.get();
             log.record(Entry {
                 unix_ms: crate::now_ms(),
                 request_id,
@@ -240,6 +245,9 @@ where
                 principal: p.name,
                 owner: p.owner,
                 action,
+                resource: decided.resource,
+                decision: decided.decision,
+                policy_version: decided.policy_version,
                 outcome,
                 ..Entry::default()
             });

@@ -3,6 +3,7 @@
 //! and every domain error is mapped to a status by one function.
 
 pub mod admin;
+pub mod approvals;
 pub mod audit;
 pub mod runs;
 pub mod sandboxes;

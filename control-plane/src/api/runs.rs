@@ -20,6 +20,7 @@ use crate::sandboxes::Network;
 pub struct RunsApi<R: Runtime> {
     pub auth: Auth,
     pub runner: Runner<R, SqlEvents>,
+    pub guard: crate::guard::Guard,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -44,6 +45,7 @@ fn state_pb(s: RunState) -> pb::RunState {
         RunState::Failed => pb::RunState::Failed,
         RunState::Cancelled => pb::RunState::Cancelled,
         RunState::Interrupted => pb::RunState::Interrupted,
+        RunState::AwaitingApproval => pb::RunState::AwaitingApproval,
     }
 }
 
@@ -152,16 +154,43 @@ pub fn run_pb(id: &str, v: &RunView, created_unix_ms: i64, finished_unix_ms: i64
                 size_bytes: a.size_bytes,
             })
             .collect(),
+        approval_id: v
+            .awaiting
+            .as_ref()
+            .map(|(id, _)| id.clone())
+            .unwrap_or_default(),
     }
 }
 
 pub fn event_pb(run_id: &str, e: &StoredEvent) -> pb::RunEvent {
     use pb::run_event::Event as P;
     let event = match &e.event {
+        Event::ApprovalRequested { approval_id, step } => {
+            P::ApprovalRequested(pb::RunApprovalRequested {
+                approval_id: approval_id.clone(),
+                step: step.unwrap_or(0),
+                for_network: step.is_none(),
+            })
+        }
+        Event::ApprovalDecided {
+            approval_id,
+            step,
+            outcome,
+            by,
+            reason,
+        } => P::ApprovalDecided(pb::RunApprovalDecided {
+            approval_id: approval_id.clone(),
+            step: step.unwrap_or(0),
+            for_network: step.is_none(),
+            outcome: outcome.clone(),
+            by: by.clone(),
+            reason: reason.clone(),
+        }),
         Event::Submitted {
             owner,
             idempotency_key,
             job,
+            ..
         } => P::Submitted(pb::RunSubmitted {
             owner: owner.clone(),
             idempotency_key: idempotency_key.clone(),
@@ -276,7 +305,7 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
     ) -> Result<Response<pb::Run>, Status> {
         let principal = self.auth.authenticate(request.metadata())?;
         principal.require_write()?;
-        let req = request.into_inner();
+        let req = request.get_ref().clone();
         let key = req.idempotency_key.trim().to_string();
         if key.is_empty() || key.len() > 200 {
             return Err(Status::invalid_argument(
@@ -296,10 +325,53 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
                 .map_err(|e| run_status(e.into()))?;
         }
         let run_id = format!("run-{}", crate::random_hex(8));
+        // The run as a whole; each step is decided again when it starts.
+        let facts = crate::policy::Facts {
+            image: submitted.job.image.clone().unwrap_or_default(),
+            network: submitted
+                .job
+                .network
+                .map(|n| n.as_str().to_string())
+                .unwrap_or_default(),
+            memory_bytes: submitted.job.memory_bytes.unwrap_or(0),
+            cpu_millis: submitted.job.cpu_millis.unwrap_or(0),
+            pids: submitted.job.pids.unwrap_or(0),
+            run_id: run_id.clone(),
+            labels: submitted
+                .job
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            ..Default::default()
+        };
+        let resource = crate::policy::Resource {
+            kind: crate::policy::ResourceKind::Run,
+            id: run_id.clone(),
+            owner: principal.owner.clone(),
+        };
+        let verdict = self.guard.decide(
+            &crate::guard::note_of(&request),
+            &principal,
+            crate::policy::Action::RunSubmit,
+            &resource,
+            &facts,
+        );
+        if verdict.decision == crate::policy::Decision::Deny {
+            return Err(Status::permission_denied(format!(
+                "policy denies run.submit: {} (policy version {})",
+                verdict.reason, verdict.policy_version
+            )));
+        }
         let first = Event::Submitted {
             owner: principal.owner.clone(),
             idempotency_key: key.clone(),
             job: Box::new(submitted.job),
+            by: crate::runs::events::Submitter {
+                token_id: principal.token_id.clone(),
+                name: principal.name.clone(),
+                role: principal.role.as_str().to_string(),
+            },
         };
         let Event::Submitted { job, .. } = &first else {
             unreachable!("built just above")

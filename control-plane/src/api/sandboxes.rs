@@ -12,7 +12,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::sandbox_status;
-use crate::auth::Auth;
+use crate::auth::{Auth, Principal};
+use crate::guard::{approval_of, note_of, Cleared, Guard};
+use crate::policy::{Action, Facts, Resource, ResourceKind};
 use crate::runtime::Runtime;
 use crate::sandboxes::{CreateRequest, Network, SandboxState, Sandboxes};
 use crate::store::{SandboxRecord, SnapshotRecord};
@@ -20,6 +22,7 @@ use crate::store::{SandboxRecord, SnapshotRecord};
 pub struct SandboxesApi<R: Runtime> {
     pub auth: Auth,
     pub sandboxes: Sandboxes<R>,
+    pub guard: Guard,
     /// Flips to true when the server shuts down: open exec streams end with
     /// UNAVAILABLE and leave their commands running.
     pub shutdown: watch::Receiver<bool>,
@@ -114,6 +117,46 @@ fn snapshot_pb(s: SnapshotRecord) -> pb::SnapshotInfo {
     }
 }
 
+/// The policy resource for an existing sandbox.
+fn sandbox_resource(r: &SandboxRecord) -> Resource {
+    Resource {
+        kind: ResourceKind::Sandbox,
+        id: r.id.clone(),
+        owner: r.owner.clone().unwrap_or_default(),
+    }
+}
+
+/// What policy knows of a sandbox, before the facts of one action.
+fn sandbox_facts(r: &SandboxRecord) -> Facts {
+    Facts {
+        image: r.spec.image.clone(),
+        network: r.spec.network.as_str().to_string(),
+        memory_bytes: r.spec.memory_bytes,
+        cpu_millis: r.spec.cpu_millis,
+        pids: r.spec.pids,
+        labels: r
+            .spec
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        ..Facts::default()
+    }
+}
+
+/// An exec's command as policy sees it: argv (a shell string as
+/// `/bin/sh -c …`) and one line.
+pub fn command_facts(exec: &agent_pb::ExecStart) -> (Vec<String>, String) {
+    if exec.shell.is_empty() {
+        (exec.argv.clone(), exec.argv.join(" "))
+    } else {
+        (
+            vec!["/bin/sh".into(), "-c".into(), exec.shell.clone()],
+            exec.shell.clone(),
+        )
+    }
+}
+
 fn required(field: &str, value: &str) -> Result<(), Status> {
     if value.is_empty() {
         Err(Status::invalid_argument(format!("{field} is required")))
@@ -132,6 +175,76 @@ fn with_deadline<T>(from: &tonic::metadata::MetadataMap, msg: T) -> Request<T> {
     req
 }
 
+impl<R: Runtime> SandboxesApi<R> {
+    /// `sandbox.create`, and `network` when the sandbox would have one, on
+    /// the spec as it will be made (defaults filled in).
+    async fn authorize_create<T>(
+        &self,
+        request: &Request<T>,
+        principal: &Principal,
+        req: &CreateRequest,
+    ) -> Result<(), Status> {
+        let spec = self.sandboxes.resolve_spec(req).map_err(sandbox_status)?;
+        let resource = Resource {
+            kind: ResourceKind::Sandbox,
+            id: "new".into(),
+            owner: principal.owner.clone(),
+        };
+        let facts = Facts {
+            image: spec.image.clone(),
+            network: spec.network.as_str().to_string(),
+            memory_bytes: spec.memory_bytes,
+            cpu_millis: spec.cpu_millis,
+            pids: spec.pids,
+            labels: spec
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            ..Facts::default()
+        };
+        self.guard
+            .authorize(request, principal, Action::SandboxCreate, &resource, &facts)
+            .await?;
+        if spec.network != Network::None {
+            self.guard
+                .authorize(request, principal, Action::Network, &resource, &facts)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Decides `action` on an existing sandbox of the caller's.
+    async fn authorize_on<T>(
+        &self,
+        request: &Request<T>,
+        principal: &Principal,
+        sandbox_id: &str,
+        action: Action,
+        path: &str,
+    ) -> Result<SandboxRecord, Status> {
+        let record = self
+            .sandboxes
+            .get(principal, sandbox_id)
+            .await
+            .map_err(sandbox_status)?;
+        let facts = Facts {
+            path: path.to_string(),
+            ..sandbox_facts(&record)
+        };
+        self.guard
+            .authorize(
+                request,
+                principal,
+                action,
+                &sandbox_resource(&record),
+                &facts,
+            )
+            .await?;
+        Ok(record)
+    }
+}
+
 #[tonic::async_trait]
 impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
     async fn create(
@@ -139,7 +252,8 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         request: Request<pb::CreateSandboxRequest>,
     ) -> Result<Response<pb::Sandbox>, Status> {
         let principal = self.auth.authenticate(request.metadata())?;
-        let req = CreateRequest::try_from(request.into_inner())?;
+        let req = CreateRequest::try_from(request.get_ref().clone())?;
+        self.authorize_create(&request, &principal, &req).await?;
         let record = self
             .sandboxes
             .create(&principal, req)
@@ -233,6 +347,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
     ) -> Result<Response<Self::ExecStream>, Status> {
         let principal = self.auth.authenticate(request.metadata())?;
         let metadata = request.metadata().clone();
+        let note = note_of(&request);
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("the exec stream ended before a start message")
@@ -251,90 +366,136 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
             .usable(&principal, &start.sandbox_id)
             .await
             .map_err(sandbox_status)?;
-        for (k, v) in record.spec.env {
-            exec.env.entry(k).or_insert(v);
+        for (k, v) in &record.spec.env {
+            exec.env.entry(k.clone()).or_insert(v.clone());
         }
         // An id of our own, so the exec can be stopped when the client leaves.
         if exec.exec_id.is_empty() {
             exec.exec_id = format!("x-{}", crate::random_hex(8));
         }
         let exec_id = exec.exec_id.clone();
+        let used_by = format!("exec:{}:{exec_id}", start.sandbox_id);
+        let resource = sandbox_resource(&record);
+        let (argv, command) = command_facts(&exec);
+        let facts = Facts {
+            argv,
+            command,
+            ..sandbox_facts(&record)
+        };
+        let cleared = self
+            .guard
+            .clear(
+                &note,
+                &principal,
+                Action::Exec,
+                &resource,
+                &facts,
+                approval_of(&metadata).as_deref(),
+                &used_by,
+            )
+            .await?;
         let (to_agent, agent_rx) = mpsc::channel(16);
         let _ = to_agent
             .send(agent_pb::ExecRequest {
                 request: Some(agent_pb::exec_request::Request::Start(exec)),
             })
             .await;
-        let mut events = agent
-            .exec(with_deadline(&metadata, ReceiverStream::new(agent_rx)))
-            .await?
-            .into_inner();
-        // Client → agent. The client's side ending ends the agent's (which
-        // closes stdin), exactly as if the client talked to the agent. It
-        // lives no longer than the answer: dropping the request stream
-        // resets it, so the connection can close.
-        let pump = AbortOnDrop(tokio::spawn(async move {
-            while let Ok(Some(msg)) = inbound.message().await {
-                use agent_pb::exec_request::Request as A;
-                use pb::exec_request::Request as C;
-                let forwarded = match msg.request {
-                    Some(C::Stdin(d)) => A::Stdin(d),
-                    Some(C::CloseStdin(c)) => A::CloseStdin(c),
-                    Some(C::Signal(s)) => A::Signal(s),
-                    Some(C::Resize(r)) => A::Resize(r),
-                    Some(C::Start(_)) | None => continue,
-                };
-                let msg = agent_pb::ExecRequest {
-                    request: Some(forwarded),
-                };
-                if to_agent.send(msg).await.is_err() {
-                    break;
-                }
-            }
-        }));
-        // Agent → client, watching for the client going away.
         let (tx, rx) = mpsc::channel(16);
-        let guard = self.sandboxes.stream_guard(&start.sandbox_id);
-        let mut shutdown = self.shutdown.clone();
+        let stream_guard = self.sandboxes.stream_guard(&start.sandbox_id);
+        let shutdown = self.shutdown.clone();
         let detach = start.detach;
+        let Cleared::Pending(approval) = cleared else {
+            let events = agent
+                .exec(with_deadline(&metadata, ReceiverStream::new(agent_rx)))
+                .await?
+                .into_inner();
+            tokio::spawn(forward(
+                events,
+                inbound,
+                to_agent,
+                tx,
+                agent,
+                stream_guard,
+                shutdown,
+                detach,
+                exec_id,
+            ));
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        };
+        // The stream opens now and says what it waits for; the command
+        // starts only once the approval is granted, and never if the client
+        // leaves first (the approval stays, usable by a new Exec that
+        // carries its id).
+        let guard = self.guard.clone();
+        let sha = crate::approvals::action_hash(&principal, Action::Exec, &resource, &facts);
         tokio::spawn(async move {
-            let _guard = guard;
-            let _pump = pump;
-            let mut finished = false;
-            loop {
-                tokio::select! {
-                    event = events.message() => match event {
-                        Ok(Some(ev)) => {
-                            use agent_pb::exec_event::Event;
-                            finished |= matches!(ev.event, Some(Event::Exited(_)) | Some(Event::SpawnFailed(_)));
-                            if tx.send(Ok(ev)).await.is_err() {
-                                break;
-                            }
-                        }
-                        Ok(None) => return,
-                        Err(status) => {
-                            let _ = tx.send(Err(status)).await;
-                            return;
-                        }
+            let mut stop = shutdown.clone();
+            let pending = agent_pb::ExecEvent {
+                event: Some(agent_pb::exec_event::Event::ApprovalPending(
+                    agent_pb::ApprovalPending {
+                        approval_id: approval.id.clone(),
+                        reason: approval.policy_reason.clone(),
+                        expires_unix_ms: approval.expires_unix_ms,
                     },
-                    _ = tx.closed() => break,
-                    _ = shutdown.changed() => {
-                        let _ = tx.send(Err(Status::unavailable(format!(
-                            "the control plane is shutting down; exec {exec_id} keeps running: re-attach with its exec_id"
-                        )))).await;
-                        return;
-                    }
-                }
+                )),
+            };
+            if tx.send(Ok(pending)).await.is_err() {
+                return;
             }
-            if !finished && !detach {
-                tracing::info!(exec_id, "client went away: stopping the command tree");
-                let _ = agent
-                    .signal(agent_pb::SignalRequest {
+            let decided = tokio::select! {
+                a = guard.approvals.wait(&approval.id) => a,
+                _ = tx.closed() => return,
+                _ = stop.changed() => {
+                    let _ = tx.send(Err(Status::unavailable(format!(
+                        "the control plane is shutting down; approval {} stays pending: once approved, exec again with the header {}: {}",
+                        approval.id, crate::guard::APPROVAL_HEADER, approval.id
+                    )))).await;
+                    return;
+                }
+            };
+            let go = match decided {
+                Ok(a) if a.state() == crate::approvals::State::Approved => guard
+                    .approvals
+                    .consume(&a.id, &sha, &used_by)
+                    .await
+                    .map_err(crate::guard::refusal_status),
+                Ok(a) if a.state() == crate::approvals::State::Expired => {
+                    Err(Status::permission_denied(format!(
+                        "approval {} expired with nobody deciding",
+                        a.id
+                    )))
+                }
+                Ok(a) => Err(Status::permission_denied(format!(
+                    "approval {} was denied by {}: {}",
+                    a.id, a.decided_by, a.decision_reason
+                ))),
+                Err(e) => Err(crate::guard::refusal_status(e)),
+            };
+            if let Err(status) = go {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+            match agent
+                .exec(with_deadline(&metadata, ReceiverStream::new(agent_rx)))
+                .await
+            {
+                Ok(events) => {
+                    forward(
+                        events.into_inner(),
+                        inbound,
+                        to_agent,
+                        tx,
+                        agent,
+                        stream_guard,
+                        shutdown,
+                        detach,
                         exec_id,
-                        signal: 0,
-                        kill_tree: true,
-                    })
-                    .await;
+                    )
+                    .await
+                }
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -381,13 +542,28 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
     ) -> Result<Response<Self::ReadFileStream>, Status> {
         let principal = self.auth.authenticate(request.metadata())?;
         let metadata = request.metadata().clone();
+        let note = note_of(&request);
         let req = request.into_inner();
         required("sandbox_id", &req.sandbox_id)?;
-        let (_, mut agent) = self
+        let (record, mut agent) = self
             .sandboxes
             .usable(&principal, &req.sandbox_id)
             .await
             .map_err(sandbox_status)?;
+        let facts = Facts {
+            path: req.path.clone(),
+            ..sandbox_facts(&record)
+        };
+        self.guard
+            .authorize_parts(
+                &note,
+                &metadata,
+                &principal,
+                Action::FileRead,
+                &sandbox_resource(&record),
+                &facts,
+            )
+            .await?;
         let chunks = agent
             .read_file(with_deadline(
                 &metadata,
@@ -408,6 +584,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
     ) -> Result<Response<agent_pb::WriteFileResponse>, Status> {
         let principal = self.auth.authenticate(request.metadata())?;
         let metadata = request.metadata().clone();
+        let note = note_of(&request);
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -422,11 +599,25 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         let file = header
             .file
             .ok_or_else(|| Status::invalid_argument("header.file is required"))?;
-        let (_, mut agent) = self
+        let (record, mut agent) = self
             .sandboxes
             .usable(&principal, &header.sandbox_id)
             .await
             .map_err(sandbox_status)?;
+        let facts = Facts {
+            path: file.path.clone(),
+            ..sandbox_facts(&record)
+        };
+        self.guard
+            .authorize_parts(
+                &note,
+                &metadata,
+                &principal,
+                Action::FileWrite,
+                &sandbox_resource(&record),
+                &facts,
+            )
+            .await?;
         let (tx, rx) = mpsc::channel(4);
         let _ = tx
             .send(agent_pb::WriteFileRequest {
@@ -476,8 +667,14 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         request: Request<pb::SnapshotRequest>,
     ) -> Result<Response<pb::SnapshotInfo>, Status> {
         let principal = self.auth.authenticate(request.metadata())?;
+        required("sandbox_id", &request.get_ref().sandbox_id)?;
+        let (id, path) = (
+            request.get_ref().sandbox_id.clone(),
+            request.get_ref().path.clone(),
+        );
+        self.authorize_on(&request, &principal, &id, Action::Snapshot, &path)
+            .await?;
         let req = request.into_inner();
-        required("sandbox_id", &req.sandbox_id)?;
         let compression = match agent_pb::Compression::try_from(req.compression) {
             Ok(agent_pb::Compression::Unspecified) => agent_pb::Compression::Zstd,
             Ok(c) => c,
@@ -538,8 +735,26 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         request: Request<pb::ForkRequest>,
     ) -> Result<Response<pb::Sandbox>, Status> {
         let principal = self.auth.authenticate(request.metadata())?;
+        required("sandbox_id", &request.get_ref().sandbox_id)?;
+        // A fork is a snapshot of the parent and a new sandbox like it.
+        let id = request.get_ref().sandbox_id.clone();
+        let parent = self
+            .authorize_on(&request, &principal, &id, Action::Snapshot, "")
+            .await?;
+        let like = CreateRequest {
+            image: Some(parent.spec.image.clone()),
+            memory_bytes: Some(parent.spec.memory_bytes),
+            cpu_millis: Some(parent.spec.cpu_millis),
+            pids: Some(parent.spec.pids),
+            network: Some(parent.spec.network),
+            env: parent.spec.env.clone(),
+            labels: request.get_ref().labels.clone().into_iter().collect(),
+            ttl_secs: request.get_ref().ttl_seconds,
+            idle_timeout_secs: 0,
+            from_snapshot: None,
+        };
+        self.authorize_create(&request, &principal, &like).await?;
         let req = request.into_inner();
-        required("sandbox_id", &req.sandbox_id)?;
         let r = self
             .sandboxes
             .fork(
@@ -580,5 +795,81 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<S::Item>> {
         Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+/// Carries an exec both ways: the client's later messages (stdin, signals,
+/// resizes) to the agent, the agent's events to the client. The client's
+/// side ending ends the agent's (which closes stdin), exactly as if the
+/// client talked to the agent; a client that leaves before the command
+/// exits has its command tree stopped unless it asked for a detached exec.
+#[allow(clippy::too_many_arguments)]
+async fn forward<R: Runtime>(
+    mut events: Streaming<agent_pb::ExecEvent>,
+    mut inbound: Streaming<pb::ExecRequest>,
+    to_agent: mpsc::Sender<agent_pb::ExecRequest>,
+    tx: mpsc::Sender<Result<agent_pb::ExecEvent, Status>>,
+    mut agent: crate::sandboxes::Agent,
+    _stream_guard: crate::sandboxes::StreamGuard<R>,
+    mut shutdown: watch::Receiver<bool>,
+    detach: bool,
+    exec_id: String,
+) {
+    // Lives no longer than the answer: dropping the request stream resets
+    // it, so the connection can close.
+    let _pump = AbortOnDrop(tokio::spawn(async move {
+        while let Ok(Some(msg)) = inbound.message().await {
+            use agent_pb::exec_request::Request as A;
+            use pb::exec_request::Request as C;
+            let forwarded = match msg.request {
+                Some(C::Stdin(d)) => A::Stdin(d),
+                Some(C::CloseStdin(c)) => A::CloseStdin(c),
+                Some(C::Signal(s)) => A::Signal(s),
+                Some(C::Resize(r)) => A::Resize(r),
+                Some(C::Start(_)) | None => continue,
+            };
+            let msg = agent_pb::ExecRequest {
+                request: Some(forwarded),
+            };
+            if to_agent.send(msg).await.is_err() {
+                break;
+            }
+        }
+    }));
+    let mut finished = false;
+    loop {
+        tokio::select! {
+            event = events.message() => match event {
+                Ok(Some(ev)) => {
+                    use agent_pb::exec_event::Event;
+                    finished |= matches!(ev.event, Some(Event::Exited(_)) | Some(Event::SpawnFailed(_)));
+                    if tx.send(Ok(ev)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => return,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            },
+            _ = tx.closed() => break,
+            _ = shutdown.changed() => {
+                let _ = tx.send(Err(Status::unavailable(format!(
+                    "the control plane is shutting down; exec {exec_id} keeps running: re-attach with its exec_id"
+                )))).await;
+                return;
+            }
+        }
+    }
+    if !finished && !detach {
+        tracing::info!(exec_id, "client went away: stopping the command tree");
+        let _ = agent
+            .signal(agent_pb::SignalRequest {
+                exec_id,
+                signal: 0,
+                kill_tree: true,
+            })
+            .await;
     }
 }

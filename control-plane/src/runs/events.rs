@@ -16,6 +16,8 @@ pub enum RunState {
     Failed,
     Cancelled,
     Interrupted,
+    /// Waiting for a human to decide an approval.
+    AwaitingApproval,
 }
 
 impl RunState {
@@ -28,6 +30,7 @@ impl RunState {
             RunState::Failed => "failed",
             RunState::Cancelled => "cancelled",
             RunState::Interrupted => "interrupted",
+            RunState::AwaitingApproval => "awaiting_approval",
         }
     }
 
@@ -40,6 +43,7 @@ impl RunState {
             "failed" => RunState::Failed,
             "cancelled" => RunState::Cancelled,
             "interrupted" => RunState::Interrupted,
+            "awaiting_approval" => RunState::AwaitingApproval,
             _ => return None,
         })
     }
@@ -70,6 +74,26 @@ pub enum Event {
         owner: String,
         idempotency_key: String,
         job: Box<Job>,
+        /// The token that submitted the run: policy decides its steps as
+        /// that principal, and it can never approve them itself.
+        #[serde(default)]
+        by: Submitter,
+    },
+    /// Policy asked for a human approval before a step (`step`) or before
+    /// the run's sandbox gets a network (`step` none).
+    ApprovalRequested {
+        approval_id: String,
+        step: Option<u32>,
+    },
+    /// The approval was decided (or expired); an approved one is used by
+    /// the action right after.
+    ApprovalDecided {
+        approval_id: String,
+        step: Option<u32>,
+        /// approved, denied or expired.
+        outcome: String,
+        by: String,
+        reason: String,
     },
     Provisioning,
     SandboxAssigned {
@@ -127,6 +151,14 @@ pub enum Event {
         state: RunState,
         reason: String,
     },
+}
+
+/// Who submitted a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submitter {
+    pub token_id: String,
+    pub name: String,
+    pub role: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +224,12 @@ pub struct RunView {
     pub reason: String,
     pub artifacts: Vec<Artifact>,
     pub last_seq: u64,
+    pub submitted_by: Submitter,
+    /// The approval the run waits for, and for which step (none: the
+    /// network).
+    pub awaiting: Option<(String, Option<u32>)>,
+    /// An approval granted and not yet used by its action.
+    pub approved: Option<(String, Option<u32>)>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -213,6 +251,7 @@ impl RunView {
             owner,
             idempotency_key,
             job,
+            by,
         } = first
         else {
             return Err(FoldError::NotSubmitted);
@@ -245,6 +284,9 @@ impl RunView {
             reason: String::new(),
             artifacts: Vec::new(),
             last_seq: 1,
+            submitted_by: by.clone(),
+            awaiting: None,
+            approved: None,
         };
         for (seq, event) in events {
             if seq != view.last_seq + 1 {
@@ -291,6 +333,9 @@ impl RunView {
                 self.sandbox_id = Some(sandbox_id.clone());
                 self.agent_boot_unix_ms = *agent_boot_unix_ms;
                 self.state = RunState::Running;
+                if matches!(self.approved, Some((_, None))) {
+                    self.approved = None;
+                }
             }
             Event::StepStarted {
                 step,
@@ -303,6 +348,32 @@ impl RunView {
                 s.exec_id = exec_id.clone();
                 s.agent_recorded = [0, 0];
                 self.state = RunState::Running;
+                if matches!(self.approved, Some((_, Some(a))) if a == *step) {
+                    self.approved = None;
+                }
+            }
+            Event::ApprovalRequested { approval_id, step } => {
+                if let Some(step) = step {
+                    self.step_mut(seq, *step)?;
+                }
+                self.awaiting = Some((approval_id.clone(), *step));
+                self.state = RunState::AwaitingApproval;
+            }
+            Event::ApprovalDecided {
+                approval_id,
+                step,
+                outcome,
+                ..
+            } => {
+                self.awaiting = None;
+                if outcome == "approved" {
+                    self.approved = Some((approval_id.clone(), *step));
+                }
+                self.state = if self.sandbox_id.is_some() {
+                    RunState::Running
+                } else {
+                    RunState::Provisioning
+                };
             }
             Event::StepOutput {
                 step,
@@ -358,6 +429,7 @@ impl RunView {
             Event::Finished { state, reason } => {
                 self.state = *state;
                 self.reason = reason.clone();
+                self.awaiting = None;
                 for s in &mut self.steps {
                     if s.state == StepState::Pending {
                         s.state = StepState::Skipped;
@@ -429,6 +501,7 @@ mod tests {
                 owner: "a".into(),
                 idempotency_key: "k".into(),
                 job: Box::new(job(3)),
+                by: Submitter::default(),
             },
             Event::Provisioning,
             Event::SandboxAssigned {
@@ -488,6 +561,7 @@ mod tests {
             owner: "a".into(),
             idempotency_key: "k".into(),
             job: Box::new(job(1)),
+            by: Submitter::default(),
         };
         let p = Event::Provisioning;
         assert_eq!(

@@ -61,6 +61,8 @@ struct Inner<R: Runtime, S: EventStore> {
     live: Mutex<HashMap<String, Arc<Live>>>,
     /// Opens the runs' sealed secrets.
     sealer: Sealer,
+    /// Decides each step (and a run's network) before it happens.
+    guard: crate::guard::Guard,
     queue: Mutex<super::queue::Queue>,
     wake: Notify,
     shutdown: watch::Receiver<bool>,
@@ -95,6 +97,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         max_running: usize,
         max_per_owner: usize,
         sealer: Sealer,
+        guard: crate::guard::Guard,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let runner = Self {
@@ -103,6 +106,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                 sandboxes,
                 live: Mutex::default(),
                 sealer,
+                guard,
                 queue: Mutex::new(super::queue::Queue::new(max_running, max_per_owner)),
                 wake: Notify::new(),
                 shutdown,
@@ -335,6 +339,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         if let Some(reason) = view.cancel_requested.clone() {
             return self.finish(run_id, view, RunState::Cancelled, reason).await;
         }
+        let mut cancel = self.live(run_id).cancel.subscribe();
         let secrets = match self.secrets(run_id, view).await? {
             Ok(values) => RunSecrets {
                 redactor: Redactor::new(values.values().map(String::as_str)),
@@ -351,6 +356,31 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         if view.sandbox_id.is_none() {
             if view.state == RunState::Queued {
                 self.record(run_id, view, Event::Provisioning).await?;
+            }
+            if view.job.network == Some(crate::sandboxes::Network::Bridge) {
+                let resource = crate::policy::Resource {
+                    kind: crate::policy::ResourceKind::Run,
+                    id: run_id.to_string(),
+                    owner: view.owner.clone(),
+                };
+                let facts = crate::policy::Facts {
+                    network: "bridge".into(),
+                    ..self.run_facts(run_id, view)
+                };
+                let cleared = self
+                    .clear(
+                        run_id,
+                        view,
+                        crate::policy::Action::Network,
+                        &resource,
+                        &facts,
+                        None,
+                        &mut cancel,
+                    )
+                    .await?;
+                if !cleared {
+                    return Ok(());
+                }
             }
             let labels = BTreeMap::from([(RUN_LABEL.to_string(), run_id.to_string())]);
             // A crash after the sandbox was made and before it was recorded
@@ -435,7 +465,6 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
             tracing::info!(run = %run_id, sandbox = %sandbox.id, "sandbox assigned");
         }
         let sandbox_id = view.sandbox_id.clone().expect("assigned above");
-        let mut cancel = self.live(run_id).cancel.subscribe();
 
         let mut failed: Option<String> = None;
         for index in 0..view.job.steps.len() {
@@ -465,6 +494,37 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                 }
                 let exec_id = format!("{run_id}-s{index}-a{attempt}");
                 if !resume {
+                    let resource = crate::policy::Resource {
+                        kind: crate::policy::ResourceKind::Sandbox,
+                        id: sandbox_id.clone(),
+                        owner: view.owner.clone(),
+                    };
+                    let (argv, command) = match &step.command {
+                        Command::Argv(a) => (a.clone(), a.join(" ")),
+                        Command::Shell(sh) => (
+                            vec!["/bin/sh".to_string(), "-c".to_string(), sh.clone()],
+                            sh.clone(),
+                        ),
+                    };
+                    let facts = crate::policy::Facts {
+                        argv,
+                        command,
+                        ..self.run_facts(run_id, view)
+                    };
+                    let cleared = self
+                        .clear(
+                            run_id,
+                            view,
+                            crate::policy::Action::Exec,
+                            &resource,
+                            &facts,
+                            Some(index as u32),
+                            &mut cancel,
+                        )
+                        .await?;
+                    if !cleared {
+                        return Ok(());
+                    }
                     self.record(
                         run_id,
                         view,
@@ -594,6 +654,213 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         }
         self.finish(run_id, view, RunState::Succeeded, String::new())
             .await
+    }
+
+    /// The principal policy decides a run's actions as: the token that
+    /// submitted it (runs from before that was recorded: a submitter of the
+    /// run's owner).
+    fn submitter(view: &RunView) -> Principal {
+        let by = &view.submitted_by;
+        Principal {
+            token_id: if by.token_id.is_empty() {
+                format!("owner:{}", view.owner)
+            } else {
+                by.token_id.clone()
+            },
+            name: by.name.clone(),
+            role: by.role.parse().unwrap_or(Role::Submitter),
+            owner: view.owner.clone(),
+        }
+    }
+
+    /// The facts every decision about a run shares.
+    fn run_facts(&self, run_id: &str, view: &RunView) -> crate::policy::Facts {
+        crate::policy::Facts {
+            image: view.job.image.clone().unwrap_or_default(),
+            network: view
+                .job
+                .network
+                .map(|n| n.as_str().to_string())
+                .unwrap_or_default(),
+            memory_bytes: view.job.memory_bytes.unwrap_or(0),
+            cpu_millis: view.job.cpu_millis.unwrap_or(0),
+            pids: view.job.pids.unwrap_or(0),
+            run_id: run_id.to_string(),
+            labels: view
+                .job
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Decides one action of a run (a step's exec, `step` set; or the
+    /// network), recording the decision on the audit log before acting.
+    /// `require_approval` puts the run in `awaiting_approval` until the
+    /// approval is decided; on a restart it waits for the same approval.
+    /// Ok(true): go ahead; Ok(false): the run has ended (denied, not
+    /// approved, or cancelled meanwhile).
+    #[allow(clippy::too_many_arguments)]
+    async fn clear(
+        &self,
+        run_id: &str,
+        view: &mut RunView,
+        action: crate::policy::Action,
+        resource: &crate::policy::Resource,
+        facts: &crate::policy::Facts,
+        step: Option<u32>,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> Result<bool> {
+        use crate::approvals::State;
+        use crate::policy::Decision;
+        let principal = Self::submitter(view);
+        let approvals = &self.inner.guard.approvals;
+        let sha = crate::approvals::action_hash(&principal, action, resource, facts);
+        let what = match step {
+            Some(i) => format!("step {} ({})", i + 1, view.job.steps[i as usize].name),
+            None => "the run's network".to_string(),
+        };
+        // One use per step (or network) of this run: a retry after a crash
+        // may claim the same approval again, nothing else can.
+        let used_by = match step {
+            Some(i) => format!("{run_id}-s{i}"),
+            None => format!("{run_id}-network"),
+        };
+        let fail = |reason: String| (RunState::Failed, reason);
+        // Approved before a crash, not used yet.
+        if let Some((id, s)) = view.approved.clone() {
+            if s == step {
+                return match approvals.consume(&id, &sha, &used_by).await {
+                    Ok(_) => Ok(true),
+                    Err(e) => {
+                        let (state, reason) = fail(format!("{what}: {e}"));
+                        self.finish(run_id, view, state, reason).await?;
+                        Ok(false)
+                    }
+                };
+            }
+        }
+        let approval_id = match view.awaiting.clone() {
+            Some((id, s)) if s == step => id,
+            _ => {
+                let verdict = self
+                    .inner
+                    .guard
+                    .policies
+                    .engine
+                    .decide(&principal, action, resource, facts);
+                // On the record before anything is done about it.
+                let entry = crate::audit::Entry {
+                    unix_ms: crate::now_ms(),
+                    request_id: format!("{run_id}:{}", view.last_seq + 1),
+                    token_id: principal.token_id.clone(),
+                    principal: principal.name.clone(),
+                    role: principal.role.as_str().to_string(),
+                    owner: principal.owner.clone(),
+                    action: format!("run/{}", action.name()),
+                    resource: resource.id.clone(),
+                    decision: verdict.decision.as_str().to_string(),
+                    policy_version: verdict.policy_version,
+                    outcome: format!("{run_id} {what}: {}", verdict.reason),
+                    ..Default::default()
+                };
+                if let Err(e) = self.inner.guard.audit.append(entry).await {
+                    // Nothing happens that is not on the record.
+                    tracing::error!(run = %run_id, "audit: {e:#}");
+                    return Err(Error::Stopping);
+                }
+                match verdict.decision {
+                    Decision::Allow => return Ok(true),
+                    Decision::Deny => {
+                        let (state, reason) = fail(format!(
+                            "{what} is denied by policy: {} (policy version {})",
+                            verdict.reason, verdict.policy_version
+                        ));
+                        self.finish(run_id, view, state, reason).await?;
+                        return Ok(false);
+                    }
+                    Decision::RequireApproval => {
+                        let a = approvals
+                            .request(crate::approvals::Request {
+                                principal: &principal,
+                                action,
+                                resource,
+                                facts,
+                                verdict: &verdict,
+                                run: Some((run_id, step.unwrap_or(0))),
+                                request_id: &format!("{run_id}:{}", view.last_seq + 1),
+                            })
+                            .await
+                            .map_err(|e| Error::Store(e.into()))?;
+                        self.record(
+                            run_id,
+                            view,
+                            Event::ApprovalRequested {
+                                approval_id: a.id.clone(),
+                                step,
+                            },
+                        )
+                        .await?;
+                        tracing::info!(run = %run_id, approval = %a.id, "{what} awaits approval");
+                        a.id
+                    }
+                }
+            }
+        };
+        let mut stopping = self.inner.shutdown.clone();
+        let decided = tokio::select! {
+            a = approvals.wait(&approval_id) => a,
+            _ = cancel.changed() => {
+                let reason = view.cancel_requested.clone().unwrap_or_default();
+                self.finish(run_id, view, RunState::Cancelled, reason).await?;
+                return Ok(false);
+            }
+            _ = stopping.changed() => return Err(Error::Stopping),
+        };
+        let decided = match decided {
+            Ok(a) => a,
+            Err(e) => {
+                let (state, reason) = fail(format!("{what}: {e}"));
+                self.finish(run_id, view, state, reason).await?;
+                return Ok(false);
+            }
+        };
+        let outcome = decided.state().as_str().to_string();
+        self.record(
+            run_id,
+            view,
+            Event::ApprovalDecided {
+                approval_id: approval_id.clone(),
+                step,
+                outcome: outcome.clone(),
+                by: decided.decided_by.clone(),
+                reason: decided.decision_reason.clone(),
+            },
+        )
+        .await?;
+        if decided.state() != State::Approved {
+            let reason = match decided.state() {
+                State::Expired => format!(
+                    "{what} was not approved: approval {approval_id} expired with nobody deciding"
+                ),
+                _ => format!(
+                    "{what} was not approved: approval {approval_id} denied by {}: {}",
+                    decided.decided_by, decided.decision_reason
+                ),
+            };
+            self.finish(run_id, view, RunState::Failed, reason).await?;
+            return Ok(false);
+        }
+        match approvals.consume(&approval_id, &sha, &used_by).await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                self.finish(run_id, view, RunState::Failed, format!("{what}: {e}"))
+                    .await?;
+                Ok(false)
+            }
+        }
     }
 
     /// When the sandbox's agent started, from its uptime.

@@ -577,6 +577,7 @@ mod tests {
             owner: "a".into(),
             idempotency_key: "k1".into(),
             job: Box::new(crate::runs::events::tests_support::job(2)),
+            by: Default::default(),
         }
     }
 

@@ -684,6 +684,7 @@ fn submitted_event(owner: &str, key: &str) -> anyhow::Result<control_plane::runs
         owner: owner.into(),
         idempotency_key: key.into(),
         job: Box::new(job.job),
+        by: Default::default(),
     })
 }
 
