@@ -1005,7 +1005,10 @@ async fn audit_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
         "report",
         None,
     ));
-    anyhow::ensure!(log.verify().await?.ok(), "the benchmark's audit log does not verify");
+    anyhow::ensure!(
+        log.verify().await?.ok(),
+        "the benchmark's audit log does not verify"
+    );
 
     // On the request path of an exec: decide + queue the entry.
     let engine = Engine::new(DEFAULT_POLICIES, 1).map_err(|e| anyhow::anyhow!("{e:?}"))?;
