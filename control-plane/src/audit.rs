@@ -295,9 +295,13 @@ impl AuditLog {
 
     /// Every entry and checkpoint in order, as an export would hold them.
     pub async fn lines(&self) -> anyhow::Result<Vec<Line>> {
+        // Entries and checkpoints from one snapshot: read apart, a commit
+        // between the two reads would show a checkpoint naming an entry the
+        // first read did not see, as if the tail had been dropped.
+        let mut tx = self.pool.begin().await?;
         let rows: Vec<(i64, String, String, String)> =
             sqlx::query_as("SELECT seq, body, prev_hash, hash FROM audit_log ORDER BY seq")
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *tx)
                 .await?;
         let mut lines = Vec::with_capacity(rows.len());
         for (seq, body, prev_hash, hash) in rows {
@@ -317,8 +321,9 @@ impl AuditLog {
         let cps: Vec<(i64, String, i64, String)> = sqlx::query_as(
             "SELECT seq, hash, unix_ms, signature FROM audit_checkpoints ORDER BY seq",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         lines.extend(cps.into_iter().map(|(seq, hash, unix_ms, signature)| {
             Line::Checkpoint(Checkpoint {
                 seq: seq as u64,
