@@ -105,6 +105,18 @@ pub fn approval_of(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// PERMISSION_DENIED for a `deny` verdict, naming the action, the resource,
+/// the policy and its version.
+pub fn denied_status(action: Action, resource: &Resource, verdict: &Verdict) -> Status {
+    Status::permission_denied(format!(
+        "policy denies {} on {}: {} (policy version {})",
+        action.name(),
+        resource.id,
+        verdict.reason,
+        verdict.policy_version
+    ))
+}
+
 pub fn refusal_status(r: approvals::Refusal) -> Status {
     use approvals::Refusal as R;
     match r {
@@ -178,13 +190,7 @@ impl Guard {
         let verdict = self.decide(note, principal, action, resource, facts);
         match verdict.decision {
             Decision::Allow => Ok(Cleared::Allowed),
-            Decision::Deny => Err(Status::permission_denied(format!(
-                "policy denies {} on {}: {} (policy version {})",
-                action.name(),
-                resource.id,
-                verdict.reason,
-                verdict.policy_version
-            ))),
+            Decision::Deny => Err(denied_status(action, resource, &verdict)),
             Decision::RequireApproval => match approval {
                 Some(id) => {
                     let sha = approvals::action_hash(principal, action, resource, facts);

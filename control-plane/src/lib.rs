@@ -201,6 +201,7 @@ pub async fn run(
         guard: guard.clone(),
     };
 
+    let audit_at_stop = audit_log.clone();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -235,7 +236,7 @@ pub async fn run(
         .add_service(ApprovalsServer::new(approvals_api))
         .add_service(AuditServer::new(api::audit::AuditApi {
             auth: auth.clone(),
-            log: audit_log,
+            log: audit_log.clone(),
         }))
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY small answers wait on delayed ACKs (40 ms).
@@ -258,6 +259,20 @@ pub async fn run(
     }
     let _ = stop_tx.send(true);
     let _ = maintenance.await;
+    // The log's writer is first in, first written: once this entry is
+    // durable, so is every entry the calls before it queued.
+    if let Err(e) = audit_at_stop
+        .append(audit::Entry {
+            unix_ms: now_ms(),
+            principal: "control-plane".into(),
+            action: "control-plane.stop".into(),
+            outcome: "ok".into(),
+            ..Default::default()
+        })
+        .await
+    {
+        tracing::error!("audit: the last entries may not be on disk: {e:#}");
+    }
     Ok(())
 }
 

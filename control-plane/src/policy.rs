@@ -157,35 +157,209 @@ impl std::fmt::Display for Problem {
 }
 
 struct Loaded {
-    policies: PolicySet,
-    /// Per action, the policies whose action scope can include it: a
-    /// request is evaluated against its slice only.
-    by_action: HashMap<Action, PolicySet>,
+    /// Each policy's name and approval annotation, read once (reading an
+    /// annotation parses its key).
+    labels: HashMap<cedar_policy::PolicyId, Label>,
+    /// Per action, the policies whose action scope can include it, each
+    /// with what it requires of the principal.
+    by_action: HashMap<Action, Vec<(cedar_policy::Policy, Vec<Requirement>)>>,
+    /// The sets a request is evaluated against, by action and by which of
+    /// the action's policies the principal can satisfy at all.
+    slices: RwLock<HashMap<SliceKey, Arc<PolicySet>>>,
     source: String,
     version: u64,
 }
+
+/// How a policy is named in a verdict, and why it asks for approval.
+struct Label {
+    /// Its `@id`, else Cedar's id.
+    name: String,
+    approval: Option<String>,
+}
+
+/// An action, and a bit set on each of its policies the principal can
+/// satisfy.
+type SliceKey = (Action, Vec<u64>);
+
+/// Distinct slices kept before the cache starts over (each is a handful of
+/// `Arc`s per policy; a deployment has one per tenant-and-role mix).
+const SLICES_KEPT: usize = 4096;
 
 impl Loaded {
     fn new(policies: PolicySet, source: &str, version: u64) -> Self {
         let by_action = Action::ALL
             .into_iter()
             .map(|action| {
-                let mut slice = PolicySet::new();
-                for p in policies.policies().filter(|p| may_apply(p, action)) {
-                    slice
-                        .add(p.clone())
-                        .expect("ids are unique in the whole set");
-                }
-                (action, slice)
+                let policies = policies
+                    .policies()
+                    .filter(|p| may_apply(p, action))
+                    .map(|p| (p.clone(), requirements(p)))
+                    .collect();
+                (action, policies)
+            })
+            .collect();
+        let labels = policies
+            .policies()
+            .map(|p| {
+                let label = Label {
+                    name: p
+                        .annotation("id")
+                        .map_or_else(|| p.id().to_string(), str::to_string),
+                    approval: p.annotation("approval").map(str::to_string),
+                };
+                (p.id().clone(), label)
             })
             .collect();
         Self {
-            policies,
+            labels,
             by_action,
+            slices: RwLock::new(HashMap::new()),
             source: source.to_string(),
             version,
         }
     }
+
+    /// The policies of `action` that `principal` can satisfy: the rest
+    /// have a condition that is false for it whatever the request, so
+    /// leaving them out changes no decision and saves evaluating them.
+    fn slice(&self, action: Action, principal: &Principal) -> Arc<PolicySet> {
+        let policies = &self.by_action[&action];
+        let mut mask = vec![0u64; policies.len().div_ceil(64)];
+        for (i, (_, needs)) in policies.iter().enumerate() {
+            if needs.iter().all(|r| r.holds_for(principal)) {
+                mask[i / 64] |= 1 << (i % 64);
+            }
+        }
+        let key = (action, mask);
+        if let Some(slice) = self.slices.read().expect("slice lock").get(&key) {
+            return slice.clone();
+        }
+        let mut slice = PolicySet::new();
+        for (i, (p, _)) in policies.iter().enumerate() {
+            if key.1[i / 64] & (1 << (i % 64)) != 0 {
+                slice
+                    .add(p.clone())
+                    .expect("ids are unique in the whole set");
+            }
+        }
+        let slice = Arc::new(slice);
+        let mut slices = self.slices.write().expect("slice lock");
+        if slices.len() >= SLICES_KEPT {
+            slices.clear();
+        }
+        slices.insert(key, slice.clone());
+        slice
+    }
+}
+
+/// A principal attribute a policy can pin to literals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attr {
+    TokenId,
+    Name,
+    Role,
+    Owner,
+}
+
+impl Attr {
+    fn named(name: &str) -> Option<Self> {
+        match name {
+            "name" => Some(Attr::Name),
+            "role" => Some(Attr::Role),
+            "owner" => Some(Attr::Owner),
+            _ => None,
+        }
+    }
+
+    fn of(self, p: &Principal) -> &str {
+        match self {
+            Attr::TokenId => &p.token_id,
+            Attr::Name => &p.name,
+            Attr::Role => p.role.as_str(),
+            Attr::Owner => &p.owner,
+        }
+    }
+}
+
+/// Something a policy's condition needs of the principal: the attribute is
+/// one of `values` (`equal`), or none of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Requirement {
+    attr: Attr,
+    values: Vec<String>,
+    equal: bool,
+}
+
+impl Requirement {
+    fn holds_for(&self, p: &Principal) -> bool {
+        let v = self.attr.of(p);
+        self.values.iter().any(|x| x == v) == self.equal
+    }
+}
+
+/// What `p` needs of the principal for its condition to be true: a
+/// `principal == Bridle::Token::"…"` scope, and each conjunct at the top of
+/// a `when` clause of the form `principal.a == "v"`, `principal.a != "v"`,
+/// or `principal.a == "v" || principal.a == "w" …`. Anything else needs
+/// nothing (the policy is always evaluated).
+fn requirements(p: &cedar_policy::Policy) -> Vec<Requirement> {
+    let Ok(json) = p.to_json() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let scope = &json["principal"];
+    if scope["op"] == "==" && scope["entity"]["type"] == "Bridle::Token" {
+        if let Some(id) = scope["entity"]["id"].as_str() {
+            out.push(Requirement {
+                attr: Attr::TokenId,
+                values: vec![id.to_string()],
+                equal: true,
+            });
+        }
+    }
+    for clause in json["conditions"].as_array().into_iter().flatten() {
+        if clause["kind"] == "when" {
+            conjuncts(&clause["body"], &mut out);
+        }
+    }
+    out
+}
+
+fn conjuncts(e: &serde_json::Value, out: &mut Vec<Requirement>) {
+    if let Some(and) = e.get("&&") {
+        conjuncts(&and["left"], out);
+        conjuncts(&and["right"], out);
+    } else if let Some(r) = comparison(e) {
+        out.push(r);
+    }
+}
+
+fn comparison(e: &serde_json::Value) -> Option<Requirement> {
+    if let Some(or) = e.get("||") {
+        let (mut l, r) = (comparison(&or["left"])?, comparison(&or["right"])?);
+        if l.attr != r.attr || !l.equal || !r.equal {
+            return None;
+        }
+        l.values.extend(r.values);
+        return Some(l);
+    }
+    let (cmp, equal) = match (e.get("=="), e.get("!=")) {
+        (Some(cmp), _) => (cmp, true),
+        (_, Some(cmp)) => (cmp, false),
+        _ => return None,
+    };
+    let pinned = |attr: &serde_json::Value, literal: &serde_json::Value| {
+        let dot = attr.get(".")?;
+        if dot["left"]["Var"] != "principal" {
+            return None;
+        }
+        Some(Requirement {
+            attr: Attr::named(dot["attr"].as_str()?)?,
+            values: vec![literal.get("Value")?.as_str()?.to_string()],
+            equal,
+        })
+    };
+    pinned(&cmp["left"], &cmp["right"]).or_else(|| pinned(&cmp["right"], &cmp["left"]))
 }
 
 /// Whether `p`'s action scope can match `action`. A scope naming something
@@ -207,7 +381,42 @@ fn may_apply(p: &cedar_policy::Policy, action: Action) -> bool {
 #[derive(Clone)]
 pub struct Engine {
     schema: Arc<Schema>,
+    names: Arc<Names>,
     loaded: Arc<RwLock<Arc<Loaded>>>,
+}
+
+/// The entity type names a request uses, parsed once: parsing a name runs
+/// Cedar's parser, which costs more than deciding against a few policies.
+struct Names {
+    token: EntityTypeName,
+    action: EntityTypeName,
+    sandbox: EntityTypeName,
+    run: EntityTypeName,
+    approval: EntityTypeName,
+    policy_set: EntityTypeName,
+}
+
+impl Names {
+    fn new() -> Self {
+        let name = |n: &str| EntityTypeName::from_str(n).expect("a valid entity type name");
+        Self {
+            token: name("Bridle::Token"),
+            action: name("Bridle::Action"),
+            sandbox: name(ResourceKind::Sandbox.type_name()),
+            run: name(ResourceKind::Run.type_name()),
+            approval: name(ResourceKind::Approval.type_name()),
+            policy_set: name(ResourceKind::PolicySet.type_name()),
+        }
+    }
+
+    fn of(&self, kind: ResourceKind) -> &EntityTypeName {
+        match kind {
+            ResourceKind::Sandbox => &self.sandbox,
+            ResourceKind::Run => &self.run,
+            ResourceKind::Approval => &self.approval,
+            ResourceKind::PolicySet => &self.policy_set,
+        }
+    }
 }
 
 fn line_col(source: &str, offset: usize) -> (usize, usize) {
@@ -262,6 +471,7 @@ impl Engine {
         let policies = validate_with(&schema, source)?;
         Ok(Self {
             schema,
+            names: Arc::new(Names::new()),
             loaded: Arc::new(RwLock::new(Arc::new(Loaded::new(
                 policies, source, version,
             )))),
@@ -316,19 +526,14 @@ impl Engine {
             Err(e) => return deny(format!("the request does not fit the policy schema: {e}")),
         };
         let (request, entities) = request;
-        let slice = &loaded.by_action[&action];
-        let response = Authorizer::new().is_authorized(&request, slice, &entities);
-        let determining: Vec<_> = response
+        let slice = loaded.slice(action, principal);
+        let response = Authorizer::new().is_authorized(&request, &slice, &entities);
+        let determining: Vec<&Label> = response
             .diagnostics()
             .reason()
-            .filter_map(|id| loaded.policies.policy(id))
+            .filter_map(|id| loaded.labels.get(id))
             .collect();
-        let name = |p: &cedar_policy::Policy| {
-            p.annotation("id")
-                .map(str::to_string)
-                .unwrap_or_else(|| p.id().to_string())
-        };
-        let policies: Vec<String> = determining.iter().map(|p| name(p)).collect();
+        let policies: Vec<String> = determining.iter().map(|l| l.name.clone()).collect();
         match response.decision() {
             CedarDecision::Deny if policies.is_empty() => Verdict {
                 decision: Decision::Deny,
@@ -345,7 +550,7 @@ impl Engine {
             CedarDecision::Allow => {
                 match determining
                     .iter()
-                    .find_map(|p| p.annotation("approval").map(|why| (name(p), why)))
+                    .find_map(|l| l.approval.as_deref().map(|why| (&l.name, why)))
                 {
                     Some((policy, why)) => Verdict {
                         decision: Decision::RequireApproval,
@@ -371,16 +576,13 @@ impl Engine {
         resource: &Resource,
         facts: &Facts,
     ) -> anyhow::Result<(Request, Entities)> {
-        let uid = |ty: &str, id: &str| -> anyhow::Result<EntityUid> {
-            Ok(EntityUid::from_type_name_and_id(
-                EntityTypeName::from_str(ty)?,
-                EntityId::new(id),
-            ))
+        let uid = |ty: &EntityTypeName, id: &str| {
+            EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
         };
         let s = RestrictedExpression::new_string;
-        let p = uid("Bridle::Token", &principal.token_id)?;
-        let r = uid(resource.kind.type_name(), &resource.id)?;
-        let a = uid("Bridle::Action", action.name())?;
+        let p = uid(&self.names.token, &principal.token_id);
+        let r = uid(self.names.of(resource.kind), &resource.id);
+        let a = uid(&self.names.action, action.name());
         let principal_entity = Entity::new(
             p.clone(),
             HashMap::from([
@@ -395,8 +597,10 @@ impl Engine {
             HashMap::from([("owner".to_string(), s(resource.owner.clone()))]),
             HashSet::new(),
         )?;
-        let entities =
-            Entities::from_entities([principal_entity, resource_entity], Some(&self.schema))?;
+        // Without the schema: with it, Cedar would check these two against
+        // it and add an entity for every action, on each request.
+        // `requests_fit_the_schema` checks what is built here against it.
+        let entities = Entities::from_entities([principal_entity, resource_entity], None)?;
         let long = |n: u64| RestrictedExpression::new_long(n.min(i64::MAX as u64) as i64);
         let context = Context::from_pairs(
             [
@@ -916,6 +1120,126 @@ mod tests {
             Entities::from_entities(entities, Some(&engine.schema))
                 .unwrap_or_else(|e| panic!("{action:?} on {kind:?}: {e}"));
         }
+    }
+
+    const PINNED: &str = r#"
+@id("by-token")
+permit (principal == Bridle::Token::"t-bob-submitter", action, resource);
+@id("by-role-either-order")
+permit (principal, action == Bridle::Action::"exec", resource)
+when { "operator" == principal.role && resource.owner == principal.owner };
+@id("by-roles")
+permit (principal, action, resource)
+when { (principal.role == "submitter" || principal.role == "auditor") && principal.owner == "alice" };
+@id("not-admin")
+forbid (principal, action == Bridle::Action::"file.write", resource)
+when { principal.role != "admin" && context.path like "*.pem" };
+@id("unless-is-not-read")
+permit (principal, action == Bridle::Action::"snapshot", resource)
+unless { principal.owner == "carol" };
+@id("negated-is-not-read")
+permit (principal, action == Bridle::Action::"network", resource)
+when { !(principal.owner == "carol") };
+@id("mixed-or-is-not-read")
+forbid (principal, action == Bridle::Action::"exec", resource)
+when { principal.owner == "dave" || context.command like "*rm -rf*" };
+@id("by-name")
+permit (principal, action == Bridle::Action::"file.read", resource)
+when { principal.name == "erin submitter" };
+"#;
+
+    #[test]
+    fn what_policies_pin_of_the_principal_is_read_from_their_conditions() {
+        let set = PolicySet::from_str(PINNED).unwrap();
+        let needs = |id: &str| {
+            let p = set
+                .policies()
+                .find(|p| p.annotation("id") == Some(id))
+                .unwrap();
+            requirements(p)
+        };
+        let r = |attr, values: &[&str], equal| Requirement {
+            attr,
+            values: values.iter().map(|v| v.to_string()).collect(),
+            equal,
+        };
+        assert_eq!(
+            needs("by-token"),
+            [r(Attr::TokenId, &["t-bob-submitter"], true)]
+        );
+        assert_eq!(
+            needs("by-role-either-order"),
+            [r(Attr::Role, &["operator"], true)]
+        );
+        assert_eq!(
+            needs("by-roles"),
+            [
+                r(Attr::Role, &["submitter", "auditor"], true),
+                r(Attr::Owner, &["alice"], true)
+            ]
+        );
+        assert_eq!(needs("not-admin"), [r(Attr::Role, &["admin"], false)]);
+        assert_eq!(needs("unless-is-not-read"), []);
+        assert_eq!(needs("negated-is-not-read"), []);
+        assert_eq!(needs("mixed-or-is-not-read"), []);
+        assert_eq!(needs("by-name"), [r(Attr::Name, &["erin submitter"], true)]);
+    }
+
+    /// Leaving out the policies a principal cannot satisfy changes no
+    /// decision and no reason: every principal × action × facts of a grid
+    /// decided against its slice and against all the policies.
+    #[test]
+    fn slicing_by_principal_changes_no_decision() {
+        let source = format!("{DEFAULT_POLICIES}\n{PINNED}");
+        let engine = Engine::new(&source, 1).unwrap();
+        let loaded = engine.loaded.read().unwrap().clone();
+        let everything = PolicySet::from_str(&source).unwrap();
+        let mut principals = Vec::new();
+        for owner in ["alice", "bob", "carol", "dave", "erin", "admin"] {
+            for role in [Role::Admin, Role::Operator, Role::Submitter, Role::Auditor] {
+                principals.push(who(role, owner));
+            }
+        }
+        let facts = [
+            exec("make test"),
+            exec("git push origin main"),
+            exec("rm -rf /"),
+            path("certs/server.pem"),
+            path("src/main.rs"),
+        ];
+        let mut sliced_out = 0;
+        for p in &principals {
+            for action in Action::ALL {
+                for resource_owner in ["alice", "bob"] {
+                    for f in &facts {
+                        let resource = sandbox(resource_owner);
+                        let v = engine.decide(p, action, &resource, f);
+                        let (request, entities) = engine.request(p, action, &resource, f).unwrap();
+                        let all = Authorizer::new().is_authorized(&request, &everything, &entities);
+                        let mut reasons: Vec<String> = all
+                            .diagnostics()
+                            .reason()
+                            .map(|id| {
+                                let p = everything.policy(id).unwrap();
+                                p.annotation("id").unwrap().to_string()
+                            })
+                            .collect();
+                        let mut got = v.policies.clone();
+                        reasons.sort();
+                        got.sort();
+                        let allowed = v.decision != Decision::Deny;
+                        assert_eq!(
+                            (allowed, got),
+                            (all.decision() == CedarDecision::Allow, reasons),
+                            "{p:?} {action:?} on {resource_owner}'s sandbox with {f:?}"
+                        );
+                        sliced_out += loaded.by_action[&action].len()
+                            - loaded.slice(action, p).policies().count();
+                    }
+                }
+            }
+        }
+        assert!(sliced_out > 0, "some policies were left out of some slices");
     }
 
     #[test]

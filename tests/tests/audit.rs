@@ -168,9 +168,33 @@ async fn every_call_is_recorded_and_tampering_is_named() {
         text(&out.stderr)
     );
 
-    // Tampering with the store file, the control plane stopped meanwhile.
+    // A graceful stop writes out what was queued, then says so last.
     cp.terminate().await.unwrap();
     let db = cp.data_dir().join("bridle.db");
+    let last: Vec<serde_json::Value> = {
+        use sqlx::ConnectOptions;
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&db)
+            .connect()
+            .await
+            .unwrap();
+        let bodies: Vec<(String,)> =
+            sqlx::query_as("SELECT body FROM audit_log ORDER BY seq DESC LIMIT 10")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        bodies
+            .iter()
+            .map(|(b,)| serde_json::from_str(b).unwrap())
+            .collect()
+    };
+    assert_eq!(last[0]["action"], "control-plane.stop", "{last:#?}");
+    assert!(
+        last.iter().any(|e| e["action"] == "Audit/Export"),
+        "the last call before the stop is on disk: {last:#?}"
+    );
+
+    // Tampering with the store file, the control plane stopped meanwhile.
     for f in ["bridle.db", "bridle.db-wal"] {
         let bytes = std::fs::read(cp.data_dir().join(f)).unwrap_or_default();
         assert!(

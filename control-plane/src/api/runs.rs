@@ -326,25 +326,7 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
         }
         let run_id = format!("run-{}", crate::random_hex(8));
         // The run as a whole; each step is decided again when it starts.
-        let facts = crate::policy::Facts {
-            image: submitted.job.image.clone().unwrap_or_default(),
-            network: submitted
-                .job
-                .network
-                .map(|n| n.as_str().to_string())
-                .unwrap_or_default(),
-            memory_bytes: submitted.job.memory_bytes.unwrap_or(0),
-            cpu_millis: submitted.job.cpu_millis.unwrap_or(0),
-            pids: submitted.job.pids.unwrap_or(0),
-            run_id: run_id.clone(),
-            labels: submitted
-                .job
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            ..Default::default()
-        };
+        let facts = submitted.job.facts(&run_id);
         let resource = crate::policy::Resource {
             kind: crate::policy::ResourceKind::Run,
             id: run_id.clone(),
@@ -358,10 +340,11 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
             &facts,
         );
         if verdict.decision == crate::policy::Decision::Deny {
-            return Err(Status::permission_denied(format!(
-                "policy denies run.submit: {} (policy version {})",
-                verdict.reason, verdict.policy_version
-            )));
+            return Err(crate::guard::denied_status(
+                crate::policy::Action::RunSubmit,
+                &resource,
+                &verdict,
+            ));
         }
         let first = Event::Submitted {
             owner: principal.owner.clone(),

@@ -228,20 +228,42 @@ impl<R: Runtime> SandboxesApi<R> {
             .get(principal, sandbox_id)
             .await
             .map_err(sandbox_status)?;
+        self.authorize_path(
+            &note_of(request),
+            request.metadata(),
+            principal,
+            &record,
+            action,
+            path,
+        )
+        .await?;
+        Ok(record)
+    }
+
+    /// Decides `action` on `path` (empty: the whole workspace) in `record`.
+    async fn authorize_path(
+        &self,
+        note: &crate::guard::AuditNote,
+        metadata: &tonic::metadata::MetadataMap,
+        principal: &Principal,
+        record: &SandboxRecord,
+        action: Action,
+        path: &str,
+    ) -> Result<(), Status> {
         let facts = Facts {
             path: path.to_string(),
-            ..sandbox_facts(&record)
+            ..sandbox_facts(record)
         };
         self.guard
-            .authorize(
-                request,
+            .authorize_parts(
+                note,
+                metadata,
                 principal,
                 action,
-                &sandbox_resource(&record),
+                &sandbox_resource(record),
                 &facts,
             )
-            .await?;
-        Ok(record)
+            .await
     }
 }
 
@@ -550,20 +572,15 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
             .usable(&principal, &req.sandbox_id)
             .await
             .map_err(sandbox_status)?;
-        let facts = Facts {
-            path: req.path.clone(),
-            ..sandbox_facts(&record)
-        };
-        self.guard
-            .authorize_parts(
-                &note,
-                &metadata,
-                &principal,
-                Action::FileRead,
-                &sandbox_resource(&record),
-                &facts,
-            )
-            .await?;
+        self.authorize_path(
+            &note,
+            &metadata,
+            &principal,
+            &record,
+            Action::FileRead,
+            &req.path,
+        )
+        .await?;
         let chunks = agent
             .read_file(with_deadline(
                 &metadata,
@@ -604,20 +621,15 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
             .usable(&principal, &header.sandbox_id)
             .await
             .map_err(sandbox_status)?;
-        let facts = Facts {
-            path: file.path.clone(),
-            ..sandbox_facts(&record)
-        };
-        self.guard
-            .authorize_parts(
-                &note,
-                &metadata,
-                &principal,
-                Action::FileWrite,
-                &sandbox_resource(&record),
-                &facts,
-            )
-            .await?;
+        self.authorize_path(
+            &note,
+            &metadata,
+            &principal,
+            &record,
+            Action::FileWrite,
+            &file.path,
+        )
+        .await?;
         let (tx, rx) = mpsc::channel(4);
         let _ = tx
             .send(agent_pb::WriteFileRequest {

@@ -365,7 +365,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                 };
                 let facts = crate::policy::Facts {
                     network: "bridge".into(),
-                    ..self.run_facts(run_id, view)
+                    ..view.job.facts(run_id)
                 };
                 let cleared = self
                     .clear(
@@ -509,7 +509,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                     let facts = crate::policy::Facts {
                         argv,
                         command,
-                        ..self.run_facts(run_id, view)
+                        ..view.job.facts(run_id)
                     };
                     let cleared = self
                         .clear(
@@ -674,28 +674,6 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
     }
 
     /// The facts every decision about a run shares.
-    fn run_facts(&self, run_id: &str, view: &RunView) -> crate::policy::Facts {
-        crate::policy::Facts {
-            image: view.job.image.clone().unwrap_or_default(),
-            network: view
-                .job
-                .network
-                .map(|n| n.as_str().to_string())
-                .unwrap_or_default(),
-            memory_bytes: view.job.memory_bytes.unwrap_or(0),
-            cpu_millis: view.job.cpu_millis.unwrap_or(0),
-            pids: view.job.pids.unwrap_or(0),
-            run_id: run_id.to_string(),
-            labels: view
-                .job
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            ..Default::default()
-        }
-    }
-
     /// Decides one action of a run (a step's exec, `step` set; or the
     /// network), recording the decision on the audit log before acting.
     /// `require_approval` puts the run in `awaiting_approval` until the
