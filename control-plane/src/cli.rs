@@ -752,7 +752,13 @@ async fn approvals(c: &mut Conn, cmd: ApprovalsCmd) -> anyhow::Result<u8> {
                     a.policy, a.policy_version, a.policy_reason
                 );
                 println!("action hash:  {}", a.action_sha256);
-                println!("expires:      {} (unix ms)", a.expires_unix_ms);
+                let left = (a.expires_unix_ms - crate::now_ms()) / 1000;
+                let when = if left > 0 {
+                    format!("in {}m {}s", left / 60, left % 60)
+                } else {
+                    format!("{}m {}s ago", -left / 60, -left % 60)
+                };
+                println!("expires:      {when} (unix ms {})", a.expires_unix_ms);
                 if !a.decided_by.is_empty() {
                     println!("decided by:   {}: {}", a.decided_by, a.decision_reason);
                 }
