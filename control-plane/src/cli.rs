@@ -154,6 +154,16 @@ enum AuditCmd {
         /// Only entries about this resource.
         #[arg(long)]
         resource: Option<String>,
+        /// Only entries of this run: calls about it, its steps' policy
+        /// decisions, its approvals.
+        #[arg(long)]
+        run: Option<String>,
+        /// Only entries newer than this long ago (e.g. `90s`, `15m`, `2h`).
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// Only entries older than this long ago.
+        #[arg(long, value_parser = parse_duration)]
+        until: Option<Duration>,
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
@@ -862,14 +872,23 @@ async fn audit(c: &mut Conn, cmd: AuditCmd) -> anyhow::Result<u8> {
             principal,
             action,
             resource,
+            run,
+            since,
+            until,
             limit,
         } => {
+            let ago = |d: Option<Duration>| {
+                d.map_or(0, |d| (crate::now_ms() - d.as_millis() as i64).max(1))
+            };
             let r = c
                 .audit
                 .query(pb::QueryAuditRequest {
                     principal: principal.unwrap_or_default(),
                     action: action.unwrap_or_default(),
                     resource: resource.unwrap_or_default(),
+                    run_id: run.unwrap_or_default(),
+                    since_unix_ms: ago(since),
+                    until_unix_ms: ago(until),
                     page_size: limit,
                     ..Default::default()
                 })

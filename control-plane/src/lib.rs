@@ -237,6 +237,7 @@ pub async fn run(
         .add_service(AuditServer::new(api::audit::AuditApi {
             auth: auth.clone(),
             log: audit_log.clone(),
+            approvals: guard.approvals.clone(),
         }))
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY small answers wait on delayed ACKs (40 ms).

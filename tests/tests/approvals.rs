@@ -462,6 +462,48 @@ async fn a_run_awaiting_approval_survives_kill_9_and_resumes_when_approved() {
     assert_eq!(done.state, pb::RunState::Succeeded as i32, "{done:?}");
     assert_eq!(done.steps[1].attempts, 1);
 
+    // The run's record: its submission, the decision on each step, its
+    // approval requested and approved, and nothing of other runs.
+    let auditor = cp.token(pb::Role::Auditor, "audit").await.unwrap();
+    let query = |args: &[&str]| {
+        let out = cp.cli(&auditor, args).unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+    };
+    bridle_tests::eventually(
+        "the run's audit entries",
+        Duration::from_secs(30),
+        async || {
+            let of_run = query(&["audit", "query", "--run", &run.id, "-o", "json"]);
+            let actions: Vec<(&str, &str)> = of_run
+                .iter()
+                .map(|e| {
+                    (
+                        e["action"].as_str().unwrap(),
+                        e["decision"].as_str().unwrap(),
+                    )
+                })
+                .collect();
+            actions.contains(&("Runs/Submit", "allow"))
+                && actions.contains(&("run/exec", "allow"))
+                && actions.contains(&("run/exec", "require_approval"))
+                && actions.contains(&("approval.requested", ""))
+                && actions.contains(&("approval.approved", ""))
+                && of_run.iter().all(|e| {
+                    e["resource"] == run.id.as_str()
+                        || e["resource"] == id.as_str()
+                        || e["request_id"].as_str().unwrap().starts_with(&run.id)
+                })
+        },
+    )
+    .await;
+    assert!(!query(&["audit", "query", "--since", "1h", "-o", "json"]).is_empty());
+    assert!(query(&["audit", "query", "--until", "1h", "-o", "json"]).is_empty());
+
     // Denied: the run fails, saying who denied it and why.
     let run2 = runs
         .submit(pb::SubmitRunRequest {

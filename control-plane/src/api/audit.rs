@@ -16,6 +16,8 @@ use crate::auth::{Auth, Principal, Role};
 pub struct AuditApi {
     pub auth: Auth,
     pub log: AuditLog,
+    /// To find the approvals of a run (`run_id` in a query).
+    pub approvals: crate::approvals::Approvals,
 }
 
 fn require_reader(p: &Principal) -> Result<(), Status> {
@@ -70,6 +72,26 @@ impl pb::audit_server::Audit for AuditApi {
                 .parse()
                 .map_err(|_| Status::invalid_argument("page_token: not one this server gave"))?
         };
+        // A run's entries: calls about it, its steps' decisions (request id
+        // `<run>:<seq>`), and its approvals (their entries name the approval).
+        let run_prefix = format!("{}:", req.run_id);
+        let run_approvals: std::collections::HashSet<String> = if req.run_id.is_empty() {
+            Default::default()
+        } else {
+            self.approvals
+                .list(&[], &req.run_id, None, usize::MAX, 0)
+                .await
+                .map_err(|e| internal(e.into()))?
+                .into_iter()
+                .map(|a| a.id)
+                .collect()
+        };
+        let of_run = |e: &crate::audit::Entry| {
+            req.run_id.is_empty()
+                || e.resource == req.run_id
+                || e.request_id.starts_with(&run_prefix)
+                || run_approvals.contains(&e.resource)
+        };
         let mut entries = Vec::new();
         let mut more = false;
         for line in self.log.lines().await.map_err(internal)? {
@@ -84,7 +106,8 @@ impl pb::audit_server::Audit for AuditApi {
                     || e.token_id == req.principal
                     || e.principal == req.principal)
                 && e.action.starts_with(&req.action)
-                && (req.resource.is_empty() || e.resource == req.resource);
+                && (req.resource.is_empty() || e.resource == req.resource)
+                && of_run(&e);
             if !keep {
                 continue;
             }
