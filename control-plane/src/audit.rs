@@ -293,6 +293,42 @@ impl AuditLog {
         }
     }
 
+    /// Up to `limit` entries after `after_seq` in order, with their hashes,
+    /// those outside `[since_ms, until_ms)` left out (0: unbounded); and the
+    /// seq the read got to (where to go on from).
+    pub async fn entries_after(
+        &self,
+        after_seq: u64,
+        since_ms: i64,
+        until_ms: i64,
+        limit: u32,
+    ) -> anyhow::Result<(Vec<(Entry, String)>, Option<u64>)> {
+        let rows: Vec<(i64, String, String)> = sqlx::query_as(
+            "SELECT seq, body, hash FROM audit_log WHERE seq > $1 \
+             AND ($2 = 0 OR unix_ms >= $2) AND ($3 = 0 OR unix_ms < $3) \
+             ORDER BY seq LIMIT $4",
+        )
+        .bind(after_seq as i64)
+        .bind(since_ms)
+        .bind(until_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let last = rows.last().map(|(seq, _, _)| *seq as u64);
+        let entries = rows
+            .into_iter()
+            .map(|(seq, body, hash)| {
+                let entry = serde_json::from_str(&body).unwrap_or_else(|_| Entry {
+                    seq: seq as u64,
+                    outcome: format!("(unreadable: {body})"),
+                    ..Entry::default()
+                });
+                (entry, hash)
+            })
+            .collect();
+        Ok((entries, last))
+    }
+
     /// Every entry and checkpoint in order, as an export would hold them.
     pub async fn lines(&self) -> anyhow::Result<Vec<Line>> {
         // Entries and checkpoints from one snapshot: read apart, a commit

@@ -111,6 +111,42 @@ async fn every_call_is_recorded_and_tampering_is_named() {
     })
     .await;
 
+    // Pages of two, filtered, add up to the filtered whole, in order.
+    let mut audit = cp.audit(&auditor).await.unwrap();
+    let page = |token: String, size: u32| pb::QueryAuditRequest {
+        action: "Sandboxes/".into(),
+        page_size: size,
+        page_token: token,
+        ..Default::default()
+    };
+    let whole = audit
+        .query(page(String::new(), 1000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(whole.next_page_token.is_empty());
+    assert!(whole.entries.len() >= 3, "{:?}", whole.entries);
+    let (mut paged, mut token) = (Vec::new(), String::new());
+    loop {
+        let r = audit.query(page(token, 2)).await.unwrap().into_inner();
+        assert!(r.entries.len() <= 2);
+        paged.extend(r.entries.iter().map(|e| e.seq));
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        token = r.next_page_token;
+    }
+    let all: Vec<u64> = whole.entries.iter().map(|e| e.seq).collect();
+    assert!(
+        whole
+            .entries
+            .iter()
+            .all(|e| e.action.starts_with("Sandboxes/")),
+        "{:?}",
+        whole.entries
+    );
+    assert_eq!(paged, all);
+
     // Only auditors and admins read it.
     let out = cp.cli(&alice, &["audit", "query"]).unwrap();
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));

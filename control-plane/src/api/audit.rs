@@ -10,7 +10,7 @@ use futures::Stream;
 use tonic::codegen::http;
 use tonic::{Request, Response, Status};
 
-use crate::audit::{AuditLog, Entry, Line};
+use crate::audit::{AuditLog, Entry};
 use crate::auth::{Auth, Principal, Role};
 
 pub struct AuditApi {
@@ -86,36 +86,43 @@ impl pb::audit_server::Audit for AuditApi {
                 .map(|a| a.id)
                 .collect()
         };
-        let of_run = |e: &crate::audit::Entry| {
+        let of_run = |e: &Entry| {
             req.run_id.is_empty()
                 || e.resource == req.run_id
                 || e.request_id.starts_with(&run_prefix)
                 || run_approvals.contains(&e.resource)
         };
-        let mut entries = Vec::new();
-        let mut more = false;
-        for line in self.log.lines().await.map_err(internal)? {
-            let Line::Entry { entry, hash, .. } = line else {
-                continue;
-            };
-            let e = *entry;
-            let keep = e.seq > after
-                && (req.since_unix_ms == 0 || e.unix_ms >= req.since_unix_ms)
-                && (req.until_unix_ms == 0 || e.unix_ms < req.until_unix_ms)
-                && (req.principal.is_empty()
-                    || e.token_id == req.principal
-                    || e.principal == req.principal)
+        let keep = |e: &Entry| {
+            (req.principal.is_empty()
+                || e.token_id == req.principal
+                || e.principal == req.principal)
                 && e.action.starts_with(&req.action)
                 && (req.resource.is_empty() || e.resource == req.resource)
-                && of_run(&e);
-            if !keep {
-                continue;
+                && of_run(e)
+        };
+        // Read in pages from the store (the time window is applied there),
+        // until the page is full or the log ends.
+        let mut entries = Vec::new();
+        let mut more = false;
+        let mut from = after;
+        'read: loop {
+            let (page, last) = self
+                .log
+                .entries_after(from, req.since_unix_ms, req.until_unix_ms, 1000)
+                .await
+                .map_err(internal)?;
+            let Some(last) = last else { break };
+            for (e, hash) in page {
+                if !keep(&e) {
+                    continue;
+                }
+                if entries.len() == limit {
+                    more = true;
+                    break 'read;
+                }
+                entries.push(entry_pb(e, hash));
             }
-            if entries.len() == limit {
-                more = true;
-                break;
-            }
-            entries.push(entry_pb(e, hash));
+            from = last;
         }
         let next_page_token = match (more, entries.last()) {
             (true, Some(last)) => last.seq.to_string(),
