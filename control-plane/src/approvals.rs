@@ -115,6 +115,8 @@ pub enum Refusal {
     OtherAction(String),
     #[error("approval {0} has already been used")]
     Used(String),
+    #[error("approval {id} was approved more than {secs} s ago and never used; request it again")]
+    Stale { id: String, secs: u64 },
     #[error("store: {0}")]
     Store(#[from] sqlx::Error),
 }
@@ -392,18 +394,30 @@ impl Approvals {
         if a.action_sha256 != sha {
             return Err(Refusal::OtherAction(id.into()));
         }
+        // First use within the ttl of the decision; the same use (a retry
+        // after a crash) may reclaim it whenever.
+        let fresh_since = crate::now_ms() - self.ttl.as_millis() as i64;
         let changed = sqlx::query(
             "UPDATE approvals SET used_by = $1 WHERE id = $2 AND state = 'approved' \
-             AND action_sha256 = $3 AND (used_by = '' OR used_by = $1)",
+             AND action_sha256 = $3 \
+             AND (used_by = $1 OR (used_by = '' AND decided_unix_ms > $4))",
         )
         .bind(used_by)
         .bind(id)
         .bind(sha)
+        .bind(fresh_since)
         .execute(&self.pool)
         .await?
         .rows_affected();
         if changed == 0 {
-            return Err(Refusal::Used(id.into()));
+            let now = self.get(id).await?;
+            return Err(match now {
+                Some(a) if a.used_by.is_empty() => Refusal::Stale {
+                    id: id.into(),
+                    secs: self.ttl.as_secs(),
+                },
+                _ => Refusal::Used(id.into()),
+            });
         }
         let a = self
             .get(id)

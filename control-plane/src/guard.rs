@@ -122,7 +122,7 @@ pub fn refusal_status(r: approvals::Refusal) -> Status {
     match r {
         R::NotFound(_) => Status::not_found(r.to_string()),
         R::NoReason => Status::invalid_argument(r.to_string()),
-        R::NotPending { .. } | R::NotApproved { .. } | R::Used(_) => {
+        R::NotPending { .. } | R::NotApproved { .. } | R::Used(_) | R::Stale { .. } => {
             Status::failed_precondition(r.to_string())
         }
         R::SelfDecision(_) | R::OtherAction(_) => Status::permission_denied(r.to_string()),

@@ -267,7 +267,7 @@ async fn an_exec_waits_for_another_operator_and_an_approval_is_used_once_for_one
 #[tokio::test]
 async fn an_unanswered_approval_expires_closed_and_policy_forbids_secret_paths() {
     docker_or_skip!();
-    let cp = ControlPlane::start(&["approval_ttl_secs=1"]).await.unwrap();
+    let cp = ControlPlane::start(&["approval_ttl_secs=2"]).await.unwrap();
     let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
     let op = cp.token(pb::Role::Operator, "ops").await.unwrap();
     let mut s = cp.sandboxes(&alice).await.unwrap();
@@ -341,12 +341,30 @@ async fn an_unanswered_approval_expires_closed_and_policy_forbids_secret_paths()
     decide(&mut a, &id, true, "needs the package mirror")
         .await
         .unwrap();
-    let mut again = tonic::Request::new(ask);
+    let mut again = tonic::Request::new(ask.clone());
     again
         .metadata_mut()
         .insert("x-bridle-approval", id.parse().unwrap());
     let made = s.create(again).await.unwrap().into_inner();
     assert_eq!(made.network, pb::NetworkMode::Bridge as i32);
+
+    // An approval not used within the ttl of its decision goes stale.
+    let pending = s.create(ask.clone()).await.unwrap_err();
+    let id = pending
+        .metadata()
+        .get("x-bridle-approval-id")
+        .expect("the approval is named")
+        .to_str()
+        .unwrap()
+        .to_string();
+    decide(&mut a, &id, true, "later").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut late = tonic::Request::new(ask);
+    late.metadata_mut()
+        .insert("x-bridle-approval", id.parse().unwrap());
+    let stale = s.create(late).await.unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
+    assert!(stale.message().contains("never used"), "{stale:?}");
 }
 
 /// A run waits in awaiting_approval across a SIGKILL of the control plane;
