@@ -394,13 +394,15 @@ impl Approvals {
         if a.action_sha256 != sha {
             return Err(Refusal::OtherAction(id.into()));
         }
-        // First use within the ttl of the decision; the same use (a retry
-        // after a crash) may reclaim it whenever.
+        // First use within the ttl of the decision, except by a run (its
+        // step is the one use it can have, resumed whenever the control
+        // plane is back); the same use (a retry after a crash) may reclaim
+        // it whenever.
         let fresh_since = crate::now_ms() - self.ttl.as_millis() as i64;
         let changed = sqlx::query(
             "UPDATE approvals SET used_by = $1 WHERE id = $2 AND state = 'approved' \
              AND action_sha256 = $3 \
-             AND (used_by = $1 OR (used_by = '' AND decided_unix_ms > $4))",
+             AND (used_by = $1 OR (used_by = '' AND (run_id != '' OR decided_unix_ms > $4)))",
         )
         .bind(used_by)
         .bind(id)
