@@ -47,6 +47,17 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The entry a stored body holds. An unreadable body still takes its
+    /// place (in the chain, in a query), so verification names it instead
+    /// of skipping it.
+    fn stored(seq: i64, body: &str) -> Self {
+        serde_json::from_str(body).unwrap_or_else(|_| Entry {
+            seq: seq as u64,
+            outcome: format!("(unreadable: {body})"),
+            ..Entry::default()
+        })
+    }
+
     pub fn canonical(&self) -> String {
         serde_json::to_string(self).expect("entries serialize")
     }
@@ -317,14 +328,7 @@ impl AuditLog {
         let last = rows.last().map(|(seq, _, _)| *seq as u64);
         let entries = rows
             .into_iter()
-            .map(|(seq, body, hash)| {
-                let entry = serde_json::from_str(&body).unwrap_or_else(|_| Entry {
-                    seq: seq as u64,
-                    outcome: format!("(unreadable: {body})"),
-                    ..Entry::default()
-                });
-                (entry, hash)
-            })
+            .map(|(seq, body, hash)| (Entry::stored(seq, &body), hash))
             .collect();
         Ok((entries, last))
     }
@@ -341,15 +345,8 @@ impl AuditLog {
                 .await?;
         let mut lines = Vec::with_capacity(rows.len());
         for (seq, body, prev_hash, hash) in rows {
-            let entry: Entry = serde_json::from_str(&body).unwrap_or_else(|_| Entry {
-                // An unreadable body still takes its place in the chain, so
-                // verification names it instead of skipping it.
-                seq: seq as u64,
-                outcome: format!("(unreadable: {body})"),
-                ..Entry::default()
-            });
             lines.push(Line::Entry {
-                entry: Box::new(entry),
+                entry: Box::new(Entry::stored(seq, &body)),
                 prev_hash,
                 hash,
             });

@@ -29,6 +29,27 @@ fn shell(cmd: &str) -> agent_pb::ExecStart {
     }
 }
 
+/// A request carrying `approval` (if any) in the approval header.
+fn carrying<T>(message: T, approval: Option<&str>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    if let Some(id) = approval {
+        req.metadata_mut()
+            .insert("x-bridle-approval", id.parse().unwrap());
+    }
+    req
+}
+
+/// The approval a refused unary call names in its trailer.
+fn approval_named(refused: &tonic::Status) -> String {
+    refused
+        .metadata()
+        .get("x-bridle-approval-id")
+        .expect("the approval is named")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
 /// Starts an exec (with `approval` in the approval header, if given) and
 /// reads until the stream ends or says it waits for an approval.
 async fn exec_until_pending(
@@ -40,15 +61,10 @@ async fn exec_until_pending(
     Result<ExecResult, tonic::Status>,
     Option<tonic::Streaming<agent_pb::ExecEvent>>,
 ) {
-    let mut req = tonic::Request::new(futures::stream::iter([start_request(
-        sandbox,
-        shell(cmd),
-        false,
-    )]));
-    if let Some(id) = approval {
-        req.metadata_mut()
-            .insert("x-bridle-approval", id.parse().unwrap());
-    }
+    let req = carrying(
+        futures::stream::iter([start_request(sandbox, shell(cmd), false)]),
+        approval,
+    );
     let mut events = match c.exec(req).await {
         Ok(s) => s.into_inner(),
         Err(s) => return (Err(s), None),
@@ -331,38 +347,23 @@ async fn an_unanswered_approval_expires_closed_and_policy_forbids_secret_paths()
     };
     let pending = s.create(ask.clone()).await.unwrap_err();
     assert_eq!(pending.code(), Code::FailedPrecondition, "{pending:?}");
-    let id = pending
-        .metadata()
-        .get("x-bridle-approval-id")
-        .expect("the approval is named")
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = approval_named(&pending);
     decide(&mut a, &id, true, "needs the package mirror")
         .await
         .unwrap();
-    let mut again = tonic::Request::new(ask.clone());
-    again
-        .metadata_mut()
-        .insert("x-bridle-approval", id.parse().unwrap());
-    let made = s.create(again).await.unwrap().into_inner();
+    let made = s
+        .create(carrying(ask.clone(), Some(&id)))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(made.network, pb::NetworkMode::Bridge as i32);
 
     // An approval not used within the ttl of its decision goes stale.
     let pending = s.create(ask.clone()).await.unwrap_err();
-    let id = pending
-        .metadata()
-        .get("x-bridle-approval-id")
-        .expect("the approval is named")
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = approval_named(&pending);
     decide(&mut a, &id, true, "later").await.unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let mut late = tonic::Request::new(ask);
-    late.metadata_mut()
-        .insert("x-bridle-approval", id.parse().unwrap());
-    let stale = s.create(late).await.unwrap_err();
+    let stale = s.create(carrying(ask, Some(&id))).await.unwrap_err();
     assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
     assert!(stale.message().contains("never used"), "{stale:?}");
 }
@@ -437,22 +438,11 @@ async fn a_run_awaiting_approval_survives_kill_9_and_resumes_when_approved() {
         labels: HashMap::from([("suite".to_string(), "approvals".to_string())]),
         ..Default::default()
     };
-    let run = runs
-        .submit(pb::SubmitRunRequest {
-            idempotency_key: "publish".into(),
-            job: Some(job("origin")),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let waiting = until_run(&mut runs, &run.id, |r| {
-        r.state == pb::RunState::AwaitingApproval as i32
-    })
-    .await;
-    let id = waiting.approval_id.clone();
-    assert!(!id.is_empty(), "{waiting:?}");
-    assert_eq!(waiting.steps[0].state, pb::StepState::Succeeded as i32);
-    assert_eq!(waiting.steps[1].state, pb::StepState::Pending as i32);
+    let run = submit_until_awaiting(&mut runs, "publish", job("origin")).await;
+    let id = run.approval_id.clone();
+    assert!(!id.is_empty(), "{run:?}");
+    assert_eq!(run.steps[0].state, pb::StepState::Succeeded as i32);
+    assert_eq!(run.steps[1].state, pb::StepState::Pending as i32);
     let body = tokio::time::timeout(Duration::from_secs(30), bodies.recv())
         .await
         .expect("the webhook is called")
@@ -523,25 +513,34 @@ async fn a_run_awaiting_approval_survives_kill_9_and_resumes_when_approved() {
     assert!(query(&["audit", "query", "--until", "1h", "-o", "json"]).is_empty());
 
     // Denied: the run fails, saying who denied it and why.
-    let run2 = runs
-        .submit(pb::SubmitRunRequest {
-            idempotency_key: "publish-2".into(),
-            job: Some(job("--force")),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let waiting = until_run(&mut runs, &run2.id, |r| {
-        r.state == pb::RunState::AwaitingApproval as i32
-    })
-    .await;
-    decide(&mut a, &waiting.approval_id, false, "no force pushes")
+    let run2 = submit_until_awaiting(&mut runs, "publish-2", job("--force")).await;
+    decide(&mut a, &run2.approval_id, false, "no force pushes")
         .await
         .unwrap();
     let done = until_run(&mut runs, &run2.id, |r| r.finished_unix_ms != 0).await;
     assert_eq!(done.state, pb::RunState::Failed as i32);
     assert!(done.reason.contains("no force pushes"), "{done:?}");
     assert_eq!(done.steps[1].attempts, 0, "the denied step never started");
+}
+
+/// Submits `job` and waits until the run awaits an approval.
+async fn submit_until_awaiting(
+    runs: &mut bridle_tests::control::Runs,
+    key: &str,
+    job: pb::Job,
+) -> pb::Run {
+    let run = runs
+        .submit(pb::SubmitRunRequest {
+            idempotency_key: key.into(),
+            job: Some(job),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    until_run(runs, &run.id, |r| {
+        r.state == pb::RunState::AwaitingApproval as i32
+    })
+    .await
 }
 
 async fn until_run(

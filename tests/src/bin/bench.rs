@@ -959,8 +959,7 @@ async fn job_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
 /// policies and queueing its audit entry.
 async fn audit_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     use control_plane::audit::{AuditLog, Entry};
-    use control_plane::auth::{Principal, Role};
-    use control_plane::policy::{Action, Engine, Facts, Resource, ResourceKind, DEFAULT_POLICIES};
+    use control_plane::policy::{Action, Engine, Facts, DEFAULT_POLICIES};
 
     let dir = tempfile::Builder::new()
         .prefix("bridle-bench-audit-")
@@ -1012,17 +1011,7 @@ async fn audit_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
 
     // On the request path of an exec: decide + queue the entry.
     let engine = Engine::new(DEFAULT_POLICIES, 1).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let principal = Principal {
-        token_id: "tok".into(),
-        name: "alice".into(),
-        role: Role::Submitter,
-        owner: "alice".into(),
-    };
-    let sandbox = Resource {
-        kind: ResourceKind::Sandbox,
-        id: "sb-1".into(),
-        owner: "alice".into(),
-    };
+    let (principal, sandbox) = tenant_and_sandbox();
     let n = if quick { 5_000 } else { 20_000 };
     let mut samples = Vec::with_capacity(n);
     for i in 0..n as u64 {
@@ -1056,6 +1045,28 @@ async fn audit_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
         Some(added <= 0.5),
     ));
     Ok(())
+}
+
+/// The caller and the resource of the policy benchmarks: a submitter
+/// acting on its own sandbox.
+fn tenant_and_sandbox() -> (
+    control_plane::auth::Principal,
+    control_plane::policy::Resource,
+) {
+    use control_plane::auth::{Principal, Role};
+    use control_plane::policy::{Resource, ResourceKind};
+    let principal = Principal {
+        token_id: "tok".into(),
+        name: "alice".into(),
+        role: Role::Submitter,
+        owner: "alice".into(),
+    };
+    let sandbox = Resource {
+        kind: ResourceKind::Sandbox,
+        id: "sb-1".into(),
+        owner: "alice".into(),
+    };
+    (principal, sandbox)
 }
 
 fn policy_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
@@ -1100,8 +1111,7 @@ fn policy_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
 /// network requests, against the default set plus generated `permit`s on
 /// exec (up to 100 policies) whose condition `when(i)` writes.
 fn decide_samples(quick: bool, when: impl Fn(usize) -> String) -> anyhow::Result<Vec<Duration>> {
-    use control_plane::auth::{Principal, Role};
-    use control_plane::policy::{Action, Engine, Facts, Resource, ResourceKind, DEFAULT_POLICIES};
+    use control_plane::policy::{Action, Engine, Facts, DEFAULT_POLICIES};
 
     let mut source = DEFAULT_POLICIES.to_string();
     let defaults = source.matches("@id(").count();
@@ -1112,17 +1122,7 @@ fn decide_samples(quick: bool, when: impl Fn(usize) -> String) -> anyhow::Result
         ));
     }
     let engine = Engine::new(&source, 1).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let principal = Principal {
-        token_id: "tok".into(),
-        name: "alice".into(),
-        role: Role::Submitter,
-        owner: "alice".into(),
-    };
-    let sandbox = Resource {
-        kind: ResourceKind::Sandbox,
-        id: "sb-1".into(),
-        owner: "alice".into(),
-    };
+    let (principal, sandbox) = tenant_and_sandbox();
     let requests = [
         (Action::Exec, "make test"),
         (Action::Exec, "git push origin main"),
