@@ -309,11 +309,21 @@ impl Config {
 
     fn validate(&self) -> Result<(), Error> {
         let s = &self.sandbox;
-        if parse_user(&s.user).is_none() {
-            return Err(Error::Invalid(format!(
-                "sandbox.user must be uid:gid, got {:?}",
-                s.user
-            )));
+        match parse_user(&s.user) {
+            None => {
+                return Err(Error::Invalid(format!(
+                    "sandbox.user must be uid:gid, got {:?}",
+                    s.user
+                )))
+            }
+            // Root in a sandbox could undo what keeps the sandbox from the
+            // agent (its socket directory, its peer check).
+            Some((0, _)) => {
+                return Err(Error::Invalid(
+                    "sandbox.user must not be root (uid 0)".into(),
+                ))
+            }
+            Some(_) => {}
         }
         for network in std::iter::once(&s.network).chain(self.pool.iter().map(|p| &p.network)) {
             if !network.is_empty() && network != "none" && network != "bridge" {

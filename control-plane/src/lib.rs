@@ -4,6 +4,7 @@
 //! The `control-plane` binary parses [`config::Config`] and calls [`run`];
 //! the `bridle` binary is [`cli`]. Everything testable lives here.
 
+pub mod agents;
 pub mod api;
 pub mod approvals;
 pub mod artifacts;

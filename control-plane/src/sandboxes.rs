@@ -10,19 +10,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bridle_proto::sandbox::v1 as agent_pb;
-use bridle_proto::sandbox::v1::sandbox_agent_client::SandboxAgentClient;
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
-use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::agents;
 use crate::artifacts::Artifacts;
 use crate::auth::Principal;
 use crate::config::{Config, PoolProfile};
 use crate::runtime::{self, ContainerSpec, Runtime};
 use crate::store::{self, Claim, SandboxRecord, SnapshotRecord, Store};
 
-pub type Agent = SandboxAgentClient<Channel>;
+pub use crate::agents::Agent;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -171,6 +169,8 @@ struct Inner<R> {
     store: Store,
     artifacts: Artifacts,
     sockets: PathBuf,
+    /// Each sandbox's agent key is derived from this (`<data_dir>/agent.key`).
+    agent_master_key: [u8; 32],
     agents: Mutex<HashMap<String, Agent>>,
     /// Last activity not yet written to the store.
     activity: Mutex<HashMap<String, i64>>,
@@ -200,8 +200,22 @@ impl<R: Runtime> Sandboxes<R> {
                 config.data_dir.display()
             )));
         }
+        let agent_master_key = crate::key_file(&config.data_dir.join("agent.key"))
+            .map_err(|e| std::io::Error::other(format!("the agent key file: {e}")))?;
+        // The socket directory is locked against the sandbox by its mode, so
+        // its owner (this process's uid) must not be the sandbox user's.
+        let (sandbox_uid, _) = crate::config::parse_user(&config.sandbox.user)
+            .ok_or_else(|| std::io::Error::other("sandbox.user must be uid:gid"))?;
+        // SAFETY: geteuid has no preconditions.
+        if sandbox_uid == unsafe { libc::geteuid() } {
+            return Err(std::io::Error::other(format!(
+                "sandbox.user ({}) is the control plane's own uid: sandboxes could then reach into the control plane's files; run the control plane as another user (root, or one in the docker group)",
+                config.sandbox.user
+            )));
+        }
         Ok(Self {
             inner: Arc::new(Inner {
+                agent_master_key,
                 create_permits: Semaphore::new(config.docker.max_concurrent_creates.max(1)),
                 config,
                 runtime,
@@ -227,6 +241,10 @@ impl<R: Runtime> Sandboxes<R> {
 
     fn socket_dir(&self, id: &str) -> PathBuf {
         self.inner.sockets.join(id)
+    }
+
+    fn agent_key(&self, id: &str) -> [u8; 32] {
+        bridle_proto::handshake::sandbox_key(&self.inner.agent_master_key, id)
     }
 
     /// Resolves a request against the defaults and the limits in config.
@@ -386,9 +404,8 @@ impl<R: Runtime> Sandboxes<R> {
         self.inner.store.insert_sandbox(&record).await?;
         let result = async {
             let dir = self.socket_dir(&id);
-            std::fs::create_dir_all(&dir)?;
             // The agent runs as the sandbox user and creates its socket here.
-            set_mode(&dir, 0o777)?;
+            agents::open_socket_dir(&dir)?;
             let d = &self.inner.config.sandbox;
             let container_id = self
                 .inner
@@ -404,6 +421,7 @@ impl<R: Runtime> Sandboxes<R> {
                     workspace_tmpfs_bytes: d.workspace_tmpfs_bytes,
                     network: record.spec.network,
                     socket_dir: dir.clone(),
+                    agent_key: hex::encode(self.agent_key(&id)),
                     inject_agent: d.inject_agent.clone(),
                     owner_label: owner_label.to_string(),
                 })
@@ -432,15 +450,19 @@ impl<R: Runtime> Sandboxes<R> {
         }
     }
 
-    /// Polls the agent's health check until it answers SERVING, watching the
-    /// container so one that died is reported at once, with its logs.
+    /// Polls the agent's health check until it proves its identity and
+    /// answers SERVING, watching the container so one that died is reported
+    /// at once, with its logs. Then locks the socket directory.
     async fn wait_ready(&self, id: &str) -> Result<()> {
-        let socket = self.socket_dir(id).join("agent.sock");
+        let dir = self.socket_dir(id);
+        let socket = dir.join(agents::SOCKET_NAME);
+        let key = self.agent_key(id);
         let deadline = Instant::now()
             + Duration::from_secs(self.inner.config.sandbox.ready_timeout_secs.max(1));
         let mut polls = 0u32;
         loop {
-            if socket.exists() && health_serving(&socket).await {
+            if socket.exists() && agents::serving(&dir, &key).await {
+                agents::lock_socket_dir(&dir)?;
                 return Ok(());
             }
             polls += 1;
@@ -652,7 +674,7 @@ impl<R: Runtime> Sandboxes<R> {
         let mut agents = self.inner.agents.lock().expect("lock");
         agents
             .entry(id.to_string())
-            .or_insert_with(|| connect_agent(self.socket_dir(id).join("agent.sock")))
+            .or_insert_with(|| agents::connect(self.socket_dir(id), self.agent_key(id)))
             .clone()
     }
 
@@ -834,6 +856,7 @@ impl<R: Runtime> Sandboxes<R> {
                     Some(c) if !c.running => {
                         tracing::info!(sandbox = %r.id, "starting a stopped sandbox again");
                         let restarted = async {
+                            agents::open_socket_dir(&self.socket_dir(&r.id))?;
                             self.inner.runtime.restart(&r.id).await?;
                             self.wait_ready(&r.id).await
                         }
@@ -978,49 +1001,4 @@ fn denied(s: tonic::Status) -> Error {
 fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-}
-
-/// A lazily dialled channel to an agent's Unix socket, with the windows the
-/// agent uses.
-pub fn connect_agent(socket: PathBuf) -> Agent {
-    let channel = Endpoint::from_static("http://agent.local")
-        .connect_timeout(Duration::from_secs(5))
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(16 << 20)
-        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }));
-    SandboxAgentClient::new(channel)
-        .max_decoding_message_size(16 << 20)
-        .max_encoding_message_size(16 << 20)
-}
-
-async fn health_serving(socket: &Path) -> bool {
-    let socket = socket.to_path_buf();
-    let channel = Endpoint::from_static("http://agent.local")
-        .connect_timeout(Duration::from_secs(1))
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await;
-    let Ok(channel) = channel else { return false };
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    matches!(
-        tokio::time::timeout(
-            Duration::from_secs(2),
-            health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }),
-        )
-        .await,
-        Ok(Ok(r)) if r.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    )
 }

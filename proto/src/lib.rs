@@ -1,5 +1,9 @@
-//! Generated code for bridle's gRPC contracts. Nothing but generated code and
-//! the descriptor set lives here; domain types belong to the crates that own them.
+//! Generated code for bridle's gRPC contracts. Besides generated code and the
+//! descriptor set, only the one part of the agent's contract that is not
+//! protobuf lives here ([`handshake`]), so that both ends share it; domain
+//! types belong to the crates that own them.
+
+pub mod handshake;
 
 /// Encoded `FileDescriptorSet` of every bridle proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

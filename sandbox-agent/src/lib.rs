@@ -7,6 +7,7 @@
 pub mod cgroup;
 pub mod exec;
 pub mod fs;
+pub mod peers;
 pub mod pid1;
 pub mod service;
 pub mod snapshot;
@@ -68,6 +69,54 @@ pub struct Config {
     /// Concurrent gRPC streams per connection.
     #[arg(long, env = "BRIDLE_AGENT_MAX_STREAMS", default_value_t = 256)]
     pub max_streams: u32,
+    /// The identity key (see [`peers`]); never a flag, since any process can
+    /// read PID 1's command line. Set by [`Config::take_key_from_env`].
+    #[arg(skip)]
+    pub key: Option<AgentKey>,
+}
+
+/// The agent's identity key; never printed.
+#[derive(Clone)]
+pub struct AgentKey(pub [u8; 32]);
+
+impl std::fmt::Debug for AgentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentKey(***)")
+    }
+}
+
+/// Where the control plane puts the agent's identity key (64 hex digits).
+pub const KEY_ENV: &str = "BRIDLE_AGENT_KEY";
+
+impl Config {
+    /// Reads the identity key from [`KEY_ENV`] and removes it from the
+    /// environment, so that nothing the agent starts inherits it. Call it
+    /// before any other thread or child exists.
+    pub fn take_key_from_env(&mut self) -> anyhow::Result<()> {
+        let Some(hex_key) = std::env::var_os(KEY_ENV) else {
+            return Ok(());
+        };
+        std::env::remove_var(KEY_ENV);
+        let key = hex::decode(hex_key.as_encoded_bytes())
+            .ok()
+            .and_then(|k| <[u8; 32]>::try_from(k).ok())
+            .with_context(|| format!("{KEY_ENV} must be 64 hex digits"))?;
+        self.key = Some(AgentKey(key));
+        Ok(())
+    }
+}
+
+/// A random id for this start of the agent, as 32 hex digits.
+fn new_boot_id() -> anyhow::Result<String> {
+    let mut id = [0u8; 16];
+    // SAFETY: getrandom fills the buffer it is given, of the length given.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    anyhow::ensure!(
+        n == id.len() as isize,
+        "reading the random source: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(hex::encode(id))
 }
 
 /// Serves until `shutdown` resolves, then stops every running command
@@ -77,6 +126,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
+    let boot_id = new_boot_id()?;
     let ws = fs::Workspace::at(&config.workspace)
         .with_context(|| format!("opening workspace {}", config.workspace.display()))?;
     let ws = Arc::new(ws);
@@ -110,6 +160,7 @@ pub async fn run(
         execs: execs.clone(),
         cgroup,
         started,
+        boot_id,
         keepalive: Duration::from_secs(config.keepalive_secs.max(1)),
     };
 
@@ -141,13 +192,19 @@ pub async fn run(
         .with_context(|| format!("binding {}", config.socket.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
-        // Anyone who can reach the socket directory may talk to the agent:
-        // access is controlled by who can see that directory (the control
-        // plane's per-sandbox host directory), not by the socket's owner.
+        // The control plane may run as another uid than the agent; who may
+        // talk to the agent is decided per connection (see `peers`).
         std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o666))
             .with_context(|| format!("chmod {}", config.socket.display()))?;
     }
-    tracing::info!(socket = %config.socket.display(), workspace = %ws.root_path().display(), "sandbox agent serving");
+    let admission = peers::Admission::for_this_process(config.key.as_ref().map(|k| k.0));
+    tracing::info!(
+        socket = %config.socket.display(),
+        workspace = %ws.root_path().display(),
+        only_from_outside = admission.only_from_outside,
+        identity_key = admission.key.is_some(),
+        "sandbox agent serving"
+    );
 
     // On shutdown: stop accepting, and stop every running command so that
     // open exec streams end with their exit event; then the server drains.
@@ -209,7 +266,7 @@ pub async fn run(
         }
     });
 
-    let uds_stream = tokio_stream::wrappers::UnixListenerStream::new(uds);
+    let uds_stream = peers::admitted(uds, admission);
     let tcp = match config.tcp {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)

@@ -27,7 +27,12 @@ fn main() -> std::process::ExitCode {
     // periodically, see `run`.)
     // SAFETY: mallopt before any allocation-heavy work; plain integers.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
-    let config = sandbox_agent::Config::parse();
+    let mut config = sandbox_agent::Config::parse();
+    // Before the first thread or child: nothing the agent starts may inherit it.
+    if let Err(e) = config.take_key_from_env() {
+        eprintln!("sandbox-agent: {e:#}");
+        return std::process::ExitCode::FAILURE;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BRIDLE_AGENT_LOG")
@@ -45,28 +50,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(sandbox_agent::run(config, shutdown_signal())) {
+    match runtime.block_on(sandbox_agent::run(config, sandbox_agent::pid1::stop_requested())) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sandbox-agent: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-/// SIGTERM (what `docker stop` sends PID 1) or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without handlers PID 1 would ignore SIGTERM; better to say so.
-        eprintln!("sandbox-agent: cannot install signal handlers");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
     }
 }

@@ -121,3 +121,97 @@ impl Reaper {
         }
     }
 }
+
+/// Write end of the pipe the stop-signal handler reports on (-1: none).
+static STOP_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+/// Whether the handler ignores signals sent from inside the sandbox.
+static ONLY_FROM_OUTSIDE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// What the handler writes: a tag byte, then the sender's pid.
+const STOP: u8 = b's';
+const IGNORED: u8 = b'i';
+
+extern "C" fn on_stop_signal(
+    _signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
+    use std::sync::atomic::Ordering;
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let (code, pid) = unsafe { ((*info).si_code, (*info).si_pid()) };
+    // kill(2) from a process outside our PID namespace arrives as SI_USER
+    // with pid 0 (the kernel cannot name it here). sigqueue-like calls may
+    // forge si_pid, but only with a negative si_code, which is refused.
+    let from_outside = pid == 0 && (code == libc::SI_USER || code == libc::SI_KERNEL);
+    let tag = if from_outside || !ONLY_FROM_OUTSIDE.load(Ordering::Relaxed) {
+        STOP
+    } else {
+        IGNORED
+    };
+    let mut msg = [0u8; 5];
+    msg[0] = tag;
+    msg[1..].copy_from_slice(&pid.to_ne_bytes());
+    let fd = STOP_PIPE.load(Ordering::Relaxed);
+    // SAFETY: write(2) is async-signal-safe; a full pipe drops the message,
+    // which only matters for the log line of an ignored signal.
+    unsafe { libc::write(fd, msg.as_ptr().cast(), msg.len()) };
+}
+
+/// Resolves on SIGTERM or SIGINT (what `docker stop` and an operator send)
+/// from outside the sandbox. As PID 1, the same signals sent by a command in
+/// the sandbox (`kill -TERM 1`) are logged and ignored: only the control
+/// plane and the container runtime may stop the agent. Elsewhere any sender
+/// is obeyed.
+pub async fn stop_requested() {
+    if let Err(e) = watch_stop_signals().await {
+        // Without handlers PID 1 would ignore SIGTERM; better to say so.
+        tracing::error!("cannot watch SIGTERM/SIGINT: {e}");
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn watch_stop_signals() -> std::io::Result<()> {
+    use std::os::fd::FromRawFd;
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncReadExt;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the read end was just created and is owned here alone.
+    let read = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) };
+    let mut read = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
+    ONLY_FROM_OUTSIDE.store(std::process::id() == 1, Ordering::Relaxed);
+    // The write end lives as long as the process: the handler may run at
+    // any time.
+    STOP_PIPE.store(fds[1], Ordering::Relaxed);
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: a zeroed sigaction is valid; the handler only does
+        // async-signal-safe work (atomics and write).
+        let rc = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_stop_signal as *const () as usize;
+            action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let mut msg = [0u8; 5];
+    loop {
+        read.read_exact(&mut msg).await?;
+        let pid = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
+        if msg[0] == STOP {
+            tracing::info!(sender_pid = pid, "stop requested");
+            return Ok(());
+        }
+        tracing::warn!(
+            sender_pid = pid,
+            "ignored a stop signal sent from inside the sandbox"
+        );
+    }
+}

@@ -31,6 +31,8 @@ pub struct AgentService {
     pub execs: Arc<Execs>,
     pub cgroup: Arc<OwnCgroup>,
     pub started: Instant,
+    /// See `InfoResponse.boot_id`.
+    pub boot_id: String,
     pub keepalive: Duration,
 }
 
@@ -47,6 +49,8 @@ pub fn fs_status(e: fs::Error) -> Status {
         E::IsDirectory { .. } | E::NotDirectory { .. } | E::NotEmpty { .. } => {
             Status::failed_precondition(msg)
         }
+        E::Incomplete { .. } => Status::aborted(msg),
+        E::NoSpace { .. } => Status::resource_exhausted(msg),
         E::Io { .. } => Status::internal(msg),
     }
 }
@@ -559,6 +563,8 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
                     create_parents: h.create_parents,
                     no_overwrite: h.no_overwrite,
                     sync: h.sync,
+                    expect_size: h.size,
+                    expect_sha256: (!h.sha256.is_empty()).then_some(h.sha256),
                 },
             )
             .map_err(fs_status)?;
@@ -799,6 +805,7 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
             running_execs: running,
             retained_execs: retained,
             agent_rss_bytes: rss_kb * 1024,
+            boot_id: self.boot_id.clone(),
         }))
     }
 }

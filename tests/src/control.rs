@@ -83,6 +83,20 @@ impl ControlPlane {
         self.data.path().join("data")
     }
 
+    /// A direct, verified connection to the agent of one of this control
+    /// plane's sandboxes, as the control plane itself makes it (tests and
+    /// the benchmark compare with it).
+    pub fn agent_of(&self, sandbox_id: &str) -> anyhow::Result<control_plane::agents::Agent> {
+        let master: [u8; 32] = std::fs::read(self.data_dir().join("agent.key"))?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("agent.key is not 32 bytes"))?;
+        let key = bridle_proto::handshake::sandbox_key(&master, sandbox_id);
+        Ok(control_plane::agents::connect(
+            self.data_dir().join("sandboxes").join(sandbox_id),
+            key,
+        ))
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data.path().join("control-plane.log")).unwrap_or_default()
     }

@@ -12,6 +12,21 @@ use tonic::Status;
 
 use crate::sandboxes::Error;
 
+/// Exec ids with this prefix belong to the control plane (a run's steps,
+/// and later an agent's tool calls): clients can neither start nor attach to
+/// one, so none can be chosen or pre-registered through the API.
+pub const RESERVED_EXEC_ID_PREFIX: &str = "bridle.";
+
+/// Refuses an exec id a client may not use.
+pub fn client_exec_id(exec_id: &str) -> Result<(), Status> {
+    if exec_id.starts_with(RESERVED_EXEC_ID_PREFIX) {
+        return Err(Status::invalid_argument(format!(
+            "exec ids starting with {RESERVED_EXEC_ID_PREFIX:?} are the control plane's own; choose another"
+        )));
+    }
+    Ok(())
+}
+
 /// The one mapping from sandbox errors to gRPC statuses.
 pub fn sandbox_status(e: Error) -> Status {
     match e {

@@ -204,6 +204,7 @@ pub fn event_pb(run_id: &str, e: &StoredEvent) -> pb::RunEvent {
             step,
             attempt,
             exec_id,
+            ..
         } => P::StepStarted(pb::StepStarted {
             step: *step,
             attempt: *attempt,

@@ -391,6 +391,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         for (k, v) in &record.spec.env {
             exec.env.entry(k.clone()).or_insert(v.clone());
         }
+        super::client_exec_id(&exec.exec_id)?;
         // An id of our own, so the exec can be stopped when the client leaves.
         if exec.exec_id.is_empty() {
             exec.exec_id = format!("x-{}", crate::random_hex(8));
@@ -534,6 +535,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         let req = request.into_inner();
         required("sandbox_id", &req.sandbox_id)?;
         required("exec_id", &req.exec_id)?;
+        super::client_exec_id(&req.exec_id)?;
         let (_, mut agent) = self
             .sandboxes
             .usable(&principal, &req.sandbox_id)

@@ -98,10 +98,10 @@ pub enum Event {
     Provisioning,
     SandboxAssigned {
         sandbox_id: String,
-        /// When the sandbox's agent started: an agent that started later
-        /// (the container restarted) has forgotten every exec.
+        /// The agent's boot id (`Info.boot_id`): an agent with another one
+        /// restarted (its container did) and has forgotten every exec.
         #[serde(default)]
-        agent_boot_unix_ms: i64,
+        agent_boot_id: String,
     },
     /// Written before the agent is asked to run the step: a restarted
     /// control plane re-attaches by `exec_id` and never starts it again.
@@ -109,6 +109,10 @@ pub enum Event {
         step: u32,
         attempt: u32,
         exec_id: String,
+        /// The boot id of the agent asked to run it, when it differs from
+        /// the one before (the sandbox's container restarted in between).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        agent_boot_id: String,
     },
     StepOutput {
         step: u32,
@@ -219,7 +223,8 @@ pub struct RunView {
     pub state: RunState,
     pub steps: Vec<StepView>,
     pub sandbox_id: Option<String>,
-    pub agent_boot_unix_ms: i64,
+    /// The boot id of the sandbox's agent as last recorded.
+    pub agent_boot_id: String,
     pub cancel_requested: Option<String>,
     pub reason: String,
     pub artifacts: Vec<Artifact>,
@@ -279,7 +284,7 @@ impl RunView {
             job: job.as_ref().clone(),
             state: RunState::Queued,
             sandbox_id: None,
-            agent_boot_unix_ms: 0,
+            agent_boot_id: String::new(),
             cancel_requested: None,
             reason: String::new(),
             artifacts: Vec::new(),
@@ -328,10 +333,10 @@ impl RunView {
             Event::Provisioning => self.state = RunState::Provisioning,
             Event::SandboxAssigned {
                 sandbox_id,
-                agent_boot_unix_ms,
+                agent_boot_id,
             } => {
                 self.sandbox_id = Some(sandbox_id.clone());
-                self.agent_boot_unix_ms = *agent_boot_unix_ms;
+                self.agent_boot_id = agent_boot_id.clone();
                 self.state = RunState::Running;
                 if matches!(self.approved, Some((_, None))) {
                     self.approved = None;
@@ -341,7 +346,11 @@ impl RunView {
                 step,
                 attempt,
                 exec_id,
+                agent_boot_id,
             } => {
+                if !agent_boot_id.is_empty() {
+                    self.agent_boot_id = agent_boot_id.clone();
+                }
                 let s = self.step_mut(seq, *step)?;
                 s.state = StepState::Running;
                 s.attempts = *attempt;
@@ -506,12 +515,13 @@ mod tests {
             Event::Provisioning,
             Event::SandboxAssigned {
                 sandbox_id: "sb-1".into(),
-                agent_boot_unix_ms: 0,
+                agent_boot_id: "b1".into(),
             },
             Event::StepStarted {
                 step: 0,
                 attempt: 1,
                 exec_id: "x0".into(),
+                agent_boot_id: String::new(),
             },
             Event::StepOutput {
                 step: 0,
@@ -527,6 +537,7 @@ mod tests {
                 step: 1,
                 attempt: 1,
                 exec_id: "x1".into(),
+                agent_boot_id: String::new(),
             },
             exited(1, 2),
             Event::Finished {

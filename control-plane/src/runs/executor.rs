@@ -440,7 +440,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                     )
                     .await;
             }
-            let agent_boot_unix_ms = match self.agent_boot(&sandbox.id).await {
+            let agent_boot_id = match self.agent_boot_id(&sandbox.id).await {
                 Some(t) => t,
                 None => {
                     return self
@@ -458,7 +458,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                 view,
                 Event::SandboxAssigned {
                     sandbox_id: sandbox.id.clone(),
-                    agent_boot_unix_ms,
+                    agent_boot_id,
                 },
             )
             .await?;
@@ -467,6 +467,9 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         let sandbox_id = view.sandbox_id.clone().expect("assigned above");
 
         let mut failed: Option<String> = None;
+        // Set when the agent is seen to have restarted since the log last
+        // named it; the next StepStarted records the new boot id.
+        let mut agent_restarted = String::new();
         for index in 0..view.job.steps.len() {
             let step = view.job.steps[index].clone();
             let status = view.steps[index].clone();
@@ -492,7 +495,14 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                     let reason = view.cancel_requested.clone().unwrap_or_default();
                     return self.finish(run_id, view, RunState::Cancelled, reason).await;
                 }
-                let exec_id = format!("{run_id}-s{index}-a{attempt}");
+                // A started attempt keeps the id it was recorded with; a new
+                // one gets an id nobody else can have chosen (see `run_exec_id`).
+                let exec_id = match resume {
+                    true if !view.steps[index].exec_id.is_empty() => {
+                        view.steps[index].exec_id.clone()
+                    }
+                    _ => run_exec_id(run_id, index, attempt),
+                };
                 if !resume {
                     let resource = crate::policy::Resource {
                         kind: crate::policy::ResourceKind::Sandbox,
@@ -532,6 +542,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                             step: index as u32,
                             attempt,
                             exec_id: exec_id.clone(),
+                            agent_boot_id: std::mem::take(&mut agent_restarted),
                         },
                     )
                     .await?;
@@ -583,6 +594,11 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                                     format!("step {} ({}): {why}", index + 1, step.name),
                                 )
                                 .await;
+                        }
+                        if let Some(boot) = self.agent_boot_id(&sandbox_id).await {
+                            if boot != view.agent_boot_id {
+                                agent_restarted = boot;
+                            }
                         }
                         attempt += 1;
                         continue;
@@ -841,15 +857,15 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         }
     }
 
-    /// When the sandbox's agent started, from its uptime.
-    async fn agent_boot(&self, sandbox_id: &str) -> Option<i64> {
+    /// The boot id of the sandbox's agent (random per start of the agent).
+    async fn agent_boot_id(&self, sandbox_id: &str) -> Option<String> {
         let mut agent = self.inner.sandboxes.agent(sandbox_id);
         let info = agent
             .info(agent_pb::InfoRequest {})
             .await
             .ok()?
             .into_inner();
-        Some(crate::now_ms() - info.uptime_ms as i64)
+        (!info.boot_id.is_empty()).then_some(info.boot_id)
     }
 
     async fn write_inputs(&self, view: &RunView, sandbox_id: &str) -> anyhow::Result<()> {
@@ -933,8 +949,10 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                 // asking the agent): start it now. Otherwise the agent lost
                 // its memory, and whether the step ran is unknown.
                 Err(s) if s.code() == tonic::Code::NotFound => {
-                    let same_agent = match self.agent_boot(sandbox_id).await {
-                        Some(boot) => (boot - view.agent_boot_unix_ms).abs() < 10_000,
+                    // A boot id is random per start, so a restarted agent
+                    // is never taken for the one that was asked to run it.
+                    let same_agent = match self.agent_boot_id(sandbox_id).await {
+                        Some(boot) => !view.agent_boot_id.is_empty() && boot == view.agent_boot_id,
                         None => false,
                     };
                     if !same_agent {
@@ -1200,4 +1218,16 @@ fn describe_failure(index: usize, name: &str, s: &super::events::StepView) -> St
         _ => "could not start".to_string(),
     };
     format!("step {} ({name}) {how}", index + 1)
+}
+
+/// The exec id of one attempt of a run's step. It starts with the prefix the
+/// public API refuses ([`crate::api::RESERVED_EXEC_ID_PREFIX`]), so no client
+/// can start, signal or pre-register it, and ends in a random part, so it
+/// cannot be guessed from the run id either.
+fn run_exec_id(run_id: &str, index: usize, attempt: u32) -> String {
+    format!(
+        "{}run.{run_id}.s{index}.a{attempt}.{}",
+        crate::api::RESERVED_EXEC_ID_PREFIX,
+        crate::random_hex(8)
+    )
 }

@@ -631,7 +631,7 @@ mod tests {
         ));
         let sandbox = Event::SandboxAssigned {
             sandbox_id: "sb-1".into(),
-            agent_boot_unix_ms: 0,
+            agent_boot_id: "b1".into(),
         };
         s.append("r1", 3, &sandbox, RunState::Running, 4)
             .await

@@ -148,6 +148,8 @@ impl Runtime for Docker {
             env: Some(vec![
                 "BRIDLE_AGENT_SOCKET=/run/bridle/agent.sock".into(),
                 "BRIDLE_AGENT_WORKSPACE=/workspace".into(),
+                // Read and dropped from its environment by the agent at start.
+                format!("{}={}", "BRIDLE_AGENT_KEY", spec.agent_key),
             ]),
             working_dir: Some("/workspace".into()),
             labels: Some(labels),

@@ -35,6 +35,8 @@ pub struct ContainerSpec {
     pub network: Network,
     /// Host directory mounted at `/run/bridle`, where the agent puts its socket.
     pub socket_dir: PathBuf,
+    /// The agent's identity key, hex (see `bridle_proto::handshake`).
+    pub agent_key: String,
     /// Static agent binary to mount read-only as the entrypoint, for images
     /// that do not carry one.
     pub inject_agent: Option<PathBuf>,

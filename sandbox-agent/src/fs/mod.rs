@@ -39,6 +39,10 @@ pub enum Error {
     NotDirectory { path: String },
     #[error("{path}: directory not empty (use recursive)")]
     NotEmpty { path: String },
+    #[error("{path}: {reason}; the destination was left as it was")]
+    Incomplete { path: String, reason: String },
+    #[error("{path}: no space left in the workspace (its disk limit)")]
+    NoSpace { path: String },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -61,9 +65,28 @@ impl Error {
             Some(libc::EISDIR) => Error::IsDirectory { path },
             Some(libc::ENOTDIR) => Error::NotDirectory { path },
             Some(libc::ENOTEMPTY) => Error::NotEmpty { path },
+            Some(libc::ENAMETOOLONG) => Error::InvalidPath {
+                path: truncated(path),
+                reason: "path or name too long",
+            },
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Error::NoSpace { path },
             _ => Error::Io { path, source: err },
         }
     }
+}
+
+/// A path cut to a length fit for an error message.
+fn truncated(mut path: String) -> String {
+    const MAX: usize = 256;
+    if path.len() > MAX {
+        let mut cut = MAX;
+        while !path.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        path.truncate(cut);
+        path.push('…');
+    }
+    path
 }
 
 fn last_err(path: &Path) -> Error {
@@ -179,11 +202,16 @@ pub fn open_read(ws: &Workspace, path: &str) -> Result<(std::fs::File, u64), Err
     Ok((std::fs::File::from(fd), st.st_size as u64))
 }
 
+#[derive(Default)]
 pub struct WriteOptions {
     pub mode: u32,
     pub create_parents: bool,
     pub no_overwrite: bool,
     pub sync: bool,
+    /// Commit only if exactly this many bytes were written.
+    pub expect_size: Option<u64>,
+    /// Commit only if what was written has this sha256 (lowercase hex).
+    pub expect_sha256: Option<String>,
 }
 
 /// A file being written: data goes to a temporary file next to the target,
@@ -326,8 +354,32 @@ impl AtomicWrite {
         Ok(())
     }
 
-    /// Renames the data into place and returns (size, sha256 hex).
+    /// Renames the data into place and returns (size, sha256 hex); when the
+    /// data is not what [`WriteOptions`] announced, removes it instead and
+    /// leaves the destination as it was.
     pub fn commit(mut self) -> Result<(u64, String), Error> {
+        let digest = hex::encode(
+            std::mem::replace(&mut self.hasher, Hasher::Inline(Sha256::new())).finish(),
+        );
+        let incomplete = |reason: String| Error::Incomplete {
+            path: self.rel.display().to_string(),
+            reason,
+        };
+        if let Some(expected) = self.opts.expect_size {
+            if expected != self.size {
+                return Err(incomplete(format!(
+                    "{} bytes arrived and {expected} were announced",
+                    self.size
+                )));
+            }
+        }
+        if let Some(expected) = &self.opts.expect_sha256 {
+            if !expected.eq_ignore_ascii_case(&digest) {
+                return Err(incomplete(format!(
+                    "what arrived has sha256 {digest} and {expected} was announced"
+                )));
+            }
+        }
         let file = self.file.take().expect("not committed");
         let file = file
             .into_inner()
@@ -364,8 +416,7 @@ impl AtomicWrite {
         }
         // Renamed: nothing left for Drop to clean up.
         self.tmp_name = std::ffi::CString::default();
-        let digest = std::mem::replace(&mut self.hasher, Hasher::Inline(Sha256::new())).finish();
-        Ok((self.size, hex::encode(digest)))
+        Ok((self.size, digest))
     }
 }
 
@@ -694,10 +745,8 @@ mod tests {
 
     fn opts() -> WriteOptions {
         WriteOptions {
-            mode: 0,
             create_parents: true,
-            no_overwrite: false,
-            sync: false,
+            ..Default::default()
         }
     }
 
@@ -718,6 +767,39 @@ mod tests {
         );
         let left: Vec<_> = std::fs::read_dir(t.path().join("a/b")).unwrap().collect();
         assert_eq!(left.len(), 1, "no temp file left behind");
+    }
+
+    #[test]
+    fn a_write_that_is_not_what_was_announced_leaves_the_destination_alone() {
+        let (t, ws) = ws();
+        std::fs::write(t.path().join("keep"), b"old").unwrap();
+        let announced = [
+            (Some(5), None),
+            (Some(3), Some(hex::encode(Sha256::digest(b"abc")))),
+        ];
+        for (expect_size, expect_sha256) in announced {
+            let opts = WriteOptions {
+                expect_size,
+                expect_sha256,
+                ..opts()
+            };
+            let mut w = AtomicWrite::begin(&ws, "keep", opts).unwrap();
+            w.write(b"new").unwrap();
+            let err = w.commit().unwrap_err();
+            assert!(matches!(err, Error::Incomplete { .. }), "{err}");
+            assert_eq!(std::fs::read(t.path().join("keep")).unwrap(), b"old");
+            let left: Vec<_> = std::fs::read_dir(t.path()).unwrap().collect();
+            assert_eq!(left.len(), 1, "no temp file left behind");
+        }
+        let opts = WriteOptions {
+            expect_size: Some(3),
+            expect_sha256: Some(hex::encode(Sha256::digest(b"new")).to_uppercase()),
+            ..opts()
+        };
+        let mut w = AtomicWrite::begin(&ws, "keep", opts).unwrap();
+        w.write(b"new").unwrap();
+        w.commit().unwrap();
+        assert_eq!(std::fs::read(t.path().join("keep")).unwrap(), b"new");
     }
 
     #[test]

@@ -613,7 +613,7 @@ async fn control_plane_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<
     // Exec of `true` through the control plane vs straight to the agent,
     // alternating so both see the same machine.
     let sb = &claimed[0];
-    let mut direct = client::connect(&cp.data_dir().join("sandboxes").join(sb).join("agent.sock"))?;
+    let mut direct = cp.agent_of(sb)?;
     for _ in 0..50 {
         control::exec(&mut c, sb, start(&["true"])).await?;
         client::run(&mut direct, start(&["true"])).await?;
@@ -650,12 +650,7 @@ async fn control_plane_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<
 
     // Idle RSS of the agent in a sandbox the control plane made, untouched.
     let fresh = &claimed[1];
-    let mut a = client::connect(
-        &cp.data_dir()
-            .join("sandboxes")
-            .join(fresh)
-            .join("agent.sock"),
-    )?;
+    let mut a = cp.agent_of(fresh)?;
     let rss = a
         .info(pb::InfoRequest {})
         .await?
@@ -791,7 +786,7 @@ async fn event_store_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()
         (
             Event::SandboxAssigned {
                 sandbox_id: "sb-bench".into(),
-                agent_boot_unix_ms: 1,
+                agent_boot_id: "b".into(),
             },
             RunState::Running,
         ),
@@ -800,6 +795,7 @@ async fn event_store_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()
                 step: 0,
                 attempt: 1,
                 exec_id: "big-s0-a1".into(),
+                agent_boot_id: String::new(),
             },
             RunState::Running,
         ),

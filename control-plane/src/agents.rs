@@ -1,0 +1,176 @@
+//! Connections to sandbox agents, made so that nothing a sandbox writes can
+//! redirect them.
+//!
+//! An agent's socket sits in a host directory that is also the sandbox's
+//! `/run/bridle`. The control plane locks that directory once the agent is
+//! serving ([`lock_socket_dir`]), and on every connection it still trusts
+//! neither the path nor the peer:
+//! - the socket is opened with `O_NOFOLLOW` from the directory and must be a
+//!   socket; it is connected through its descriptor, so a symlink planted in
+//!   the directory (to another sandbox's agent, or to any host socket) is
+//!   never followed;
+//! - the peer must prove it holds this sandbox's agent key
+//!   ([`bridle_proto::handshake`]) before any request is sent.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bridle_proto::handshake::{self, CHALLENGE_LEN, PROOF_LEN};
+use bridle_proto::sandbox::v1::sandbox_agent_client::SandboxAgentClient;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub type Agent = SandboxAgentClient<Channel>;
+
+/// The agent's socket, inside its sandbox's socket directory.
+pub const SOCKET_NAME: &str = "agent.sock";
+/// How long an agent may take to answer the identity challenge.
+const PROOF_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens `dir/agent.sock` without following links, connects to it and has
+/// the agent prove it holds `key`. Errors say which check failed.
+pub async fn dial(dir: &Path, key: &[u8; 32]) -> std::io::Result<UnixStream> {
+    let socket = open_socket_no_follow(dir)?;
+    // Connecting through the descriptor's /proc link reaches exactly the
+    // inode opened above, whatever the directory holds by now.
+    let mut stream =
+        UnixStream::connect(format!("/proc/self/fd/{}", socket.as_raw_fd())).await?;
+    drop(socket);
+    let mut challenge = [0u8; CHALLENGE_LEN];
+    getrandom::fill(&mut challenge).map_err(|e| std::io::Error::other(e.to_string()))?;
+    stream.write_all(&challenge).await?;
+    let mut proof = [0u8; PROOF_LEN];
+    let answered = tokio::time::timeout(PROOF_TIMEOUT, stream.read_exact(&mut proof)).await;
+    let verified = matches!(answered, Ok(Ok(_))) && handshake::verify(key, &challenge, &proof);
+    if !verified {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not served by this sandbox's agent (it did not prove the agent's identity); refusing to use it",
+                dir.join(SOCKET_NAME).display()
+            ),
+        ));
+    }
+    Ok(stream)
+}
+
+fn open_socket_no_follow(dir: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let cpath = |p: &[u8]| {
+        std::ffi::CString::new(p).map_err(|_| std::io::Error::other("a NUL byte in a path"))
+    };
+    let dir_c = cpath(dir.as_os_str().as_bytes())?;
+    // SAFETY: open(2) with a NUL-terminated path; the fd is owned below.
+    let dirfd = unsafe {
+        libc::open(
+            dir_c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if dirfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: dirfd was just opened and is owned here alone.
+    let dirfd = unsafe { OwnedFd::from_raw_fd(dirfd) };
+    let name = cpath(SOCKET_NAME.as_bytes())?;
+    // SAFETY: openat(2) on a valid dirfd with a NUL-terminated name.
+    let fd = unsafe {
+        libc::openat(
+            dirfd.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just opened and is owned here alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: fstat into a zeroed stat buffer on a valid fd.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a socket (a link or a file put in the agent's place); refusing to use it",
+                dir.join(SOCKET_NAME).display()
+            ),
+        ));
+    }
+    Ok(fd)
+}
+
+/// A lazily dialled channel to the agent in `dir`, verified on every
+/// (re)connection, with the windows the agent uses.
+pub fn connect(dir: PathBuf, key: [u8; 32]) -> Agent {
+    let channel = Endpoint::from_static("http://agent.local")
+        .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+            let dir = dir.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(dial(&dir, &key).await?)) }
+        }));
+    SandboxAgentClient::new(channel)
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20)
+}
+
+/// Whether the agent in `dir` proves its identity and reports SERVING.
+pub async fn serving(dir: &Path, key: &[u8; 32]) -> bool {
+    let (dir, key) = (dir.to_path_buf(), *key);
+    let channel = Endpoint::from_static("http://agent.local")
+        .connect_timeout(Duration::from_secs(1))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let dir = dir.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(dial(&dir, &key).await?)) }
+        }))
+        .await;
+    let Ok(channel) = channel else { return false };
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }),
+        )
+        .await,
+        Ok(Ok(r)) if r.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    )
+}
+
+/// Closes a sandbox's socket directory to the sandbox, once its agent is
+/// serving: the agent no longer needs it (it holds its listening socket),
+/// and commands in the sandbox, which run as the agent's uid, can then
+/// neither reach the socket, replace it, nor write anything there.
+pub fn lock_socket_dir(dir: &Path) -> std::io::Result<()> {
+    set_mode(dir, 0o700)
+}
+
+/// Opens a sandbox's socket directory for its agent to bind a socket (at
+/// create, and before its container is started again; no command of the
+/// sandbox runs until the agent serves, and then it is locked again). What
+/// an earlier boot left there is removed.
+pub fn open_socket_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    set_mode(dir, 0o700)?;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        // remove_file removes a link itself, never what it points to.
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(_) => std::fs::remove_dir_all(&path)?,
+        }
+    }
+    set_mode(dir, 0o777)
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
