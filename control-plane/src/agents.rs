@@ -174,3 +174,93 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serves `dir/agent.sock` (or `at`) answering every challenge with
+    /// `answer(challenge)`.
+    fn serve(
+        at: &Path,
+        answer: impl Fn(&[u8; CHALLENGE_LEN]) -> Vec<u8> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let listener = tokio::net::UnixListener::bind(at).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut challenge = [0u8; CHALLENGE_LEN];
+                if s.read_exact(&mut challenge).await.is_ok() {
+                    let _ = s.write_all(&answer(&challenge)).await;
+                }
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn only_the_agent_holding_the_sandbox_key_is_used() {
+        let key = [1u8; 32];
+        let t = tempfile::tempdir().unwrap();
+        let (good, forged, garbage) = (t.path().join("a"), t.path().join("b"), t.path().join("c"));
+        for d in [&good, &forged, &garbage] {
+            std::fs::create_dir(d).unwrap();
+        }
+        serve(&good.join(SOCKET_NAME), move |c| handshake::prove(&key, c).to_vec());
+        // Another sandbox's agent: a valid proof, for its own key.
+        serve(&forged.join(SOCKET_NAME), |c| handshake::prove(&[2u8; 32], c).to_vec());
+        // Something that is not an agent at all.
+        serve(&garbage.join(SOCKET_NAME), |_| b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec());
+
+        dial(&good, &key).await.expect("the right agent is used");
+        for dir in [&forged, &garbage] {
+            let e = dial(dir, &key).await.unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+            assert!(e.to_string().contains("did not prove"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_link_planted_in_the_agents_place_is_never_followed() {
+        let key = [1u8; 32];
+        let t = tempfile::tempdir().unwrap();
+        // A real agent elsewhere (another sandbox's, or any host socket)...
+        let elsewhere = t.path().join("elsewhere.sock");
+        serve(&elsewhere, move |c| handshake::prove(&key, c).to_vec());
+        // ...and the sandbox's directory holding a link to it.
+        let dir = t.path().join("sb");
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.join(SOCKET_NAME)).unwrap();
+        let e = dial(&dir, &key).await.unwrap_err();
+        assert!(e.to_string().contains("is not a socket"), "{e}");
+        // A regular file is refused the same way.
+        std::fs::remove_file(dir.join(SOCKET_NAME)).unwrap();
+        std::fs::write(dir.join(SOCKET_NAME), b"x").unwrap();
+        let e = dial(&dir, &key).await.unwrap_err();
+        assert!(e.to_string().contains("is not a socket"), "{e}");
+        // And a link in place of the directory itself.
+        let linked_dir = t.path().join("linked");
+        std::os::unix::fs::symlink(t.path(), &linked_dir).unwrap();
+        assert!(dial(&linked_dir, &key).await.is_err());
+    }
+
+    #[test]
+    fn opening_the_socket_dir_clears_what_a_sandbox_left_and_locking_closes_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), b"x").unwrap();
+        let dir = t.path().join("sb");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("fill"), vec![0u8; 1024]).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("agent.sock")).unwrap();
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("sub/link")).unwrap();
+        open_socket_dir(&dir).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        assert!(outside.join("keep").exists(), "links are removed, not followed");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&dir), 0o777);
+        lock_socket_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+    }
+}

@@ -1,0 +1,326 @@
+//! What hostile code in a sandbox, a run's owner and a dying client must not
+//! be able to do (docs/security.md): each test does it as an attacker would,
+//! against the real control plane, agent and Docker.
+
+use std::time::Duration;
+
+use bridle_proto::control::v1 as pb;
+use bridle_proto::sandbox::v1 as agent_pb;
+use bridle_tests::client::{self, shell};
+use bridle_tests::control::{self, ControlPlane, Sandboxes};
+use bridle_tests::docker::{require_docker, Sandbox, SandboxOptions};
+use tonic::Code;
+
+macro_rules! docker_or_skip {
+    () => {
+        if !require_docker(module_path!()) {
+            return;
+        }
+    };
+}
+
+/// The probe that tries to drive an agent from inside a sandbox.
+fn probe() -> bytes::Bytes {
+    let path = bridle_tests::workspace_binary("bridle-tests", "agent-probe").unwrap();
+    std::fs::read(path).unwrap().into()
+}
+
+fn upload_messages(
+    sandbox_id: &str,
+    file: agent_pb::WriteFileHeader,
+    data: &bytes::Bytes,
+) -> Vec<pb::WriteFileRequest> {
+    let mut msgs = vec![pb::WriteFileRequest {
+        request: Some(pb::write_file_request::Request::Header(
+            pb::WriteFileHeader {
+                sandbox_id: sandbox_id.into(),
+                file: Some(file),
+            },
+        )),
+    }];
+    msgs.extend(data.chunks(1 << 20).map(|d| pb::WriteFileRequest {
+        request: Some(pb::write_file_request::Request::Data(
+            bytes::Bytes::copy_from_slice(d),
+        )),
+    }));
+    msgs
+}
+
+async fn upload(
+    c: &mut Sandboxes,
+    sandbox_id: &str,
+    file: agent_pb::WriteFileHeader,
+    data: bytes::Bytes,
+) -> Result<agent_pb::WriteFileResponse, tonic::Status> {
+    let msgs = upload_messages(sandbox_id, file, &data);
+    Ok(c.write_file(futures::stream::iter(msgs)).await?.into_inner())
+}
+
+async fn sh(c: &mut Sandboxes, sandbox_id: &str, cmd: &str) -> client::ExecResult {
+    control::exec(c, sandbox_id, shell(cmd)).await.unwrap()
+}
+
+#[tokio::test]
+async fn commands_in_a_sandbox_cannot_reach_replace_or_fill_the_agents_directory() {
+    docker_or_skip!();
+    let mut cp = ControlPlane::start(&[]).await.unwrap();
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let id = control::create(&mut c).await.unwrap().id;
+    upload(
+        &mut c,
+        &id,
+        agent_pb::WriteFileHeader {
+            path: "probe".into(),
+            mode: 0o755,
+            ..Default::default()
+        },
+        probe(),
+    )
+    .await
+    .unwrap();
+
+    // The agent's socket is out of reach: the probe cannot use it.
+    let r = sh(&mut c, &id, "./probe /run/bridle/agent.sock").await;
+    assert_eq!(r.code(), Some(3), "{}", r.stdout_str());
+    assert!(r.stdout_str().contains("refused"), "{}", r.stdout_str());
+
+    // Nothing can be written, replaced or planted in the directory, which
+    // is the host's <data_dir>/sandboxes/<id>.
+    let attempts = [
+        "ls /run/bridle",
+        "touch /run/bridle/fill",
+        "head -c 1048576 /dev/zero > /run/bridle/fill",
+        "rm -f /run/bridle/agent.sock",
+        "ln -sf /run/bridle/../x /run/bridle/agent.sock",
+        "mv /run/bridle/agent.sock /run/bridle/old",
+        "chmod 777 /run/bridle",
+    ];
+    for cmd in attempts {
+        let r = sh(&mut c, &id, cmd).await;
+        assert_ne!(r.code(), Some(0), "{cmd} succeeded: {}", r.stdout_str());
+    }
+    let host_dir = cp.data_dir().join("sandboxes").join(&id);
+    let entries: Vec<_> = std::fs::read_dir(&host_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, vec![std::ffi::OsString::from("agent.sock")]);
+    let kind = std::fs::symlink_metadata(host_dir.join("agent.sock"))
+        .unwrap()
+        .file_type();
+    assert!(std::os::unix::fs::FileTypeExt::is_socket(&kind));
+
+    // After a restart the control plane reaches the same, verified agent.
+    cp.restart().await.unwrap();
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let r = sh(&mut c, &id, "echo still here").await;
+    assert_eq!(r.stdout_str(), "still here\n");
+}
+
+/// Even where the socket is reachable (a sandbox whose directory is left
+/// open, as here), the agent serves only peers outside its PID namespace.
+#[tokio::test]
+async fn the_agent_refuses_peers_from_inside_its_sandbox() {
+    docker_or_skip!();
+    let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let mut agent = sb.client().unwrap();
+    client::write_file(
+        &mut agent,
+        agent_pb::WriteFileHeader {
+            path: "probe".into(),
+            mode: 0o755,
+            ..Default::default()
+        },
+        probe(),
+    )
+    .await
+    .unwrap();
+    let r = client::run(&mut agent, shell("./probe /run/bridle/agent.sock"))
+        .await
+        .unwrap();
+    assert_eq!(r.code(), Some(3), "{}", r.stdout_str());
+    // The agent says why in its log, and still serves the host.
+    assert!(
+        sb.logs().contains("inside the sandbox"),
+        "agent log: {}",
+        sb.logs()
+    );
+    let listed = agent
+        .list_execs(agent_pb::ListExecsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!listed.execs.is_empty());
+}
+
+#[tokio::test]
+async fn stop_signals_from_inside_the_sandbox_are_ignored() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&[]).await.unwrap();
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let id = control::create(&mut c).await.unwrap().id;
+    let r = sh(
+        &mut c,
+        &id,
+        "kill -TERM 1; kill -INT 1; kill -HUP 1; kill -QUIT 1; echo sent",
+    )
+    .await;
+    assert_eq!(r.stdout_str(), "sent\n");
+    // The agent logs each one it ignored (the log is written before the
+    // next call is served, so this is no race).
+    let r = sh(&mut c, &id, "echo alive").await;
+    assert_eq!(r.stdout_str(), "alive\n");
+    let got = c
+        .get(pb::GetSandboxRequest {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state, pb::SandboxState::Ready as i32);
+    assert_eq!(control::inspect(&id, "{{.State.Running}}"), "true");
+    let logs = std::process::Command::new("docker")
+        .args(["logs", &format!("bridle-{id}")])
+        .output()
+        .unwrap();
+    let logs = String::from_utf8_lossy(&logs.stderr).into_owned()
+        + &String::from_utf8_lossy(&logs.stdout);
+    assert!(
+        logs.contains("ignored a stop signal sent from inside the sandbox"),
+        "{logs}"
+    );
+}
+
+#[tokio::test]
+async fn exec_ids_of_runs_cannot_be_chosen_or_guessed_by_a_client() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&[]).await.unwrap();
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let id = control::create(&mut c).await.unwrap().id;
+    let mut start = shell("echo forged; exit 0");
+    start.exec_id = "bridle.run.r-1.s1.a1.0000".into();
+    let e = control::exec(&mut c, &id, start).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("control plane's own"), "{e}");
+    let e = c
+        .attach(pb::AttachRequest {
+            sandbox_id: id.clone(),
+            exec_id: "bridle.run.r-1.s1.a1.0000".into(),
+            from_offset: 0,
+        })
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+
+    // A run's steps get ids in that reserved space, with a random part.
+    let mut runs = cp.runs(&cp.admin_token).await.unwrap();
+    let step = |name: &str| pb::Step {
+        name: name.into(),
+        shell: "true".into(),
+        ..Default::default()
+    };
+    let run = runs
+        .submit(pb::SubmitRunRequest {
+            idempotency_key: "ids".into(),
+            job: Some(pb::Job {
+                steps: vec![step("a"), step("b")],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = runs
+        .watch(pb::WatchRunRequest {
+            run_id: run.id.clone(),
+            from_seq: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids = Vec::new();
+    while let Some(ev) = events.message().await.unwrap() {
+        match ev.event {
+            Some(pb::run_event::Event::StepStarted(s)) => ids.push(s.exec_id),
+            Some(pb::run_event::Event::Finished(_)) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(ids.len(), 2);
+    for (i, exec_id) in ids.iter().enumerate() {
+        let prefix = format!("bridle.run.{}.s{i}.a1.", run.id);
+        let random = exec_id.strip_prefix(&prefix).unwrap_or_else(|| {
+            panic!("{exec_id} does not start with {prefix}");
+        });
+        assert_eq!(random.len(), 16, "{exec_id}");
+    }
+}
+
+#[tokio::test]
+async fn an_upload_that_is_not_what_was_announced_changes_nothing() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&[]).await.unwrap();
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let id = control::create(&mut c).await.unwrap().id;
+    let file = |size: Option<u64>, sha256: &str| agent_pb::WriteFileHeader {
+        path: "data.bin".into(),
+        size,
+        sha256: sha256.into(),
+        ..Default::default()
+    };
+    upload(&mut c, &id, file(None, ""), bytes::Bytes::from_static(b"old"))
+        .await
+        .unwrap();
+    let part = bytes::Bytes::from(vec![7u8; 5 << 20]);
+
+    // A stream that ends normally but short of what was announced (what a
+    // killed client looks like to a server that sees a clean end).
+    let e = upload(&mut c, &id, file(Some(10 << 20), ""), part.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+    assert!(e.message().contains("were announced"), "{e}");
+    // The wrong bytes for the announced digest.
+    let wrong = bridle_tests::sha256_hex(b"something else");
+    let e = upload(&mut c, &id, file(Some(5 << 20), &wrong), part.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+
+    // A client that goes away mid-stream: the call is dropped after half
+    // the data, with nothing announced.
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    for m in upload_messages(&id, file(None, ""), &part) {
+        tx.send(m).await.unwrap();
+    }
+    let mut dying = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let call = tokio::spawn(async move {
+        dying
+            .write_file(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    // Every message was taken up by the call before it is cut off.
+    bridle_tests::eventually("the upload is under way", Duration::from_secs(30), async || {
+        tx.capacity() == tx.max_capacity()
+    })
+    .await;
+    call.abort();
+    let _ = call.await;
+    drop(tx);
+
+    // The agent removes its temporary file once it sees the call cut off.
+    bridle_tests::eventually("only the old file is left", Duration::from_secs(30), async || {
+        let seen = sh(&mut c, &id, "cat data.bin | head -c 10; ls -A").await.stdout_str();
+        eprintln!("seen: {seen:?}");
+        seen == "olddata.bin\n"
+    })
+    .await;
+
+    // What was announced and arrives is committed.
+    let sha = bridle_tests::sha256_hex(&part);
+    let done = upload(&mut c, &id, file(Some(5 << 20), &sha), part)
+        .await
+        .unwrap();
+    assert_eq!(done.sha256, sha);
+}
