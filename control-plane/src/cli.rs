@@ -393,6 +393,7 @@ fn code_name(c: Code) -> &'static str {
         Code::Unauthenticated => "not authenticated",
         Code::PermissionDenied => "permission denied",
         Code::Unavailable => "unavailable",
+        Code::Cancelled => "cancelled",
         Code::InvalidArgument => "invalid argument",
         Code::FailedPrecondition => "failed precondition",
         Code::ResourceExhausted => "resource exhausted",
@@ -420,6 +421,19 @@ struct Conn {
     audit: pb::audit_client::AuditClient<Authed>,
     approvals: pb::approvals_client::ApprovalsClient<Authed>,
     json: bool,
+    /// How this connection was made, to make it again (see [`Conn::redial`]).
+    dial: Dial,
+}
+
+impl Conn {
+    /// Replaces every client with one on a new channel, to the endpoint as
+    /// it is now. tonic's `Channel` does reconnect by itself, but only to
+    /// the address it was made with, and a control plane restarted with
+    /// `--listen …:0` writes another one into its `endpoint` file.
+    async fn redial(&mut self) -> anyhow::Result<()> {
+        *self = self.dial.connect().await?;
+        Ok(())
+    }
 }
 
 fn data_dir(cli: &Cli) -> PathBuf {
@@ -428,78 +442,115 @@ fn data_dir(cli: &Cli) -> PathBuf {
         .unwrap_or_else(crate::config::default_data_dir)
 }
 
-async fn connect(cli: &Cli) -> anyhow::Result<Conn> {
-    let endpoint = match &cli.endpoint {
-        Some(e) => e.clone(),
-        None => std::fs::read_to_string(data_dir(cli).join(crate::ENDPOINT_FILE))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "http://127.0.0.1:7443".into()),
-    };
-    let token = match (&cli.token, &cli.token_file) {
-        (Some(t), _) => t.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f)
-            .with_context(|| format!("reading the token file {}", f.display()))?
-            .trim()
-            .to_string(),
-        (None, None) => {
-            let f = data_dir(cli).join(crate::auth::BOOTSTRAP_TOKEN_FILE);
-            std::fs::read_to_string(&f)
-                .map(|s| s.trim().to_string())
-                .map_err(|_| {
-                    anyhow!(
-                        "no token: set BRIDLE_TOKEN, --token or --token-file ({} is not readable)",
-                        f.display()
-                    )
-                })?
-        }
-    };
-    let value = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| anyhow!("the token contains characters a header cannot carry"))?;
-    let mut ep = Endpoint::from_shared(endpoint.clone())
-        .with_context(|| format!("bad endpoint {endpoint:?}"))?;
-    if endpoint.starts_with("https://") {
-        let ca = cli.ca_cert.as_ref().ok_or_else(|| {
-            anyhow!("{endpoint} is https: give the CA certificate with --ca-cert or BRIDLE_CA_CERT")
-        })?;
-        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-        ep = ep
-            .tls_config(
-                tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
-            )
-            .context("configuring TLS")?;
+/// What it takes to reach the control plane: the flags, with the token read
+/// once (the bootstrap token does not change when the control plane
+/// restarts; its endpoint may).
+#[derive(Clone)]
+struct Dial {
+    /// --endpoint; without it, the data directory's `endpoint` file is read
+    /// at each dial.
+    endpoint: Option<String>,
+    data_dir: PathBuf,
+    ca_cert: Option<PathBuf>,
+    bearer: Bearer,
+    json: bool,
+}
+
+impl Dial {
+    fn new(cli: &Cli) -> anyhow::Result<Self> {
+        let token = match (&cli.token, &cli.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .with_context(|| format!("reading the token file {}", f.display()))?
+                .trim()
+                .to_string(),
+            (None, None) => {
+                let f = data_dir(cli).join(crate::auth::BOOTSTRAP_TOKEN_FILE);
+                std::fs::read_to_string(&f)
+                    .map(|s| s.trim().to_string())
+                    .map_err(|_| {
+                        anyhow!(
+                            "no token: set BRIDLE_TOKEN, --token or --token-file ({} is not readable)",
+                            f.display()
+                        )
+                    })?
+            }
+        };
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| anyhow!("the token contains characters a header cannot carry"))?;
+        Ok(Self {
+            endpoint: cli.endpoint.clone(),
+            data_dir: data_dir(cli),
+            ca_cert: cli.ca_cert.clone(),
+            bearer: Bearer(value),
+            json: cli.output == Output::Json,
+        })
     }
-    let channel = ep
-        .connect_timeout(Duration::from_secs(5))
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(16 << 20)
-        .connect()
-        .await
-        .map_err(|e| {
-            anyhow::Error::new(Status::unavailable(format!(
-                "cannot reach the control plane at {endpoint}: {e}"
-            )))
-        })?;
-    let bearer = Bearer(value);
-    Ok(Conn {
-        sandboxes: pb::sandboxes_client::SandboxesClient::with_interceptor(
-            channel.clone(),
-            bearer.clone(),
-        )
-        .max_decoding_message_size(16 << 20)
-        .max_encoding_message_size(16 << 20),
-        admin: pb::admin_client::AdminClient::with_interceptor(channel.clone(), bearer.clone()),
-        audit: pb::audit_client::AuditClient::with_interceptor(channel.clone(), bearer.clone()),
-        approvals: pb::approvals_client::ApprovalsClient::with_interceptor(
-            channel.clone(),
-            bearer.clone(),
-        ),
-        runs: pb::runs_client::RunsClient::with_interceptor(channel, bearer)
+
+    fn endpoint(&self) -> String {
+        match &self.endpoint {
+            Some(e) => e.clone(),
+            None => std::fs::read_to_string(self.data_dir.join(crate::ENDPOINT_FILE))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "http://127.0.0.1:7443".into()),
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<Conn> {
+        let endpoint = self.endpoint();
+        let mut ep = Endpoint::from_shared(endpoint.clone())
+            .with_context(|| format!("bad endpoint {endpoint:?}"))?;
+        if endpoint.starts_with("https://") {
+            let ca = self.ca_cert.as_ref().ok_or_else(|| {
+                anyhow!(
+                    "{endpoint} is https: give the CA certificate with --ca-cert or BRIDLE_CA_CERT"
+                )
+            })?;
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            ep = ep
+                .tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+                )
+                .context("configuring TLS")?;
+        }
+        let channel = ep
+            .connect_timeout(Duration::from_secs(5))
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(16 << 20)
+            .connect()
+            .await
+            .map_err(|e| {
+                anyhow::Error::new(Status::unavailable(format!(
+                    "cannot reach the control plane at {endpoint}: {e}"
+                )))
+            })?;
+        let bearer = self.bearer.clone();
+        Ok(Conn {
+            sandboxes: pb::sandboxes_client::SandboxesClient::with_interceptor(
+                channel.clone(),
+                bearer.clone(),
+            )
             .max_decoding_message_size(16 << 20)
-            .max_encoding_message_size(64 << 20),
-        json: cli.output == Output::Json,
-    })
+            .max_encoding_message_size(16 << 20),
+            admin: pb::admin_client::AdminClient::with_interceptor(channel.clone(), bearer.clone()),
+            audit: pb::audit_client::AuditClient::with_interceptor(channel.clone(), bearer.clone()),
+            approvals: pb::approvals_client::ApprovalsClient::with_interceptor(
+                channel.clone(),
+                bearer.clone(),
+            ),
+            runs: pb::runs_client::RunsClient::with_interceptor(channel, bearer)
+                .max_decoding_message_size(16 << 20)
+                .max_encoding_message_size(64 << 20),
+            json: self.json,
+            dial: self.clone(),
+        })
+    }
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<Conn> {
+    Dial::new(cli)?.connect().await
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
@@ -797,22 +848,7 @@ async fn approvals(c: &mut Conn, cmd: ApprovalsCmd) -> anyhow::Result<u8> {
             approval_id,
             reason,
         } => decide(c, approval_id, false, reason).await,
-        ApprovalsCmd::Watch => {
-            let mut s = c
-                .approvals
-                .watch(pb::WatchApprovalsRequest {})
-                .await?
-                .into_inner();
-            while let Some(ev) = s.message().await? {
-                let Some(a) = ev.approval else { continue };
-                if c.json {
-                    println!("{}", approval_json(&a));
-                } else {
-                    println!("{}", approval_line(&a));
-                }
-            }
-            Ok(0)
-        }
+        ApprovalsCmd::Watch => watch_approvals(c).await,
     }
 }
 
@@ -998,151 +1034,521 @@ fn run_exit_code(r: &pb::Run) -> u8 {
     }
 }
 
-/// Follows a run to its end, printing step progress to stderr and output to
-/// stdout/stderr; reconnects (from the next event) when the stream breaks,
-/// as it does when the control plane restarts.
+/// Follows a run to its end and answers the run's exit code. In text, step
+/// progress goes to stderr and the steps' output to stdout/stderr; with
+/// `-o json`, each event is one JSON object on a line of stdout. When the
+/// control plane goes away (a restart, a broken connection), follows again
+/// from the first event not yet printed, so nothing shows twice or is lost.
 async fn follow_run(c: &mut Conn, id: &str) -> anyhow::Result<u8> {
-    let names: Vec<String> = c
-        .runs
+    let mut follower = RunFollower::new(id, c.json);
+    let mut reconnects = Reconnects::new();
+    loop {
+        let from = follower.next_seq;
+        let failure = match follower.follow(c).await {
+            Ok(code) => return Ok(code),
+            Err(e) => e,
+        };
+        if follower.next_seq > from {
+            reconnects.progressed();
+        }
+        let again = format!("following run {id} again from event {}", follower.next_seq);
+        reconnects.redial(c, failure, &again).await?;
+    }
+}
+
+/// How far a run's follower got: what it printed, so that following again
+/// over a new connection repeats nothing and skips nothing.
+struct RunFollower {
+    id: String,
+    json: bool,
+    /// The job's step names, asked for once.
+    step_names: Option<Vec<String>>,
+    /// The first event not yet printed (the Watch's `from_seq` is inclusive).
+    next_seq: u64,
+    /// Text: output bytes written so far, by (step, stream).
+    written: HashMap<(u32, i32), u64>,
+    /// JSON: the start of a character that the last output event of a
+    /// (step, stream) cut in two, printed whole with the next one.
+    held: HashMap<(u32, i32), Vec<u8>>,
+}
+
+impl RunFollower {
+    fn new(id: &str, json: bool) -> Self {
+        Self {
+            id: id.to_string(),
+            json,
+            step_names: None,
+            next_seq: 1,
+            written: HashMap::new(),
+            held: HashMap::new(),
+        }
+    }
+
+    /// One attempt: watches from `next_seq` until the run finishes
+    /// (answering its exit code) or the stream fails.
+    async fn follow(&mut self, c: &mut Conn) -> anyhow::Result<u8> {
+        if self.step_names.is_none() {
+            let job = get_run(c, &self.id).await?.job;
+            self.step_names = Some(
+                job.map(|j| j.steps.into_iter().map(|s| s.name).collect())
+                    .unwrap_or_default(),
+            );
+        }
+        let mut events = c
+            .runs
+            .watch(pb::WatchRunRequest {
+                run_id: self.id.clone(),
+                from_seq: self.next_seq,
+            })
+            .await?
+            .into_inner();
+        while let Some(ev) = events.message().await? {
+            if ev.seq < self.next_seq {
+                continue;
+            }
+            let finished = if self.json {
+                self.print_event_json(c, &ev).await?
+            } else {
+                self.print_event_text(c, &ev).await?
+            };
+            if let Some(code) = finished {
+                return Ok(code);
+            }
+            // Only once printed: an event whose output a lost connection
+            // cut off is fetched again, from the first byte not written.
+            self.next_seq = ev.seq + 1;
+        }
+        // The server ends the stream after the run's last event; an earlier
+        // end means it is going away.
+        Err(Status::unavailable("the event stream ended before the run did").into())
+    }
+
+    fn step_label(&self, step: u32) -> String {
+        let names = self.step_names.as_deref().unwrap_or_default();
+        let name = names.get(step as usize).map(String::as_str).unwrap_or("");
+        format!("step {}/{} {name}", step + 1, names.len())
+    }
+
+    /// Prints an event for a person; answers the run's exit code after its
+    /// last event.
+    async fn print_event_text(
+        &mut self,
+        c: &mut Conn,
+        ev: &pb::RunEvent,
+    ) -> anyhow::Result<Option<u8>> {
+        use pb::run_event::Event as E;
+        match &ev.event {
+            Some(E::StepStarted(s)) => {
+                let again = if s.attempt > 1 {
+                    format!(" (attempt {})", s.attempt)
+                } else {
+                    String::new()
+                };
+                eprintln!("bridle: ▶ {}{again}", self.step_label(s.step))
+            }
+            Some(E::ApprovalRequested(a)) => {
+                let what = if a.for_network {
+                    "the run's network".to_string()
+                } else {
+                    self.step_label(a.step)
+                };
+                eprintln!(
+                    "bridle: ⏸ {what} waits for approval {} (an operator: `bridle approvals approve {} --reason …`)",
+                    a.approval_id, a.approval_id
+                )
+            }
+            Some(E::ApprovalDecided(a)) => {
+                let by = if a.by.is_empty() {
+                    String::new()
+                } else {
+                    format!(" by {}: {}", a.by, a.reason)
+                };
+                eprintln!("bridle: approval {} {}{by}", a.approval_id, a.outcome)
+            }
+            Some(E::StepOutput(o)) => self.write_output(c, o).await?,
+            Some(E::StepExited(x)) => {
+                let how = match (x.exit_code, x.signal) {
+                    _ if !x.spawn_failure.is_empty() => {
+                        format!("could not start: {}", x.spawn_failure)
+                    }
+                    _ if x.timed_out => "timed out".into(),
+                    (Some(code), _) => format!("exited {code}"),
+                    (None, Some(sig)) => format!("killed by signal {sig}"),
+                    _ => "ended".into(),
+                };
+                eprintln!(
+                    "bridle: ■ {} {how} ({} ms)",
+                    self.step_label(x.step),
+                    x.duration_ms
+                );
+            }
+            Some(E::Finished(f)) => {
+                let r = get_run(c, &self.id).await?;
+                eprintln!(
+                    "bridle: run {} {}{}",
+                    self.id,
+                    run_state_name(f.state),
+                    if f.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", f.reason)
+                    }
+                );
+                return Ok(Some(run_exit_code(&r)));
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    /// Writes a step's output from the first byte not yet written to what
+    /// is stored now; the output events this covers are then skipped.
+    async fn write_output(&mut self, c: &mut Conn, o: &pb::StepOutput) -> anyhow::Result<()> {
+        let key = (o.step, o.stream);
+        let from = self.written.get(&key).copied().unwrap_or(0);
+        if o.offset + o.length <= from {
+            return Ok(());
+        }
+        let mut logs = c
+            .runs
+            .logs(pb::LogsRequest {
+                run_id: self.id.clone(),
+                step: o.step,
+                stream: o.stream,
+                from_offset: from,
+            })
+            .await?
+            .into_inner();
+        while let Some(chunk) = logs.message().await? {
+            if o.stream == pb::LogStream::Stderr as i32 {
+                std::io::Write::write_all(&mut std::io::stderr(), &chunk.data)?;
+            } else {
+                std::io::Write::write_all(&mut std::io::stdout(), &chunk.data)?;
+                std::io::Write::flush(&mut std::io::stdout())?;
+            }
+            // Chunk by chunk, so that a lost connection resumes mid-output.
+            self.written
+                .insert(key, chunk.offset + chunk.data.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Prints an event as one JSON line; answers the run's exit code after
+    /// its last event.
+    async fn print_event_json(
+        &mut self,
+        c: &mut Conn,
+        ev: &pb::RunEvent,
+    ) -> anyhow::Result<Option<u8>> {
+        use pb::run_event::Event as E;
+        let mut line = run_event_json(ev);
+        let mut exit = None;
+        match &ev.event {
+            Some(E::StepOutput(o)) => {
+                let text = self.output_text(c, o).await?;
+                line["text"] = serde_json::Value::String(text);
+            }
+            Some(E::Finished(_)) => exit = Some(run_exit_code(&get_run(c, &self.id).await?)),
+            _ => {}
+        }
+        print_line(line)?;
+        Ok(exit)
+    }
+
+    /// The bytes of one output event (from Logs) as text. A character the
+    /// event's end cuts in two is held back and begins the next event's
+    /// text of the same stream; bytes that are not UTF-8 become U+FFFD
+    /// (`bridle runs logs` has them exactly).
+    async fn output_text(&mut self, c: &mut Conn, o: &pb::StepOutput) -> anyhow::Result<String> {
+        let key = (o.step, o.stream);
+        let end = o.offset + o.length;
+        let mut bytes = self.held.get(&key).cloned().unwrap_or_default();
+        let mut logs = c
+            .runs
+            .logs(pb::LogsRequest {
+                run_id: self.id.clone(),
+                step: o.step,
+                stream: o.stream,
+                from_offset: o.offset,
+            })
+            .await?
+            .into_inner();
+        // Logs goes on to the end of the stream; this event is [offset, end).
+        while let Some(chunk) = logs.message().await? {
+            let take = end
+                .saturating_sub(chunk.offset)
+                .min(chunk.data.len() as u64) as usize;
+            bytes.extend_from_slice(&chunk.data[..take]);
+            if chunk.offset + chunk.data.len() as u64 >= end {
+                break;
+            }
+        }
+        let held = bytes.split_off(bytes.len() - incomplete_utf8_tail(&bytes));
+        self.held.insert(key, held);
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+async fn get_run(c: &mut Conn, id: &str) -> anyhow::Result<pb::Run> {
+    Ok(c.runs
         .get(pb::GetRunRequest {
             run_id: id.to_string(),
         })
         .await?
-        .into_inner()
-        .job
-        .map(|j| j.steps.into_iter().map(|s| s.name).collect())
-        .unwrap_or_default();
-    let step_name = |step: u32| {
-        let name = names.get(step as usize).map(String::as_str).unwrap_or("");
-        format!("step {}/{} {name}", step + 1, names.len())
+        .into_inner())
+}
+
+/// How many bytes at the end of `b` are the start of a UTF-8 character
+/// whose rest has not come yet (0 when the last one is whole or invalid).
+fn incomplete_utf8_tail(b: &[u8]) -> usize {
+    // A character is at most 4 bytes: its first byte is among the last 3
+    // if it is incomplete.
+    for back in 1..=b.len().min(3) {
+        let start = b.len() - back;
+        let is_continuation = b[start] & 0xC0 == 0x80;
+        if !is_continuation {
+            return match std::str::from_utf8(&b[start..]) {
+                Err(e) if e.error_len().is_none() => back,
+                _ => 0,
+            };
+        }
+    }
+    0
+}
+
+fn log_stream_name(s: i32) -> &'static str {
+    match pb::LogStream::try_from(s) {
+        Ok(pb::LogStream::Stdout) => "stdout",
+        Ok(pb::LogStream::Stderr) => "stderr",
+        _ => "both",
+    }
+}
+
+/// A run event as one JSON object: `run_id`, `seq`, `unix_ms`, `type` (the
+/// event's name in the proto) and the event's own fields; steps are
+/// numbered from 0, as in the API.
+fn run_event_json(ev: &pb::RunEvent) -> serde_json::Value {
+    use pb::run_event::Event as E;
+    let (kind, fields) = match &ev.event {
+        Some(E::Submitted(s)) => (
+            "submitted",
+            json!({"owner": s.owner, "idempotency_key": s.idempotency_key, "steps": s.steps}),
+        ),
+        Some(E::Provisioning(_)) => ("provisioning", json!({})),
+        Some(E::Sandbox(s)) => ("sandbox", json!({"sandbox_id": s.sandbox_id})),
+        Some(E::StepStarted(s)) => (
+            "step_started",
+            json!({"step": s.step, "attempt": s.attempt, "exec_id": s.exec_id}),
+        ),
+        Some(E::StepOutput(o)) => (
+            "step_output",
+            json!({
+                "step": o.step, "stream": log_stream_name(o.stream), "offset": o.offset,
+                "length": o.length, "blob_sha256": o.blob_sha256,
+            }),
+        ),
+        Some(E::StepExited(x)) => (
+            "step_exited",
+            json!({
+                "step": x.step, "attempt": x.attempt, "exit_code": x.exit_code,
+                "signal": x.signal, "timed_out": x.timed_out, "oom_killed": x.oom_killed,
+                "spawn_failure": x.spawn_failure, "duration_ms": x.duration_ms,
+            }),
+        ),
+        Some(E::Artifact(a)) => (
+            "artifact",
+            json!({"artifact": a.artifact.as_ref().map(|art| json!({
+                "path": art.path, "snapshot_id": art.snapshot_id, "sha256": art.sha256,
+                "size_bytes": art.size_bytes,
+            }))}),
+        ),
+        Some(E::CancelRequested(x)) => {
+            ("cancel_requested", json!({"by": x.by, "reason": x.reason}))
+        }
+        Some(E::Finished(f)) => (
+            "finished",
+            json!({"state": run_state_name(f.state), "reason": f.reason}),
+        ),
+        Some(E::ApprovalRequested(a)) => (
+            "approval_requested",
+            json!({"approval_id": a.approval_id, "step": a.step, "for_network": a.for_network}),
+        ),
+        Some(E::ApprovalDecided(a)) => (
+            "approval_decided",
+            json!({
+                "approval_id": a.approval_id, "step": a.step, "for_network": a.for_network,
+                "outcome": a.outcome, "by": a.by, "reason": a.reason,
+            }),
+        ),
+        None => ("unknown", json!({})),
     };
-    let mut next_seq = 1u64;
-    let mut printed: HashMap<(u32, i32), u64> = HashMap::new();
-    let mut failures = 0u32;
+    let mut line = json!({"run_id": ev.run_id, "seq": ev.seq, "unix_ms": ev.unix_ms, "type": kind});
+    if let (Some(all), serde_json::Value::Object(fields)) = (line.as_object_mut(), fields) {
+        all.extend(fields);
+    }
+    line
+}
+
+/// `approvals watch`: the pending approvals, then each change, across
+/// restarts of the control plane.
+async fn watch_approvals(c: &mut Conn) -> anyhow::Result<u8> {
+    let mut follower = ApprovalsFollower {
+        json: c.json,
+        shown: HashMap::new(),
+        received: 0,
+    };
+    let mut reconnects = Reconnects::new();
     loop {
-        let stream = c
-            .runs
-            .watch(pb::WatchRunRequest {
-                run_id: id.to_string(),
-                from_seq: next_seq,
-            })
-            .await;
-        let mut events = match stream {
-            Ok(s) => s.into_inner(),
-            Err(s)
-                if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Internal)
-                    && failures < 600 =>
-            {
-                failures += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
+        let from = follower.received;
+        let failure = match follower.follow(c).await {
+            // The server ends this stream only when it shuts down.
+            Ok(()) => Status::unavailable("the approvals stream ended").into(),
+            Err(e) => e,
+        };
+        if follower.received > from {
+            reconnects.progressed();
+        }
+        // The Watch has no sequence to resume from: it starts again with
+        // what is pending, and what changed in between is not replayed.
+        let again = "watching approvals again (changes made meanwhile are not replayed: \
+                     `bridle approvals list --all`)";
+        reconnects.redial(c, failure, again).await?;
+    }
+}
+
+struct ApprovalsFollower {
+    json: bool,
+    /// Each approval as last printed: the pending ones come again after a
+    /// reconnect, and are not printed twice.
+    shown: HashMap<String, serde_json::Value>,
+    /// Events received, all attempts together.
+    received: u64,
+}
+
+impl ApprovalsFollower {
+    /// One attempt: prints what the stream brings until it ends or fails.
+    async fn follow(&mut self, c: &mut Conn) -> anyhow::Result<()> {
+        let mut events = c
+            .approvals
+            .watch(pb::WatchApprovalsRequest {})
+            .await?
+            .into_inner();
+        while let Some(ev) = events.message().await? {
+            self.received += 1;
+            let Some(a) = ev.approval else { continue };
+            let view = approval_json(&a);
+            if self.shown.get(&a.id) == Some(&view) {
                 continue;
             }
-            Err(s) => return Err(s.into()),
-        };
+            if self.json {
+                print_line(&view)?;
+            } else {
+                print_line(approval_line(&a))?;
+            }
+            self.shown.insert(a.id, view);
+        }
+        Ok(())
+    }
+}
+
+/// How a follower tries again after losing the control plane: waits that
+/// double from 200 ms to 5 s, until 5 minutes pass without an event.
+///
+/// An explicit loop rather than a retry crate (`backon`): what is retried
+/// is not one call but a stream resumed from where it stopped, whose
+/// backoff starts over with every event received, and whose every retry
+/// says on stderr where it resumes.
+struct Reconnects {
+    delay: Duration,
+    /// When the failures since the last event began.
+    failing_since: Option<tokio::time::Instant>,
+}
+
+impl Reconnects {
+    const FIRST_DELAY: Duration = Duration::from_millis(200);
+    const MAX_DELAY: Duration = Duration::from_secs(5);
+    const GIVE_UP_AFTER: Duration = Duration::from_secs(5 * 60);
+
+    fn new() -> Self {
+        Self {
+            delay: Self::FIRST_DELAY,
+            failing_since: None,
+        }
+    }
+
+    /// Events came: the control plane is back, and the next failure starts
+    /// the count again.
+    fn progressed(&mut self) {
+        *self = Self::new();
+    }
+
+    /// After `failure` ended a follower's attempt: if it means the control
+    /// plane went away, says so on stderr (`resuming`: how the follower goes
+    /// on), waits, and dials again until a dial succeeds. Any other failure,
+    /// or one still there after [`Self::GIVE_UP_AFTER`], is answered.
+    async fn redial(
+        &mut self,
+        c: &mut Conn,
+        mut failure: anyhow::Error,
+        resuming: &str,
+    ) -> anyhow::Result<()> {
         loop {
-            let ev = match events.message().await {
-                Ok(Some(ev)) => ev,
-                Ok(None) => break,
-                Err(_) => break,
+            let (code, message) = match failure.downcast_ref::<Status>() {
+                Some(s) if lost_the_control_plane(s) => (s.code(), s.message().replace('\n', " ")),
+                _ => return Err(failure),
             };
-            failures = 0;
-            next_seq = ev.seq + 1;
-            use pb::run_event::Event as E;
-            match ev.event {
-                Some(E::StepStarted(s)) => {
-                    let again = if s.attempt > 1 {
-                        format!(" (attempt {})", s.attempt)
-                    } else {
-                        String::new()
-                    };
-                    eprintln!("bridle: ▶ {}{again}", step_name(s.step))
-                }
-                Some(E::ApprovalRequested(a)) => {
-                    let what = if a.for_network {
-                        "the run's network".to_string()
-                    } else {
-                        step_name(a.step)
-                    };
-                    eprintln!(
-                        "bridle: ⏸ {what} waits for approval {} (an operator: `bridle approvals approve {} --reason …`)",
-                        a.approval_id, a.approval_id
-                    )
-                }
-                Some(E::ApprovalDecided(a)) => {
-                    let by = if a.by.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" by {}: {}", a.by, a.reason)
-                    };
-                    eprintln!("bridle: approval {} {}{by}", a.approval_id, a.outcome)
-                }
-                Some(E::StepOutput(o)) => {
-                    let key = (o.step, o.stream);
-                    let from = *printed.get(&key).unwrap_or(&0);
-                    if o.offset + o.length <= from {
-                        continue;
-                    }
-                    let mut logs = c
-                        .runs
-                        .logs(pb::LogsRequest {
-                            run_id: id.to_string(),
-                            step: o.step,
-                            stream: o.stream,
-                            from_offset: from,
-                        })
-                        .await?
-                        .into_inner();
-                    while let Some(chunk) = logs.message().await? {
-                        let end = chunk.offset + chunk.data.len() as u64;
-                        if o.stream == pb::LogStream::Stderr as i32 {
-                            std::io::Write::write_all(&mut std::io::stderr(), &chunk.data)?;
-                        } else {
-                            std::io::Write::write_all(&mut std::io::stdout(), &chunk.data)?;
-                            std::io::Write::flush(&mut std::io::stdout())?;
-                        }
-                        printed.insert(key, end);
-                    }
-                }
-                Some(E::StepExited(x)) => {
-                    let how = match (x.exit_code, x.signal) {
-                        _ if !x.spawn_failure.is_empty() => {
-                            format!("could not start: {}", x.spawn_failure)
-                        }
-                        _ if x.timed_out => "timed out".into(),
-                        (Some(code), _) => format!("exited {code}"),
-                        (None, Some(sig)) => format!("killed by signal {sig}"),
-                        _ => "ended".into(),
-                    };
-                    eprintln!(
-                        "bridle: ■ {} {how} ({} ms)",
-                        step_name(x.step),
-                        x.duration_ms
-                    );
-                }
-                Some(E::Finished(f)) => {
-                    let r = c
-                        .runs
-                        .get(pb::GetRunRequest {
-                            run_id: id.to_string(),
-                        })
-                        .await?
-                        .into_inner();
-                    eprintln!(
-                        "bridle: run {} {}{}",
-                        id,
-                        run_state_name(f.state),
-                        if f.reason.is_empty() {
-                            String::new()
-                        } else {
-                            format!(": {}", f.reason)
-                        }
-                    );
-                    return Ok(run_exit_code(&r));
-                }
-                _ => {}
+            let since = *self
+                .failing_since
+                .get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() >= Self::GIVE_UP_AFTER {
+                // Unavailable whatever the last code: the exit code says
+                // the control plane could not be reached.
+                let secs = Self::GIVE_UP_AFTER.as_secs();
+                return Err(Status::unavailable(format!(
+                    "no control plane for {secs} s; last: {}: {message}",
+                    code_name(code)
+                ))
+                .into());
+            }
+            eprintln!(
+                "bridle: lost the control plane ({}: {message}); {resuming}",
+                code_name(code)
+            );
+            tokio::time::sleep(self.delay).await;
+            self.delay = (self.delay * 2).min(Self::MAX_DELAY);
+            match c.redial().await {
+                Ok(()) => return Ok(()),
+                Err(e) => failure = e,
             }
         }
     }
+}
+
+/// Whether a failed call means the control plane went away (it restarts,
+/// or the connection to it broke) rather than that it refused.
+fn lost_the_control_plane(s: &Status) -> bool {
+    match s.code() {
+        // Unreachable, or a call on a connection that then closed
+        // (hyper's "operation was canceled").
+        Code::Unavailable | Code::Cancelled => true,
+        // A connection reset mid-stream comes as an h2 error, which tonic
+        // turns into Unknown or Internal here with that error as the
+        // status's source; the same codes sent by the server have no source
+        // and are real failures. A channel that failed as a whole comes
+        // without a source, in the generated client's words.
+        Code::Unknown | Code::Internal => {
+            std::error::Error::source(s).is_some()
+                || s.message().starts_with("Service was not ready")
+        }
+        _ => false,
+    }
+}
+
+/// One line on stdout; a closed pipe ends the command with an error
+/// rather than a panic.
+fn print_line(line: impl std::fmt::Display) -> std::io::Result<()> {
+    use std::io::Write;
+    writeln!(std::io::stdout(), "{line}")
 }
 
 async fn runs(c: &mut Conn, cmd: RunsCmd) -> anyhow::Result<u8> {
@@ -2069,6 +2475,61 @@ mod tests {
         assert_eq!(remote("./sb-1:x"), None);
         assert_eq!(remote("C:/x"), None);
         assert_eq!(remote("file"), None);
+    }
+
+    #[test]
+    fn a_lost_connection_is_told_from_a_refusal() {
+        assert!(lost_the_control_plane(&Status::unavailable("restarting")));
+        assert!(lost_the_control_plane(&Status::cancelled(
+            "operation was canceled"
+        )));
+        // Made here from a transport error: it has that error as its source.
+        let reset = Status::from_error(Box::new(std::io::Error::other("connection reset")));
+        assert_eq!(reset.code(), Code::Unknown);
+        assert!(lost_the_control_plane(&reset));
+        assert!(lost_the_control_plane(&Status::unknown(
+            "Service was not ready: transport error"
+        )));
+        // Sent by the server.
+        assert!(!lost_the_control_plane(&Status::internal("a bug")));
+        assert!(!lost_the_control_plane(&Status::unknown("a bug")));
+        assert!(!lost_the_control_plane(&Status::not_found("no run")));
+        assert!(!lost_the_control_plane(&Status::permission_denied("no")));
+    }
+
+    #[test]
+    fn a_character_cut_in_two_is_held_back() {
+        assert_eq!(incomplete_utf8_tail(b""), 0);
+        assert_eq!(incomplete_utf8_tail(b"plain"), 0);
+        assert_eq!(incomplete_utf8_tail("h\u{e9}".as_bytes()), 0);
+        assert_eq!(incomplete_utf8_tail(b"h\xc3"), 1);
+        assert_eq!(incomplete_utf8_tail(b"x\xe2\x82"), 2);
+        assert_eq!(incomplete_utf8_tail(b"\xf0\x9f\x98"), 3);
+        assert_eq!(incomplete_utf8_tail(b"\xf0\x9f\x98\x80"), 0);
+        // Not UTF-8 at all: nothing to wait for.
+        assert_eq!(incomplete_utf8_tail(b"a\xff"), 0);
+        assert_eq!(incomplete_utf8_tail(b"a\x80"), 0);
+    }
+
+    #[test]
+    fn a_run_event_is_one_flat_json_object() {
+        let ev = pb::RunEvent {
+            run_id: "run-1".into(),
+            seq: 7,
+            unix_ms: 1000,
+            event: Some(pb::run_event::Event::StepExited(pb::StepExited {
+                step: 2,
+                exit_code: Some(3),
+                ..Default::default()
+            })),
+        };
+        let line = run_event_json(&ev);
+        assert_eq!(line["type"], "step_exited");
+        assert_eq!(line["seq"], 7);
+        assert_eq!(line["step"], 2);
+        assert_eq!(line["exit_code"], 3);
+        assert!(line["signal"].is_null());
+        assert!(!line.to_string().contains('\n'));
     }
 
     #[test]
