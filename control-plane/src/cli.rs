@@ -2307,6 +2307,8 @@ async fn upload(c: &mut Conn, src: &str, id: &str, path: &str) -> anyhow::Result
                     path: path.clone(),
                     mode,
                     create_parents: true,
+                    // Announced, so that a copy cut short is never committed.
+                    size,
                     ..Default::default()
                 }),
             },
@@ -2317,7 +2319,16 @@ async fn upload(c: &mut Conn, src: &str, id: &str, path: &str) -> anyhow::Result
     let feeder = tokio::spawn(async move {
         loop {
             let mut buf = vec![0u8; 1 << 20];
-            let n = reader.read(&mut buf).await?;
+            let n = match reader.read(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    // Ending the stream here would commit what was sent so
+                    // far; the call is dropped instead (see below), with the
+                    // stream still open, which the server takes as a failure.
+                    std::mem::forget(tx);
+                    return Err(e);
+                }
+            };
             if n == 0 {
                 return Ok::<(), std::io::Error>(());
             }
@@ -2331,8 +2342,13 @@ async fn upload(c: &mut Conn, src: &str, id: &str, path: &str) -> anyhow::Result
             }
         }
     });
-    let answer = c.sandboxes.write_file(ReceiverStream::new(rx)).await;
-    feeder.await??;
+    let call = c.sandboxes.write_file(ReceiverStream::new(rx));
+    tokio::pin!(feeder);
+    // A read error wins over the answer: the call is dropped unfinished.
+    let answer = tokio::select! {
+        answer = call => answer,
+        Ok(Err(e)) = &mut feeder => return Err(e).with_context(|| format!("reading {src}")),
+    };
     let r = answer?.into_inner();
     bar.finish_and_clear();
     if c.json {

@@ -319,6 +319,42 @@ async fn forward_data<M>(
     }
 }
 
+/// Passes an upload's data to its writer, then an error unless the stream
+/// said `end` and then ended.
+async fn forward_upload(
+    mut input: Streaming<pb::WriteFileRequest>,
+    tx: mpsc::Sender<Result<Bytes, Status>>,
+) {
+    use pb::write_file_request::Request;
+    let mut ended = false;
+    loop {
+        let item = match input.message().await {
+            Ok(Some(pb::WriteFileRequest {
+                request: Some(Request::Data(d)),
+            })) if !ended => Ok(d),
+            Ok(Some(pb::WriteFileRequest {
+                request: Some(Request::End(true)),
+            })) if !ended => {
+                ended = true;
+                continue;
+            }
+            Ok(Some(_)) if ended => Err(Status::invalid_argument("nothing may follow `end`")),
+            Ok(Some(_)) => Err(Status::invalid_argument(
+                "only data and then `end` may follow the header",
+            )),
+            Ok(None) if ended => return,
+            Ok(None) => Err(Status::aborted(
+                "the upload ended without `end`: it was cut short, and nothing was written",
+            )),
+            Err(status) => Err(status),
+        };
+        let last = item.is_err();
+        if tx.send(item).await.is_err() || last {
+            return;
+        }
+    }
+}
+
 /// A blocking `Read` over the data messages of a client stream.
 struct StreamReader {
     rx: mpsc::Receiver<Result<Bytes, Status>>,
@@ -574,13 +610,9 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
             }
             w.commit().map_err(fs_status)
         });
-        // An aborted upload reaches the writer as an error, so it never
-        // replaces the file.
-        forward_data(input, tx, |m: pb::WriteFileRequest| match m.request {
-            Some(pb::write_file_request::Request::Data(d)) => Some(d),
-            _ => None,
-        })
-        .await;
+        // An aborted upload, or one that ends without `end`, reaches the
+        // writer as an error, so it never replaces the file.
+        forward_upload(input, tx).await;
         let (size, sha256) = writer
             .await
             .map_err(|e| Status::internal(format!("writer failed: {e}")))??;

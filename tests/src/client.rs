@@ -273,7 +273,7 @@ pub fn write_header(path: &str) -> pb::WriteFileHeader {
     }
 }
 
-/// Uploads `data` in 1 MiB messages.
+/// Uploads `data` in 1 MiB messages, then `end`.
 pub async fn write_file(
     agent: &mut Agent,
     header: pb::WriteFileHeader,
@@ -285,6 +285,9 @@ pub async fn write_file(
     msgs.extend(chunks(&data).map(|d| pb::WriteFileRequest {
         request: Some(pb::write_file_request::Request::Data(d)),
     }));
+    msgs.push(pb::WriteFileRequest {
+        request: Some(pb::write_file_request::Request::End(true)),
+    });
     Ok(agent
         .write_file(futures::stream::iter(msgs))
         .await?

@@ -288,34 +288,52 @@ async fn an_upload_that_is_not_what_was_announced_changes_nothing() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Aborted, "{e}");
 
-    // A client that goes away mid-stream: the call is dropped after half
-    // the data, with nothing announced.
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    for m in upload_messages(&id, file(None, ""), &part) {
-        tx.send(m).await.unwrap();
-    }
-    let mut dying = cp.sandboxes(&cp.admin_token).await.unwrap();
-    let call = tokio::spawn(async move {
-        dying
-            .write_file(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-    });
-    // Every message was taken up by the call before it is cut off.
+    // A client killed mid-stream (SIGKILL, stdin half sent, nothing
+    // announced since the CLI cannot know the size of its stdin).
+    let mut cli = std::process::Command::new(
+        bridle_tests::workspace_binary("control-plane", "bridle").unwrap(),
+    )
+    .args(["sandbox", "cp", "-", &format!("{id}:data.bin")])
+    .env("BRIDLE_ENDPOINT", &cp.endpoint)
+    .env("BRIDLE_TOKEN", &cp.admin_token)
+    .env_remove("BRIDLE_TOKEN_FILE")
+    .env_remove("BRIDLE_DATA_DIR")
+    .stdin(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stdin = cli.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, &part).unwrap();
+    // The window is hit: the agent holds megabytes of it in its temporary file.
     bridle_tests::eventually("the upload is under way", Duration::from_secs(30), async || {
-        tx.capacity() == tx.max_capacity()
+        let r = sh(&mut c, &id, "find . -name '.data.bin.bridle-*' -size +2047k").await;
+        !r.stdout_str().is_empty()
     })
     .await;
-    call.abort();
-    let _ = call.await;
-    drop(tx);
-
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+    drop(stdin);
     // The agent removes its temporary file once it sees the call cut off.
     bridle_tests::eventually("only the old file is left", Duration::from_secs(30), async || {
-        let seen = sh(&mut c, &id, "cat data.bin | head -c 10; ls -A").await.stdout_str();
-        eprintln!("seen: {seen:?}");
-        seen == "olddata.bin\n"
+        sh(&mut c, &id, "cat data.bin; ls -A").await.stdout_str() == "olddata.bin\n"
     })
     .await;
+
+    // Straight to the agent, a stream that ends without `end` is cut short.
+    let mut agent = cp.agent_of(&id).unwrap();
+    let cut = vec![
+        agent_pb::WriteFileRequest {
+            request: Some(agent_pb::write_file_request::Request::Header(file(None, ""))),
+        },
+        agent_pb::WriteFileRequest {
+            request: Some(agent_pb::write_file_request::Request::Data(part.clone())),
+        },
+    ];
+    let e = agent
+        .write_file(futures::stream::iter(cut))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+    assert_eq!(sh(&mut c, &id, "cat data.bin").await.stdout_str(), "old");
 
     // What was announced and arrives is committed.
     let sha = bridle_tests::sha256_hex(&part);

@@ -639,8 +639,10 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
             })
             .await;
         // A client that fails mid-stream must not commit a truncated file:
-        // the agent's call is then cancelled (never ended cleanly), and the
-        // agent discards its temp file.
+        // the agent commits only on `end`, which is sent only when the
+        // client's stream ended normally. (Cancelling the agent's call is
+        // not enough: the HTTP/2 client keeps sending its request body,
+        // and would end it cleanly, after the call is dropped.)
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<Status>();
         let pump = tokio::spawn(async move {
             let failure = loop {
@@ -658,14 +660,18 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
                     Ok(Some(_)) => {
                         break Status::invalid_argument("only data may follow the header")
                     }
-                    Ok(None) => return,
+                    Ok(None) => {
+                        let end = agent_pb::WriteFileRequest {
+                            request: Some(agent_pb::write_file_request::Request::End(true)),
+                        };
+                        let _ = tx.send(end).await;
+                        return;
+                    }
                     Err(e) => break e,
                 }
             };
+            // Without `end`, the agent discards what it was sent.
             let _ = failed_tx.send(failure);
-            // Holding `tx` keeps the agent's stream open until the call is dropped.
-            let _keep = tx;
-            std::future::pending::<()>().await;
         });
         let call = agent.write_file(with_deadline(&metadata, ReceiverStream::new(rx)));
         let answer = tokio::select! {

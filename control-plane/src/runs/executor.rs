@@ -891,6 +891,9 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                 agent_pb::WriteFileRequest {
                     request: Some(agent_pb::write_file_request::Request::Data(data.into())),
                 },
+                agent_pb::WriteFileRequest {
+                    request: Some(agent_pb::write_file_request::Request::End(true)),
+                },
             ];
             agent.write_file(futures::stream::iter(msgs)).await?;
         }
