@@ -11,9 +11,21 @@
 //! Entries are written by one task that commits whatever queued up during
 //! the previous commit (as the run store does), so the chain is built in one
 //! place and each caller hears back once its entry is durable.
+//!
+//! The log fails closed. It opens only over a tail that verifies (or, when
+//! told to, continues after the damage and records it first: [`OnDamage`]).
+//! A commit that fails puts it in a failed state, logged once, that
+//! [`AuditLog::recording`] reports: effectful calls check it before they act
+//! (`guard`, `api::audit`) and are refused while it lasts. Every later group
+//! tries again; the first that commits clears the state and starts with an
+//! `audit.unrecorded` entry counting what could not be written meanwhile
+//! (each such entry is in the control plane's log, `audit: not recorded`).
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use anyhow::Context as _;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -116,12 +128,22 @@ impl Report {
 
 /// Checks a chain and its checkpoints, in the order given.
 pub fn verify(lines: impl IntoIterator<Item = Line>, key: &VerifyingKey) -> Report {
+    verify_from(1, GENESIS.to_string(), lines, key)
+}
+
+/// [`verify`] for the part of a chain that starts at entry `first`, whose
+/// previous hash is taken to be `prev` (from entry 1: `GENESIS`).
+fn verify_from(
+    first: u64,
+    mut prev: String,
+    lines: impl IntoIterator<Item = Line>,
+    key: &VerifyingKey,
+) -> Report {
     let mut report = Report {
         entries: 0,
         checkpoints: 0,
         first_bad: None,
     };
-    let mut prev = GENESIS.to_string();
     let mut hashes: Vec<String> = Vec::new();
     let mut checkpoints = Vec::new();
     let bad = |report: &mut Report, seq: u64, why: String| {
@@ -137,7 +159,7 @@ pub fn verify(lines: impl IntoIterator<Item = Line>, key: &VerifyingKey) -> Repo
                 hash,
             } => {
                 report.entries += 1;
-                let expected_seq = hashes.len() as u64 + 1;
+                let expected_seq = first + hashes.len() as u64;
                 if entry.seq != expected_seq {
                     bad(
                         &mut report,
@@ -169,7 +191,9 @@ pub fn verify(lines: impl IntoIterator<Item = Line>, key: &VerifyingKey) -> Repo
             }
         }
     }
-    for cp in checkpoints {
+    // The seq of the last entry given (by position, as the checks above).
+    let end = first - 1 + hashes.len() as u64;
+    for cp in &checkpoints {
         let signed = hex::decode(&cp.signature)
             .ok()
             .and_then(|s| Signature::from_slice(&s).ok())
@@ -191,14 +215,17 @@ pub fn verify(lines: impl IntoIterator<Item = Line>, key: &VerifyingKey) -> Repo
             );
             continue;
         }
-        match hashes.get((cp.seq as usize).wrapping_sub(1)) {
+        match cp
+            .seq
+            .checked_sub(first)
+            .and_then(|i| hashes.get(i as usize))
+        {
             None => bad(
                 &mut report,
                 cp.seq,
                 format!(
-                    "a signed checkpoint names entry {} and the log ends at entry {}: its tail was dropped",
-                    cp.seq,
-                    hashes.len()
+                    "a signed checkpoint names entry {} and the log ends at entry {end}: its tail was dropped",
+                    cp.seq
                 ),
             ),
             Some(h) if *h != cp.hash => bad(
@@ -212,7 +239,142 @@ pub fn verify(lines: impl IntoIterator<Item = Line>, key: &VerifyingKey) -> Repo
             Some(_) => {}
         }
     }
+    // Every commit writes its entries and a checkpoint of the last one in
+    // one transaction: an entry after the last checkpoint was not written
+    // by this log, or the checkpoints after it were removed.
+    let covered = checkpoints.iter().map(|cp| cp.seq).max();
+    let uncovered = covered.map_or(first, |c| c + 1);
+    if end >= uncovered {
+        bad(
+            &mut report,
+            uncovered,
+            match covered {
+                Some(c) => format!(
+                    "entry {uncovered} comes after the last signed checkpoint (entry {c}): entries were added, or the checkpoints of the tail were removed"
+                ),
+                None => format!(
+                    "no signed checkpoint covers entry {uncovered}: entries were added, or the checkpoints were removed"
+                ),
+            },
+        );
+    }
     report
+}
+
+/// What opening a log whose stored tail does not verify does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnDamage {
+    /// Refuse, naming the first bad entry ([`Damaged`]).
+    #[default]
+    Refuse,
+    /// Keep the log as it is and continue the chain after everything it
+    /// holds, the first new entry (`audit.damage`) saying what was found.
+    /// Verifying the whole log goes on naming the damage.
+    Continue,
+}
+
+/// Why a log did not open: its tail does not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the audit log is damaged at entry {seq}: {problem}. The control plane does not start over a damaged audit log. \
+     Keep a copy of the data directory to investigate; then restore its database from a backup, or start once with \
+     `--set audit.continue_after_damage=true` (BRIDLE_AUDIT__CONTINUE_AFTER_DAMAGE=true) to keep the log as it is and \
+     continue the chain after it, the first new entry (`audit.damage`) recording what was found \
+     (`bridle audit verify` goes on naming the damage)"
+)]
+pub struct Damaged {
+    pub seq: u64,
+    pub problem: String,
+}
+
+/// Where the stored chain ends, what the writer continues from.
+struct Tail {
+    /// The highest seq an entry or a checkpoint holds: new entries go after
+    /// it, so that a new checkpoint never collides with an old one.
+    last_seq: u64,
+    /// The last stored entry (0: none) and its hash (`GENESIS`): new
+    /// entries chain from it.
+    last_entry: u64,
+    last_hash: String,
+    /// The first problem in the tail.
+    first_bad: Option<(u64, String)>,
+}
+
+/// Checks the tail of the stored chain: the last checkpoint (signed by
+/// `key`, naming an entry that is there with that hash) and every entry
+/// from it on (linked, unedited, none after the last checkpoint).
+///
+/// Only the tail, not the whole chain: the writer depends on nothing else,
+/// and a full check costs a hash per entry and a signature check per group
+/// commit ever made, which grows without bound (minutes at start for a big
+/// log). Damage further back does not stop new entries from being chained
+/// correctly; `bridle audit verify` (the whole chain) names it.
+async fn check_tail(pool: &SqlitePool, key: &VerifyingKey) -> anyhow::Result<Tail> {
+    // One snapshot, as `AuditLog::lines` reads.
+    let mut tx = pool.begin().await?;
+    let (last_entry,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(seq), 0) FROM audit_log")
+        .fetch_one(&mut *tx)
+        .await?;
+    let (last_checkpoint,): (i64,) =
+        sqlx::query_as("SELECT COALESCE(MAX(seq), 0) FROM audit_checkpoints")
+            .fetch_one(&mut *tx)
+            .await?;
+    let (last_entry, last_checkpoint) = (last_entry.max(0) as u64, last_checkpoint.max(0) as u64);
+    // From the last checkpoint, or from the last entry when the
+    // checkpoints go further (a dropped tail); from the start when there
+    // is no checkpoint or no entry at all.
+    let from = last_entry.min(last_checkpoint).max(1);
+    let rows: Vec<(i64, String, String, String)> = sqlx::query_as(
+        "SELECT seq, body, prev_hash, hash FROM audit_log WHERE seq >= $1 ORDER BY seq",
+    )
+    .bind(from as i64)
+    .fetch_all(&mut *tx)
+    .await?;
+    let checkpoints: Vec<(i64, String, i64, String)> = sqlx::query_as(
+        "SELECT seq, hash, unix_ms, signature FROM audit_checkpoints WHERE seq >= $1 ORDER BY seq",
+    )
+    .bind(from as i64)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let last_hash = rows
+        .last()
+        .map(|(_, _, _, hash)| hash.clone())
+        .unwrap_or_else(|| GENESIS.to_string());
+    // The first entry's link to the one before it is vouched for by the
+    // checkpoints (a signed hash covers every hash before it), not here.
+    let prev = match rows.first() {
+        Some((_, _, prev_hash, _)) if from > 1 => prev_hash.clone(),
+        _ => GENESIS.to_string(),
+    };
+    let lines = rows
+        .into_iter()
+        .map(entry_line)
+        .chain(checkpoints.into_iter().map(checkpoint_line));
+    let report = verify_from(from, prev, lines, key);
+    Ok(Tail {
+        last_seq: last_entry.max(last_checkpoint),
+        last_entry,
+        last_hash,
+        first_bad: report.first_bad,
+    })
+}
+
+fn entry_line((seq, body, prev_hash, hash): (i64, String, String, String)) -> Line {
+    Line::Entry {
+        entry: Box::new(Entry::stored(seq, &body)),
+        prev_hash,
+        hash,
+    }
+}
+
+fn checkpoint_line((seq, hash, unix_ms, signature): (i64, String, i64, String)) -> Line {
+    Line::Checkpoint(Checkpoint {
+        seq: seq as u64,
+        hash,
+        unix_ms,
+        signature,
+    })
 }
 
 /// The signing key, created (0600, with `audit.pub` beside it) on first use.
@@ -237,36 +399,100 @@ pub fn parse_public_key(text: &str) -> anyhow::Result<VerifyingKey> {
     VerifyingKey::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("not an ed25519 key: {e}"))
 }
 
+/// Why the log cannot record, while it cannot (none: it records). Set and
+/// cleared by the writer, read by every effectful call.
+type Failure = Arc<Mutex<Option<String>>>;
+
 /// The log on the embedded store.
 #[derive(Clone)]
 pub struct AuditLog {
     pool: SqlitePool,
     writer: mpsc::Sender<(Entry, oneshot::Sender<Result<u64, String>>)>,
     key: VerifyingKey,
+    failure: Failure,
 }
 
 impl AuditLog {
-    /// Opens the log; its writer continues the chain from the stored tail.
+    /// Opens the log over a stored tail that verifies (else [`Damaged`]);
+    /// its writer continues the chain from there.
     pub async fn open(pool: SqlitePool, key: SigningKey) -> anyhow::Result<Self> {
-        let tail: Option<(i64, String)> =
-            sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&pool)
-                .await?;
-        let (seq, hash) = tail
-            .map(|(s, h)| (s as u64, h))
-            .unwrap_or((0, GENESIS.to_string()));
-        let (writer, queue) = mpsc::channel(1024);
+        Self::open_with(pool, key, OnDamage::Refuse).await
+    }
+
+    /// [`AuditLog::open`], over a damaged tail doing what `on_damage` says.
+    pub async fn open_with(
+        pool: SqlitePool,
+        key: SigningKey,
+        on_damage: OnDamage,
+    ) -> anyhow::Result<Self> {
         let verifying = key.verifying_key();
-        tokio::spawn(write_loop(pool.clone(), queue, key, seq, hash));
-        Ok(Self {
+        let tail = check_tail(&pool, &verifying)
+            .await
+            .context("reading the audit log's tail")?;
+        if let Some((seq, problem)) = &tail.first_bad {
+            let damaged = Damaged {
+                seq: *seq,
+                problem: problem.clone(),
+            };
+            if on_damage == OnDamage::Refuse {
+                return Err(damaged.into());
+            }
+            tracing::warn!(
+                "audit: entry {seq}: {problem}; continuing the chain after entry {} as configured (audit.continue_after_damage)",
+                tail.last_seq
+            );
+        }
+        let (writer, queue) = mpsc::channel(1024);
+        let failure = Failure::default();
+        tokio::spawn(write_loop(
+            pool.clone(),
+            queue,
+            key,
+            tail.last_seq,
+            tail.last_hash.clone(),
+            failure.clone(),
+        ));
+        let log = Self {
             pool,
             writer,
             key: verifying,
-        })
+            failure,
+        };
+        if let Some((seq, problem)) = tail.first_bad {
+            // On the record before anything else is.
+            log.append(Entry {
+                unix_ms: crate::now_ms(),
+                principal: "control-plane".into(),
+                action: "audit.damage".into(),
+                resource: format!("entry {seq}"),
+                outcome: format!(
+                    "{problem}; the log is kept as it was and the chain continues after entry {} (chained to entry {}), as audit.continue_after_damage says",
+                    tail.last_seq, tail.last_entry
+                ),
+                ..Entry::default()
+            })
+            .await
+            .context("recording the damage found in the audit log")?;
+        }
+        Ok(log)
     }
 
     pub fn public_key(&self) -> VerifyingKey {
         self.key
+    }
+
+    /// Ok while entries are recorded; else why not (the last commit failed,
+    /// or the writer is gone). Effectful calls check this before they act
+    /// (`guard::Guard::recording`), so none goes ahead that the log could
+    /// not take down.
+    pub fn recording(&self) -> Result<(), String> {
+        if self.writer.is_closed() {
+            return Err("the audit writer has stopped".into());
+        }
+        match &*self.failure.lock().expect("audit failure lock") {
+            Some(why) => Err(why.clone()),
+            None => Ok(()),
+        }
     }
 
     /// Appends `entry` (its seq and hash are assigned here) and returns its
@@ -343,28 +569,14 @@ impl AuditLog {
             sqlx::query_as("SELECT seq, body, prev_hash, hash FROM audit_log ORDER BY seq")
                 .fetch_all(&mut *tx)
                 .await?;
-        let mut lines = Vec::with_capacity(rows.len());
-        for (seq, body, prev_hash, hash) in rows {
-            lines.push(Line::Entry {
-                entry: Box::new(Entry::stored(seq, &body)),
-                prev_hash,
-                hash,
-            });
-        }
+        let mut lines: Vec<Line> = rows.into_iter().map(entry_line).collect();
         let cps: Vec<(i64, String, i64, String)> = sqlx::query_as(
             "SELECT seq, hash, unix_ms, signature FROM audit_checkpoints ORDER BY seq",
         )
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        lines.extend(cps.into_iter().map(|(seq, hash, unix_ms, signature)| {
-            Line::Checkpoint(Checkpoint {
-                seq: seq as u64,
-                hash,
-                unix_ms,
-                signature,
-            })
-        }));
+        lines.extend(cps.into_iter().map(checkpoint_line));
         Ok(lines)
     }
 
@@ -373,20 +585,68 @@ impl AuditLog {
     }
 }
 
+/// How many times a commit that met a busy or locked database is tried
+/// before the log counts as failing (each try waits out the store's busy
+/// timeout first).
+const WRITE_TRIES: u32 = 3;
+
+/// Entries that could not be committed while the log was failing.
+struct Unrecorded {
+    count: u64,
+    since_ms: i64,
+    error: String,
+}
+
+impl Unrecorded {
+    /// The entry that opens the first commit after the failure.
+    fn entry(&self) -> Entry {
+        Entry {
+            unix_ms: crate::now_ms(),
+            principal: "control-plane".into(),
+            action: "audit.unrecorded".into(),
+            outcome: format!(
+                "{} entries could not be recorded from unix ms {} on ({}); each is in the control plane's log (\"audit: not recorded\"), and effectful calls were refused meanwhile",
+                self.count, self.since_ms, self.error
+            ),
+            ..Entry::default()
+        }
+    }
+}
+
+/// Whether a failed commit is worth trying again at once: the database
+/// busy or locked (`SQLITE_BUSY`, `SQLITE_LOCKED` and their extended
+/// codes), or no connection free.
+fn transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(d) => d
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| matches!(c & 0xff, 5 | 6)),
+        _ => false,
+    }
+}
+
 /// Builds the chain: takes what queued, hashes it in order, writes it and a
-/// signed checkpoint of the new tail in one transaction.
+/// signed checkpoint of the new tail in one transaction. A group that does
+/// not commit puts the log in the failed state (`failure`); the next group
+/// is tried all the same, and the first that commits ends the state.
 async fn write_loop(
     pool: SqlitePool,
     mut queue: mpsc::Receiver<(Entry, oneshot::Sender<Result<u64, String>>)>,
     key: SigningKey,
     mut seq: u64,
     mut hash: String,
+    failure: Failure,
 ) {
     let mut batch = Vec::new();
+    let mut unrecorded: Option<Unrecorded> = None;
     while crate::store::next_group(&mut queue, &mut batch, 512).await {
         let (start_seq, start_hash) = (seq, hash.clone());
-        let mut rows = Vec::with_capacity(batch.len());
-        for (entry, _) in &mut batch {
+        // After a failure, the first commit says first what is missing.
+        let mut note = unrecorded.as_ref().map(Unrecorded::entry);
+        let mut rows = Vec::with_capacity(batch.len() + 1);
+        for entry in note.iter_mut().chain(batch.iter_mut().map(|(e, _)| e)) {
             seq += 1;
             entry.seq = seq;
             let body = entry.canonical();
@@ -399,17 +659,59 @@ async fn write_loop(
             key.sign(Checkpoint::message(seq, &hash, now).as_bytes())
                 .to_bytes(),
         );
-        let result = write_rows(&pool, &rows, (seq, &hash, now, &signature)).await;
-        if result.is_err() {
-            // Nothing was written: the chain continues from where it was.
-            seq = start_seq;
-            hash = start_hash;
+        let mut result = write_rows(&pool, &rows, (seq, &hash, now, &signature)).await;
+        let mut tries = 1;
+        while tries < WRITE_TRIES && result.as_ref().is_err_and(transient) {
+            tokio::time::sleep(Duration::from_millis(100 << tries)).await;
+            result = write_rows(&pool, &rows, (seq, &hash, now, &signature)).await;
+            tries += 1;
         }
-        for (entry, done) in batch.drain(..) {
-            let _ = done.send(match &result {
+        match &result {
+            Ok(()) => {
+                if let Some(u) = unrecorded.take() {
+                    *failure.lock().expect("audit failure lock") = None;
+                    tracing::warn!(
+                        "audit: the log records again; {} entries could not be recorded meanwhile (entry {} says so)",
+                        u.count,
+                        start_seq + 1
+                    );
+                }
+            }
+            Err(e) => {
+                // Nothing was written: the chain continues from where it was.
+                seq = start_seq;
+                hash = start_hash;
+                let error = e.to_string();
+                let changed = unrecorded.as_ref().is_none_or(|u| u.error != error);
+                if changed {
+                    // Once per failure (and again if its cause changes), not
+                    // once per group.
+                    tracing::error!(
+                        "the audit log cannot record: {error}; effectful calls are refused until it can"
+                    );
+                }
+                *failure.lock().expect("audit failure lock") = Some(error.clone());
+                let u = unrecorded.get_or_insert_with(|| Unrecorded {
+                    count: 0,
+                    since_ms: batch.first().map_or(now, |(e, _)| e.unix_ms),
+                    error: String::new(),
+                });
+                u.count += batch.len() as u64;
+                u.error = error;
+            }
+        }
+        for (mut entry, done) in batch.drain(..) {
+            let answer = match &result {
                 Ok(()) => Ok(entry.seq),
-                Err(e) => Err(e.to_string()),
-            });
+                Err(e) => {
+                    // Not in the chain, so here: the entry as it would have
+                    // been, without the seq it did not get.
+                    entry.seq = 0;
+                    tracing::warn!(entry = %entry.canonical(), "audit: not recorded");
+                    Err(e.to_string())
+                }
+            };
+            let _ = done.send(answer);
         }
     }
 }
@@ -597,5 +899,184 @@ mod tests {
         }
         let (_, why) = first_bad(&log).await;
         assert!(why.contains("rewritten"), "{why}");
+    }
+
+    async fn count(store: &crate::store::Store, table: &str) -> i64 {
+        let (n,): (i64,) = sqlx::query_as(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        n
+    }
+
+    #[tokio::test]
+    async fn a_log_whose_tail_was_dropped_does_not_open() {
+        let (d, log, store) = filled().await;
+        drop(log);
+        // Entries 8 to 10 go; their signed checkpoints stay.
+        exec(&store, "DELETE FROM audit_log WHERE seq > 7").await;
+        let key = load_or_create_key(d.path()).unwrap();
+        let Err(e) = AuditLog::open(store.pool().clone(), key).await else {
+            panic!("a log whose tail was dropped opened");
+        };
+        let damaged = e
+            .downcast_ref::<Damaged>()
+            .unwrap_or_else(|| panic!("not a Damaged: {e:#}"));
+        assert_eq!(damaged.seq, 8, "{damaged}");
+        let text = format!("{e:#}");
+        for part in [
+            "damaged at entry 8",
+            "names entry 8 and the log ends at entry 7: its tail was dropped",
+            "audit.continue_after_damage=true",
+        ] {
+            assert!(text.contains(part), "{part:?} not in: {text}");
+        }
+        // Nothing was written.
+        assert_eq!(count(&store, "audit_log").await, 7);
+        assert_eq!(count(&store, "audit_checkpoints").await, 10);
+    }
+
+    #[tokio::test]
+    async fn entries_after_the_last_checkpoint_do_not_open() {
+        let (d, log, store) = filled().await;
+        drop(log);
+        // The other way round: the checkpoints of the tail removed.
+        exec(&store, "DELETE FROM audit_checkpoints WHERE seq > 7").await;
+        let key = load_or_create_key(d.path()).unwrap();
+        let Err(e) = AuditLog::open(store.pool().clone(), key).await else {
+            panic!("a log whose tail has no checkpoints opened");
+        };
+        let damaged = e.downcast_ref::<Damaged>().unwrap();
+        assert_eq!(damaged.seq, 8, "{damaged}");
+        assert!(
+            damaged.problem.contains("after the last signed checkpoint"),
+            "{damaged}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_damaged_log_continues_when_told_to_with_the_damage_on_record() {
+        let (d, log, store) = filled().await;
+        drop(log);
+        exec(&store, "DELETE FROM audit_log WHERE seq > 7").await;
+        let key = || load_or_create_key(d.path()).unwrap();
+        let again = AuditLog::open_with(store.pool().clone(), key(), OnDamage::Continue)
+            .await
+            .unwrap();
+        // The first new entry says what was found; it goes after the old
+        // checkpoints (8 to 10) instead of colliding with them.
+        let (after, _) = again.entries_after(7, 0, 0, 100).await.unwrap();
+        assert_eq!(after.len(), 1, "{after:?}");
+        let damage = &after[0].0;
+        assert_eq!(
+            (damage.seq, damage.action.as_str(), damage.resource.as_str()),
+            (11, "audit.damage", "entry 8"),
+            "{damage:?}"
+        );
+        assert!(damage.outcome.contains("tail was dropped"), "{damage:?}");
+        assert_eq!(again.append(entry(12)).await.unwrap(), 12);
+        assert!(again.recording().is_ok());
+        // Verifying the whole log goes on naming the damage...
+        assert!(!again.verify().await.unwrap().ok());
+        // ...while the next start, not told anything, opens: the tail it
+        // continues from verifies.
+        drop(again);
+        let third = AuditLog::open(store.pool().clone(), key()).await.unwrap();
+        assert_eq!(third.append(entry(13)).await.unwrap(), 13);
+    }
+
+    /// A guard over `log` with the default policies.
+    async fn guard_over(log: &AuditLog, store: &crate::store::Store) -> crate::guard::Guard {
+        crate::guard::Guard {
+            policies: crate::policy::Policies::load(store.pool().clone())
+                .await
+                .unwrap(),
+            approvals: crate::approvals::Approvals::new(
+                store.pool().clone(),
+                log.clone(),
+                Duration::from_secs(60),
+                None,
+            ),
+            audit: log.clone(),
+        }
+    }
+
+    /// What the guard says to an admin creating a sandbox (which the
+    /// default policies allow).
+    async fn create_sandbox(guard: &crate::guard::Guard) -> Result<(), tonic::Status> {
+        let admin = crate::auth::Principal {
+            token_id: "t-admin".into(),
+            name: "admin".into(),
+            role: crate::auth::Role::Admin,
+            owner: "admin".into(),
+        };
+        let resource = crate::policy::Resource {
+            kind: crate::policy::ResourceKind::Sandbox,
+            id: "new".into(),
+            owner: "admin".into(),
+        };
+        guard
+            .clear(
+                &crate::guard::AuditNote::new("req-test".into()),
+                &admin,
+                crate::policy::Action::SandboxCreate,
+                &resource,
+                &crate::policy::Facts::default(),
+                None,
+                "request:req-test",
+            )
+            .await
+            .map(|_| ())
+    }
+
+    #[tokio::test]
+    async fn a_log_that_cannot_append_refuses_effectful_calls_until_it_can() {
+        let (_d, log, store) = filled().await;
+        let guard = guard_over(&log, &store).await;
+        assert!(log.recording().is_ok());
+        create_sandbox(&guard).await.unwrap();
+
+        exec(
+            &store,
+            "CREATE TRIGGER boom BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'boom'); END",
+        )
+        .await;
+        let e = log.append(entry(11)).await.unwrap_err();
+        assert!(format!("{e:#}").contains("boom"), "{e:#}");
+        // Failed, and saying why.
+        let why = log.recording().unwrap_err();
+        assert!(why.contains("boom"), "{why}");
+        // The guard refuses before deciding anything.
+        let refused = create_sandbox(&guard)
+            .await
+            .expect_err("an effectful call went ahead while the audit log could not record");
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert!(
+            refused.message().contains("the audit log cannot record")
+                && refused.message().contains("boom")
+                && refused.message().contains("refused until it can"),
+            "{}",
+            refused.message()
+        );
+        // A queued entry is not lost quietly either: its sender hears.
+        assert!(log.append(entry(12)).await.is_err());
+        assert!(log.recording().is_err());
+        assert_eq!(count(&store, "audit_log").await, 10);
+
+        // Once it can record again, the first entry says what is missing.
+        exec(&store, "DROP TRIGGER boom").await;
+        assert_eq!(log.append(entry(13)).await.unwrap(), 12);
+        assert!(log.recording().is_ok());
+        create_sandbox(&guard).await.unwrap();
+        let (after, _) = log.entries_after(10, 0, 0, 100).await.unwrap();
+        let note = &after[0].0;
+        assert_eq!((note.seq, note.action.as_str()), (11, "audit.unrecorded"));
+        assert!(
+            note.outcome.starts_with("2 entries could not be recorded")
+                && note.outcome.contains("boom"),
+            "{note:?}"
+        );
+        assert_eq!(after[1].0.request_id, "req-13");
+        assert!(log.verify().await.unwrap().ok());
     }
 }

@@ -61,6 +61,19 @@ pub struct Config {
     /// Warm pools, one per profile.
     pub pool: Vec<PoolProfile>,
     pub tls: TlsConfig,
+    pub audit: AuditConfig,
+}
+
+/// The audit log.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Start over an audit log whose stored tail does not verify: keep the
+    /// log as it is and continue the chain after it, the first new entry
+    /// (`audit.damage`) saying what was found. Off, the control plane
+    /// refuses to start and names the first bad entry. Meant for the one
+    /// start that accepts a damage, not to be left on.
+    pub continue_after_damage: bool,
 }
 
 /// TLS on the gRPC listener; both unset: plain HTTP/2 (bind to loopback).
@@ -151,6 +164,7 @@ impl Default for Config {
             sandbox: SandboxDefaults::default(),
             pool: Vec::new(),
             tls: TlsConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -304,6 +318,7 @@ impl Config {
             "docker",
             "sandbox",
             "tls",
+            "audit",
         ]
     }
 
@@ -462,6 +477,28 @@ mod tests {
         std::fs::write(&again, c.to_toml()).unwrap();
         let c2 = Config::load(Some(&again), Vec::new(), &[]).unwrap();
         assert_eq!(c2.to_toml(), c.to_toml());
+    }
+
+    #[test]
+    fn continuing_after_audit_damage_is_off_unless_asked_for() {
+        assert!(!Config::default().audit.continue_after_damage);
+        assert!(Config::default()
+            .to_toml()
+            .contains("continue_after_damage = false"));
+        let c = Config::load(
+            None,
+            env(&[("BRIDLE_AUDIT__CONTINUE_AFTER_DAMAGE", "true")]),
+            &[],
+        )
+        .unwrap();
+        assert!(c.audit.continue_after_damage);
+        let c = Config::load(
+            None,
+            Vec::new(),
+            &["audit.continue_after_damage=true".into()],
+        )
+        .unwrap();
+        assert!(c.audit.continue_after_damage);
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! operator approves it, the same request sent again with the header
 //! `x-bridle-approval: <id>` goes through, exactly once. An interactive exec
 //! instead waits on its open stream (see `api::sandboxes`).
+//!
+//! Nothing effectful goes ahead that the audit log could not take down:
+//! while it cannot record ([`crate::audit::AuditLog::recording`]), every
+//! action is refused here with UNAVAILABLE before it is decided, as every
+//! call that changes something is at the audit layer (`api::audit`).
 
 use std::sync::{Arc, Mutex};
 
@@ -133,6 +138,13 @@ pub fn refusal_status(r: approvals::Refusal) -> Status {
     }
 }
 
+/// UNAVAILABLE for an effectful call while the audit log cannot record it.
+pub fn unrecorded_status(why: &str) -> Status {
+    Status::unavailable(format!(
+        "the audit log cannot record: {why}; effectful calls are refused until it can (see the control plane's log)"
+    ))
+}
+
 /// The status telling a caller its request waits for `a`.
 pub fn pending_status(a: &Approval) -> Status {
     let mut s = Status::failed_precondition(format!(
@@ -146,6 +158,14 @@ pub fn pending_status(a: &Approval) -> Status {
 }
 
 impl Guard {
+    /// Ok while the audit log records; otherwise the status that refuses
+    /// an effectful call before it acts.
+    pub fn recording(&self) -> Result<(), Status> {
+        self.audit
+            .recording()
+            .map_err(|why| unrecorded_status(&why))
+    }
+
     /// Decides one action and notes the decision on the call.
     pub fn decide(
         &self,
@@ -187,6 +207,7 @@ impl Guard {
         approval: Option<&str>,
         used_by: &str,
     ) -> Result<Cleared, Status> {
+        self.recording()?;
         let verdict = self.decide(note, principal, action, resource, facts);
         match verdict.decision {
             Decision::Allow => Ok(Cleared::Allowed),

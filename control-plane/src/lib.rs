@@ -64,9 +64,16 @@ pub async fn run(
     let artifacts = artifacts::Artifacts::open(&data_dir)?;
     let store_pool = store.pool().clone();
     let run_events = runs::store::SqlEvents::new(store.pool().clone());
-    let audit_log = audit::AuditLog::open(
+    // Over a damaged tail: refuse to start (naming the first bad entry), or
+    // continue after it with the damage on record, as configured.
+    let audit_log = audit::AuditLog::open_with(
         store.pool().clone(),
         audit::load_or_create_key(&data_dir).context("the audit signing key")?,
+        if config.audit.continue_after_damage {
+            audit::OnDamage::Continue
+        } else {
+            audit::OnDamage::Refuse
+        },
     )
     .await
     .context("opening the audit log")?;

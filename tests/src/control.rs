@@ -169,6 +169,16 @@ impl ControlPlane {
         self.launch().await
     }
 
+    /// [`ControlPlane::restart`] with `extra` `--set` flags for this start
+    /// only.
+    pub async fn restart_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        let kept = self.sets.clone();
+        self.sets.extend(extra.iter().map(|s| s.to_string()));
+        let started = self.restart().await;
+        self.sets = kept;
+        started
+    }
+
     async fn channel(&self) -> anyhow::Result<Channel> {
         Ok(Channel::from_shared(self.endpoint.clone())?
             .initial_stream_window_size(8 << 20)

@@ -420,3 +420,265 @@ async fn a_policy_file_is_followed_and_a_bad_edit_is_refused() {
         (3.into(), second.into())
     );
 }
+
+fn shell_step(name: &str, cmd: &str) -> pb::Step {
+    pb::Step {
+        name: name.into(),
+        shell: cmd.into(),
+        ..Default::default()
+    }
+}
+
+fn job(key: &str, steps: Vec<pb::Step>) -> pb::SubmitRunRequest {
+    pb::SubmitRunRequest {
+        idempotency_key: key.into(),
+        job: Some(pb::Job {
+            steps,
+            ..Default::default()
+        }),
+    }
+}
+
+/// Run `id` as `token` sees it.
+async fn run_of(cp: &ControlPlane, token: &str, id: &str) -> pb::Run {
+    cp.runs(token)
+        .await
+        .unwrap()
+        .get(pb::GetRunRequest { run_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Whether `s` is the refusal of a call the audit log cannot record.
+fn unrecordable(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable
+        && s.message().contains("the audit log cannot record")
+        && s.message().contains("boom")
+}
+
+/// Whether deleting a sandbox that does not exist is refused for the audit
+/// log (else it is NOT_FOUND, as usual).
+async fn refused_for_the_audit_log(cp: &ControlPlane, token: &str) -> bool {
+    let gone = pb::DeleteSandboxRequest {
+        sandbox_id: "sb-nope".into(),
+    };
+    match cp.sandboxes(token).await.unwrap().delete(gone).await {
+        Err(s) if unrecordable(&s) => true,
+        Err(s) if s.code() == tonic::Code::NotFound => false,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_audit_log_that_cannot_record_stops_what_would_go_unrecorded() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&["max_running_runs=1"]).await.unwrap();
+    let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
+    let auditor = cp.token(pb::Role::Auditor, "audit-team").await.unwrap();
+    let mut sb = cp.sandboxes(&alice).await.unwrap();
+    let kept = bridle_tests::control::create(&mut sb).await.unwrap();
+    let mut runs = cp.runs(&alice).await.unwrap();
+    // One run holds the only slot with its second step still to be
+    // decided; another waits for the slot.
+    let first = runs
+        .submit(job(
+            "first",
+            vec![
+                shell_step("wait", "sleep 15"),
+                shell_step("after", "echo after"),
+            ],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let queued = runs
+        .submit(job("queued", vec![shell_step("never", "echo never")]))
+        .await
+        .unwrap()
+        .into_inner();
+    eventually("the first run's first step runs", async || {
+        run_of(&cp, &alice, &first.id).await.steps[0].state == pb::StepState::Running as i32
+    })
+    .await;
+
+    // The store stops taking audit entries; the next entry written fails.
+    let db = cp.data_dir().join("bridle.db");
+    edit_db(
+        &db,
+        "CREATE TRIGGER boom BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'boom'); END",
+    )
+    .await;
+    eventually("calls that change something are refused", async || {
+        refused_for_the_audit_log(&cp, &alice).await
+    })
+    .await;
+    let gone = |id: &str| pb::DeleteSandboxRequest {
+        sandbox_id: id.into(),
+    };
+
+    // Before they act: nothing is created, deleted, run or submitted.
+    let s = bridle_tests::control::create(&mut sb).await.unwrap_err();
+    assert!(unrecordable(&s), "{s:?}");
+    let s = sb.delete(gone(&kept.id)).await.unwrap_err();
+    assert!(unrecordable(&s), "{s:?}");
+    let s = bridle_tests::control::exec(
+        &mut sb,
+        &kept.id,
+        bridle_tests::client::shell("touch /workspace/unrecorded"),
+    )
+    .await
+    .unwrap_err();
+    assert!(unrecordable(&s), "{s:?}");
+    let s = runs
+        .submit(job("refused", vec![shell_step("s", "true")]))
+        .await
+        .unwrap_err();
+    assert!(unrecordable(&s), "{s:?}");
+    // Reads go on.
+    sb.get(pb::GetSandboxRequest {
+        sandbox_id: kept.id.clone(),
+    })
+    .await
+    .unwrap();
+    let out = cp.cli(&auditor, &["audit", "verify"]).unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // A cancel ends a run that nothing drives (it waits for the slot) at
+    // once, in its answer.
+    let cancelled = runs
+        .cancel(pb::CancelRunRequest {
+            run_id: queued.id.clone(),
+            reason: "not now".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        cancelled.state,
+        pb::RunState::Cancelled as i32,
+        "{cancelled:?}"
+    );
+    assert_eq!(cancelled.reason, "not now");
+
+    // The running run's next step cannot be put on the record: the run
+    // fails saying so, instead of staying `running`.
+    eventually("the first run ends", async || {
+        run_of(&cp, &alice, &first.id).await.finished_unix_ms != 0
+    })
+    .await;
+    let done = run_of(&cp, &alice, &first.id).await;
+    assert_eq!(done.state, pb::RunState::Failed as i32, "{done:?}");
+    assert!(
+        done.reason.contains("step 2 (after) was not started")
+            && done.reason.contains("the audit log cannot record")
+            && done.reason.contains("boom"),
+        "{}",
+        done.reason
+    );
+    assert_eq!(done.steps[1].attempts, 0, "{done:?}");
+    // The control plane said why, once, and kept what it could not record.
+    let log = cp.log();
+    assert_eq!(
+        log.matches("the audit log cannot record: ").count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("audit: not recorded"), "{log}");
+
+    // Once the store takes entries again, so does the log, and the first
+    // entry it writes says what is missing.
+    edit_db(&db, "DROP TRIGGER boom").await;
+    eventually("calls go ahead again", async || {
+        !refused_for_the_audit_log(&cp, &alice).await
+    })
+    .await;
+    sb.delete(gone(&kept.id)).await.unwrap();
+    until_logged(&cp, &auditor, |entries| {
+        entries.iter().any(|e| {
+            e["action"] == "audit.unrecorded"
+                && e["outcome"]
+                    .as_str()
+                    .unwrap()
+                    .contains("could not be recorded")
+        }) && entries
+            .iter()
+            .any(|e| e["action"] == "Sandboxes/Delete" && e["outcome"] == "ok")
+    })
+    .await;
+    let out = cp.cli(&auditor, &["audit", "verify"]).unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[tokio::test]
+async fn a_restart_over_a_dropped_tail_is_refused_unless_told_to_continue() {
+    docker_or_skip!();
+    let mut cp = ControlPlane::start(&[]).await.unwrap();
+    let auditor = cp.token(pb::Role::Auditor, "audit-team").await.unwrap();
+    let mut sb = cp.sandboxes(&auditor).await.unwrap();
+    for _ in 0..5 {
+        sb.list(pb::ListSandboxesRequest::default()).await.unwrap();
+    }
+    cp.terminate().await.unwrap();
+
+    // The last three entries go; the signed checkpoints that name them stay.
+    let db = cp.data_dir().join("bridle.db");
+    let last: i64 = {
+        use sqlx::ConnectOptions;
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&db)
+            .connect()
+            .await
+            .unwrap();
+        let (last,): (i64,) = sqlx::query_as("SELECT MAX(seq) FROM audit_log")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        last
+    };
+    edit_db(
+        &db,
+        &format!("DELETE FROM audit_log WHERE seq > {}", last - 3),
+    )
+    .await;
+
+    // The control plane does not start, and says why and what to do.
+    let e = format!("{:#}", cp.restart().await.unwrap_err());
+    let dropped = format!("the log ends at entry {}: its tail was dropped", last - 3);
+    for part in [
+        "the audit log is damaged at entry",
+        dropped.as_str(),
+        "audit.continue_after_damage=true",
+    ] {
+        assert!(e.contains(part), "{part:?} not in: {e}");
+    }
+
+    // Told to, it continues after the damage, with the damage on record.
+    cp.restart_with(&["audit.continue_after_damage=true"])
+        .await
+        .unwrap();
+    let mut sb = cp.sandboxes(&auditor).await.unwrap();
+    sb.list(pb::ListSandboxesRequest::default()).await.unwrap();
+    until_logged(&cp, &auditor, |entries| {
+        entries.iter().any(|e| {
+            e["action"] == "audit.damage"
+                && e["outcome"]
+                    .as_str()
+                    .unwrap()
+                    .contains("its tail was dropped")
+        })
+    })
+    .await;
+    // Verifying the whole log goes on naming the damage.
+    let out = cp.cli(&auditor, &["audit", "verify"]).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+
+    // The next start needs no flag (the tail it continues from verifies)
+    // and records no new damage.
+    cp.restart().await.unwrap();
+    let damage = query(&cp, &auditor)
+        .iter()
+        .filter(|e| e["action"] == "audit.damage")
+        .count();
+    assert_eq!(damage, 1);
+}

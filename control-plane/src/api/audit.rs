@@ -180,10 +180,40 @@ impl pb::audit_server::Audit for AuditApi {
     }
 }
 
+/// The calls that go on while the audit log cannot record: those that
+/// change nothing, and `Runs/Cancel`, which only stops work (a cancel is on
+/// the run's own record, and a run must always be stoppable). Every other
+/// call is refused with UNAVAILABLE before its handler runs; a call added
+/// later is refused too until it is listed here.
+const GOES_ON_UNRECORDED: &[&str] = &[
+    "Sandboxes/Get",
+    "Sandboxes/List",
+    "Sandboxes/Attach",
+    "Sandboxes/ListSnapshots",
+    "Runs/Get",
+    "Runs/List",
+    "Runs/Watch",
+    "Runs/Logs",
+    "Runs/Cancel",
+    "Approvals/List",
+    "Approvals/Get",
+    "Approvals/Watch",
+    "Audit/Query",
+    "Audit/Export",
+    "Audit/Verify",
+    "Admin/ListTokens",
+    "Admin/WhoAmI",
+    "Admin/GetPolicy",
+    "Admin/ValidatePolicy",
+    "ServerReflection/ServerReflectionInfo",
+];
+
 /// Records every call (but health checks) in the audit log: who, which RPC,
 /// how it ended (for a stream: whether it opened), under a request id that
 /// the answer carries as `x-request-id`. The entry is handed to the log's
-/// group-committing writer without holding up the answer.
+/// group-committing writer without holding up the answer. While the log
+/// cannot record, a call that would change something is refused here,
+/// before it acts (and the refusal is recorded, should the log come back).
 #[derive(Clone)]
 pub struct AuditLayer {
     pub auth: Auth,
@@ -211,6 +241,7 @@ where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
+    RB: Default,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -234,6 +265,15 @@ where
             .map(|(_, a)| a)
             .unwrap_or(path)
             .to_string();
+        let refused = if GOES_ON_UNRECORDED.contains(&action.as_str()) {
+            None
+        } else {
+            self.layer
+                .log
+                .recording()
+                .err()
+                .map(|why| crate::guard::unrecorded_status(&why))
+        };
         let principal = self.layer.auth.authenticate_headers(req.headers()).ok();
         let request_id = crate::random_hex(8);
         // The handler notes what it decided (resource, decision, policy
@@ -242,7 +282,10 @@ where
         req.extensions_mut().insert(note.clone());
         let log = self.layer.log.clone();
         Box::pin(async move {
-            let mut response = inner.call(req).await?;
+            let mut response = match refused {
+                Some(status) => status.into_http(),
+                None => inner.call(req).await?,
+            };
             let headers = response.headers_mut();
             // A call that failed at once answers with its status in the
             // headers (trailers-only); a stream that opened has none yet.

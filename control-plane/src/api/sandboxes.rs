@@ -476,6 +476,12 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
                     return;
                 }
             };
+            // The audit log may have stopped recording while the exec waited:
+            // then it does not start (and the approval stays unused).
+            if let Err(status) = guard.recording() {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
             let go = match decided {
                 Ok(a) if a.state() == crate::approvals::State::Approved => guard
                     .approvals

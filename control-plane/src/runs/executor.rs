@@ -41,7 +41,30 @@ type Result<T> = std::result::Result<T, Error>;
 struct Live {
     events: broadcast::Sender<StoredEvent>,
     cancel: watch::Sender<bool>,
+    /// Whether a driver is running the run now ([`Runner::cancel`] waits
+    /// for it to end the run, or ends it itself).
+    driving: watch::Sender<bool>,
 }
+
+/// Marks its run as driven while it lives.
+struct Driving(Arc<Live>);
+
+impl Driving {
+    fn new(live: Arc<Live>) -> Self {
+        live.driving.send_replace(true);
+        Self(live)
+    }
+}
+
+impl Drop for Driving {
+    fn drop(&mut self) {
+        self.0.driving.send_replace(false);
+    }
+}
+
+/// How long a cancel waits for the run's driver to end the run (it kills
+/// the step's tree first) before it ends the run itself.
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct Runner<R: Runtime, S: EventStore> {
     inner: Arc<Inner<R, S>>,
@@ -164,6 +187,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                 Arc::new(Live {
                     events: broadcast::channel(1024).0,
                     cancel: watch::channel(false).0,
+                    driving: watch::channel(false).0,
                 })
             })
             .clone()
@@ -250,28 +274,105 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         }
     }
 
-    /// Asks a run to stop: recorded first, then its step's tree is killed.
+    /// Ends a run as cancelled: recorded first, then its driver kills the
+    /// step's tree and finishes the run. A run that nothing drives (queued
+    /// for a slot, or its driver gave up) or whose driver has not ended it
+    /// within [`CANCEL_GRACE`] (stuck) is finished here, and what it leaves
+    /// released: a cancel always ends the run. Answers the run as it ended.
     pub async fn cancel(&self, run_id: &str, by: &str, reason: &str) -> Result<RunView> {
         let mut view = self.view(run_id).await?;
-        if !view.state.is_finished() && view.cancel_requested.is_none() {
-            self.record(
-                run_id,
-                &mut view,
-                Event::CancelRequested {
-                    by: by.into(),
-                    reason: reason.into(),
-                },
-            )
-            .await?;
+        if view.state.is_finished() {
+            return Ok(view);
         }
-        let _ = self.live(run_id).cancel.send(true);
+        if view.cancel_requested.is_none() {
+            let requested = Event::CancelRequested {
+                by: by.into(),
+                reason: reason.into(),
+            };
+            match self.record(run_id, &mut view, requested).await {
+                Ok(()) => {}
+                // It finished meanwhile.
+                Err(Error::Stopping) => return self.view(run_id).await,
+                Err(e) => return Err(e),
+            }
+        }
+        let live = self.live(run_id);
+        let mut driving = live.driving.subscribe();
+        let driven = *driving.borrow();
+        let _ = live.cancel.send(true);
+        let _ = tokio::time::timeout(CANCEL_GRACE, async move {
+            driving.wait_for(|d| !*d).await.map(|_| ())
+        })
+        .await;
+        let mut view = self.view(run_id).await?;
+        if view.state.is_finished() {
+            return Ok(view);
+        }
+        if driven {
+            tracing::warn!(run = %run_id, "the run's driver did not end it within {} s of its cancel; ending it here", CANCEL_GRACE.as_secs());
+        } else {
+            tracing::info!(run = %run_id, "ending a cancelled run that nothing drives now");
+        }
+        let reason = view
+            .cancel_requested
+            .clone()
+            .unwrap_or_else(|| reason.to_string());
+        let finished = Event::Finished {
+            state: RunState::Cancelled,
+            reason,
+        };
+        match self.record(run_id, &mut view, finished).await {
+            Ok(()) => {}
+            // Its driver finished it meanwhile.
+            Err(Error::Stopping) => return self.view(run_id).await,
+            Err(e) => return Err(e),
+        }
+        self.release_cancelled(run_id, &view).await;
         Ok(view)
+    }
+
+    /// Deletes what a run that [`Runner::cancel`] finished leaves (as
+    /// `drive` does after a run ends): its sandboxes, the recorded one and
+    /// any made for it but not yet recorded (this also stops a step a stuck
+    /// driver started), and its sealed secrets.
+    async fn release_cancelled(&self, run_id: &str, view: &RunView) {
+        let system = Principal {
+            token_id: "system".into(),
+            name: "control plane".into(),
+            role: Role::Admin,
+            owner: String::new(),
+        };
+        let labels = BTreeMap::from([(RUN_LABEL.to_string(), run_id.to_string())]);
+        let mut sandboxes: Vec<String> = self
+            .inner
+            .sandboxes
+            .list(&system, &labels)
+            .await
+            .map(|l| l.into_iter().map(|s| s.id).collect())
+            .unwrap_or_default();
+        if let Some(sb) = &view.sandbox_id {
+            if !sandboxes.contains(sb) {
+                sandboxes.push(sb.clone());
+            }
+        }
+        for sb in sandboxes {
+            if let Err(e) = self.inner.sandboxes.delete(&system, &sb).await {
+                tracing::warn!(run = %run_id, sandbox = %sb, "could not delete the cancelled run's sandbox: {e}");
+            }
+        }
+        if !view.job.secret_names.is_empty() {
+            if let Err(e) = self.inner.store.forget_secrets(run_id).await {
+                tracing::warn!(run = %run_id, "could not delete the cancelled run's sealed secrets: {e}");
+            }
+        }
     }
 
     /// Runs `run_id` to its end (or until shutdown), from wherever its log
     /// says it is. Safe to call on any run at any time, once at a time (the
     /// queue sees to that; tests may call it directly).
     pub async fn drive(&self, run_id: &str) -> Result<()> {
+        // A cancel waits for this driver to end the run, while it drives.
+        let _driving = Driving::new(self.live(run_id));
         let mut view = self.view(run_id).await?;
         if view.state.is_finished() {
             return Ok(());
@@ -761,9 +862,15 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                     ..Default::default()
                 };
                 if let Err(e) = self.inner.guard.audit.append(entry).await {
-                    // Nothing happens that is not on the record.
+                    // Nothing happens that is not on the record. The run
+                    // ends here, saying why, rather than wait in `running`
+                    // for a log that may not come back.
                     tracing::error!(run = %run_id, "audit: {e:#}");
-                    return Err(Error::Stopping);
+                    let reason = format!(
+                        "{what} was not started: the audit log cannot record its decision ({e:#})"
+                    );
+                    self.finish(run_id, view, RunState::Failed, reason).await?;
+                    return Ok(false);
                 }
                 match verdict.decision {
                     Decision::Allow => return Ok(true),
