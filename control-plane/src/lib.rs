@@ -172,6 +172,11 @@ pub async fn run(
         let stop = stop_rx.clone();
         async move { sandboxes.maintain(stop).await }
     });
+    tokio::spawn({
+        let sandboxes = sandboxes.clone();
+        let stop = stop_rx.clone();
+        async move { sandboxes.watch_exits(stop).await }
+    });
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health

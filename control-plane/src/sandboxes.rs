@@ -108,6 +108,34 @@ impl Spec {
     }
 }
 
+/// Labels with this prefix are the control plane's (a run's sandbox is
+/// found by one): clients may not set them.
+pub const RESERVED_LABEL_PREFIX: &str = "bridle.";
+/// The longest TTL or idle timeout a sandbox may be given (ten years).
+pub const MAX_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// Refuses labels a client may not set.
+pub fn check_client_labels<'a>(
+    mut keys: impl Iterator<Item = &'a String>,
+) -> std::result::Result<(), String> {
+    match keys.find(|k| k.starts_with(RESERVED_LABEL_PREFIX)) {
+        Some(k) => Err(format!(
+            "label {k:?}: labels starting with {RESERVED_LABEL_PREFIX:?} are the control plane's own"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a TTL or idle timeout that is out of range.
+pub fn check_lifetime(name: &str, secs: u64) -> std::result::Result<(), String> {
+    if secs > MAX_LIFETIME_SECS {
+        return Err(format!(
+            "{name} must be at most {MAX_LIFETIME_SECS} seconds (ten years), got {secs}"
+        ));
+    }
+    Ok(())
+}
+
 /// A validated create request; unset values take the server's defaults.
 #[derive(Debug, Clone, Default)]
 pub struct CreateRequest {
@@ -783,7 +811,15 @@ impl<R: Runtime> Sandboxes<R> {
                 agent_pb::Compression::Zstd,
             )
             .await?;
-        let mut merged = source.spec.labels.clone();
+        // The source's own labels, but never the control plane's (a fork
+        // of a run's sandbox is not that run's).
+        let mut merged: BTreeMap<String, String> = source
+            .spec
+            .labels
+            .iter()
+            .filter(|(k, _)| !k.starts_with(RESERVED_LABEL_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         merged.extend(labels);
         let req = CreateRequest {
             image: Some(source.spec.image.clone()),
@@ -951,6 +987,64 @@ impl<R: Runtime> Sandboxes<R> {
             }
         }
         while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    /// Marks a sandbox `failed` the moment its container stops on its own
+    /// (its agent is gone: every call would fail), with why, so that `Get`
+    /// and every call say so at once instead of after the next sweep. Runs
+    /// until `shutdown`; a broken event stream is opened again.
+    pub async fn watch_exits(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        use futures::StreamExt;
+        loop {
+            let mut exits = std::pin::pin!(self.inner.runtime.exits());
+            loop {
+                let exit = tokio::select! {
+                    e = exits.next() => e,
+                    _ = shutdown.changed() => return,
+                };
+                let Some(exit) = exit else { break };
+                if let Err(e) = self.agent_gone(&exit).await {
+                    tracing::warn!(sandbox = %exit.sandbox_id, "recording a stopped sandbox: {e}");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn agent_gone(&self, exit: &runtime::Exit) -> Result<()> {
+        let id = &exit.sandbox_id;
+        // Being created (its wait for readiness reports it) or restarted
+        // by the sweep: not this watcher's to judge.
+        if self.inner.creating.lock().expect("lock").contains(id) {
+            return Ok(());
+        }
+        let Some(record) = self.inner.store.sandbox(id).await? else {
+            return Ok(());
+        };
+        if !matches!(record.state, SandboxState::Ready | SandboxState::Paused) {
+            return Ok(());
+        }
+        // A delete under way also stops the container: the record goes next.
+        if self.inner.runtime.status(id).await?.is_none() {
+            return Ok(());
+        }
+        self.inner.agents.lock().expect("lock").remove(id);
+        let code = match exit.exit_code.as_str() {
+            "" => String::new(),
+            c => format!(" with code {c}"),
+        };
+        let reason = format!(
+            "its agent stopped (the container exited{code}); the sandbox cannot be used any more: delete it"
+        );
+        tracing::warn!(sandbox = %id, "{reason}");
+        self.inner
+            .store
+            .set_sandbox_state(id, SandboxState::Failed, &reason)
+            .await?;
         Ok(())
     }
 

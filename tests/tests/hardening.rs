@@ -342,3 +342,172 @@ async fn an_upload_that_is_not_what_was_announced_changes_nothing() {
         .unwrap();
     assert_eq!(done.sha256, sha);
 }
+
+async fn wait_finished(runs: &mut control::Runs, run_id: &str) -> pb::Run {
+    let mut events = runs
+        .watch(pb::WatchRunRequest {
+            run_id: run_id.into(),
+            from_seq: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(ev) = events.message().await.unwrap() {
+        if matches!(ev.event, Some(pb::run_event::Event::Finished(_))) {
+            break;
+        }
+    }
+    runs.get(pb::GetRunRequest {
+        run_id: run_id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+#[tokio::test]
+async fn a_run_that_fails_writing_its_inputs_releases_its_sandbox() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&[]).await.unwrap();
+    let mut runs = cp.runs(&cp.admin_token).await.unwrap();
+    let input = |path: &str| pb::InputFile {
+        path: path.into(),
+        content: b"x".to_vec().into(),
+        mode: 0,
+    };
+    let run = runs
+        .submit(pb::SubmitRunRequest {
+            idempotency_key: "inputs".into(),
+            job: Some(pb::Job {
+                // The second cannot be written: its parent is a file.
+                inputs: vec![input("a"), input("a/b")],
+                steps: vec![pb::Step {
+                    name: "never".into(),
+                    shell: "true".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let done = wait_finished(&mut runs, &run.id).await;
+    assert_eq!(done.state, pb::RunState::Failed as i32, "{done:?}");
+    assert!(done.reason.contains("writing inputs"), "{}", done.reason);
+    bridle_tests::eventually("the run's sandbox is released", Duration::from_secs(30), async || {
+        cp.containers().is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_sandbox_whose_agent_stopped_says_so_at_once() {
+    docker_or_skip!();
+    // No sweep during the test: what it sees comes from the engine's events.
+    let cp = ControlPlane::start(&["sweep_interval_secs=3600"]).await.unwrap();
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let id = control::create(&mut c).await.unwrap().id;
+    let killed = std::process::Command::new("docker")
+        .args(["kill", &format!("bridle-{id}")])
+        .output()
+        .unwrap();
+    assert!(killed.status.success(), "{killed:?}");
+    bridle_tests::eventually("the sandbox shows it failed", Duration::from_secs(30), async || {
+        let got = c
+            .get(pb::GetSandboxRequest {
+                sandbox_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        got.state == pb::SandboxState::Failed as i32 && got.failure.contains("its agent stopped")
+    })
+    .await;
+    let e = control::exec(&mut c, &id, shell("true")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("its agent stopped"), "{e}");
+}
+
+#[tokio::test]
+async fn out_of_range_and_reserved_values_are_refused() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&[]).await.unwrap();
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let refused = |r: Result<tonic::Response<pb::Sandbox>, tonic::Status>, what: &str| {
+        let e = r.map(drop).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e}");
+        e.message().to_string()
+    };
+    let msg = refused(
+        c.create(pb::CreateSandboxRequest {
+            labels: [("bridle.run".to_string(), "r-1".to_string())].into(),
+            ..Default::default()
+        })
+        .await,
+        "a reserved label",
+    );
+    assert!(msg.contains("control plane's own"), "{msg}");
+    let msg = refused(
+        c.create(pb::CreateSandboxRequest {
+            ttl_seconds: u64::MAX,
+            ..Default::default()
+        })
+        .await,
+        "ttl 2^64-1",
+    );
+    assert!(msg.contains("ten years"), "{msg}");
+    refused(
+        c.create(pb::CreateSandboxRequest {
+            idle_timeout_seconds: u64::MAX,
+            ..Default::default()
+        })
+        .await,
+        "idle timeout 2^64-1",
+    );
+    let mut runs = cp.runs(&cp.admin_token).await.unwrap();
+    let e = runs
+        .submit(pb::SubmitRunRequest {
+            idempotency_key: "labels".into(),
+            job: Some(pb::Job {
+                labels: [("bridle.run".to_string(), "r-1".to_string())].into(),
+                steps: vec![pb::Step {
+                    name: "s".into(),
+                    shell: "true".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        })
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+
+    // A path of 3,000 components is a bad argument, not an internal error.
+    let id = control::create(&mut c).await.unwrap().id;
+    let long = vec!["a"; 3000].join("/");
+    let e = c
+        .read_file(pb::ReadFileRequest {
+            sandbox_id: id.clone(),
+            path: long.clone(),
+            ..Default::default()
+        })
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    let e = upload(
+        &mut c,
+        &id,
+        agent_pb::WriteFileHeader {
+            path: long,
+            create_parents: true,
+            ..Default::default()
+        },
+        bytes::Bytes::from_static(b"x"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+}

@@ -16,7 +16,9 @@ use crate::auth::{Auth, Principal};
 use crate::guard::{approval_of, note_of, Cleared, Guard};
 use crate::policy::{Action, Facts, Resource, ResourceKind};
 use crate::runtime::Runtime;
-use crate::sandboxes::{CreateRequest, Network, SandboxState, Sandboxes};
+use crate::sandboxes::{
+    check_client_labels, check_lifetime, CreateRequest, Network, SandboxState, Sandboxes,
+};
 use crate::store::{SandboxRecord, SnapshotRecord};
 
 pub struct SandboxesApi<R: Runtime> {
@@ -54,6 +56,10 @@ impl TryFrom<pb::CreateSandboxRequest> for CreateRequest {
         if r.env.values().any(|v| v.contains('\0')) {
             return Err(Status::invalid_argument("env values cannot contain NUL"));
         }
+        check_client_labels(r.labels.keys()).map_err(Status::invalid_argument)?;
+        check_lifetime("ttl_seconds", r.ttl_seconds).map_err(Status::invalid_argument)?;
+        check_lifetime("idle_timeout_seconds", r.idle_timeout_seconds)
+            .map_err(Status::invalid_argument)?;
         let limits = r.limits.unwrap_or_default();
         Ok(CreateRequest {
             image: Some(r.image).filter(|i| !i.is_empty()),
@@ -764,6 +770,9 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         required("sandbox_id", &request.get_ref().sandbox_id)?;
         // A fork is a snapshot of the parent and a new sandbox like it.
         let id = request.get_ref().sandbox_id.clone();
+        check_client_labels(request.get_ref().labels.keys()).map_err(Status::invalid_argument)?;
+        check_lifetime("ttl_seconds", request.get_ref().ttl_seconds)
+            .map_err(Status::invalid_argument)?;
         let parent = self
             .authorize_on(&request, &principal, &id, Action::Snapshot, "")
             .await?;

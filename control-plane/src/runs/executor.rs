@@ -327,15 +327,14 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
             Err(Error::Stopping) => return self.view(run_id).await,
             Err(e) => return Err(e),
         }
-        self.release_cancelled(run_id, &view).await;
+        self.release(run_id, &view).await;
         Ok(view)
     }
 
-    /// Deletes what a run that [`Runner::cancel`] finished leaves (as
-    /// `drive` does after a run ends): its sandboxes, the recorded one and
-    /// any made for it but not yet recorded (this also stops a step a stuck
-    /// driver started), and its sealed secrets.
-    async fn release_cancelled(&self, run_id: &str, view: &RunView) {
+    /// Deletes what a finished run leaves: its sandboxes, the recorded one
+    /// and any made for it but not yet recorded (this also stops a step a
+    /// stuck driver started), and its sealed secrets.
+    async fn release(&self, run_id: &str, view: &RunView) {
         let system = Principal {
             token_id: "system".into(),
             name: "control plane".into(),
@@ -357,12 +356,12 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         }
         for sb in sandboxes {
             if let Err(e) = self.inner.sandboxes.delete(&system, &sb).await {
-                tracing::warn!(run = %run_id, sandbox = %sb, "could not delete the cancelled run's sandbox: {e}");
+                tracing::warn!(run = %run_id, sandbox = %sb, "could not delete the finished run's sandbox: {e}");
             }
         }
         if !view.job.secret_names.is_empty() {
             if let Err(e) = self.inner.store.forget_secrets(run_id).await {
-                tracing::warn!(run = %run_id, "could not delete the cancelled run's sealed secrets: {e}");
+                tracing::warn!(run = %run_id, "could not delete the finished run's sealed secrets: {e}");
             }
         }
     }
@@ -387,16 +386,10 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         if let Err(Error::Stopping) = result {
             return Err(Error::Stopping);
         }
-        // Whatever ended the run, its sandbox goes.
+        // Whatever ended the run, its sandbox goes, even one made for it and
+        // not yet recorded (a run that failed writing its inputs).
         if view.state.is_finished() {
-            if let Some(sb) = &view.sandbox_id {
-                let _ = self.inner.sandboxes.delete(&principal, sb).await;
-            }
-            if !view.job.secret_names.is_empty() {
-                if let Err(e) = self.inner.store.forget_secrets(run_id).await {
-                    tracing::warn!(run = %run_id, "could not delete the finished run's sealed secrets: {e}");
-                }
-            }
+            self.release(run_id, &view).await;
         }
         result
     }

@@ -152,6 +152,7 @@ impl TryFrom<pb::Job> for Submitted {
             Ok(pb::NetworkMode::Bridge) => Some(Network::Bridge),
             Err(_) => return Err(format!("network: {} is not a NetworkMode", j.network)),
         };
+        crate::sandboxes::check_client_labels(j.labels.keys())?;
         let mut total = 0usize;
         let mut inputs = Vec::new();
         let mut blobs = Vec::new();

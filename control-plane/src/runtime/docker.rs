@@ -11,12 +11,12 @@ use std::collections::HashMap;
 
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
 use bollard::query_parameters::{
-    CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
-    RemoveVolumeOptions,
+    CreateContainerOptions, EventsOptions, ListContainersOptions, LogsOptions,
+    RemoveContainerOptions, RemoveVolumeOptions,
 };
 use futures::StreamExt;
 
-use super::{ContainerSpec, ContainerStatus, Error, Runtime};
+use super::{ContainerSpec, ContainerStatus, Error, Exit, Runtime};
 use crate::sandboxes::Network;
 
 pub const LABEL_CONTROL_PLANE: &str = "bridle.control-plane";
@@ -313,6 +313,33 @@ impl Runtime for Docker {
                 })
             })
             .collect())
+    }
+
+    fn exits(&self) -> impl futures::Stream<Item = Exit> + Send + 'static {
+        let filters = HashMap::from([
+            ("type".to_string(), vec!["container".to_string()]),
+            ("event".to_string(), vec!["die".to_string()]),
+            (
+                "label".to_string(),
+                vec![format!("{LABEL_CONTROL_PLANE}={}", self.instance)],
+            ),
+        ]);
+        self.client
+            .events(Some(EventsOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .take_while(|e| futures::future::ready(e.is_ok()))
+            .filter_map(|e| {
+                let exit = e.ok().and_then(|e| {
+                    let attributes = e.actor?.attributes?;
+                    Some(Exit {
+                        sandbox_id: attributes.get(LABEL_SANDBOX)?.clone(),
+                        exit_code: attributes.get("exitCode").cloned().unwrap_or_default(),
+                    })
+                });
+                futures::future::ready(exit)
+            })
     }
 
     async fn logs(&self, sandbox_id: &str) -> String {

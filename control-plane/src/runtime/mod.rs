@@ -44,6 +44,14 @@ pub struct ContainerSpec {
     pub owner_label: String,
 }
 
+/// A container of this control plane that stopped, as the engine tells it.
+#[derive(Debug, Clone)]
+pub struct Exit {
+    pub sandbox_id: String,
+    /// Empty when the engine did not say.
+    pub exit_code: String,
+}
+
 /// A container this control plane created, as the engine reports it.
 #[derive(Debug, Clone)]
 pub struct ContainerStatus {
@@ -78,4 +86,7 @@ pub trait Runtime: Send + Sync + 'static {
     fn list(&self) -> impl Future<Output = Result<Vec<ContainerStatus>, Error>> + Send;
     /// The last lines the container printed, for error messages.
     fn logs(&self, sandbox_id: &str) -> impl Future<Output = String> + Send;
+    /// Containers of this control plane stopping, as it happens; the
+    /// stream ends when the engine's event stream does.
+    fn exits(&self) -> impl futures::Stream<Item = Exit> + Send + 'static;
 }
