@@ -511,3 +511,123 @@ async fn out_of_range_and_reserved_values_are_refused() {
     .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
 }
+
+/// Submits a one-step job (plus `then`, if any), waits for its first step to
+/// print, kills the control plane, restarts the sandbox's container no
+/// sooner than `after_boot` after the sandbox was made, starts the control
+/// plane again and answers the run as it ended.
+async fn restart_the_container_mid_step(
+    step: pb::Step,
+    then: Option<pb::Step>,
+    after_boot: Duration,
+) -> (ControlPlane, pb::Run) {
+    let mut cp = ControlPlane::start(&["sweep_interval_secs=3600"]).await.unwrap();
+    let mut runs = cp.runs(&cp.admin_token).await.unwrap();
+    let made = std::time::Instant::now();
+    let run = runs
+        .submit(pb::SubmitRunRequest {
+            idempotency_key: "restart".into(),
+            job: Some(pb::Job {
+                steps: std::iter::once(step).chain(then).collect(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = runs
+        .watch(pb::WatchRunRequest {
+            run_id: run.id.clone(),
+            from_seq: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(ev) = events.message().await.unwrap() {
+        if matches!(ev.event, Some(pb::run_event::Event::StepOutput(_))) {
+            break;
+        }
+    }
+    let left = after_boot.saturating_sub(made.elapsed());
+    tokio::time::sleep(left).await;
+    cp.kill9();
+    let names = cp.containers();
+    assert_eq!(names.len(), 1, "{names:?}");
+    let restarted = std::process::Command::new("docker")
+        .args(["restart", "-t", "0", &names[0]])
+        .output()
+        .unwrap();
+    assert!(restarted.status.success(), "{restarted:?}");
+    // Restarted behind the control plane's back, the agent cannot take its
+    // locked socket directory again and stops; the control plane starts
+    // the container afresh when it comes back.
+    let id = names[0].trim_start_matches("bridle-");
+    bridle_tests::eventually("the restarted container stops", Duration::from_secs(30), async || {
+        control::inspect(id, "{{.State.Running}}") == "false"
+    })
+    .await;
+    cp.restart().await.unwrap();
+    let mut runs = cp.runs(&cp.admin_token).await.unwrap();
+    let done = wait_finished(&mut runs, &run.id).await;
+    (cp, done)
+}
+
+/// The agent is told apart by a random boot id, never by when it started:
+/// a container restarted seconds after its first boot is not taken for the
+/// agent that was asked to run the step.
+#[tokio::test]
+async fn a_step_interrupted_by_a_container_restart_soon_after_boot_is_not_run_again() {
+    docker_or_skip!();
+    let step = pb::Step {
+        name: "deploy".into(),
+        shell: "echo started; sleep 120".into(),
+        ..Default::default()
+    };
+    let (_cp, done) = restart_the_container_mid_step(step, None, Duration::ZERO).await;
+    assert_eq!(done.state, pb::RunState::Interrupted as i32, "{done:?}");
+    assert!(
+        done.reason.contains("not marked idempotent") && done.reason.contains("agent restarted"),
+        "{}",
+        done.reason
+    );
+    assert_eq!(done.steps[0].attempts, 1, "{done:?}");
+}
+
+#[tokio::test]
+async fn an_idempotent_step_interrupted_by_a_container_restart_runs_exactly_once_more() {
+    docker_or_skip!();
+    let step = pb::Step {
+        name: "fetch".into(),
+        // The first attempt waits to be interrupted; the second one ends.
+        shell: "echo x >> runs.txt; echo started; [ $(wc -l < runs.txt) -ge 2 ] || sleep 120"
+            .into(),
+        idempotent: true,
+        retries: 3,
+        ..Default::default()
+    };
+    let count = pb::Step {
+        name: "count".into(),
+        shell: "wc -l < runs.txt".into(),
+        ..Default::default()
+    };
+    let (cp, done) =
+        restart_the_container_mid_step(step, Some(count), Duration::from_secs(11)).await;
+    assert_eq!(done.state, pb::RunState::Succeeded as i32, "{done:?}");
+    assert_eq!(done.steps[0].attempts, 2, "{done:?}");
+    let mut runs = cp.runs(&cp.admin_token).await.unwrap();
+    let mut out = runs
+        .logs(pb::LogsRequest {
+            run_id: done.id.clone(),
+            step: 1,
+            stream: pb::LogStream::Stdout as i32,
+            from_offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut text = Vec::new();
+    while let Some(chunk) = out.message().await.unwrap() {
+        text.extend_from_slice(&chunk.data);
+    }
+    assert_eq!(String::from_utf8_lossy(&text).trim(), "2");
+}
