@@ -266,6 +266,10 @@ struct CreateArgs {
     cpus: Option<f64>,
     #[arg(long)]
     pids: Option<u64>,
+    /// Size of the workspace's filesystem: 256m, 4g (the server's limit
+    /// applies).
+    #[arg(long, value_parser = parse_size)]
+    disk: Option<u64>,
     #[arg(long, value_parser = ["none", "bridge"])]
     network: Option<String>,
     /// Environment for every exec (repeatable).
@@ -1748,6 +1752,7 @@ async fn sandbox(c: &mut Conn, cmd: SandboxCmd) -> anyhow::Result<u8> {
                         memory_bytes: a.memory,
                         cpu_millis: a.cpus.map(|c| (c * 1000.0).round() as u64),
                         pids: a.pids,
+                        disk_bytes: a.disk,
                     }),
                     network: network as i32,
                     env: key_values(&a.env, "--env")?,

@@ -115,8 +115,14 @@ pub struct SandboxDefaults {
     /// size owned by `user`: what images without such a directory need
     /// (with `inject_agent`, any image).
     pub workspace_tmpfs_bytes: u64,
+    /// Size of each sandbox's workspace filesystem (a loop-mounted ext4
+    /// image, sparse: it takes host disk only as it fills), enforced by the
+    /// kernel. 0: no disk limit (a Docker volume, bounded only by the host's
+    /// disk). Needs the control plane to run as root.
+    pub disk_bytes: u64,
     /// Largest values a request may ask for.
     pub max_memory_bytes: u64,
+    pub max_disk_bytes: u64,
     pub max_cpu_millis: u64,
     pub max_pids: u64,
     /// "none" or "bridge".
@@ -144,6 +150,7 @@ pub struct PoolProfile {
     pub memory_bytes: u64,
     pub cpu_millis: u64,
     pub pids: u64,
+    pub disk_bytes: u64,
     pub network: String,
 }
 
@@ -189,7 +196,9 @@ impl Default for SandboxDefaults {
             pids: 256,
             tmp_bytes: 64 << 20,
             workspace_tmpfs_bytes: 0,
+            disk_bytes: 1 << 30,
             max_memory_bytes: 8 << 30,
+            max_disk_bytes: 64 << 30,
             max_cpu_millis: 4000,
             max_pids: 4096,
             network: "none".into(),
@@ -197,7 +206,7 @@ impl Default for SandboxDefaults {
             ttl_secs: 0,
             idle_timeout_secs: 0,
             ready_timeout_secs: 30,
-            max_per_owner: 0,
+            max_per_owner: 32,
         }
     }
 }
@@ -211,6 +220,7 @@ impl Default for PoolProfile {
             memory_bytes: 0,
             cpu_millis: 0,
             pids: 0,
+            disk_bytes: 0,
             network: String::new(),
         }
     }

@@ -12,6 +12,7 @@ pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod disks;
 pub mod guard;
 pub mod policy;
 pub mod runs;

@@ -15,6 +15,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::agents;
 use crate::artifacts::Artifacts;
+use crate::disks::{self, Disks};
 use crate::auth::Principal;
 use crate::config::{Config, PoolProfile};
 use crate::runtime::{self, ContainerSpec, Runtime};
@@ -88,6 +89,9 @@ pub struct Spec {
     pub memory_bytes: u64,
     pub cpu_millis: u64,
     pub pids: u64,
+    /// Size of the workspace's filesystem; 0: no limit (see `disks`).
+    #[serde(default)]
+    pub disk_bytes: u64,
     pub network: Network,
     /// Added to every exec's environment.
     #[serde(default)]
@@ -104,6 +108,7 @@ impl Spec {
             && self.memory_bytes == other.memory_bytes
             && self.cpu_millis == other.cpu_millis
             && self.pids == other.pids
+            && self.disk_bytes == other.disk_bytes
             && self.network == other.network
     }
 }
@@ -143,6 +148,7 @@ pub struct CreateRequest {
     pub memory_bytes: Option<u64>,
     pub cpu_millis: Option<u64>,
     pub pids: Option<u64>,
+    pub disk_bytes: Option<u64>,
     pub network: Option<Network>,
     pub env: BTreeMap<String, String>,
     pub labels: BTreeMap<String, String>,
@@ -175,6 +181,8 @@ pub enum Error {
     Agent(tonic::Status),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("the sandbox's disk: {0}")]
+    Disk(#[from] disks::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -197,6 +205,7 @@ struct Inner<R> {
     store: Store,
     artifacts: Artifacts,
     sockets: PathBuf,
+    disks: Disks,
     /// Each sandbox's agent key is derived from this (`<data_dir>/agent.key`).
     agent_master_key: [u8; 32],
     agents: Mutex<HashMap<String, Agent>>,
@@ -241,8 +250,20 @@ impl<R: Runtime> Sandboxes<R> {
                 config.sandbox.user
             )));
         }
+        // Mounting a filesystem per sandbox needs root: say so now rather
+        // than at the first create.
+        let limits_disk = config.sandbox.disk_bytes > 0
+            || config.pool.iter().any(|p| p.disk_bytes > 0);
+        // SAFETY: geteuid has no preconditions.
+        if limits_disk && config.sandbox.workspace_tmpfs_bytes == 0 && unsafe { libc::geteuid() } != 0 {
+            return Err(std::io::Error::other(
+                "sandbox.disk_bytes needs the control plane to run as root (it mounts a filesystem image per sandbox); run it as root, or set sandbox.disk_bytes = 0 to run without disk limits",
+            ));
+        }
+        let disks = Disks::at(&config.data_dir.join("disks")).map_err(std::io::Error::other)?;
         Ok(Self {
             inner: Arc::new(Inner {
+                disks,
                 agent_master_key,
                 create_permits: Semaphore::new(config.docker.max_concurrent_creates.max(1)),
                 config,
@@ -283,6 +304,11 @@ impl<R: Runtime> Sandboxes<R> {
             memory_bytes: req.memory_bytes.unwrap_or(d.memory_bytes),
             cpu_millis: req.cpu_millis.unwrap_or(d.cpu_millis),
             pids: req.pids.unwrap_or(d.pids),
+            // A tmpfs workspace is its own limit.
+            disk_bytes: match d.workspace_tmpfs_bytes {
+                0 => req.disk_bytes.unwrap_or(d.disk_bytes),
+                _ => 0,
+            },
             network: match req.network {
                 Some(n) => n,
                 None => Network::from_str(&d.network).map_err(Error::Invalid)?,
@@ -307,6 +333,14 @@ impl<R: Runtime> Sandboxes<R> {
         )?;
         bound("limits.cpu_millis", spec.cpu_millis, 10, d.max_cpu_millis)?;
         bound("limits.pids", spec.pids, 8, d.max_pids)?;
+        if spec.disk_bytes != 0 || req.disk_bytes.is_some() {
+            bound(
+                "limits.disk_bytes",
+                spec.disk_bytes,
+                16 << 20,
+                d.max_disk_bytes,
+            )?;
+        }
         if spec.network != Network::None && !d.allow_network {
             return Err(Error::FailedPrecondition(
                 "this server does not allow sandboxes with a network (sandbox.allow_network)"
@@ -328,6 +362,10 @@ impl<R: Runtime> Sandboxes<R> {
             memory_bytes: or(p.memory_bytes, d.memory_bytes),
             cpu_millis: or(p.cpu_millis, d.cpu_millis),
             pids: or(p.pids, d.pids),
+            disk_bytes: match d.workspace_tmpfs_bytes {
+                0 => or(p.disk_bytes, d.disk_bytes),
+                _ => 0,
+            },
             network: Network::from_str(if p.network.is_empty() {
                 &d.network
             } else {
@@ -435,10 +473,18 @@ impl<R: Runtime> Sandboxes<R> {
             // The agent runs as the sandbox user and creates its socket here.
             agents::open_socket_dir(&dir)?;
             let d = &self.inner.config.sandbox;
+            let workspace_mount = match record.spec.disk_bytes {
+                0 => None,
+                bytes => {
+                    let (uid, gid) = crate::config::parse_user(&d.user).unwrap_or((1000, 1000));
+                    Some(self.inner.disks.create(&id, bytes, uid, gid).await?)
+                }
+            };
             let container_id = self
                 .inner
                 .runtime
                 .create(&ContainerSpec {
+                    workspace_mount,
                     sandbox_id: id.clone(),
                     image: record.spec.image.clone(),
                     user: d.user.clone(),
@@ -564,6 +610,8 @@ impl<R: Runtime> Sandboxes<R> {
     async fn destroy(&self, id: &str) -> Result<()> {
         self.inner.agents.lock().expect("lock").remove(id);
         self.inner.runtime.remove(id).await?;
+        // Only once the container is gone: it would keep the filesystem.
+        self.inner.disks.remove(id).await?;
         let _ = std::fs::remove_dir_all(self.socket_dir(id));
         self.inner.store.delete_sandbox(id).await?;
         Ok(())
@@ -826,6 +874,7 @@ impl<R: Runtime> Sandboxes<R> {
             memory_bytes: Some(source.spec.memory_bytes),
             cpu_millis: Some(source.spec.cpu_millis),
             pids: Some(source.spec.pids),
+            disk_bytes: Some(source.spec.disk_bytes).filter(|d| *d > 0),
             network: Some(source.spec.network),
             env: source.spec.env.clone(),
             labels: merged,
@@ -864,6 +913,22 @@ impl<R: Runtime> Sandboxes<R> {
                 let _ = std::fs::remove_dir_all(self.socket_dir(&c.sandbox_id));
             }
         }
+        // Filesystems whose sandbox is gone (a crash between removing the
+        // container and its disk, or before the record was written).
+        let disks = self.inner.disks.ids().unwrap_or_else(|e| {
+            tracing::warn!("listing sandbox disks: {e}");
+            Vec::new()
+        });
+        let live: HashSet<&str> = containers.iter().map(|c| c.sandbox_id.as_str()).collect();
+        for id in disks {
+            if known.contains(id.as_str()) || creating.contains(&id) || live.contains(id.as_str()) {
+                continue;
+            }
+            tracing::info!(sandbox = %id, "removing an orphan disk");
+            if let Err(e) = self.inner.disks.remove(&id).await {
+                tracing::warn!(sandbox = %id, "removing an orphan disk: {e}");
+            }
+        }
         let by_id: HashMap<&str, _> = containers
             .iter()
             .map(|c| (c.sandbox_id.as_str(), c))
@@ -893,6 +958,10 @@ impl<R: Runtime> Sandboxes<R> {
                         tracing::info!(sandbox = %r.id, "starting a stopped sandbox again");
                         let restarted = async {
                             agents::open_socket_dir(&self.socket_dir(&r.id))?;
+                            // After a host restart the image is not mounted.
+                            if r.spec.disk_bytes > 0 {
+                                self.inner.disks.mount(&r.id).await?;
+                            }
                             self.inner.runtime.restart(&r.id).await?;
                             self.wait_ready(&r.id).await
                         }

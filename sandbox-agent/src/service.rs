@@ -790,6 +790,18 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
             .parse()
             .unwrap_or(0);
         let (running, retained) = self.execs.counts();
+        let workspace = {
+            use std::os::fd::AsRawFd;
+            // SAFETY: fstatvfs into a zeroed buffer on the workspace's own fd.
+            let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+            match unsafe { libc::fstatvfs(self.ws.root_fd().as_raw_fd(), &mut st) } {
+                0 => (
+                    st.f_blocks as u64 * st.f_frsize as u64,
+                    st.f_bavail as u64 * st.f_frsize as u64,
+                ),
+                _ => (0, 0),
+            }
+        };
         let mut capabilities = vec![
             "exec".to_string(),
             "exec.pty".into(),
@@ -838,6 +850,8 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
             retained_execs: retained,
             agent_rss_bytes: rss_kb * 1024,
             boot_id: self.boot_id.clone(),
+            workspace_bytes_total: workspace.0,
+            workspace_bytes_free: workspace.1,
         }))
     }
 }

@@ -277,6 +277,7 @@ async fn sandboxes_are_hardened_inside_and_out() {
                 memory_bytes: Some(300 << 20),
                 cpu_millis: Some(500),
                 pids: Some(100),
+                disk_bytes: None,
             }),
             ..Default::default()
         })

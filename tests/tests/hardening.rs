@@ -631,3 +631,90 @@ async fn an_idempotent_step_interrupted_by_a_container_restart_runs_exactly_once
     }
     assert_eq!(String::from_utf8_lossy(&text).trim(), "2");
 }
+
+/// Size of a directory tree on the host, in bytes actually allocated.
+fn allocated(dir: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("du")
+        .args(["-s", "-B1", "-x"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_sandbox_cannot_write_past_its_disk_limit_anywhere() {
+    docker_or_skip!();
+    let cp = ControlPlane::start(&[]).await.unwrap();
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let sb = c
+        .create(pb::CreateSandboxRequest {
+            limits: Some(pb::Limits {
+                disk_bytes: Some(64 << 20),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sb.limits.unwrap().disk_bytes, Some(64 << 20));
+    let id = sb.id;
+    let before = allocated(&cp.data_dir());
+    // Every place a command can write ends in ENOSPC (or is not writable
+    // at all), whatever it writes.
+    for place in ["/workspace/fill", "/tmp/fill", "/dev/shm/fill"] {
+        let r = sh(
+            &mut c,
+            &id,
+            &format!("dd if=/dev/zero of={place} bs=1M count=200; echo rc=$?; rm -f {place}"),
+        )
+        .await;
+        let err = String::from_utf8_lossy(&r.stderr).into_owned();
+        assert!(r.stdout_str().contains("rc=1"), "{place}: {} {err}", r.stdout_str());
+        assert!(err.contains("No space left on device"), "{place}: {err}");
+    }
+    // Many small files run out of inodes the same way.
+    let r = sh(
+        &mut c,
+        &id,
+        "mkdir many; i=0; while echo -n 2>/dev/null > many/$i; do i=$((i+1)); done; echo made=$i; rm -rf many",
+    )
+    .await;
+    let made: u64 = r
+        .stdout_str()
+        .trim()
+        .strip_prefix("made=")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}", r.stdout_str()));
+    assert!(made > 1000, "only {made} files before the first refusal");
+    let after = allocated(&cp.data_dir());
+    assert!(
+        after < before + (80 << 20),
+        "the host's data directory grew from {before} to {after} bytes"
+    );
+    // The agent reports the workspace's size: the limit, less the
+    // filesystem's own overhead.
+    let mut agent = cp.agent_of(&id).unwrap();
+    let info = agent
+        .info(agent_pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        info.workspace_bytes_total > 40 << 20 && info.workspace_bytes_total <= 64 << 20,
+        "{info:?}"
+    );
+    // Deleting the sandbox removes its filesystem.
+    c.delete(pb::DeleteSandboxRequest { sandbox_id: id })
+        .await
+        .unwrap();
+    let disks: Vec<_> = std::fs::read_dir(cp.data_dir().join("disks/img"))
+        .unwrap()
+        .collect();
+    assert!(disks.is_empty(), "{disks:?}");
+}

@@ -45,7 +45,7 @@ pub fn sandbox_status(e: Error) -> Status {
         Error::Runtime(_) => Status::unavailable(e.to_string()),
         // The agent's own status, passed on with its code.
         Error::Agent(s) => s,
-        Error::Store(_) | Error::Io(_) => {
+        Error::Store(_) | Error::Io(_) | Error::Disk(_) => {
             tracing::error!("{e}");
             Status::internal(e.to_string())
         }

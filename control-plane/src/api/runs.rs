@@ -71,6 +71,7 @@ pub fn run_pb(id: &str, v: &RunView, created_unix_ms: i64, finished_unix_ms: i64
                 memory_bytes: job.memory_bytes,
                 cpu_millis: job.cpu_millis,
                 pids: job.pids,
+                disk_bytes: job.disk_bytes,
             }),
             network: match job.network {
                 None => pb::NetworkMode::Unspecified,

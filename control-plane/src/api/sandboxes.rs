@@ -66,6 +66,7 @@ impl TryFrom<pb::CreateSandboxRequest> for CreateRequest {
             memory_bytes: limits.memory_bytes,
             cpu_millis: limits.cpu_millis,
             pids: limits.pids,
+            disk_bytes: limits.disk_bytes,
             network,
             env: r.env.into_iter().collect(),
             labels: r.labels.into_iter().collect(),
@@ -91,6 +92,7 @@ pub fn sandbox_pb(r: SandboxRecord) -> pb::Sandbox {
             memory_bytes: Some(r.spec.memory_bytes),
             cpu_millis: Some(r.spec.cpu_millis),
             pids: Some(r.spec.pids),
+            disk_bytes: Some(r.spec.disk_bytes).filter(|d| *d > 0),
         }),
         network: match r.spec.network {
             Network::None => pb::NetworkMode::None,
@@ -781,6 +783,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
             memory_bytes: Some(parent.spec.memory_bytes),
             cpu_millis: Some(parent.spec.cpu_millis),
             pids: Some(parent.spec.pids),
+            disk_bytes: Some(parent.spec.disk_bytes).filter(|d| *d > 0),
             network: Some(parent.spec.network),
             env: parent.spec.env.clone(),
             labels: request.get_ref().labels.clone().into_iter().collect(),

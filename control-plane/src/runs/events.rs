@@ -463,6 +463,7 @@ pub(crate) mod tests_support {
             memory_bytes: None,
             cpu_millis: None,
             pids: None,
+            disk_bytes: None,
             network: None,
             env: Default::default(),
             secret_names: vec![],

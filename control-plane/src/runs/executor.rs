@@ -500,6 +500,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                         memory_bytes: view.job.memory_bytes,
                         cpu_millis: view.job.cpu_millis,
                         pids: view.job.pids,
+                        disk_bytes: view.job.disk_bytes,
                         network: view.job.network,
                         env: BTreeMap::new(),
                         labels: job_labels,

@@ -23,6 +23,8 @@ pub struct Job {
     pub memory_bytes: Option<u64>,
     pub cpu_millis: Option<u64>,
     pub pids: Option<u64>,
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
     pub network: Option<Network>,
     pub env: BTreeMap<String, String>,
     /// Names only: the values never enter the event log.
@@ -219,6 +221,7 @@ impl TryFrom<pb::Job> for Submitted {
                 memory_bytes: limits.memory_bytes,
                 cpu_millis: limits.cpu_millis,
                 pids: limits.pids,
+                disk_bytes: limits.disk_bytes,
                 network,
                 env,
                 secret_names: secrets.keys().cloned().collect(),
@@ -269,6 +272,8 @@ struct LimitsFile {
     cpus: Option<f64>,
     #[serde(default)]
     pids: Option<u64>,
+    #[serde(default)]
+    disk: Option<String>,
 }
 
 /// A secret's value comes from the submitting process's environment, so it
@@ -425,6 +430,11 @@ pub fn parse_job_file(
                 .map_err(|e| format!("{name}: limits.memory: {e}"))?,
             cpu_millis: l.cpus.map(|c| (c * 1000.0).round() as u64),
             pids: l.pids,
+            disk_bytes: l
+                .disk
+                .map(|m| crate::cli::parse_size(&m))
+                .transpose()
+                .map_err(|e| format!("{name}: limits.disk: {e}"))?,
         }),
         None => None,
     };

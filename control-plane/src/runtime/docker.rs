@@ -101,6 +101,13 @@ impl Runtime for Docker {
                     spec.workspace_tmpfs_bytes
                 ),
             );
+        } else if let Some(dir) = &spec.workspace_mount {
+            mounts.push(Mount {
+                typ: Some(MountType::BIND),
+                source: Some(dir.display().to_string()),
+                target: Some("/workspace".into()),
+                ..Default::default()
+            });
         } else {
             mounts.push(Mount {
                 typ: Some(MountType::VOLUME),

@@ -30,8 +30,12 @@ pub struct ContainerSpec {
     pub cpu_millis: u64,
     pub pids: u64,
     pub tmp_bytes: u64,
-    /// 0: a named volume; otherwise a tmpfs of this size owned by `user`.
+    /// 0: a named volume (or `workspace_mount`); otherwise a tmpfs of this
+    /// size owned by `user`.
     pub workspace_tmpfs_bytes: u64,
+    /// A host directory (the sandbox's own filesystem) to bind at
+    /// `/workspace`, instead of a volume.
+    pub workspace_mount: Option<PathBuf>,
     pub network: Network,
     /// Host directory mounted at `/run/bridle`, where the agent puts its socket.
     pub socket_dir: PathBuf,

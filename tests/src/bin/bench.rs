@@ -492,6 +492,8 @@ async fn control_plane_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<
         &format!("pool=[{{name=\"bench\",size={pool}}}]"),
         "sweep_interval_secs=1",
         "docker.max_concurrent_creates=16",
+        // 50 sandboxes of one owner at once.
+        "sandbox.max_per_owner=0",
     ])
     .await?;
     let image = bridle_tests::docker::ensure_image()?;
