@@ -36,8 +36,7 @@ pub async fn dial(dir: &Path, key: &[u8; 32]) -> std::io::Result<UnixStream> {
     let socket = open_socket_no_follow(dir)?;
     // Connecting through the descriptor's /proc link reaches exactly the
     // inode opened above, whatever the directory holds by now.
-    let mut stream =
-        UnixStream::connect(format!("/proc/self/fd/{}", socket.as_raw_fd())).await?;
+    let mut stream = UnixStream::connect(format!("/proc/self/fd/{}", socket.as_raw_fd())).await?;
     drop(socket);
     let mut challenge = [0u8; CHALLENGE_LEN];
     getrandom::fill(&mut challenge).map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -204,11 +203,17 @@ mod tests {
         for d in [&good, &forged, &garbage] {
             std::fs::create_dir(d).unwrap();
         }
-        serve(&good.join(SOCKET_NAME), move |c| handshake::prove(&key, c).to_vec());
+        serve(&good.join(SOCKET_NAME), move |c| {
+            handshake::prove(&key, c).to_vec()
+        });
         // Another sandbox's agent: a valid proof, for its own key.
-        serve(&forged.join(SOCKET_NAME), |c| handshake::prove(&[2u8; 32], c).to_vec());
+        serve(&forged.join(SOCKET_NAME), |c| {
+            handshake::prove(&[2u8; 32], c).to_vec()
+        });
         // Something that is not an agent at all.
-        serve(&garbage.join(SOCKET_NAME), |_| b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec());
+        serve(&garbage.join(SOCKET_NAME), |_| {
+            b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec()
+        });
 
         dial(&good, &key).await.expect("the right agent is used");
         for dir in [&forged, &garbage] {
@@ -257,7 +262,10 @@ mod tests {
         std::os::unix::fs::symlink(&outside, dir.join("sub/link")).unwrap();
         open_socket_dir(&dir).unwrap();
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
-        assert!(outside.join("keep").exists(), "links are removed, not followed");
+        assert!(
+            outside.join("keep").exists(),
+            "links are removed, not followed"
+        );
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(&dir), 0o777);
         lock_socket_dir(&dir).unwrap();

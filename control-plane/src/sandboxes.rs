@@ -15,9 +15,9 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::agents;
 use crate::artifacts::Artifacts;
-use crate::disks::{self, Disks};
 use crate::auth::Principal;
 use crate::config::{Config, PoolProfile};
+use crate::disks::{self, Disks};
 use crate::runtime::{self, ContainerSpec, Runtime};
 use crate::store::{self, Claim, SandboxRecord, SnapshotRecord, Store};
 
@@ -252,10 +252,13 @@ impl<R: Runtime> Sandboxes<R> {
         }
         // Mounting a filesystem per sandbox needs root: say so now rather
         // than at the first create.
-        let limits_disk = config.sandbox.disk_bytes > 0
-            || config.pool.iter().any(|p| p.disk_bytes > 0);
+        let limits_disk =
+            config.sandbox.disk_bytes > 0 || config.pool.iter().any(|p| p.disk_bytes > 0);
         // SAFETY: geteuid has no preconditions.
-        if limits_disk && config.sandbox.workspace_tmpfs_bytes == 0 && unsafe { libc::geteuid() } != 0 {
+        if limits_disk
+            && config.sandbox.workspace_tmpfs_bytes == 0
+            && unsafe { libc::geteuid() } != 0
+        {
             return Err(std::io::Error::other(
                 "sandbox.disk_bytes needs the control plane to run as root (it mounts a filesystem image per sandbox); run it as root, or set sandbox.disk_bytes = 0 to run without disk limits",
             ));
@@ -927,6 +930,19 @@ impl<R: Runtime> Sandboxes<R> {
             tracing::info!(sandbox = %id, "removing an orphan disk");
             if let Err(e) = self.inner.disks.remove(&id).await {
                 tracing::warn!(sandbox = %id, "removing an orphan disk: {e}");
+            }
+        }
+        // Volumes likewise (a container removed without its volume).
+        for id in self.inner.runtime.volumes().await.unwrap_or_else(|e| {
+            tracing::warn!("listing workspace volumes: {e}");
+            Vec::new()
+        }) {
+            if known.contains(id.as_str()) || creating.contains(&id) || live.contains(id.as_str()) {
+                continue;
+            }
+            tracing::info!(sandbox = %id, "removing an orphan workspace volume");
+            if let Err(e) = self.inner.runtime.remove(&id).await {
+                tracing::warn!(sandbox = %id, "removing an orphan workspace volume: {e}");
             }
         }
         let by_id: HashMap<&str, _> = containers

@@ -50,7 +50,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(sandbox_agent::run(config, sandbox_agent::pid1::stop_requested())) {
+    match runtime.block_on(sandbox_agent::run(
+        config,
+        sandbox_agent::pid1::stop_requested(),
+    )) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sandbox-agent: {e:#}");

@@ -125,8 +125,7 @@ impl Reaper {
 /// Write end of the pipe the stop-signal handler reports on (-1: none).
 static STOP_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 /// Whether the handler ignores signals sent from inside the sandbox.
-static ONLY_FROM_OUTSIDE: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+static ONLY_FROM_OUTSIDE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// What the handler writes: a tag byte, then the sender's pid.
 const STOP: u8 = b's';

@@ -2,6 +2,7 @@
 //! be able to do (docs/security.md): each test does it as an attacker would,
 //! against the real control plane, agent and Docker.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bridle_proto::control::v1 as pb;
@@ -53,7 +54,9 @@ async fn upload(
     data: bytes::Bytes,
 ) -> Result<agent_pb::WriteFileResponse, tonic::Status> {
     let msgs = upload_messages(sandbox_id, file, &data);
-    Ok(c.write_file(futures::stream::iter(msgs)).await?.into_inner())
+    Ok(c.write_file(futures::stream::iter(msgs))
+        .await?
+        .into_inner())
 }
 
 async fn sh(c: &mut Sandboxes, sandbox_id: &str, cmd: &str) -> client::ExecResult {
@@ -183,8 +186,8 @@ async fn stop_signals_from_inside_the_sandbox_are_ignored() {
         .args(["logs", &format!("bridle-{id}")])
         .output()
         .unwrap();
-    let logs = String::from_utf8_lossy(&logs.stderr).into_owned()
-        + &String::from_utf8_lossy(&logs.stdout);
+    let logs =
+        String::from_utf8_lossy(&logs.stderr).into_owned() + &String::from_utf8_lossy(&logs.stdout);
     assert!(
         logs.contains("ignored a stop signal sent from inside the sandbox"),
         "{logs}"
@@ -269,9 +272,14 @@ async fn an_upload_that_is_not_what_was_announced_changes_nothing() {
         sha256: sha256.into(),
         ..Default::default()
     };
-    upload(&mut c, &id, file(None, ""), bytes::Bytes::from_static(b"old"))
-        .await
-        .unwrap();
+    upload(
+        &mut c,
+        &id,
+        file(None, ""),
+        bytes::Bytes::from_static(b"old"),
+    )
+    .await
+    .unwrap();
     let part = bytes::Bytes::from(vec![7u8; 5 << 20]);
 
     // A stream that ends normally but short of what was announced (what a
@@ -304,25 +312,38 @@ async fn an_upload_that_is_not_what_was_announced_changes_nothing() {
     let mut stdin = cli.stdin.take().unwrap();
     std::io::Write::write_all(&mut stdin, &part).unwrap();
     // The window is hit: the agent holds megabytes of it in its temporary file.
-    bridle_tests::eventually("the upload is under way", Duration::from_secs(30), async || {
-        let r = sh(&mut c, &id, "find . -name '.data.bin.bridle-*' -size +2047k").await;
-        !r.stdout_str().is_empty()
-    })
+    bridle_tests::eventually(
+        "the upload is under way",
+        Duration::from_secs(30),
+        async || {
+            let r = sh(
+                &mut c,
+                &id,
+                "find . -name '.data.bin.bridle-*' -size +2047k",
+            )
+            .await;
+            !r.stdout_str().is_empty()
+        },
+    )
     .await;
     cli.kill().unwrap();
     cli.wait().unwrap();
     drop(stdin);
     // The agent removes its temporary file once it sees the call cut off.
-    bridle_tests::eventually("only the old file is left", Duration::from_secs(30), async || {
-        sh(&mut c, &id, "cat data.bin; ls -A").await.stdout_str() == "olddata.bin\n"
-    })
+    bridle_tests::eventually(
+        "only the old file is left",
+        Duration::from_secs(30),
+        async || sh(&mut c, &id, "cat data.bin; ls -A").await.stdout_str() == "olddata.bin\n",
+    )
     .await;
 
     // Straight to the agent, a stream that ends without `end` is cut short.
     let mut agent = cp.agent_of(&id).unwrap();
     let cut = vec![
         agent_pb::WriteFileRequest {
-            request: Some(agent_pb::write_file_request::Request::Header(file(None, ""))),
+            request: Some(agent_pb::write_file_request::Request::Header(file(
+                None, "",
+            ))),
         },
         agent_pb::WriteFileRequest {
             request: Some(agent_pb::write_file_request::Request::Data(part.clone())),
@@ -395,9 +416,11 @@ async fn a_run_that_fails_writing_its_inputs_releases_its_sandbox() {
     let done = wait_finished(&mut runs, &run.id).await;
     assert_eq!(done.state, pb::RunState::Failed as i32, "{done:?}");
     assert!(done.reason.contains("writing inputs"), "{}", done.reason);
-    bridle_tests::eventually("the run's sandbox is released", Duration::from_secs(30), async || {
-        cp.containers().is_empty()
-    })
+    bridle_tests::eventually(
+        "the run's sandbox is released",
+        Duration::from_secs(30),
+        async || cp.containers().is_empty(),
+    )
     .await;
 }
 
@@ -405,7 +428,9 @@ async fn a_run_that_fails_writing_its_inputs_releases_its_sandbox() {
 async fn a_sandbox_whose_agent_stopped_says_so_at_once() {
     docker_or_skip!();
     // No sweep during the test: what it sees comes from the engine's events.
-    let cp = ControlPlane::start(&["sweep_interval_secs=3600"]).await.unwrap();
+    let cp = ControlPlane::start(&["sweep_interval_secs=3600"])
+        .await
+        .unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
     let id = control::create(&mut c).await.unwrap().id;
     let killed = std::process::Command::new("docker")
@@ -413,16 +438,21 @@ async fn a_sandbox_whose_agent_stopped_says_so_at_once() {
         .output()
         .unwrap();
     assert!(killed.status.success(), "{killed:?}");
-    bridle_tests::eventually("the sandbox shows it failed", Duration::from_secs(30), async || {
-        let got = c
-            .get(pb::GetSandboxRequest {
-                sandbox_id: id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        got.state == pb::SandboxState::Failed as i32 && got.failure.contains("its agent stopped")
-    })
+    bridle_tests::eventually(
+        "the sandbox shows it failed",
+        Duration::from_secs(30),
+        async || {
+            let got = c
+                .get(pb::GetSandboxRequest {
+                    sandbox_id: id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            got.state == pb::SandboxState::Failed as i32
+                && got.failure.contains("its agent stopped")
+        },
+    )
     .await;
     let e = control::exec(&mut c, &id, shell("true")).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
@@ -521,7 +551,9 @@ async fn restart_the_container_mid_step(
     then: Option<pb::Step>,
     after_boot: Duration,
 ) -> (ControlPlane, pb::Run) {
-    let mut cp = ControlPlane::start(&["sweep_interval_secs=3600"]).await.unwrap();
+    let mut cp = ControlPlane::start(&["sweep_interval_secs=3600"])
+        .await
+        .unwrap();
     let mut runs = cp.runs(&cp.admin_token).await.unwrap();
     let made = std::time::Instant::now();
     let run = runs
@@ -562,9 +594,11 @@ async fn restart_the_container_mid_step(
     // locked socket directory again and stops; the control plane starts
     // the container afresh when it comes back.
     let id = names[0].trim_start_matches("bridle-");
-    bridle_tests::eventually("the restarted container stops", Duration::from_secs(30), async || {
-        control::inspect(id, "{{.State.Running}}") == "false"
-    })
+    bridle_tests::eventually(
+        "the restarted container stops",
+        Duration::from_secs(30),
+        async || control::inspect(id, "{{.State.Running}}") == "false",
+    )
     .await;
     cp.restart().await.unwrap();
     let mut runs = cp.runs(&cp.admin_token).await.unwrap();
@@ -675,7 +709,11 @@ async fn a_sandbox_cannot_write_past_its_disk_limit_anywhere() {
         )
         .await;
         let err = String::from_utf8_lossy(&r.stderr).into_owned();
-        assert!(r.stdout_str().contains("rc=1"), "{place}: {} {err}", r.stdout_str());
+        assert!(
+            r.stdout_str().contains("rc=1"),
+            "{place}: {} {err}",
+            r.stdout_str()
+        );
         assert!(err.contains("No space left on device"), "{place}: {err}");
     }
     // Many small files run out of inodes the same way.
@@ -717,4 +755,180 @@ async fn a_sandbox_cannot_write_past_its_disk_limit_anywhere() {
         .unwrap()
         .collect();
     assert!(disks.is_empty(), "{disks:?}");
+}
+
+/// A `bridle runs watch` process whose output is collected as it comes.
+struct Follower {
+    child: std::process::Child,
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Follower {
+    fn start(cp: &ControlPlane, args: &[&str]) -> Self {
+        let mut child = std::process::Command::new(
+            bridle_tests::workspace_binary("control-plane", "bridle").unwrap(),
+        )
+        .args(args)
+        // Found from the data directory each time, as a restart moves it.
+        .env("BRIDLE_DATA_DIR", cp.data_dir())
+        .env("BRIDLE_TOKEN", &cp.admin_token)
+        .env_remove("BRIDLE_ENDPOINT")
+        .env_remove("BRIDLE_TOKEN_FILE")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+        let collect = |mut from: Box<dyn std::io::Read + Send>| {
+            let into = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let sink = into.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+            into
+        };
+        let stdout = collect(Box::new(child.stdout.take().unwrap()));
+        let stderr = collect(Box::new(child.stderr.take().unwrap()));
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn followers_survive_restarts_and_miss_nothing() {
+    docker_or_skip!();
+    let mut cp = ControlPlane::start(&[]).await.unwrap();
+    let mut runs = cp.runs(&cp.admin_token).await.unwrap();
+    let steps: Vec<pb::Step> = (1..=12)
+        .map(|i| pb::Step {
+            name: format!("s{i}"),
+            shell: format!("echo out-{i}; sleep 0.5"),
+            ..Default::default()
+        })
+        .collect();
+    let run = runs
+        .submit(pb::SubmitRunRequest {
+            idempotency_key: "followed".into(),
+            job: Some(pb::Job {
+                steps,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let followers = [
+        Follower::start(&cp, &["runs", "watch", &run.id]),
+        Follower::start(&cp, &["runs", "watch", &run.id]),
+        Follower::start(&cp, &["runs", "watch", &run.id, "-o", "json"]),
+    ];
+    // Every follower is following before the first kill.
+    bridle_tests::eventually(
+        "every follower printed",
+        Duration::from_secs(30),
+        async || followers.iter().all(|f| f.stdout().contains("out-1")),
+    )
+    .await;
+    for _ in 0..4 {
+        cp.restart().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let mut followers = followers;
+    for f in &mut followers {
+        let status = f.child.wait().unwrap();
+        // The output threads have everything once the pipes close.
+        bridle_tests::eventually("the output is read", Duration::from_secs(10), async || {
+            Arc::strong_count(&f.stdout) == 1
+        })
+        .await;
+        assert!(status.success(), "{status:?}: {}", f.stderr());
+        assert!(
+            f.stderr().contains("lost the control plane"),
+            "no restart was seen: {}",
+            f.stderr()
+        );
+    }
+    for f in &followers[..2] {
+        let out = f.stdout();
+        let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("out-")).collect();
+        let want: Vec<String> = (1..=12).map(|i| format!("out-{i}")).collect();
+        assert_eq!(lines, want, "{out}");
+    }
+    let json = followers[2].stdout();
+    let events: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, want, "every event once, in order");
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "finished");
+    assert_eq!(last["state"], "succeeded");
+}
+
+#[tokio::test]
+async fn workspace_volumes_are_labelled_and_orphans_swept() {
+    docker_or_skip!();
+    // Without a disk limit the workspace is a Docker volume.
+    let mut cp = ControlPlane::start(&["sandbox.disk_bytes=0"])
+        .await
+        .unwrap();
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    let id = control::create(&mut c).await.unwrap().id;
+    let volume = format!("bridle-{id}-workspace");
+    let label = |name: &str| {
+        let out = std::process::Command::new("docker")
+            .args([
+                "volume",
+                "inspect",
+                "--format",
+                "{{index .Labels \"bridle.control-plane\"}}",
+                name,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(label(&volume), cp.instance);
+    // A volume of this control plane that no sandbox owns (its container
+    // was removed without it) is removed at the next sweep.
+    let ghost = "bridle-sb-0123456789ab-workspace";
+    let made = std::process::Command::new("docker")
+        .args(["volume", "create", "--label"])
+        .arg(format!("bridle.control-plane={}", cp.instance))
+        .args(["--label", "bridle.sandbox=sb-0123456789ab", ghost])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    cp.restart().await.unwrap();
+    bridle_tests::eventually(
+        "the orphan volume is removed",
+        Duration::from_secs(30),
+        async || label(ghost).is_empty(),
+    )
+    .await;
+    assert_eq!(
+        label(&volume),
+        cp.instance,
+        "the live sandbox keeps its own"
+    );
 }

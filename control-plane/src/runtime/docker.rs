@@ -9,9 +9,9 @@
 
 use std::collections::HashMap;
 
-use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType, VolumeCreateRequest};
 use bollard::query_parameters::{
-    CreateContainerOptions, EventsOptions, ListContainersOptions, LogsOptions,
+    CreateContainerOptions, EventsOptions, ListContainersOptions, ListVolumesOptions, LogsOptions,
     RemoveContainerOptions, RemoveVolumeOptions,
 };
 use futures::StreamExt;
@@ -109,6 +109,17 @@ impl Runtime for Docker {
                 ..Default::default()
             });
         } else {
+            // Made here, with the labels, rather than implicitly by the
+            // mount: a volume whose container is gone is then still found
+            // (`volumes`) and swept.
+            self.client
+                .create_volume(VolumeCreateRequest {
+                    name: Some(Self::volume_name(&spec.sandbox_id)),
+                    labels: Some(labels.clone()),
+                    ..Default::default()
+                })
+                .await
+                .map_err(docker_error)?;
             mounts.push(Mount {
                 typ: Some(MountType::VOLUME),
                 source: Some(Self::volume_name(&spec.sandbox_id)),
@@ -319,6 +330,26 @@ impl Runtime for Docker {
                     paused: state == "paused",
                 })
             })
+            .collect())
+    }
+
+    async fn volumes(&self) -> Result<Vec<String>, Error> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_CONTROL_PLANE}={}", self.instance)],
+        )]);
+        let listed = self
+            .client
+            .list_volumes(Some(ListVolumesOptions {
+                filters: Some(filters),
+            }))
+            .await
+            .map_err(docker_error)?;
+        Ok(listed
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|v| v.labels.get(LABEL_SANDBOX).cloned())
             .collect())
     }
 

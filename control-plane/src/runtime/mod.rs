@@ -90,6 +90,8 @@ pub trait Runtime: Send + Sync + 'static {
     fn list(&self) -> impl Future<Output = Result<Vec<ContainerStatus>, Error>> + Send;
     /// The last lines the container printed, for error messages.
     fn logs(&self, sandbox_id: &str) -> impl Future<Output = String> + Send;
+    /// The sandbox ids of this control plane's workspace volumes.
+    fn volumes(&self) -> impl Future<Output = Result<Vec<String>, Error>> + Send;
     /// Containers of this control plane stopping, as it happens; the
     /// stream ends when the engine's event stream does.
     fn exits(&self) -> impl futures::Stream<Item = Exit> + Send + 'static;

@@ -11,7 +11,10 @@ async fn main() -> std::process::ExitCode {
         .unwrap_or_else(|| "/run/bridle/agent.sock".into());
     let answered = async {
         let mut agent = bridle_tests::client::connect(std::path::Path::new(&socket))?;
-        let listed = agent.list_execs(pb::ListExecsRequest {}).await?.into_inner();
+        let listed = agent
+            .list_execs(pb::ListExecsRequest {})
+            .await?
+            .into_inner();
         anyhow::Ok(listed.execs.len())
     };
     match tokio::time::timeout(std::time::Duration::from_secs(10), answered).await {
