@@ -127,12 +127,13 @@ impl Disks {
     /// or not).
     pub async fn remove(&self, id: &str) -> Result<()> {
         let point = self.mount_point(id);
-        if point.exists() && is_mounted(&point)? {
-            if run("umount", &[path_str(&point)?]).await.is_err() {
-                // Busy (a host process inside it): detach it now, the
-                // kernel frees it when the last user leaves.
-                run("umount", &["-l", path_str(&point)?]).await?;
-            }
+        if point.exists()
+            && is_mounted(&point)?
+            && run("umount", &[path_str(&point)?]).await.is_err()
+        {
+            // Busy (a host process inside it): detach it now, the kernel
+            // frees it when the last user leaves.
+            run("umount", &["-l", path_str(&point)?]).await?;
         }
         match std::fs::remove_dir(&point) {
             Ok(()) => {}
