@@ -93,7 +93,12 @@ impl Disks {
             &["-q", "-F", "-m", "0", "-E", &owner, path_str(&image)?],
         )
         .await?;
-        self.mount(id).await
+        let point = self.mount(id).await?;
+        // mkfs leaves a root-only `lost+found`, which a workspace must not
+        // have (snapshots could not read it; users would see it).
+        let lost = point.join("lost+found");
+        std::fs::remove_dir(&lost).map_err(io(format!("removing {}", lost.display())))?;
+        Ok(point)
     }
 
     /// Mounts `id`'s filesystem unless it is mounted already (after a host

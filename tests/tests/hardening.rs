@@ -698,6 +698,11 @@ async fn a_sandbox_cannot_write_past_its_disk_limit_anywhere() {
         .into_inner();
     assert_eq!(sb.limits.unwrap().disk_bytes, Some(64 << 20));
     let id = sb.id;
+    assert_eq!(
+        sh(&mut c, &id, "ls -A").await.stdout_str(),
+        "",
+        "a fresh, empty workspace"
+    );
     let before = allocated(&cp.data_dir());
     // Every place a command can write ends in ENOSPC (or is not writable
     // at all), whatever it writes.
