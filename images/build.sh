@@ -75,13 +75,16 @@ for applet in $("$busybox" --list-full); do
   ln -sf /bin/busybox "$root/$applet"
 done
 if [ -z "$plain" ]; then
-  install -m 0555 "$agent" "$root/usr/local/bin/sandbox-agent"
+  install -m 0755 "$agent" "$root/usr/local/bin/sandbox-agent"
   # Debug builds carry hundreds of MB of debuginfo the sandbox never needs.
   if command -v strip >/dev/null; then
-    chmod u+w "$root/usr/local/bin/sandbox-agent"
     strip --strip-debug "$root/usr/local/bin/sandbox-agent"
-    chmod 0555 "$root/usr/local/bin/sandbox-agent"
   fi
+  # Execute-only: a process started from a file its user cannot read is
+  # non-dumpable from its first instruction (the kernel's would_dump), so
+  # the spawner the agent re-executes is never open to ptrace, even for the
+  # moment before it makes itself non-dumpable.
+  chmod 0111 "$root/usr/local/bin/sandbox-agent"
 fi
 chmod 0755 "$root/bin/busybox"
 cat >"$root/etc/passwd" <<'PASSWD'

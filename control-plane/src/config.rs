@@ -198,7 +198,7 @@ impl Default for SandboxDefaults {
             workspace_tmpfs_bytes: 0,
             disk_bytes: 1 << 30,
             max_memory_bytes: 8 << 30,
-            max_disk_bytes: 64 << 30,
+            max_disk_bytes: 16 << 30,
             max_cpu_millis: 4000,
             max_pids: 4096,
             network: "none".into(),

@@ -27,6 +27,8 @@ pub enum Error {
     },
     #[error("{command} failed: {output}")]
     Command { command: String, output: String },
+    #[error("the host has {free} bytes free for sandbox disks and this one may grow to {bytes}")]
+    NoRoom { free: u64, bytes: u64 },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -77,6 +79,12 @@ impl Disks {
     }
 
     async fn make(&self, id: &str, bytes: u64, uid: u32, gid: u32) -> Result<PathBuf> {
+        // Images are sparse, so the host's disk can be promised more than it
+        // has; at least refuse a sandbox that could fill it on its own.
+        let free = self.free_bytes()?;
+        if free < bytes {
+            return Err(Error::NoRoom { free, bytes });
+        }
         let image = self.image(id);
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -150,6 +158,21 @@ impl Disks {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io(format!("removing {}", self.image(id).display()))(e)),
         }
+    }
+
+    /// Bytes free for the images on the host's filesystem.
+    fn free_bytes(&self) -> Result<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.images.as_os_str().as_bytes())
+            .map_err(|e| io("the disks directory")(std::io::Error::other(e)))?;
+        // SAFETY: statvfs into a zeroed buffer with a NUL-terminated path.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Err(io(format!("statvfs {}", self.images.display()))(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(st.f_bavail as u64 * st.f_frsize as u64)
     }
 
     /// The sandbox ids that have a filesystem here.

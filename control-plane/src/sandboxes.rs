@@ -927,6 +927,12 @@ impl<R: Runtime> Sandboxes<R> {
             if known.contains(id.as_str()) || creating.contains(&id) || live.contains(id.as_str()) {
                 continue;
             }
+            // Begun since this sweep started: its record is on the way.
+            if self.inner.creating.lock().expect("lock").contains(&id)
+                || self.inner.store.sandbox(&id).await?.is_some()
+            {
+                continue;
+            }
             tracing::info!(sandbox = %id, "removing an orphan disk");
             if let Err(e) = self.inner.disks.remove(&id).await {
                 tracing::warn!(sandbox = %id, "removing an orphan disk: {e}");
@@ -991,6 +997,11 @@ impl<R: Runtime> Sandboxes<R> {
                         }
                     }
                     Some(c) => {
+                        // A crash between opening the directory for a
+                        // restarted agent and locking it again leaves it open.
+                        if let Err(e) = agents::lock_socket_dir(&self.socket_dir(&r.id)) {
+                            tracing::warn!(sandbox = %r.id, "locking its socket directory: {e}");
+                        }
                         let state = if c.paused {
                             SandboxState::Paused
                         } else {
@@ -1111,6 +1122,11 @@ impl<R: Runtime> Sandboxes<R> {
             return Ok(());
         };
         if !matches!(record.state, SandboxState::Ready | SandboxState::Paused) {
+            return Ok(());
+        }
+        // A graceful stop from outside (`docker stop`, the daemon or host
+        // shutting down): the sweep, or the next start, starts it again.
+        if exit.exit_code == "0" {
             return Ok(());
         }
         // A delete under way also stops the container: the record goes next.

@@ -96,6 +96,18 @@ impl Config {
         let Some(hex_key) = std::env::var_os(KEY_ENV) else {
             return Ok(());
         };
+        // The environment's own copy (on the initial stack, which
+        // /proc/1/environ shows) is overwritten, not just unlinked.
+        let name = std::ffi::CString::new(KEY_ENV).expect("no NUL in the name");
+        // SAFETY: no other thread exists yet (the caller's promise); getenv
+        // points at the value's bytes, which are overwritten in place with
+        // as many bytes, its terminating NUL kept.
+        unsafe {
+            let value = libc::getenv(name.as_ptr());
+            if !value.is_null() {
+                std::ptr::write_bytes(value, b'0', libc::strlen(value));
+            }
+        }
         std::env::remove_var(KEY_ENV);
         let key = hex::decode(hex_key.as_encoded_bytes())
             .ok()
@@ -198,6 +210,20 @@ pub async fn run(
             .with_context(|| format!("chmod {}", config.socket.display()))?;
     }
     let admission = peers::Admission::for_this_process(config.key.as_ref().map(|k| k.0));
+    // Given a key, the agent is in a sandbox of a control plane, whose
+    // promises rest on it being PID 1 (peer and stop-signal checks) and
+    // having no listener without those checks.
+    if admission.key.is_some() {
+        anyhow::ensure!(
+            admission.only_from_outside,
+            "the agent has an identity key but is not PID 1 (pid {}): run it as the container's entrypoint, without an init",
+            std::process::id()
+        );
+        anyhow::ensure!(
+            config.tcp.is_none(),
+            "--tcp serves without the peer and identity checks; it cannot be used with an identity key"
+        );
+    }
     tracing::info!(
         socket = %config.socket.display(),
         workspace = %ws.root_path().display(),

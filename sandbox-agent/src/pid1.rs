@@ -4,6 +4,7 @@
 //! the exec spawner) are started through [`Reaper::spawn`], under a lock that
 //! also makes descriptors inheritable for that one child only.
 
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Marks this process non-dumpable: processes of the same uid can no longer
@@ -122,46 +123,59 @@ impl Reaper {
     }
 }
 
-/// Write end of the pipe the stop-signal handler reports on (-1: none).
-static STOP_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+/// Write end of the pipe the stop-signal handler wakes the agent with.
+static STOP_PIPE: AtomicI32 = AtomicI32::new(-1);
 /// Whether the handler ignores signals sent from inside the sandbox.
-static ONLY_FROM_OUTSIDE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// What the handler writes: a tag byte, then the sender's pid.
-const STOP: u8 = b's';
-const IGNORED: u8 = b'i';
+static ONLY_FROM_OUTSIDE: AtomicBool = AtomicBool::new(false);
+/// Set by the handler when a stop is to be obeyed; the pipe only wakes the
+/// reader, so a full pipe loses nothing.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+/// Signals ignored since the last log line, and the last sender.
+static IGNORED: AtomicU64 = AtomicU64::new(0);
+static IGNORED_FROM: AtomicI32 = AtomicI32::new(0);
+/// Whether the next ignored signal may wake the reader: at most one wakeup
+/// per log line, so a flood of `kill -TERM 1` costs the agent nothing.
+static IGNORED_WAKES: AtomicBool = AtomicBool::new(true);
+/// Ignored signals are logged at most this often.
+const IGNORED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 extern "C" fn on_stop_signal(
     _signal: libc::c_int,
     info: *mut libc::siginfo_t,
     _context: *mut libc::c_void,
 ) {
-    use std::sync::atomic::Ordering;
+    // SAFETY: errno is this thread's; it is put back before returning, so
+    // the interrupted code never sees the handler's write fail.
+    let errno = unsafe { *libc::__errno_location() };
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
     let (code, pid) = unsafe { ((*info).si_code, (*info).si_pid()) };
     // kill(2) from a process outside our PID namespace arrives as SI_USER
     // with pid 0 (the kernel cannot name it here). sigqueue-like calls may
     // forge si_pid, but only with a negative si_code, which is refused.
     let from_outside = pid == 0 && (code == libc::SI_USER || code == libc::SI_KERNEL);
-    let tag = if from_outside || !ONLY_FROM_OUTSIDE.load(Ordering::Relaxed) {
-        STOP
+    let wake = if from_outside || !ONLY_FROM_OUTSIDE.load(Ordering::Relaxed) {
+        STOP_REQUESTED.store(true, Ordering::SeqCst);
+        true
     } else {
-        IGNORED
+        IGNORED.fetch_add(1, Ordering::Relaxed);
+        IGNORED_FROM.store(pid, Ordering::Relaxed);
+        IGNORED_WAKES.swap(false, Ordering::Relaxed)
     };
-    let mut msg = [0u8; 5];
-    msg[0] = tag;
-    msg[1..].copy_from_slice(&pid.to_ne_bytes());
-    let fd = STOP_PIPE.load(Ordering::Relaxed);
-    // SAFETY: write(2) is async-signal-safe; a full pipe drops the message,
-    // which only matters for the log line of an ignored signal.
-    unsafe { libc::write(fd, msg.as_ptr().cast(), msg.len()) };
+    if wake {
+        let fd = STOP_PIPE.load(Ordering::Relaxed);
+        // SAFETY: write(2) is async-signal-safe; a full pipe is fine (the
+        // reader is awake already, and also checks every second).
+        unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
 }
 
 /// Resolves on SIGTERM or SIGINT (what `docker stop` and an operator send)
 /// from outside the sandbox. As PID 1, the same signals sent by a command in
-/// the sandbox (`kill -TERM 1`) are logged and ignored: only the control
-/// plane and the container runtime may stop the agent. Elsewhere any sender
-/// is obeyed.
+/// the sandbox (`kill -TERM 1`) are ignored, and logged at most every
+/// [`IGNORED_LOG_EVERY`]: only the control plane and the container runtime
+/// may stop the agent. Elsewhere any sender is obeyed.
 pub async fn stop_requested() {
     if let Err(e) = watch_stop_signals().await {
         // Without handlers PID 1 would ignore SIGTERM; better to say so.
@@ -172,7 +186,6 @@ pub async fn stop_requested() {
 
 async fn watch_stop_signals() -> std::io::Result<()> {
     use std::os::fd::FromRawFd;
-    use std::sync::atomic::Ordering;
     use tokio::io::AsyncReadExt;
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the two descriptors on success.
@@ -188,7 +201,7 @@ async fn watch_stop_signals() -> std::io::Result<()> {
     STOP_PIPE.store(fds[1], Ordering::Relaxed);
     for signal in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: a zeroed sigaction is valid; the handler only does
-        // async-signal-safe work (atomics and write).
+        // async-signal-safe work (atomics, write, errno).
         let rc = unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = on_stop_signal as *const () as usize;
@@ -200,17 +213,26 @@ async fn watch_stop_signals() -> std::io::Result<()> {
             return Err(std::io::Error::last_os_error());
         }
     }
-    let mut msg = [0u8; 5];
+    let mut logged: Option<std::time::Instant> = None;
+    let mut buf = [0u8; 64];
     loop {
-        read.read_exact(&mut msg).await?;
-        let pid = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
-        if msg[0] == STOP {
-            tracing::info!(sender_pid = pid, "stop requested");
+        tokio::select! {
+            r = read.read(&mut buf) => { r?; }
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+        if STOP_REQUESTED.load(Ordering::SeqCst) {
+            tracing::info!("stop requested");
             return Ok(());
         }
-        tracing::warn!(
-            sender_pid = pid,
-            "ignored a stop signal sent from inside the sandbox"
-        );
+        let due = logged.is_none_or(|t| t.elapsed() >= IGNORED_LOG_EVERY);
+        if due && IGNORED.load(Ordering::Relaxed) > 0 {
+            tracing::warn!(
+                count = IGNORED.swap(0, Ordering::Relaxed),
+                last_sender_pid = IGNORED_FROM.load(Ordering::Relaxed),
+                "ignored stop signals sent from inside the sandbox"
+            );
+            logged = Some(std::time::Instant::now());
+            IGNORED_WAKES.store(true, Ordering::Relaxed);
+        }
     }
 }

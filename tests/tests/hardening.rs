@@ -169,8 +169,6 @@ async fn stop_signals_from_inside_the_sandbox_are_ignored() {
     )
     .await;
     assert_eq!(r.stdout_str(), "sent\n");
-    // The agent logs each one it ignored (the log is written before the
-    // next call is served, so this is no race).
     let r = sh(&mut c, &id, "echo alive").await;
     assert_eq!(r.stdout_str(), "alive\n");
     let got = c
@@ -182,16 +180,20 @@ async fn stop_signals_from_inside_the_sandbox_are_ignored() {
         .into_inner();
     assert_eq!(got.state, pb::SandboxState::Ready as i32);
     assert_eq!(control::inspect(&id, "{{.State.Running}}"), "true");
-    let logs = std::process::Command::new("docker")
-        .args(["logs", &format!("bridle-{id}")])
-        .output()
-        .unwrap();
-    let logs =
-        String::from_utf8_lossy(&logs.stderr).into_owned() + &String::from_utf8_lossy(&logs.stdout);
-    assert!(
-        logs.contains("ignored a stop signal sent from inside the sandbox"),
-        "{logs}"
-    );
+    // The agent says so in its log (once for the lot).
+    bridle_tests::eventually(
+        "the agent logs what it ignored",
+        Duration::from_secs(30),
+        async || {
+            let logs = std::process::Command::new("docker")
+                .args(["logs", &format!("bridle-{id}")])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&logs.stderr)
+                .contains("ignored stop signals sent from inside the sandbox")
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -936,4 +938,33 @@ async fn workspace_volumes_are_labelled_and_orphans_swept() {
         cp.instance,
         "the live sandbox keeps its own"
     );
+}
+
+/// Given an identity key, the agent runs only as PID 1 (its peer and
+/// signal checks rest on it) and never with the unchecked TCP listener.
+#[test]
+fn an_agent_with_a_key_refuses_to_run_where_its_checks_would_not_hold() {
+    let agent = bridle_tests::agent_binary().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(&agent)
+            .arg("--socket")
+            .arg(dir.path().join("agent.sock"))
+            .arg("--workspace")
+            .arg(dir.path())
+            .args(extra)
+            .env("BRIDLE_AGENT_KEY", "00".repeat(32))
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not PID 1"), "{err}");
+    let out = std::process::Command::new(&agent)
+        .env("BRIDLE_AGENT_KEY", "not hex")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("64 hex digits"));
 }

@@ -149,6 +149,18 @@ impl Runtime for Docker {
             memory_swap: Some(memory),
             nano_cpus: Some(spec.cpu_millis as i64 * 1_000_000),
             pids_limit: Some(spec.pids as i64),
+            // The agent must be PID 1 (its peer and signal checks rely on
+            // it), whatever the daemon's default.
+            init: Some(false),
+            // Bounded, so that what a sandbox makes its agent log cannot
+            // fill the host's disk.
+            log_config: Some(bollard::models::HostConfigLogConfig {
+                typ: Some("json-file".into()),
+                config: Some(HashMap::from([
+                    ("max-size".to_string(), "1m".to_string()),
+                    ("max-file".to_string(), "2".to_string()),
+                ])),
+            }),
             network_mode: Some(
                 match spec.network {
                     Network::None => "none",
