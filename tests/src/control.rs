@@ -354,6 +354,17 @@ impl Drop for ControlPlane {
                     .output();
             }
         }
+        // And the sandboxes' disks, which the killed control plane left
+        // mounted (its next start would have kept them): unmounted before
+        // the data directory goes, or its removal would stop at them.
+        let mounts = self.data_dir().join("disks").join("mnt");
+        for entry in std::fs::read_dir(&mounts).into_iter().flatten().flatten() {
+            let point = entry.path();
+            let unmounted = Command::new("umount").arg(&point).output();
+            if !unmounted.is_ok_and(|o| o.status.success()) {
+                let _ = Command::new("umount").arg("-l").arg(&point).output();
+            }
+        }
     }
 }
 
