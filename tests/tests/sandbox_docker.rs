@@ -76,6 +76,29 @@ async fn a_fork_bomb_is_contained_and_the_agent_stays_healthy() {
     // Everything the bomb started is gone and the agent still works.
     let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
     assert!(info.cgroup.unwrap().pids_current < 10);
+    // What is left is the agent (PID 1), its spawner, and this listing's
+    // own supervisor and `ps`: no shell of the bomb. (A bracketed `[exe]`
+    // seen once after a bomb was a supervisor in its own exit, after it had
+    // reported that its tree was gone: a fork of the spawner, so named
+    // `exe`, whose memory was already released, so with no command line;
+    // the kernel reaps it, as the spawner ignores SIGCHLD.)
+    bridle_tests::eventually(
+        "only the agent's own processes are left",
+        std::time::Duration::from_secs(30),
+        async || {
+            let r = client::run(&mut c, start(&["ps", "-o", "pid,comm"]))
+                .await
+                .unwrap();
+            let comms: Vec<String> = r
+                .stdout_str()
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+                .collect();
+            comms.len() == 4 && !comms.iter().any(|c| c == "sh")
+        },
+    )
+    .await;
     let r = client::run(&mut c, start(&["echo", "still here"]))
         .await
         .unwrap();
