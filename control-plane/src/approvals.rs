@@ -209,13 +209,13 @@ impl Approvals {
     /// Records a pending approval (durably, and in the audit log) and
     /// tells watchers and the webhook.
     pub async fn request(&self, r: Request<'_>) -> Result<Approval, sqlx::Error> {
-        let now = crate::now_ms();
+        let now = crate::clock::now_ms();
         let (run_id, step) = r
             .run
             .map(|(id, s)| (id.to_string(), s as i64))
             .unwrap_or_default();
         let a = Approval {
-            id: format!("ap-{}", crate::random_hex(8)),
+            id: format!("ap-{}", crate::ids::random_hex(8)),
             state: StateText(State::Pending),
             requested_by_token: r.principal.token_id.clone(),
             requested_by: r.principal.name.clone(),
@@ -335,7 +335,7 @@ impl Approvals {
         } else {
             State::Denied
         };
-        let now = crate::now_ms();
+        let now = crate::clock::now_ms();
         let changed = sqlx::query(
             "UPDATE approvals SET state = $1, decided_by = $2, decision_reason = $3, decided_unix_ms = $4 \
              WHERE id = $5 AND state = 'pending' AND expires_unix_ms > $4",
@@ -398,7 +398,7 @@ impl Approvals {
         // step is the one use it can have, resumed whenever the control
         // plane is back); the same use (a retry after a crash) may reclaim
         // it whenever.
-        let fresh_since = crate::now_ms() - self.ttl.as_millis() as i64;
+        let fresh_since = crate::clock::now_ms() - self.ttl.as_millis() as i64;
         let changed = sqlx::query(
             "UPDATE approvals SET used_by = $1 WHERE id = $2 AND state = 'approved' \
              AND action_sha256 = $3 \
@@ -440,7 +440,7 @@ impl Approvals {
             if a.state() != State::Pending {
                 return Ok(a);
             }
-            let left = (a.expires_unix_ms - crate::now_ms()).max(0) as u64;
+            let left = (a.expires_unix_ms - crate::clock::now_ms()).max(0) as u64;
             // Woken by any change; a missed broadcast (lagged) costs at most
             // one re-read, and expiry is checked on every read.
             let _ =
@@ -452,7 +452,7 @@ impl Approvals {
     /// Marks every pending approval past its time `expired`, each on the
     /// audit log.
     pub async fn expire_due(&self) -> Result<(), sqlx::Error> {
-        let now = crate::now_ms();
+        let now = crate::clock::now_ms();
         let due: Vec<(String,)> = sqlx::query_as(
             "SELECT id FROM approvals WHERE state = 'pending' AND expires_unix_ms <= $1",
         )
@@ -511,7 +511,7 @@ impl Approvals {
         detail: &str,
     ) {
         let entry = Entry {
-            unix_ms: crate::now_ms(),
+            unix_ms: crate::clock::now_ms(),
             request_id: request_id.to_string(),
             token_id: by.token_id.clone(),
             principal: by.name.clone(),

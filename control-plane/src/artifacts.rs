@@ -46,7 +46,7 @@ impl Artifacts {
         let tmp = self
             .dir
             .join("tmp")
-            .join(format!("{}.part", crate::random_hex(8)));
+            .join(format!("{}.part", crate::ids::random_hex(8)));
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await?;
             let mut hasher = Sha256::new();

@@ -381,7 +381,7 @@ fn checkpoint_line((seq, hash, unix_ms, signature): (i64, String, i64, String)) 
 pub fn load_or_create_key(data_dir: &Path) -> anyhow::Result<SigningKey> {
     let path = data_dir.join("audit.key");
     let key = SigningKey::from_bytes(
-        &crate::key_file(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        &crate::keys::key_file(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
     );
     std::fs::write(
         data_dir.join("audit.pub"),
@@ -461,7 +461,7 @@ impl AuditLog {
         if let Some((seq, problem)) = tail.first_bad {
             // On the record before anything else is.
             log.append(Entry {
-                unix_ms: crate::now_ms(),
+                unix_ms: crate::clock::now_ms(),
                 principal: "control-plane".into(),
                 action: "audit.damage".into(),
                 resource: format!("entry {seq}"),
@@ -601,7 +601,7 @@ impl Unrecorded {
     /// The entry that opens the first commit after the failure.
     fn entry(&self) -> Entry {
         Entry {
-            unix_ms: crate::now_ms(),
+            unix_ms: crate::clock::now_ms(),
             principal: "control-plane".into(),
             action: "audit.unrecorded".into(),
             outcome: format!(
@@ -654,7 +654,7 @@ async fn write_loop(
             rows.push((seq, entry.unix_ms, body, hash.clone(), next.clone()));
             hash = next;
         }
-        let now = crate::now_ms();
+        let now = crate::clock::now_ms();
         let signature = hex::encode(
             key.sign(Checkpoint::message(seq, &hash, now).as_bytes())
                 .to_bytes(),

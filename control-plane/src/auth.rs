@@ -207,7 +207,7 @@ impl Auth {
             .or_else(|| value.strip_prefix("bearer "))
             .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))?
             .trim();
-        self.check(secret, crate::now_ms())
+        self.check(secret, crate::clock::now_ms())
     }
 
     pub fn check(&self, secret: &str, now: i64) -> Result<Principal, Status> {
@@ -243,8 +243,8 @@ pub fn make_token(
     created_by: &str,
     now: i64,
 ) -> NewToken {
-    let id = crate::random_hex(6);
-    let secret = format!("bridle_{id}_{}", crate::random_hex(32));
+    let id = crate::ids::random_hex(6);
+    let secret = format!("bridle_{id}_{}", crate::ids::random_hex(32));
     NewToken {
         record: TokenRecord {
             id,

@@ -583,7 +583,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Sandbox(cmd) => sandbox(&mut c, cmd).await,
         Command::Token(cmd) => token(&mut c, cmd).await.map(|()| 0),
         Command::Run { key, follow, .. } => {
-            let key = key.unwrap_or_else(|| crate::random_hex(16));
+            let key = key.unwrap_or_else(|| crate::ids::random_hex(16));
             let r = c
                 .runs
                 .submit(pb::SubmitRunRequest {
@@ -817,7 +817,7 @@ async fn approvals(c: &mut Conn, cmd: ApprovalsCmd) -> anyhow::Result<u8> {
                     a.policy, a.policy_version, a.policy_reason
                 );
                 println!("action hash:  {}", a.action_sha256);
-                let left = (a.expires_unix_ms - crate::now_ms()) / 1000;
+                let left = (a.expires_unix_ms - crate::clock::now_ms()) / 1000;
                 let when = if left > 0 {
                     format!("in {}m {}s", left / 60, left % 60)
                 } else {
@@ -918,7 +918,9 @@ async fn audit(c: &mut Conn, cmd: AuditCmd) -> anyhow::Result<u8> {
             limit,
         } => {
             let ago = |d: Option<Duration>| {
-                d.map_or(0, |d| (crate::now_ms() - d.as_millis() as i64).max(1))
+                d.map_or(0, |d| {
+                    (crate::clock::now_ms() - d.as_millis() as i64).max(1)
+                })
             };
             let r = c
                 .audit

@@ -98,7 +98,7 @@ pub fn note_of<T>(request: &tonic::Request<T>) -> AuditNote {
         .extensions()
         .get::<AuditNote>()
         .cloned()
-        .unwrap_or_else(|| AuditNote::new(crate::random_hex(8)))
+        .unwrap_or_else(|| AuditNote::new(crate::ids::random_hex(8)))
 }
 
 /// The approval id a request carries in [`APPROVAL_HEADER`], if any.

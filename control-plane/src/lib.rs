@@ -11,9 +11,12 @@ pub mod artifacts;
 pub mod audit;
 pub mod auth;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod disks;
 pub mod guard;
+pub mod ids;
+pub mod keys;
 pub mod policy;
 pub mod runs;
 pub mod runtime;
@@ -53,12 +56,12 @@ pub async fn run(
         .await
         .context("opening the store")?;
     let instance = store
-        .instance_id(&random_hex(8), now_ms())
+        .instance_id(&ids::random_hex(8), clock::now_ms())
         .await
         .context("reading the instance id")?;
     std::fs::write(data_dir.join(INSTANCE_FILE), format!("{instance}\n"))?;
     let auth = auth::Auth::load(store.clone()).await?;
-    if let Some(path) = auth.bootstrap(&data_dir, now_ms()).await? {
+    if let Some(path) = auth.bootstrap(&data_dir, clock::now_ms()).await? {
         tracing::info!(path = %path.display(), "wrote the bootstrap admin token (mode 0600)");
     }
     let docker = runtime::docker::Docker::connect(&config.docker.host, &instance).await?;
@@ -278,7 +281,7 @@ pub async fn run(
     // durable, so is every entry the calls before it queued.
     if let Err(e) = audit_at_stop
         .append(audit::Entry {
-            unix_ms: now_ms(),
+            unix_ms: clock::now_ms(),
             principal: "control-plane".into(),
             action: "control-plane.stop".into(),
             outcome: "ok".into(),
@@ -295,47 +298,4 @@ fn set_private(dir: &std::path::Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("making {} private", dir.display()))
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// A 32-byte secret key kept in its own file: read, or on first use made
-/// from the OS random source and written with mode 0600 (never replaced).
-pub fn key_file(path: &std::path::Path) -> Result<[u8; 32], String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::read(path) {
-        Ok(bytes) => bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| format!("holds {} bytes, a key is 32", bytes.len())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut key = [0u8; 32];
-            getrandom::fill(&mut key).map_err(|e| e.to_string())?;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| e.to_string())?;
-            f.write_all(&key)
-                .and_then(|()| f.sync_all())
-                .map_err(|e| e.to_string())?;
-            Ok(key)
-        }
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// `bytes` random bytes from the OS, as hex.
-pub fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    getrandom::fill(&mut buf).expect("the OS random source is available");
-    hex::encode(buf)
 }

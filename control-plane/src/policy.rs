@@ -678,7 +678,7 @@ impl PolicyStore {
              SELECT 1, $1, 'default', $2 WHERE NOT EXISTS (SELECT 1 FROM policies)",
         )
         .bind(DEFAULT_POLICIES)
-        .bind(crate::now_ms())
+        .bind(crate::clock::now_ms())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -784,7 +784,7 @@ impl Policies {
             version: current.version + 1,
             source: source.to_string(),
             set_by: set_by.to_string(),
-            set_unix_ms: crate::now_ms(),
+            set_unix_ms: crate::clock::now_ms(),
         };
         if !self.store.put(&next).await.map_err(Refusal::Store)? {
             return Err(Refusal::Race);

@@ -237,7 +237,7 @@ impl<R: Runtime> Sandboxes<R> {
                 config.data_dir.display()
             )));
         }
-        let agent_master_key = crate::key_file(&config.data_dir.join("agent.key"))
+        let agent_master_key = crate::keys::key_file(&config.data_dir.join("agent.key"))
             .map_err(|e| std::io::Error::other(format!("the agent key file: {e}")))?;
         // The socket directory is locked against the sandbox by its mode, so
         // its owner (this process's uid) must not be the sandbox user's.
@@ -397,7 +397,7 @@ impl<R: Runtime> Sandboxes<R> {
             Some(id) => Some(self.visible_snapshot(principal, id).await?),
             None => None,
         };
-        let now = crate::now_ms();
+        let now = crate::clock::now_ms();
         let d = &self.inner.config.sandbox;
         let ttl = if req.ttl_secs > 0 {
             req.ttl_secs
@@ -437,7 +437,7 @@ impl<R: Runtime> Sandboxes<R> {
             }
         }
         let record = SandboxRecord {
-            id: format!("sb-{}", crate::random_hex(6)),
+            id: format!("sb-{}", crate::ids::random_hex(6)),
             owner: Some(principal.owner.clone()),
             state: SandboxState::Creating,
             spec,
@@ -763,7 +763,7 @@ impl<R: Runtime> Sandboxes<R> {
             .activity
             .lock()
             .expect("lock")
-            .insert(id.to_string(), crate::now_ms());
+            .insert(id.to_string(), crate::clock::now_ms());
     }
 
     /// Counts an open exec stream; the sandbox is not idle while it lasts.
@@ -819,7 +819,7 @@ impl<R: Runtime> Sandboxes<R> {
         let chunks = stream.map(|c| c.map(|c| c.data).map_err(Error::Agent));
         let stored = self.inner.artifacts.store(chunks).await?;
         let snap = SnapshotRecord {
-            id: format!("snap-{}", crate::random_hex(6)),
+            id: format!("snap-{}", crate::ids::random_hex(6)),
             owner: record.owner.clone().unwrap_or_default(),
             sandbox_id: id.to_string(),
             sha256: stored.sha256,
@@ -829,7 +829,7 @@ impl<R: Runtime> Sandboxes<R> {
                 _ => "zstd",
             }
             .into(),
-            created_unix_ms: crate::now_ms(),
+            created_unix_ms: crate::clock::now_ms(),
         };
         self.inner.store.insert_snapshot(&snap).await?;
         Ok(snap)
@@ -955,7 +955,7 @@ impl<R: Runtime> Sandboxes<R> {
             .iter()
             .map(|c| (c.sandbox_id.as_str(), c))
             .collect();
-        let now = crate::now_ms();
+        let now = crate::clock::now_ms();
         for r in records {
             if creating.contains(&r.id) {
                 continue;
@@ -1058,9 +1058,9 @@ impl<R: Runtime> Sandboxes<R> {
                 let spec = self.profile_spec(&p);
                 let name = p.name.clone();
                 tasks.spawn(async move {
-                    let now = crate::now_ms();
+                    let now = crate::clock::now_ms();
                     let record = SandboxRecord {
-                        id: format!("sb-{}", crate::random_hex(6)),
+                        id: format!("sb-{}", crate::ids::random_hex(6)),
                         owner: None,
                         state: SandboxState::Creating,
                         spec,

@@ -93,7 +93,7 @@ impl pb::admin_server::Admin for AdminApi {
         if owner.chars().any(char::is_control) {
             return Err(Status::invalid_argument("owner must be printable"));
         }
-        let now = crate::now_ms();
+        let now = crate::clock::now_ms();
         let expires = match req.ttl_seconds {
             0 => 0,
             s => now.saturating_add(
@@ -143,7 +143,7 @@ impl pb::admin_server::Admin for AdminApi {
         }
         if !self
             .auth
-            .revoke(&id, crate::now_ms())
+            .revoke(&id, crate::clock::now_ms())
             .await
             .map_err(store_status)?
         {

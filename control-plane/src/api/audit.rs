@@ -275,7 +275,7 @@ where
                 .map(|why| crate::guard::unrecorded_status(&why))
         };
         let principal = self.layer.auth.authenticate_headers(req.headers()).ok();
-        let request_id = crate::random_hex(8);
+        let request_id = crate::ids::random_hex(8);
         // The handler notes what it decided (resource, decision, policy
         // version) for this entry.
         let note = crate::guard::AuditNote::new(request_id.clone());
@@ -307,7 +307,7 @@ where
             let authenticated = !p.token_id.is_empty();
             let decided = note.get();
             log.record(Entry {
-                unix_ms: crate::now_ms(),
+                unix_ms: crate::clock::now_ms(),
                 request_id,
                 role: if authenticated {
                     p.role.as_str().to_string()

@@ -326,7 +326,7 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
                 .await
                 .map_err(|e| run_status(e.into()))?;
         }
-        let run_id = format!("run-{}", crate::random_hex(8));
+        let run_id = format!("run-{}", crate::ids::random_hex(8));
         // The run as a whole; each step is decided again when it starts.
         let facts = submitted.job.facts(&run_id);
         let resource = crate::policy::Resource {
@@ -371,7 +371,7 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
                 first: &first,
                 labels: &job.labels,
                 sealed_secrets: sealed.as_deref(),
-                now: crate::now_ms(),
+                now: crate::clock::now_ms(),
             })
             .await
             .map_err(|e| run_status(e.into()))?;

@@ -402,7 +402,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         super::client_exec_id(&exec.exec_id)?;
         // An id of our own, so the exec can be stopped when the client leaves.
         if exec.exec_id.is_empty() {
-            exec.exec_id = format!("x-{}", crate::random_hex(8));
+            exec.exec_id = format!("x-{}", crate::ids::random_hex(8));
         }
         let exec_id = exec.exec_id.clone();
         let used_by = format!("exec:{}:{exec_id}", start.sandbox_id);

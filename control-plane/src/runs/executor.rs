@@ -218,7 +218,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
             // The new state is what folding the event gives.
             let folded =
                 RunView::fold_onto(view, seq, &event).map_err(|e| Error::Fold(run_id.into(), e))?;
-            let now = crate::now_ms();
+            let now = crate::clock::now_ms();
             match self
                 .inner
                 .store
@@ -842,7 +842,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                     .decide(&principal, action, resource, facts);
                 // On the record before anything is done about it.
                 let entry = crate::audit::Entry {
-                    unix_ms: crate::now_ms(),
+                    unix_ms: crate::clock::now_ms(),
                     request_id: format!("{run_id}:{}", view.last_seq + 1),
                     token_id: principal.token_id.clone(),
                     principal: principal.name.clone(),
@@ -1332,6 +1332,6 @@ fn run_exec_id(run_id: &str, index: usize, attempt: u32) -> String {
     format!(
         "{}run.{run_id}.s{index}.a{attempt}.{}",
         crate::api::RESERVED_EXEC_ID_PREFIX,
-        crate::random_hex(8)
+        crate::ids::random_hex(8)
     )
 }

@@ -37,7 +37,7 @@ impl Sealer {
     /// Reads the key at `path`, creating it (32 random bytes, mode 0600) the
     /// first time.
     pub fn open_or_create(path: &Path) -> Result<Self, Error> {
-        let key = crate::key_file(path).map_err(|message| Error::Key {
+        let key = crate::keys::key_file(path).map_err(|message| Error::Key {
             path: path.display().to_string(),
             message,
         })?;
