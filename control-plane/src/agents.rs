@@ -90,6 +90,7 @@ fn open_socket_no_follow(dir: &Path) -> std::io::Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: fstat into a zeroed stat buffer on a valid fd.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, on the fd just opened.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -167,6 +167,7 @@ impl Disks {
             .map_err(|e| io("the disks directory")(std::io::Error::other(e)))?;
         // SAFETY: statvfs into a zeroed buffer with a NUL-terminated path.
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
         if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
             return Err(io(format!("statvfs {}", self.images.display()))(
                 std::io::Error::last_os_error(),

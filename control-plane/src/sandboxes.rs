@@ -255,10 +255,8 @@ impl<R: Runtime> Sandboxes<R> {
         let limits_disk =
             config.sandbox.disk_bytes > 0 || config.pool.iter().any(|p| p.disk_bytes > 0);
         // SAFETY: geteuid has no preconditions.
-        if limits_disk
-            && config.sandbox.workspace_tmpfs_bytes == 0
-            && unsafe { libc::geteuid() } != 0
-        {
+        let root = unsafe { libc::geteuid() } == 0;
+        if limits_disk && config.sandbox.workspace_tmpfs_bytes == 0 && !root {
             return Err(std::io::Error::other(
                 "sandbox.disk_bytes needs the control plane to run as root (it mounts a filesystem image per sandbox); run it as root, or set sandbox.disk_bytes = 0 to run without disk limits",
             ));

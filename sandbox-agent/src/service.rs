@@ -794,6 +794,7 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
             use std::os::fd::AsRawFd;
             // SAFETY: fstatvfs into a zeroed buffer on the workspace's own fd.
             let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+            // SAFETY: as above; the fd is the workspace's own, held open.
             match unsafe { libc::fstatvfs(self.ws.root_fd().as_raw_fd(), &mut st) } {
                 0 => (
                     st.f_blocks as u64 * st.f_frsize as u64,

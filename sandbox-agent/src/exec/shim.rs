@@ -326,8 +326,9 @@ fn supervise(mut ctl: Control, spec: ShimSpec) -> i32 {
     // SAFETY: closing our copy of the write end.
     unsafe { libc::close(errpipe[1]) };
     let mut msg = [0u8; 4];
-    // SAFETY: read into a valid 4-byte buffer; EOF (0) means exec succeeded.
+    // EOF (0) means exec succeeded.
     let n = loop {
+        // SAFETY: read into a valid 4-byte buffer.
         let n = unsafe { libc::read(errpipe[0], msg.as_mut_ptr().cast(), 4) };
         if n < 0 && errno() == libc::EINTR {
             continue;

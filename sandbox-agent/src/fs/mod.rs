@@ -148,8 +148,8 @@ fn info_from(rel: &Path, name: &OsStr, st: &libc::stat, target: Option<OsString>
 /// lstat(2) of `name` in `dir`.
 pub(crate) fn lstat_at(dir: RawFd, name: &CStr, path: &Path) -> Result<libc::stat, Error> {
     let mut st = unsafe_zeroed_stat();
-    // SAFETY: valid dirfd, NUL-terminated name and a valid out struct.
     check(
+        // SAFETY: valid dirfd, NUL-terminated name and a valid out struct.
         unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) },
         path,
     )?;
@@ -649,8 +649,8 @@ pub(crate) fn remove_tree_at(dir: RawFd, name: &CStr, path: &Path) -> Result<(),
         if is_dir {
             remove_tree_at(sub_raw, &c, &child_path)?;
         } else {
-            // SAFETY: unlinkat on a valid dirfd and NUL-terminated name.
             check(
+                // SAFETY: unlinkat on a valid dirfd and NUL-terminated name.
                 unsafe { libc::unlinkat(sub_raw, c.as_ptr(), 0) },
                 &child_path,
             )?;
