@@ -108,31 +108,27 @@ fn open_socket_no_follow(dir: &Path) -> std::io::Result<OwnedFd> {
 
 /// A lazily dialled channel to the agent in `dir`, verified on every
 /// (re)connection, with the windows the agent uses.
-pub fn connect(dir: PathBuf, key: [u8; 32]) -> Agent {
-    let channel = Endpoint::from_static("http://agent.local")
-        .connect_timeout(Duration::from_secs(5))
+fn channel(dir: PathBuf, key: [u8; 32], connect_timeout: Duration) -> Channel {
+    Endpoint::from_static("http://agent.local")
+        .connect_timeout(connect_timeout)
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(16 << 20)
         .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
             let dir = dir.clone();
             async move { Ok::<_, std::io::Error>(TokioIo::new(dial(&dir, &key).await?)) }
-        }));
-    SandboxAgentClient::new(channel)
+        }))
+}
+
+/// A client for the agent in `dir` (see [`channel`]).
+pub fn connect(dir: PathBuf, key: [u8; 32]) -> Agent {
+    SandboxAgentClient::new(channel(dir, key, Duration::from_secs(5)))
         .max_decoding_message_size(16 << 20)
         .max_encoding_message_size(16 << 20)
 }
 
 /// Whether the agent in `dir` proves its identity and reports SERVING.
 pub async fn serving(dir: &Path, key: &[u8; 32]) -> bool {
-    let (dir, key) = (dir.to_path_buf(), *key);
-    let channel = Endpoint::from_static("http://agent.local")
-        .connect_timeout(Duration::from_secs(1))
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let dir = dir.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(dial(&dir, &key).await?)) }
-        }))
-        .await;
-    let Ok(channel) = channel else { return false };
+    let channel = channel(dir.to_path_buf(), *key, Duration::from_secs(1));
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     matches!(
         tokio::time::timeout(

@@ -914,21 +914,16 @@ impl<R: Runtime> Sandboxes<R> {
                 let _ = std::fs::remove_dir_all(self.socket_dir(&c.sandbox_id));
             }
         }
-        // Filesystems whose sandbox is gone (a crash between removing the
-        // container and its disk, or before the record was written).
+        // Filesystems and volumes whose sandbox is gone (a crash between
+        // removing the container and its disk, or before the record was
+        // written; a container removed without its volume).
+        let live: HashSet<&str> = containers.iter().map(|c| c.sandbox_id.as_str()).collect();
         let disks = self.inner.disks.ids().unwrap_or_else(|e| {
             tracing::warn!("listing sandbox disks: {e}");
             Vec::new()
         });
-        let live: HashSet<&str> = containers.iter().map(|c| c.sandbox_id.as_str()).collect();
         for id in disks {
-            if known.contains(id.as_str()) || creating.contains(&id) || live.contains(id.as_str()) {
-                continue;
-            }
-            // Begun since this sweep started: its record is on the way.
-            if self.inner.creating.lock().expect("lock").contains(&id)
-                || self.inner.store.sandbox(&id).await?.is_some()
-            {
+            if known.contains(id.as_str()) || !self.owns_nothing(&id, &live).await? {
                 continue;
             }
             tracing::info!(sandbox = %id, "removing an orphan disk");
@@ -936,12 +931,12 @@ impl<R: Runtime> Sandboxes<R> {
                 tracing::warn!(sandbox = %id, "removing an orphan disk: {e}");
             }
         }
-        // Volumes likewise (a container removed without its volume).
-        for id in self.inner.runtime.volumes().await.unwrap_or_else(|e| {
+        let volumes = self.inner.runtime.volumes().await.unwrap_or_else(|e| {
             tracing::warn!("listing workspace volumes: {e}");
             Vec::new()
-        }) {
-            if known.contains(id.as_str()) || creating.contains(&id) || live.contains(id.as_str()) {
+        });
+        for id in volumes {
+            if known.contains(id.as_str()) || !self.owns_nothing(&id, &live).await? {
                 continue;
             }
             tracing::info!(sandbox = %id, "removing an orphan workspace volume");
@@ -1035,6 +1030,16 @@ impl<R: Runtime> Sandboxes<R> {
         }
         self.collect_artifacts().await?;
         Ok(())
+    }
+
+    /// Whether something named for sandbox `id` (a disk, a volume) belongs
+    /// to none: no container, no creation under way and no record, the last
+    /// two read now rather than from the sweep's snapshot, which a create
+    /// begun since would miss.
+    async fn owns_nothing(&self, id: &str, live: &HashSet<&str>) -> Result<bool> {
+        Ok(!live.contains(id)
+            && !self.inner.creating.lock().expect("lock").contains(id)
+            && self.inner.store.sandbox(id).await?.is_none())
     }
 
     async fn flush_activity(&self) -> Result<()> {

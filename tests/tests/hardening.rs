@@ -225,33 +225,19 @@ async fn exec_ids_of_runs_cannot_be_chosen_or_guessed_by_a_client() {
         shell: "true".into(),
         ..Default::default()
     };
-    let run = runs
-        .submit(pb::SubmitRunRequest {
-            idempotency_key: "ids".into(),
-            job: Some(pb::Job {
-                steps: vec![step("a"), step("b")],
-                ..Default::default()
-            }),
-        })
+    let job = pb::Job {
+        steps: vec![step("a"), step("b")],
+        ..Default::default()
+    };
+    let run = submit(&mut runs, "ids", job).await;
+    let ids: Vec<String> = events_until(&mut runs, &run.id, finished)
         .await
-        .unwrap()
-        .into_inner();
-    let mut events = runs
-        .watch(pb::WatchRunRequest {
-            run_id: run.id.clone(),
-            from_seq: 1,
+        .into_iter()
+        .filter_map(|ev| match ev.event {
+            Some(pb::run_event::Event::StepStarted(s)) => Some(s.exec_id),
+            _ => None,
         })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut ids = Vec::new();
-    while let Some(ev) = events.message().await.unwrap() {
-        match ev.event {
-            Some(pb::run_event::Event::StepStarted(s)) => ids.push(s.exec_id),
-            Some(pb::run_event::Event::Finished(_)) => break,
-            _ => {}
-        }
-    }
+        .collect();
     assert_eq!(ids.len(), 2);
     for (i, exec_id) in ids.iter().enumerate() {
         let prefix = format!("bridle.run.{}.s{i}.a1.", run.id);
@@ -366,7 +352,24 @@ async fn an_upload_that_is_not_what_was_announced_changes_nothing() {
     assert_eq!(done.sha256, sha);
 }
 
-async fn wait_finished(runs: &mut control::Runs, run_id: &str) -> pb::Run {
+/// Submits `job` under `key` and answers the run.
+async fn submit(runs: &mut control::Runs, key: &str, job: pb::Job) -> pb::Run {
+    runs.submit(pb::SubmitRunRequest {
+        idempotency_key: key.into(),
+        job: Some(job),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// A run's events from its first, up to and including the first `until`
+/// matches.
+async fn events_until(
+    runs: &mut control::Runs,
+    run_id: &str,
+    until: impl Fn(&pb::run_event::Event) -> bool,
+) -> Vec<pb::RunEvent> {
     let mut events = runs
         .watch(pb::WatchRunRequest {
             run_id: run_id.into(),
@@ -375,11 +378,23 @@ async fn wait_finished(runs: &mut control::Runs, run_id: &str) -> pb::Run {
         .await
         .unwrap()
         .into_inner();
+    let mut seen = Vec::new();
     while let Some(ev) = events.message().await.unwrap() {
-        if matches!(ev.event, Some(pb::run_event::Event::Finished(_))) {
+        let last = ev.event.as_ref().is_some_and(&until);
+        seen.push(ev);
+        if last {
             break;
         }
     }
+    seen
+}
+
+fn finished(e: &pb::run_event::Event) -> bool {
+    matches!(e, pb::run_event::Event::Finished(_))
+}
+
+async fn wait_finished(runs: &mut control::Runs, run_id: &str) -> pb::Run {
+    events_until(runs, run_id, finished).await;
     runs.get(pb::GetRunRequest {
         run_id: run_id.into(),
     })
@@ -398,23 +413,17 @@ async fn a_run_that_fails_writing_its_inputs_releases_its_sandbox() {
         content: b"x".to_vec().into(),
         mode: 0,
     };
-    let run = runs
-        .submit(pb::SubmitRunRequest {
-            idempotency_key: "inputs".into(),
-            job: Some(pb::Job {
-                // The second cannot be written: its parent is a file.
-                inputs: vec![input("a"), input("a/b")],
-                steps: vec![pb::Step {
-                    name: "never".into(),
-                    shell: "true".into(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let job = pb::Job {
+        // The second cannot be written: its parent is a file.
+        inputs: vec![input("a"), input("a/b")],
+        steps: vec![pb::Step {
+            name: "never".into(),
+            shell: "true".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let run = submit(&mut runs, "inputs", job).await;
     let done = wait_finished(&mut runs, &run.id).await;
     assert_eq!(done.state, pb::RunState::Failed as i32, "{done:?}");
     assert!(done.reason.contains("writing inputs"), "{}", done.reason);
@@ -558,30 +567,15 @@ async fn restart_the_container_mid_step(
         .unwrap();
     let mut runs = cp.runs(&cp.admin_token).await.unwrap();
     let made = std::time::Instant::now();
-    let run = runs
-        .submit(pb::SubmitRunRequest {
-            idempotency_key: "restart".into(),
-            job: Some(pb::Job {
-                steps: std::iter::once(step).chain(then).collect(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut events = runs
-        .watch(pb::WatchRunRequest {
-            run_id: run.id.clone(),
-            from_seq: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(ev) = events.message().await.unwrap() {
-        if matches!(ev.event, Some(pb::run_event::Event::StepOutput(_))) {
-            break;
-        }
-    }
+    let job = pb::Job {
+        steps: std::iter::once(step).chain(then).collect(),
+        ..Default::default()
+    };
+    let run = submit(&mut runs, "restart", job).await;
+    events_until(&mut runs, &run.id, |e| {
+        matches!(e, pb::run_event::Event::StepOutput(_))
+    })
+    .await;
     let left = after_boot.saturating_sub(made.elapsed());
     tokio::time::sleep(left).await;
     cp.kill9();
@@ -831,17 +825,11 @@ async fn followers_survive_restarts_and_miss_nothing() {
             ..Default::default()
         })
         .collect();
-    let run = runs
-        .submit(pb::SubmitRunRequest {
-            idempotency_key: "followed".into(),
-            job: Some(pb::Job {
-                steps,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let job = pb::Job {
+        steps,
+        ..Default::default()
+    };
+    let run = submit(&mut runs, "followed", job).await;
     let followers = [
         Follower::start(&cp, &["runs", "watch", &run.id]),
         Follower::start(&cp, &["runs", "watch", &run.id]),

@@ -58,6 +58,14 @@ impl Docker {
     fn volume_name(sandbox_id: &str) -> String {
         format!("bridle-{sandbox_id}-workspace")
     }
+
+    /// The engine's filter for what this control plane made (its label).
+    fn own_objects(&self) -> HashMap<String, Vec<String>> {
+        HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_CONTROL_PLANE}={}", self.instance)],
+        )])
+    }
 }
 
 fn docker_error(e: bollard::errors::Error) -> Error {
@@ -317,10 +325,7 @@ impl Runtime for Docker {
     }
 
     async fn list(&self) -> Result<Vec<ContainerStatus>, Error> {
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![format!("{LABEL_CONTROL_PLANE}={}", self.instance)],
-        )]);
+        let filters = self.own_objects();
         let containers = self
             .client
             .list_containers(Some(ListContainersOptions {
@@ -346,10 +351,7 @@ impl Runtime for Docker {
     }
 
     async fn volumes(&self) -> Result<Vec<String>, Error> {
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![format!("{LABEL_CONTROL_PLANE}={}", self.instance)],
-        )]);
+        let filters = self.own_objects();
         let listed = self
             .client
             .list_volumes(Some(ListVolumesOptions {
@@ -366,14 +368,9 @@ impl Runtime for Docker {
     }
 
     fn exits(&self) -> impl futures::Stream<Item = Exit> + Send + 'static {
-        let filters = HashMap::from([
-            ("type".to_string(), vec!["container".to_string()]),
-            ("event".to_string(), vec!["die".to_string()]),
-            (
-                "label".to_string(),
-                vec![format!("{LABEL_CONTROL_PLANE}={}", self.instance)],
-            ),
-        ]);
+        let mut filters = self.own_objects();
+        filters.insert("type".into(), vec!["container".into()]);
+        filters.insert("event".into(), vec!["die".into()]);
         self.client
             .events(Some(EventsOptions {
                 filters: Some(filters),
