@@ -1015,18 +1015,23 @@ mod tests {
             id: "new".into(),
             owner: "admin".into(),
         };
+        let note = crate::guard::AuditNote::new("req-test".into());
+        let ask = crate::guard::Ask {
+            principal: &admin,
+            action: crate::policy::Action::SandboxCreate,
+            resource: &resource,
+            facts: &crate::policy::Facts::default(),
+        };
         guard
             .clear(
-                &crate::guard::AuditNote::new("req-test".into()),
-                &admin,
-                crate::policy::Action::SandboxCreate,
-                &resource,
-                &crate::policy::Facts::default(),
+                &crate::guard::Record::Call(&note),
+                ask,
                 None,
                 "request:req-test",
             )
             .await
             .map(|_| ())
+            .map_err(crate::api::status::refused)
     }
 
     #[tokio::test]

@@ -194,18 +194,15 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let sandboxes_api = api::sandboxes::SandboxesApi {
-        auth: auth.clone(),
         sandboxes: sandboxes.clone(),
         guard: guard.clone(),
         shutdown: stop_rx.clone(),
     };
     let runs_api = api::runs::RunsApi {
-        auth: auth.clone(),
         runner,
         guard: guard.clone(),
     };
     let approvals_api = api::approvals::ApprovalsApi {
-        auth: auth.clone(),
         guard: guard.clone(),
         shutdown: stop_rx.clone(),
     };
@@ -252,7 +249,6 @@ pub async fn run(
         .add_service(RunsServer::new(runs_api))
         .add_service(ApprovalsServer::new(approvals_api))
         .add_service(AuditServer::new(api::audit::AuditApi {
-            auth: auth.clone(),
             log: audit_log.clone(),
             approvals: guard.approvals.clone(),
         }))

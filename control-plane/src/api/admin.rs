@@ -55,8 +55,7 @@ pub fn token_pb(t: TokenRecord) -> pb::TokenInfo {
 }
 
 fn store_status(e: crate::store::Error) -> Status {
-    tracing::error!("{e}");
-    Status::internal(e.to_string())
+    super::status::internal("store", e)
 }
 
 #[tonic::async_trait]
@@ -65,7 +64,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         principal.require_admin()?;
         let req = request.into_inner();
         let name = req.name.trim();
@@ -118,7 +117,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         principal.require_admin()?;
         let include_revoked = request.into_inner().include_revoked;
         let tokens = self
@@ -135,7 +134,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         principal.require_admin()?;
         let id = request.into_inner().token_id;
         if id.is_empty() {
@@ -159,7 +158,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::TokenInfo>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let record = self
             .auth
             .get(&principal.token_id)
@@ -171,14 +170,14 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::PolicyInfo>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         require_policy_reader(&principal)?;
         let s = self
             .policies
             .store
             .current()
             .await
-            .map_err(|e| Status::internal(format!("policy store: {e}")))?;
+            .map_err(|e| super::status::internal("policy store", e))?;
         Ok(Response::new(pb::PolicyInfo {
             version: s.version,
             source: s.source,
@@ -191,7 +190,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::ValidatePolicyRequest>,
     ) -> Result<Response<pb::ValidatePolicyResponse>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         require_policy_reader(&principal)?;
         let req = request.into_inner();
         Ok(Response::new(
@@ -212,7 +211,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::SetPolicyRequest>,
     ) -> Result<Response<pb::PolicyInfo>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         principal.require_admin()?;
         let (_, version) = self.policies.engine.current();
         let resource = crate::policy::Resource {
@@ -220,37 +219,25 @@ impl pb::admin_server::Admin for AdminApi {
             id: format!("policy-v{version}"),
             owner: String::new(),
         };
-        self.guard
-            .authorize(
-                &request,
-                &principal,
-                crate::policy::Action::PolicyChange,
-                &resource,
-                &crate::policy::Facts::default(),
-            )
-            .await?;
+        let ask = crate::guard::Ask {
+            principal: &principal,
+            action: crate::policy::Action::PolicyChange,
+            resource: &resource,
+            facts: &crate::policy::Facts::default(),
+        };
+        super::authorize(
+            &self.guard,
+            &super::note_of(&request),
+            request.metadata(),
+            ask,
+        )
+        .await?;
         let req = request.into_inner();
-        use crate::policy::Refusal;
         let next = self
             .policies
             .change(&req.source, &principal.token_id, req.expected_version)
             .await
-            .map_err(|e| match e {
-                Refusal::Invalid(problems) => {
-                    let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-                    Status::invalid_argument(format!(
-                        "the policy set is not valid: {}",
-                        lines.join("; ")
-                    ))
-                }
-                Refusal::Changed { in_force, expected } => Status::aborted(format!(
-                    "the policy set changed: version {in_force} is in force, not {expected}"
-                )),
-                Refusal::Race => Status::aborted(
-                    "another policy change was stored at the same time; read the set again",
-                ),
-                Refusal::Store(e) => Status::internal(format!("policy store: {e}")),
-            })?;
+            .map_err(super::status::policy_change)?;
         Ok(Response::new(pb::PolicyInfo {
             version: next.version,
             source: next.source,

@@ -9,13 +9,13 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::{authorize, note_of, status};
 use crate::approvals::{Approval, State};
-use crate::auth::{Auth, Principal, Role};
-use crate::guard::{note_of, refusal_status, Guard};
+use crate::auth::{Principal, Role};
+use crate::guard::{Ask, Guard};
 use crate::policy::{Action, Facts, Resource, ResourceKind};
 
 pub struct ApprovalsApi {
-    pub auth: Auth,
     pub guard: Guard,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -31,8 +31,7 @@ fn visible(p: &Principal, a: &Approval) -> bool {
 }
 
 fn store_error(e: sqlx::Error) -> Status {
-    tracing::error!("approvals: {e}");
-    Status::internal(format!("approvals: {e}"))
+    status::internal("approvals", e)
 }
 
 pub fn state_pb(s: State) -> pb::ApprovalState {
@@ -77,7 +76,7 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
         &self,
         request: Request<pb::ListApprovalsRequest>,
     ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let req = request.into_inner();
         let mut states = Vec::new();
         for s in &req.states {
@@ -127,7 +126,7 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
         &self,
         request: Request<pb::GetApprovalRequest>,
     ) -> Result<Response<pb::Approval>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let id = request.into_inner().approval_id;
         if id.is_empty() {
             return Err(Status::invalid_argument("approval_id is required"));
@@ -142,7 +141,7 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
         &self,
         request: Request<pb::DecideApprovalRequest>,
     ) -> Result<Response<pb::Approval>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let note = note_of(&request);
         let req = request.get_ref();
         if req.approval_id.is_empty() {
@@ -176,15 +175,13 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
             run_id: a.run_id.clone(),
             ..Facts::default()
         };
-        self.guard
-            .authorize(
-                &request,
-                &principal,
-                Action::ApprovalDecide,
-                &resource,
-                &facts,
-            )
-            .await?;
+        let ask = Ask {
+            principal: &principal,
+            action: Action::ApprovalDecide,
+            resource: &resource,
+            facts: &facts,
+        };
+        authorize(&self.guard, &note, request.metadata(), ask).await?;
         let req = request.into_inner();
         let decided = self
             .guard
@@ -197,7 +194,7 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
                 &note.get().request_id,
             )
             .await
-            .map_err(refusal_status)?;
+            .map_err(status::approval)?;
         Ok(Response::new(approval_pb(decided)))
     }
 
@@ -207,7 +204,7 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
         &self,
         request: Request<pb::WatchApprovalsRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         // Subscribed before reading what is pending: nothing falls between.
         let mut changes = self.guard.approvals.subscribe();
         let own = (!sees_all(&principal)).then_some(principal.token_id.as_str());

@@ -14,7 +14,6 @@ use crate::audit::{AuditLog, Entry};
 use crate::auth::{Auth, Principal, Role};
 
 pub struct AuditApi {
-    pub auth: Auth,
     pub log: AuditLog,
     /// To find the approvals of a run (`run_id` in a query).
     pub approvals: crate::approvals::Approvals,
@@ -30,8 +29,7 @@ fn require_reader(p: &Principal) -> Result<(), Status> {
 }
 
 fn internal(e: anyhow::Error) -> Status {
-    tracing::error!("audit: {e:#}");
-    Status::internal(format!("audit: {e:#}"))
+    super::status::internal("audit", e)
 }
 
 fn entry_pb(e: Entry, hash: String) -> pb::AuditEntry {
@@ -58,7 +56,7 @@ impl pb::audit_server::Audit for AuditApi {
         &self,
         request: Request<pb::QueryAuditRequest>,
     ) -> Result<Response<pb::QueryAuditResponse>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         require_reader(&principal)?;
         let req = request.into_inner();
         let limit = match req.page_size {
@@ -141,7 +139,7 @@ impl pb::audit_server::Audit for AuditApi {
         &self,
         request: Request<pb::ExportAuditRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         require_reader(&principal)?;
         let lines = self.log.lines().await.map_err(internal)?;
         let mut chunks = Vec::new();
@@ -165,7 +163,7 @@ impl pb::audit_server::Audit for AuditApi {
         &self,
         request: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         require_reader(&principal)?;
         let report = self.log.verify().await.map_err(internal)?;
         let (first_bad_seq, problem) = report.first_bad.clone().unwrap_or_default();
@@ -272,9 +270,13 @@ where
                 .log
                 .recording()
                 .err()
-                .map(|why| crate::guard::unrecorded_status(&why))
+                .map(|why| super::status::refused(crate::guard::Refused::Unrecorded(why)))
         };
-        let principal = self.layer.auth.authenticate_headers(req.headers()).ok();
+        // Authenticated once, here: the handler reads the outcome.
+        let authenticated = self.layer.auth.authenticate_headers(req.headers());
+        req.extensions_mut()
+            .insert(super::Caller(authenticated.clone()));
+        let principal = authenticated.ok();
         let request_id = crate::ids::random_hex(8);
         // The handler notes what it decided (resource, decision, policy
         // version) for this entry.

@@ -1,16 +1,20 @@
-//! The gRPC services, one module each. Requests are authenticated first,
-//! converted to domain types here (validation happens once, at this edge),
-//! and every domain error is mapped to a status by one function.
+//! The gRPC services, one module each. A request is authenticated once, by
+//! the audit layer (`audit::AuditLayer`), which hands the principal to the
+//! handler ([`caller`]); it is converted to domain types here (validation
+//! happens once, at this edge), and every domain error is mapped to a status
+//! by [`status`].
 
 pub mod admin;
 pub mod approvals;
 pub mod audit;
 pub mod runs;
 pub mod sandboxes;
+pub mod status;
 
-use tonic::Status;
+use tonic::{Request, Status};
 
-use crate::sandboxes::Error;
+use crate::auth::Principal;
+use crate::guard::{Ask, AuditNote, Cleared, Guard, Record};
 
 /// Exec ids with this prefix belong to the control plane (a run's steps,
 /// and later an agent's tool calls): clients can neither start nor attach to
@@ -27,27 +31,60 @@ pub fn client_exec_id(exec_id: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// The one mapping from sandbox errors to gRPC statuses.
-pub fn sandbox_status(e: Error) -> Status {
-    match e {
-        Error::NotFound(_) | Error::SnapshotNotFound(_) => Status::not_found(e.to_string()),
-        Error::Invalid(_) => Status::invalid_argument(e.to_string()),
-        Error::PermissionDenied(m) => Status::permission_denied(m),
-        Error::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
-        Error::Exhausted(_) => Status::resource_exhausted(e.to_string()),
-        Error::NotReady { .. } => Status::unavailable(e.to_string()),
-        Error::Runtime(crate::runtime::Error::ImageMissing(_)) => {
-            Status::failed_precondition(e.to_string())
-        }
-        Error::Runtime(crate::runtime::Error::NotFound(_)) => {
-            Status::failed_precondition(e.to_string())
-        }
-        Error::Runtime(_) => Status::unavailable(e.to_string()),
-        // The agent's own status, passed on with its code.
-        Error::Agent(s) => s,
-        Error::Store(_) | Error::Io(_) | Error::Disk(_) => {
-            tracing::error!("{e}");
-            Status::internal(e.to_string())
-        }
+/// Who made a call, as the audit layer authenticated it (request
+/// extension): the principal, or the status that refuses the call.
+#[derive(Clone)]
+pub struct Caller(pub Result<Principal, Status>);
+
+/// The authenticated principal of a call. A call that did not pass the
+/// audit layer has none and is refused.
+pub fn caller<T>(request: &Request<T>) -> Result<Principal, Status> {
+    match request.extensions().get::<Caller>() {
+        Some(Caller(authenticated)) => authenticated.clone(),
+        None => Err(Status::unauthenticated(
+            "the call was not authenticated (it did not pass the audit layer)",
+        )),
+    }
+}
+
+/// The note on a request, or a fresh one (a call that did not pass the
+/// audit layer).
+pub fn note_of<T>(request: &Request<T>) -> AuditNote {
+    request
+        .extensions()
+        .get::<AuditNote>()
+        .cloned()
+        .unwrap_or_else(|| AuditNote::new(crate::ids::random_hex(8)))
+}
+
+/// The approval id a request carries in [`status::APPROVAL_HEADER`], if any.
+pub fn approval_of(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    metadata
+        .get(status::APPROVAL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// For a unary call: goes ahead only when allowed or approved (with the
+/// approval the request carries); a new approval is the error that names it.
+pub async fn authorize(
+    guard: &Guard,
+    note: &AuditNote,
+    metadata: &tonic::metadata::MetadataMap,
+    ask: Ask<'_>,
+) -> Result<(), Status> {
+    let used_by = format!("request:{}", note.request_id());
+    match guard
+        .clear(
+            &Record::Call(note),
+            ask,
+            approval_of(metadata).as_deref(),
+            &used_by,
+        )
+        .await?
+    {
+        Cleared::Allowed | Cleared::Approved(_) => Ok(()),
+        Cleared::Pending(a) => Err(status::pending(&a)),
     }
 }

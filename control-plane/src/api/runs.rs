@@ -9,32 +9,22 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Auth, Principal};
+use crate::auth::Principal;
 use crate::runs::events::{Event, RunState, RunView, StepState, Stream as LogStream};
-use crate::runs::executor::{self, Runner};
+use crate::runs::executor::Runner;
 use crate::runs::job::{Command, Submitted};
 use crate::runs::store::{EventStore, NewRun, SqlEvents, StoredEvent, Submission};
 use crate::runtime::Runtime;
 use crate::sandboxes::Network;
 
 pub struct RunsApi<R: Runtime> {
-    pub auth: Auth,
     pub runner: Runner<R, SqlEvents>,
     pub guard: crate::guard::Guard,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-fn run_status(e: executor::Error) -> Status {
-    match e {
-        executor::Error::NotFound(id) => Status::not_found(format!("run {id} not found")),
-        executor::Error::Stopping => Status::unavailable("the control plane is shutting down"),
-        e => {
-            tracing::error!("{e}");
-            Status::internal(e.to_string())
-        }
-    }
-}
+use super::status::run as run_status;
 
 fn state_pb(s: RunState) -> pb::RunState {
     match s {
@@ -286,7 +276,7 @@ impl<R: Runtime> RunsApi<R> {
         let not_found = || Status::not_found(format!("run {run_id} not found"));
         let first = events.first().ok_or_else(not_found)?;
         let view = RunView::fold(events.iter().map(|e| (e.seq, &e.event)))
-            .map_err(|e| Status::internal(format!("run {run_id}: {e}")))?;
+            .map_err(|e| super::status::internal(&format!("run {run_id}"), e))?;
         if !principal.sees(Some(&view.owner)) {
             return Err(not_found());
         }
@@ -305,7 +295,7 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
         &self,
         request: Request<pb::SubmitRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         principal.require_write()?;
         let req = request.get_ref().clone();
         let key = req.idempotency_key.trim().to_string();
@@ -328,26 +318,20 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
         }
         let run_id = format!("run-{}", crate::ids::random_hex(8));
         // The run as a whole; each step is decided again when it starts.
-        let facts = submitted.job.facts(&run_id);
-        let resource = crate::policy::Resource {
-            kind: crate::policy::ResourceKind::Run,
-            id: run_id.clone(),
-            owner: principal.owner.clone(),
-        };
-        let verdict = self.guard.decide(
-            &crate::guard::note_of(&request),
-            &principal,
-            crate::policy::Action::RunSubmit,
-            &resource,
-            &facts,
-        );
-        if verdict.decision == crate::policy::Decision::Deny {
-            return Err(crate::guard::denied_status(
-                crate::policy::Action::RunSubmit,
-                &resource,
-                &verdict,
-            ));
-        }
+        let facts = crate::guard::facts::job(&submitted.job, &run_id);
+        let resource = crate::guard::facts::run(&run_id, &principal.owner);
+        let note = super::note_of(&request);
+        self.guard
+            .screen(
+                &crate::guard::Record::Call(&note),
+                crate::guard::Ask {
+                    principal: &principal,
+                    action: crate::policy::Action::RunSubmit,
+                    resource: &resource,
+                    facts: &facts,
+                },
+            )
+            .await?;
         let first = Event::Submitted {
             owner: principal.owner.clone(),
             idempotency_key: key.clone(),
@@ -387,7 +371,7 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
     }
 
     async fn get(&self, request: Request<pb::GetRunRequest>) -> Result<Response<pb::Run>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let id = request.into_inner().run_id;
         Ok(Response::new(self.visible(&principal, &id).await?))
     }
@@ -396,7 +380,7 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
         &self,
         request: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let req = request.into_inner();
         let mut states = Vec::new();
         for s in &req.states {
@@ -455,7 +439,7 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
         &self,
         request: Request<pb::WatchRunRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let req = request.into_inner();
         self.visible(&principal, &req.run_id).await?;
         // Subscribe before reading the stored events, so nothing falls in between.
@@ -479,7 +463,7 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
                         }
                     }
                     Err(e) => {
-                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        let _ = tx.send(Err(run_status(e.into()))).await;
                         return;
                     }
                 }
@@ -513,7 +497,7 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
         &self,
         request: Request<pb::CancelRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         principal.require_write()?;
         let req = request.into_inner();
         self.visible(&principal, &req.run_id).await?;
@@ -535,7 +519,7 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
         &self,
         request: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let req = request.into_inner();
         let run = self.visible(&principal, &req.run_id).await?;
         if req.step as usize >= run.steps.len() {
@@ -591,7 +575,7 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
                         return;
                     }
                     Err(err) => {
-                        let _ = tx.send(Err(Status::internal(err.to_string()))).await;
+                        let _ = tx.send(Err(run_status(err.into()))).await;
                         return;
                     }
                 };

@@ -11,10 +11,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::sandbox_status;
-use crate::auth::{Auth, Principal};
-use crate::guard::{approval_of, note_of, Cleared, Guard};
-use crate::policy::{Action, Facts, Resource, ResourceKind};
+use super::status::{self, APPROVAL_HEADER};
+use super::{approval_of, authorize, note_of};
+use crate::auth::Principal;
+use crate::guard::{facts, Ask, AuditNote, Cleared, Guard, Record};
+use crate::policy::Action;
+use crate::runs::job::Command;
 use crate::runtime::Runtime;
 use crate::sandboxes::{
     check_client_labels, check_lifetime, CreateRequest, Network, SandboxState, Sandboxes,
@@ -22,7 +24,6 @@ use crate::sandboxes::{
 use crate::store::{SandboxRecord, SnapshotRecord};
 
 pub struct SandboxesApi<R: Runtime> {
-    pub auth: Auth,
     pub sandboxes: Sandboxes<R>,
     pub guard: Guard,
     /// Flips to true when the server shuts down: open exec streams end with
@@ -125,43 +126,12 @@ fn snapshot_pb(s: SnapshotRecord) -> pb::SnapshotInfo {
     }
 }
 
-/// The policy resource for an existing sandbox.
-fn sandbox_resource(r: &SandboxRecord) -> Resource {
-    Resource {
-        kind: ResourceKind::Sandbox,
-        id: r.id.clone(),
-        owner: r.owner.clone().unwrap_or_default(),
-    }
-}
-
-/// What policy knows of a sandbox, before the facts of one action.
-fn sandbox_facts(r: &SandboxRecord) -> Facts {
-    Facts {
-        image: r.spec.image.clone(),
-        network: r.spec.network.as_str().to_string(),
-        memory_bytes: r.spec.memory_bytes,
-        cpu_millis: r.spec.cpu_millis,
-        pids: r.spec.pids,
-        labels: r
-            .spec
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        ..Facts::default()
-    }
-}
-
-/// An exec's command as policy sees it: argv (a shell string as
-/// `/bin/sh -c …`) and one line.
-pub fn command_facts(exec: &agent_pb::ExecStart) -> (Vec<String>, String) {
+/// An exec's command, as policy sees it.
+fn command_of(exec: &agent_pb::ExecStart) -> Command {
     if exec.shell.is_empty() {
-        (exec.argv.clone(), exec.argv.join(" "))
+        Command::Argv(exec.argv.clone())
     } else {
-        (
-            vec!["/bin/sh".into(), "-c".into(), exec.shell.clone()],
-            exec.shell.clone(),
-        )
+        Command::Shell(exec.shell.clone())
     }
 }
 
@@ -192,32 +162,20 @@ impl<R: Runtime> SandboxesApi<R> {
         principal: &Principal,
         req: &CreateRequest,
     ) -> Result<(), Status> {
-        let spec = self.sandboxes.resolve_spec(req).map_err(sandbox_status)?;
-        let resource = Resource {
-            kind: ResourceKind::Sandbox,
-            id: "new".into(),
-            owner: principal.owner.clone(),
+        let spec = self.sandboxes.resolve_spec(req)?;
+        let resource = facts::new_sandbox(&principal.owner);
+        let facts = facts::spec(&spec);
+        let note = note_of(request);
+        let mut ask = Ask {
+            principal,
+            action: Action::SandboxCreate,
+            resource: &resource,
+            facts: &facts,
         };
-        let facts = Facts {
-            image: spec.image.clone(),
-            network: spec.network.as_str().to_string(),
-            memory_bytes: spec.memory_bytes,
-            cpu_millis: spec.cpu_millis,
-            pids: spec.pids,
-            labels: spec
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            ..Facts::default()
-        };
-        self.guard
-            .authorize(request, principal, Action::SandboxCreate, &resource, &facts)
-            .await?;
+        authorize(&self.guard, &note, request.metadata(), ask).await?;
         if spec.network != Network::None {
-            self.guard
-                .authorize(request, principal, Action::Network, &resource, &facts)
-                .await?;
+            ask.action = Action::Network;
+            authorize(&self.guard, &note, request.metadata(), ask).await?;
         }
         Ok(())
     }
@@ -235,7 +193,7 @@ impl<R: Runtime> SandboxesApi<R> {
             .sandboxes
             .get(principal, sandbox_id)
             .await
-            .map_err(sandbox_status)?;
+            .map_err(status::sandbox)?;
         self.authorize_path(
             &note_of(request),
             request.metadata(),
@@ -251,27 +209,21 @@ impl<R: Runtime> SandboxesApi<R> {
     /// Decides `action` on `path` (empty: the whole workspace) in `record`.
     async fn authorize_path(
         &self,
-        note: &crate::guard::AuditNote,
+        note: &AuditNote,
         metadata: &tonic::metadata::MetadataMap,
         principal: &Principal,
         record: &SandboxRecord,
         action: Action,
         path: &str,
     ) -> Result<(), Status> {
-        let facts = Facts {
-            path: path.to_string(),
-            ..sandbox_facts(record)
+        let facts = facts::path(facts::spec(&record.spec), path);
+        let ask = Ask {
+            principal,
+            action,
+            resource: &facts::sandbox(record),
+            facts: &facts,
         };
-        self.guard
-            .authorize_parts(
-                note,
-                metadata,
-                principal,
-                action,
-                &sandbox_resource(record),
-                &facts,
-            )
-            .await
+        authorize(&self.guard, note, metadata, ask).await
     }
 }
 
@@ -281,14 +233,14 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         &self,
         request: Request<pb::CreateSandboxRequest>,
     ) -> Result<Response<pb::Sandbox>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let req = CreateRequest::try_from(request.get_ref().clone())?;
         self.authorize_create(&request, &principal, &req).await?;
         let record = self
             .sandboxes
             .create(&principal, req)
             .await
-            .map_err(sandbox_status)?;
+            .map_err(status::sandbox)?;
         tracing::info!(sandbox = %record.id, owner = %principal.owner, token = %principal.token_id, "sandbox created");
         Ok(Response::new(sandbox_pb(record)))
     }
@@ -297,14 +249,14 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         &self,
         request: Request<pb::GetSandboxRequest>,
     ) -> Result<Response<pb::Sandbox>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let id = request.into_inner().sandbox_id;
         required("sandbox_id", &id)?;
         let r = self
             .sandboxes
             .get(&principal, &id)
             .await
-            .map_err(sandbox_status)?;
+            .map_err(status::sandbox)?;
         Ok(Response::new(sandbox_pb(r)))
     }
 
@@ -312,13 +264,13 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         &self,
         request: Request<pb::ListSandboxesRequest>,
     ) -> Result<Response<pb::ListSandboxesResponse>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let labels: BTreeMap<String, String> = request.into_inner().labels.into_iter().collect();
         let records = self
             .sandboxes
             .list(&principal, &labels)
             .await
-            .map_err(sandbox_status)?;
+            .map_err(status::sandbox)?;
         Ok(Response::new(pb::ListSandboxesResponse {
             sandboxes: records.into_iter().map(sandbox_pb).collect(),
         }))
@@ -328,13 +280,13 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         &self,
         request: Request<pb::DeleteSandboxRequest>,
     ) -> Result<Response<pb::DeleteSandboxResponse>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let id = request.into_inner().sandbox_id;
         required("sandbox_id", &id)?;
         self.sandboxes
             .delete(&principal, &id)
             .await
-            .map_err(sandbox_status)?;
+            .map_err(status::sandbox)?;
         tracing::info!(sandbox = %id, token = %principal.token_id, "sandbox deleted");
         Ok(Response::new(pb::DeleteSandboxResponse {}))
     }
@@ -343,14 +295,14 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         &self,
         request: Request<pb::PauseSandboxRequest>,
     ) -> Result<Response<pb::Sandbox>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let id = request.into_inner().sandbox_id;
         required("sandbox_id", &id)?;
         let r = self
             .sandboxes
             .pause(&principal, &id)
             .await
-            .map_err(sandbox_status)?;
+            .map_err(status::sandbox)?;
         Ok(Response::new(sandbox_pb(r)))
     }
 
@@ -358,14 +310,14 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         &self,
         request: Request<pb::ResumeSandboxRequest>,
     ) -> Result<Response<pb::Sandbox>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let id = request.into_inner().sandbox_id;
         required("sandbox_id", &id)?;
         let r = self
             .sandboxes
             .resume(&principal, &id)
             .await
-            .map_err(sandbox_status)?;
+            .map_err(status::sandbox)?;
         Ok(Response::new(sandbox_pb(r)))
     }
 
@@ -375,7 +327,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         &self,
         request: Request<Streaming<pb::ExecRequest>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let metadata = request.metadata().clone();
         let note = note_of(&request);
         let mut inbound = request.into_inner();
@@ -395,7 +347,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
             .sandboxes
             .usable(&principal, &start.sandbox_id)
             .await
-            .map_err(sandbox_status)?;
+            .map_err(status::sandbox)?;
         for (k, v) in &record.spec.env {
             exec.env.entry(k.clone()).or_insert(v.clone());
         }
@@ -406,21 +358,19 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         }
         let exec_id = exec.exec_id.clone();
         let used_by = format!("exec:{}:{exec_id}", start.sandbox_id);
-        let resource = sandbox_resource(&record);
-        let (argv, command) = command_facts(&exec);
-        let facts = Facts {
-            argv,
-            command,
-            ..sandbox_facts(&record)
+        let resource = facts::sandbox(&record);
+        let facts = facts::command(facts::spec(&record.spec), &command_of(&exec));
+        let ask = Ask {
+            principal: &principal,
+            action: Action::Exec,
+            resource: &resource,
+            facts: &facts,
         };
         let cleared = self
             .guard
             .clear(
-                &note,
-                &principal,
-                Action::Exec,
-                &resource,
-                &facts,
+                &Record::Call(&note),
+                ask,
                 approval_of(&metadata).as_deref(),
                 &used_by,
             )
@@ -458,8 +408,13 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         // leaves first (the approval stays, usable by a new Exec that
         // carries its id).
         let guard = self.guard.clone();
-        let sha = crate::approvals::action_hash(&principal, Action::Exec, &resource, &facts);
         tokio::spawn(async move {
+            let ask = Ask {
+                principal: &principal,
+                action: Action::Exec,
+                resource: &resource,
+                facts: &facts,
+            };
             let mut stop = shutdown.clone();
             let pending = agent_pb::ExecEvent {
                 event: Some(agent_pb::exec_event::Event::ApprovalPending(
@@ -474,40 +429,23 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
                 return;
             }
             let decided = tokio::select! {
-                a = guard.approvals.wait(&approval.id) => a,
+                a = guard.decision(&approval.id) => a,
                 _ = tx.closed() => return,
                 _ = stop.changed() => {
                     let _ = tx.send(Err(Status::unavailable(format!(
                         "the control plane is shutting down; approval {} stays pending: once approved, exec again with the header {}: {}",
-                        approval.id, crate::guard::APPROVAL_HEADER, approval.id
+                        approval.id, APPROVAL_HEADER, approval.id
                     )))).await;
                     return;
                 }
             };
-            // The audit log may have stopped recording while the exec waited:
-            // then it does not start (and the approval stays unused).
-            if let Err(status) = guard.recording() {
-                let _ = tx.send(Err(status)).await;
-                return;
-            }
+            // Approved, still recordable (the audit log may have stopped
+            // while the exec waited), and used once, by this exec.
             let go = match decided {
-                Ok(a) if a.state() == crate::approvals::State::Approved => guard
-                    .approvals
-                    .consume(&a.id, &sha, &used_by)
-                    .await
-                    .map_err(crate::guard::refusal_status),
-                Ok(a) if a.state() == crate::approvals::State::Expired => {
-                    Err(Status::permission_denied(format!(
-                        "approval {} expired with nobody deciding",
-                        a.id
-                    )))
-                }
-                Ok(a) => Err(Status::permission_denied(format!(
-                    "approval {} was denied by {}: {}",
-                    a.id, a.decided_by, a.decision_reason
-                ))),
-                Err(e) => Err(crate::guard::refusal_status(e)),
-            };
+                Ok(a) => guard.go_ahead(&a, ask, &used_by).await,
+                Err(e) => Err(e),
+            }
+            .map_err(status::refused);
             if let Err(status) = go {
                 let _ = tx.send(Err(status)).await;
                 return;
@@ -544,7 +482,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         &self,
         request: Request<pb::AttachRequest>,
     ) -> Result<Response<Self::AttachStream>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let metadata = request.metadata().clone();
         let req = request.into_inner();
         required("sandbox_id", &req.sandbox_id)?;
@@ -554,7 +492,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
             .sandboxes
             .usable(&principal, &req.sandbox_id)
             .await
-            .map_err(sandbox_status)?;
+            .map_err(status::sandbox)?;
         let events = agent
             .attach(with_deadline(
                 &metadata,
@@ -578,7 +516,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         &self,
         request: Request<pb::ReadFileRequest>,
     ) -> Result<Response<Self::ReadFileStream>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let metadata = request.metadata().clone();
         let note = note_of(&request);
         let req = request.into_inner();
@@ -587,7 +525,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
             .sandboxes
             .usable(&principal, &req.sandbox_id)
             .await
-            .map_err(sandbox_status)?;
+            .map_err(status::sandbox)?;
         self.authorize_path(
             &note,
             &metadata,
@@ -615,7 +553,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         &self,
         request: Request<Streaming<pb::WriteFileRequest>>,
     ) -> Result<Response<agent_pb::WriteFileResponse>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let metadata = request.metadata().clone();
         let note = note_of(&request);
         let mut inbound = request.into_inner();
@@ -636,7 +574,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
             .sandboxes
             .usable(&principal, &header.sandbox_id)
             .await
-            .map_err(sandbox_status)?;
+            .map_err(status::sandbox)?;
         self.authorize_path(
             &note,
             &metadata,
@@ -700,7 +638,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         &self,
         request: Request<pb::SnapshotRequest>,
     ) -> Result<Response<pb::SnapshotInfo>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         required("sandbox_id", &request.get_ref().sandbox_id)?;
         let (id, path) = (
             request.get_ref().sandbox_id.clone(),
@@ -729,7 +667,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
                 compression,
             )
             .await
-            .map_err(sandbox_status)?;
+            .map_err(status::sandbox)?;
         Ok(Response::new(snapshot_pb(snap)))
     }
 
@@ -737,14 +675,14 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         &self,
         request: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let owner = (!principal.sees(None)).then_some(principal.owner.as_str());
         let snaps = self
             .sandboxes
             .store()
             .snapshots(owner)
             .await
-            .map_err(|e| sandbox_status(e.into()))?;
+            .map_err(|e| status::sandbox(e.into()))?;
         Ok(Response::new(pb::ListSnapshotsResponse {
             snapshots: snaps.into_iter().map(snapshot_pb).collect(),
         }))
@@ -754,13 +692,13 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         &self,
         request: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         let id = request.into_inner().snapshot_id;
         required("snapshot_id", &id)?;
         self.sandboxes
             .delete_snapshot(&principal, &id)
             .await
-            .map_err(sandbox_status)?;
+            .map_err(status::sandbox)?;
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
     }
 
@@ -768,7 +706,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         &self,
         request: Request<pb::ForkRequest>,
     ) -> Result<Response<pb::Sandbox>, Status> {
-        let principal = self.auth.authenticate(request.metadata())?;
+        let principal = super::caller(&request)?;
         required("sandbox_id", &request.get_ref().sandbox_id)?;
         // A fork is a snapshot of the parent and a new sandbox like it.
         let id = request.get_ref().sandbox_id.clone();
@@ -802,7 +740,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
                 req.labels.into_iter().collect(),
             )
             .await
-            .map_err(sandbox_status)?;
+            .map_err(status::sandbox)?;
         Ok(Response::new(sandbox_pb(r)))
     }
 }

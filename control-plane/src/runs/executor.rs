@@ -16,6 +16,7 @@ use super::redact::Redactor;
 use super::sealed::Sealer;
 use super::store::{EventStore, StoredEvent};
 use crate::auth::{Principal, Role};
+use crate::guard::{facts, Ask, Cleared, Record, Refused};
 use crate::runtime::Runtime;
 use crate::sandboxes::{CreateRequest, Sandboxes};
 
@@ -452,14 +453,10 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                 self.record(run_id, view, Event::Provisioning).await?;
             }
             if view.job.network == Some(crate::sandboxes::Network::Bridge) {
-                let resource = crate::policy::Resource {
-                    kind: crate::policy::ResourceKind::Run,
-                    id: run_id.to_string(),
-                    owner: view.owner.clone(),
-                };
+                let resource = facts::run(run_id, &view.owner);
                 let facts = crate::policy::Facts {
                     network: "bridge".into(),
-                    ..view.job.facts(run_id)
+                    ..facts::job(&view.job, run_id)
                 };
                 let cleared = self
                     .clear(
@@ -599,23 +596,8 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                     _ => run_exec_id(run_id, index, attempt),
                 };
                 if !resume {
-                    let resource = crate::policy::Resource {
-                        kind: crate::policy::ResourceKind::Sandbox,
-                        id: sandbox_id.clone(),
-                        owner: view.owner.clone(),
-                    };
-                    let (argv, command) = match &step.command {
-                        Command::Argv(a) => (a.clone(), a.join(" ")),
-                        Command::Shell(sh) => (
-                            vec!["/bin/sh".to_string(), "-c".to_string(), sh.clone()],
-                            sh.clone(),
-                        ),
-                    };
-                    let facts = crate::policy::Facts {
-                        argv,
-                        command,
-                        ..view.job.facts(run_id)
-                    };
+                    let resource = facts::sandbox_of(&sandbox_id, &view.owner);
+                    let facts = facts::command(facts::job(&view.job, run_id), &step.command);
                     let cleared = self
                         .clear(
                             run_id,
@@ -784,13 +766,12 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         }
     }
 
-    /// The facts every decision about a run shares.
     /// Decides one action of a run (a step's exec, `step` set; or the
-    /// network), recording the decision on the audit log before acting.
-    /// `require_approval` puts the run in `awaiting_approval` until the
-    /// approval is decided; on a restart it waits for the same approval.
-    /// Ok(true): go ahead; Ok(false): the run has ended (denied, not
-    /// approved, or cancelled meanwhile).
+    /// network) through the guard, which records the decision before
+    /// anything acts on it. `require_approval` puts the run in
+    /// `awaiting_approval` until the approval is decided; on a restart it
+    /// waits for the same approval. Ok(true): go ahead; Ok(false): the run
+    /// has ended (denied, not approved, unrecordable, or cancelled meanwhile).
     #[allow(clippy::too_many_arguments)]
     async fn clear(
         &self,
@@ -802,11 +783,14 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         step: Option<u32>,
         cancel: &mut watch::Receiver<bool>,
     ) -> Result<bool> {
-        use crate::approvals::State;
-        use crate::policy::Decision;
         let principal = Self::submitter(view);
-        let approvals = &self.inner.guard.approvals;
-        let sha = crate::approvals::action_hash(&principal, action, resource, facts);
+        let guard = &self.inner.guard;
+        let ask = Ask {
+            principal: &principal,
+            action,
+            resource,
+            facts,
+        };
         let what = match step {
             Some(i) => format!("step {} ({})", i + 1, view.job.steps[i as usize].name),
             None => "the run's network".to_string(),
@@ -817,78 +801,27 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
             Some(i) => format!("{run_id}-s{i}"),
             None => format!("{run_id}-network"),
         };
-        let fail = |reason: String| (RunState::Failed, reason);
         // Approved before a crash, not used yet.
         if let Some((id, s)) = view.approved.clone() {
             if s == step {
-                return match approvals.consume(&id, &sha, &used_by).await {
+                return match guard.use_approval(&id, ask, &used_by).await {
                     Ok(_) => Ok(true),
-                    Err(e) => {
-                        let (state, reason) = fail(format!("{what}: {e}"));
-                        self.finish(run_id, view, state, reason).await?;
-                        Ok(false)
-                    }
+                    Err(refused) => self.refused(run_id, view, &what, refused).await,
                 };
             }
         }
         let approval_id = match view.awaiting.clone() {
             Some((id, s)) if s == step => id,
             _ => {
-                let verdict = self
-                    .inner
-                    .guard
-                    .policies
-                    .engine
-                    .decide(&principal, action, resource, facts);
-                // On the record before anything is done about it.
-                let entry = crate::audit::Entry {
-                    unix_ms: crate::clock::now_ms(),
+                let record = Record::Run {
+                    run_id,
+                    step,
                     request_id: format!("{run_id}:{}", view.last_seq + 1),
-                    token_id: principal.token_id.clone(),
-                    principal: principal.name.clone(),
-                    role: principal.role.as_str().to_string(),
-                    owner: principal.owner.clone(),
-                    action: format!("run/{}", action.name()),
-                    resource: resource.id.clone(),
-                    decision: verdict.decision.as_str().to_string(),
-                    policy_version: verdict.policy_version,
-                    outcome: format!("{run_id} {what}: {}", verdict.reason),
-                    ..Default::default()
+                    what: &what,
                 };
-                if let Err(e) = self.inner.guard.audit.append(entry).await {
-                    // Nothing happens that is not on the record. The run
-                    // ends here, saying why, rather than wait in `running`
-                    // for a log that may not come back.
-                    tracing::error!(run = %run_id, "audit: {e:#}");
-                    let reason = format!(
-                        "{what} was not started: the audit log cannot record its decision ({e:#})"
-                    );
-                    self.finish(run_id, view, RunState::Failed, reason).await?;
-                    return Ok(false);
-                }
-                match verdict.decision {
-                    Decision::Allow => return Ok(true),
-                    Decision::Deny => {
-                        let (state, reason) = fail(format!(
-                            "{what} is denied by policy: {} (policy version {})",
-                            verdict.reason, verdict.policy_version
-                        ));
-                        self.finish(run_id, view, state, reason).await?;
-                        return Ok(false);
-                    }
-                    Decision::RequireApproval => {
-                        let a = approvals
-                            .request(crate::approvals::Request {
-                                principal: &principal,
-                                action,
-                                resource,
-                                facts,
-                                verdict: &verdict,
-                                run: Some((run_id, step.unwrap_or(0))),
-                                request_id: &format!("{run_id}:{}", view.last_seq + 1),
-                            })
-                            .await
-                            .map_err(|e| Error::Store(e.into()))?;
+                match guard.clear(&record, ask, None, &used_by).await {
+                    Ok(Cleared::Allowed | Cleared::Approved(_)) => return Ok(true),
+                    Ok(Cleared::Pending(a)) => {
                         self.record(
                             run_id,
                             view,
@@ -901,12 +834,13 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                         tracing::info!(run = %run_id, approval = %a.id, "{what} awaits approval");
                         a.id
                     }
+                    Err(refused) => return self.refused(run_id, view, &what, refused).await,
                 }
             }
         };
         let mut stopping = self.inner.shutdown.clone();
         let decided = tokio::select! {
-            a = approvals.wait(&approval_id) => a,
+            a = guard.decision(&approval_id) => a,
             _ = cancel.changed() => {
                 let reason = view.cancel_requested.clone().unwrap_or_default();
                 self.finish(run_id, view, RunState::Cancelled, reason).await?;
@@ -916,46 +850,50 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         };
         let decided = match decided {
             Ok(a) => a,
-            Err(e) => {
-                let (state, reason) = fail(format!("{what}: {e}"));
-                self.finish(run_id, view, state, reason).await?;
-                return Ok(false);
-            }
+            Err(refused) => return self.refused(run_id, view, &what, refused).await,
         };
-        let outcome = decided.state().as_str().to_string();
         self.record(
             run_id,
             view,
             Event::ApprovalDecided {
                 approval_id: approval_id.clone(),
                 step,
-                outcome: outcome.clone(),
+                outcome: decided.state().as_str().to_string(),
                 by: decided.decided_by.clone(),
                 reason: decided.decision_reason.clone(),
             },
         )
         .await?;
-        if decided.state() != State::Approved {
-            let reason = match decided.state() {
-                State::Expired => format!(
-                    "{what} was not approved: approval {approval_id} expired with nobody deciding"
-                ),
-                _ => format!(
-                    "{what} was not approved: approval {approval_id} denied by {}: {}",
-                    decided.decided_by, decided.decision_reason
-                ),
-            };
-            self.finish(run_id, view, RunState::Failed, reason).await?;
-            return Ok(false);
-        }
-        match approvals.consume(&approval_id, &sha, &used_by).await {
+        match guard.go_ahead(&decided, ask, &used_by).await {
             Ok(_) => Ok(true),
-            Err(e) => {
-                self.finish(run_id, view, RunState::Failed, format!("{what}: {e}"))
-                    .await?;
-                Ok(false)
-            }
+            Err(refused) => self.refused(run_id, view, &what, refused).await,
         }
+    }
+
+    /// Ends a run whose next action the guard refused, saying why.
+    async fn refused(
+        &self,
+        run_id: &str,
+        view: &mut RunView,
+        what: &str,
+        refused: Refused,
+    ) -> Result<bool> {
+        let reason = match &refused {
+            Refused::Unrecorded(_) => {
+                // Nothing happens that is not on the record. The run ends
+                // here, saying why, rather than wait in `running` for a log
+                // that may not come back.
+                tracing::error!(run = %run_id, "{what} was not started: {refused}");
+                format!("{what} was not started: {refused}")
+            }
+            Refused::Denied { .. } => format!("{what} is denied: {refused}"),
+            Refused::Expired(_) | Refused::NotApproved { .. } => {
+                format!("{what} was not approved: {refused}")
+            }
+            Refused::Approval(_) => format!("{what}: {refused}"),
+        };
+        self.finish(run_id, view, RunState::Failed, reason).await?;
+        Ok(false)
     }
 
     /// The boot id of the sandbox's agent (random per start of the agent).

@@ -35,30 +35,6 @@ pub struct Job {
     pub labels: BTreeMap<String, String>,
 }
 
-impl Job {
-    /// The policy facts of a run of this job as a whole (a step adds its
-    /// command to them).
-    pub fn facts(&self, run_id: &str) -> crate::policy::Facts {
-        crate::policy::Facts {
-            image: self.image.clone().unwrap_or_default(),
-            network: self
-                .network
-                .map(|n| n.as_str().to_string())
-                .unwrap_or_default(),
-            memory_bytes: self.memory_bytes.unwrap_or(0),
-            cpu_millis: self.cpu_millis.unwrap_or(0),
-            pids: self.pids.unwrap_or(0),
-            run_id: run_id.to_string(),
-            labels: self
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            ..Default::default()
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InputFile {
     pub path: String,
