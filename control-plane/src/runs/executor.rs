@@ -882,8 +882,9 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
             Refused::Unrecorded(_) => {
                 // Nothing happens that is not on the record. The run ends
                 // here, saying why, rather than wait in `running` for a log
-                // that may not come back.
-                tracing::error!(run = %run_id, "{what} was not started: {refused}");
+                // that may not come back. (The audit log has said why, as an
+                // error, once.)
+                tracing::warn!(run = %run_id, "{what} was not started: {refused}");
                 format!("{what} was not started: {refused}")
             }
             Refused::Denied { .. } => format!("{what} is denied: {refused}"),
