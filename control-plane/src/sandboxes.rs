@@ -22,33 +22,8 @@ use crate::runtime::{self, ContainerSpec, Runtime};
 use crate::store::{self, Claim, SandboxRecord, SnapshotRecord, Store};
 
 pub use crate::agents::Agent;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Network {
-    None,
-    Bridge,
-}
-
-impl Network {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Network::None => "none",
-            Network::Bridge => "bridge",
-        }
-    }
-}
-
-impl FromStr for Network {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "none" => Ok(Network::None),
-            "bridge" => Ok(Network::Bridge),
-            other => Err(format!("unknown network {other:?} (none, bridge)")),
-        }
-    }
-}
+/// The network is the runtime's to give; re-exported as part of a [`Spec`].
+pub use crate::runtime::Network;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SandboxState {
