@@ -13,7 +13,6 @@ pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod disks;
 pub mod guard;
 pub mod ids;
 pub mod keys;
@@ -87,7 +86,8 @@ pub async fn run(
             .clone()
             .unwrap_or_else(|| data_dir.join("secrets.key")),
     )?;
-    let sandboxes = sandboxes::Sandboxes::new(config.clone(), docker, store, artifacts)?;
+    let sandboxes =
+        sandboxes::Sandboxes::new(config.clone(), docker, store.pool().clone(), artifacts)?;
     // Re-adopt what a previous run left, and remove orphans, before serving.
     sandboxes
         .reconcile()
