@@ -59,7 +59,7 @@ pub async fn run(
         .await
         .context("reading the instance id")?;
     std::fs::write(data_dir.join(INSTANCE_FILE), format!("{instance}\n"))?;
-    let auth = auth::Auth::load(store.clone()).await?;
+    let auth = auth::Auth::load(store.pool().clone()).await?;
     if let Some(path) = auth.bootstrap(&data_dir, clock::now_ms()).await? {
         tracing::info!(path = %path.display(), "wrote the bootstrap admin token (mode 0600)");
     }

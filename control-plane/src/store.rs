@@ -1,14 +1,16 @@
-//! Durable state: tokens, sandbox records and snapshot records, in SQLite
-//! (one file in the data directory, WAL). Queries are plain SQL that
-//! PostgreSQL accepts too, checked at run time (no build-time database).
+//! The database: one SQLite file in the data directory (WAL), its
+//! migrations, the instance id, and what every writer shares (the error
+//! type, group commits, placeholders). The tables' SQL lives with their
+//! owners, over [`Store::pool`]: tokens in `auth::tokens`, sandboxes and
+//! snapshots in `sandboxes::store`, policies in `policy::store`, runs in
+//! `runs::store`, approvals in `approvals`, the audit log in `audit`.
+//! Queries are plain SQL that PostgreSQL accepts too, checked at run time
+//! (no build-time database).
 
 use std::path::Path;
-use std::str::FromStr;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
-
-use crate::auth::Role;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -25,19 +27,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
-}
-
-#[derive(Debug, Clone)]
-pub struct TokenRecord {
-    pub id: String,
-    pub name: String,
-    pub role: Role,
-    pub owner: String,
-    pub secret_sha256: String,
-    pub created_unix_ms: i64,
-    pub expires_unix_ms: i64,
-    pub revoked_unix_ms: i64,
-    pub created_by: String,
 }
 
 impl Store {
@@ -62,7 +51,7 @@ impl Store {
         Ok(Self { pool })
     }
 
-    /// The connection pool, for the run event store that shares the database.
+    /// The connection pool, over which each owner keeps its own tables.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
@@ -82,68 +71,6 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
         Ok(row.try_get("instance_id")?)
-    }
-
-    // ------------------------------------------------------------ tokens
-
-    pub async fn insert_token(&self, t: &TokenRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO tokens (id, name, role, owner, secret_sha256, created_unix_ms, \
-             expires_unix_ms, revoked_unix_ms, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(&t.id)
-        .bind(&t.name)
-        .bind(t.role.as_str())
-        .bind(&t.owner)
-        .bind(&t.secret_sha256)
-        .bind(t.created_unix_ms)
-        .bind(t.expires_unix_ms)
-        .bind(t.revoked_unix_ms)
-        .bind(&t.created_by)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn tokens(&self) -> Result<Vec<TokenRecord>> {
-        let rows = sqlx::query(
-            "SELECT id, name, role, owner, secret_sha256, created_unix_ms, expires_unix_ms, \
-             revoked_unix_ms, created_by FROM tokens ORDER BY created_unix_ms, id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let id: String = r.try_get("id")?;
-                let role: String = r.try_get("role")?;
-                Ok(TokenRecord {
-                    role: Role::from_str(&role).map_err(|message| Error::Corrupt {
-                        id: id.clone(),
-                        message,
-                    })?,
-                    id,
-                    name: r.try_get("name")?,
-                    owner: r.try_get("owner")?,
-                    secret_sha256: r.try_get("secret_sha256")?,
-                    created_unix_ms: r.try_get("created_unix_ms")?,
-                    expires_unix_ms: r.try_get("expires_unix_ms")?,
-                    revoked_unix_ms: r.try_get("revoked_unix_ms")?,
-                    created_by: r.try_get("created_by")?,
-                })
-            })
-            .collect()
-    }
-
-    /// Marks a token revoked; false when there is no such live token.
-    pub async fn revoke_token(&self, id: &str, now: i64) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE tokens SET revoked_unix_ms = $1 WHERE id = $2 AND revoked_unix_ms = 0",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
     }
 }
 
