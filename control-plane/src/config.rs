@@ -226,6 +226,14 @@ impl Default for PoolProfile {
     }
 }
 
+/// Name of the file in the data directory that holds the address the server
+/// listens on (useful with `listen = "127.0.0.1:0"`).
+pub const ENDPOINT_FILE: &str = "endpoint";
+/// Name of the file in the data directory that holds this control plane's
+/// instance id, the value of the `bridle.control-plane` label on its
+/// containers.
+pub const INSTANCE_FILE: &str = "instance";
+
 /// `/var/lib/bridle` for root, else `$XDG_DATA_HOME/bridle` or
 /// `~/.local/share/bridle`.
 pub fn default_data_dir() -> PathBuf {

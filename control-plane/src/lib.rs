@@ -31,15 +31,7 @@ use bridle_proto::control::v1::{
     runs_server::RunsServer, sandboxes_server::SandboxesServer,
 };
 
-use crate::config::Config;
-
-/// Name of the file in the data directory that holds the address the server
-/// listens on (useful with `listen = "127.0.0.1:0"`).
-pub const ENDPOINT_FILE: &str = "endpoint";
-/// Name of the file in the data directory that holds this control plane's
-/// instance id, the value of the `bridle.control-plane` label on its
-/// containers.
-pub const INSTANCE_FILE: &str = "instance";
+use crate::config::{Config, ENDPOINT_FILE, INSTANCE_FILE};
 
 /// Serves until `shutdown` resolves. Sandboxes (and the commands in them)
 /// outlive the control plane: the next start re-adopts them.
