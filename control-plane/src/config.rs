@@ -383,9 +383,9 @@ impl Config {
             ));
         }
         if let Some(url) = &self.approval_webhook_url {
-            if !url.starts_with("http://") {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
                 return Err(Error::Invalid(format!(
-                    "approval_webhook_url must be an http:// URL, got {url:?}"
+                    "approval_webhook_url must be an http:// or https:// URL, got {url:?}"
                 )));
             }
         }
