@@ -31,7 +31,7 @@ use disks::Disks;
 pub use crate::agents::Agent;
 pub use spec::{
     check_client_labels, check_lifetime, CreateRequest, Network, SandboxState, Spec,
-    MAX_LIFETIME_SECS, RESERVED_LABEL_PREFIX,
+    MAX_LIFETIME_SECS, RESERVED_EXEC_ID_PREFIX, RESERVED_LABEL_PREFIX,
 };
 pub use store::{SandboxRecord, SandboxStore, SnapshotRecord};
 

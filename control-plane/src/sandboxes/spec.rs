@@ -76,6 +76,10 @@ impl Spec {
 /// Labels with this prefix are the control plane's (a run's sandbox is
 /// found by one): clients may not set them.
 pub const RESERVED_LABEL_PREFIX: &str = "bridle.";
+/// Exec ids with this prefix belong to the control plane (a run's steps,
+/// and later an agent's tool calls): clients can neither start nor attach to
+/// one, so none can be chosen or pre-registered through the API.
+pub const RESERVED_EXEC_ID_PREFIX: &str = "bridle.";
 /// The longest TTL or idle timeout a sandbox may be given (ten years).
 pub const MAX_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
 
