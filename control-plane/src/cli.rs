@@ -495,7 +495,7 @@ impl Dial {
     fn endpoint(&self) -> String {
         match &self.endpoint {
             Some(e) => e.clone(),
-            None => std::fs::read_to_string(self.data_dir.join(crate::ENDPOINT_FILE))
+            None => std::fs::read_to_string(self.data_dir.join(crate::config::ENDPOINT_FILE))
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "http://127.0.0.1:7443".into()),
         }

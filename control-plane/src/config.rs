@@ -226,6 +226,14 @@ impl Default for PoolProfile {
     }
 }
 
+/// Name of the file in the data directory that holds the address the server
+/// listens on (useful with `listen = "127.0.0.1:0"`).
+pub const ENDPOINT_FILE: &str = "endpoint";
+/// Name of the file in the data directory that holds this control plane's
+/// instance id, the value of the `bridle.control-plane` label on its
+/// containers.
+pub const INSTANCE_FILE: &str = "instance";
+
 /// `/var/lib/bridle` for root, else `$XDG_DATA_HOME/bridle` or
 /// `~/.local/share/bridle`.
 pub fn default_data_dir() -> PathBuf {
@@ -375,9 +383,9 @@ impl Config {
             ));
         }
         if let Some(url) = &self.approval_webhook_url {
-            if !url.starts_with("http://") {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
                 return Err(Error::Invalid(format!(
-                    "approval_webhook_url must be an http:// URL, got {url:?}"
+                    "approval_webhook_url must be an http:// or https:// URL, got {url:?}"
                 )));
             }
         }

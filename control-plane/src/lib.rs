@@ -13,7 +13,6 @@ pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod disks;
 pub mod guard;
 pub mod ids;
 pub mod keys;
@@ -32,15 +31,7 @@ use bridle_proto::control::v1::{
     runs_server::RunsServer, sandboxes_server::SandboxesServer,
 };
 
-use crate::config::Config;
-
-/// Name of the file in the data directory that holds the address the server
-/// listens on (useful with `listen = "127.0.0.1:0"`).
-pub const ENDPOINT_FILE: &str = "endpoint";
-/// Name of the file in the data directory that holds this control plane's
-/// instance id, the value of the `bridle.control-plane` label on its
-/// containers.
-pub const INSTANCE_FILE: &str = "instance";
+use crate::config::{Config, ENDPOINT_FILE, INSTANCE_FILE};
 
 /// Serves until `shutdown` resolves. Sandboxes (and the commands in them)
 /// outlive the control plane: the next start re-adopts them.
@@ -60,7 +51,7 @@ pub async fn run(
         .await
         .context("reading the instance id")?;
     std::fs::write(data_dir.join(INSTANCE_FILE), format!("{instance}\n"))?;
-    let auth = auth::Auth::load(store.clone()).await?;
+    let auth = auth::Auth::load(store.pool().clone()).await?;
     if let Some(path) = auth.bootstrap(&data_dir, clock::now_ms()).await? {
         tracing::info!(path = %path.display(), "wrote the bootstrap admin token (mode 0600)");
     }
@@ -87,7 +78,8 @@ pub async fn run(
             .clone()
             .unwrap_or_else(|| data_dir.join("secrets.key")),
     )?;
-    let sandboxes = sandboxes::Sandboxes::new(config.clone(), docker, store, artifacts)?;
+    let sandboxes =
+        sandboxes::Sandboxes::new(config.clone(), docker, store.pool().clone(), artifacts)?;
     // Re-adopt what a previous run left, and remove orphans, before serving.
     sandboxes
         .reconcile()

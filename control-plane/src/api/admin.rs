@@ -3,8 +3,7 @@
 use bridle_proto::control::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{make_token, Auth, Role};
-use crate::store::TokenRecord;
+use crate::auth::{make_token, Auth, Role, TokenRecord};
 
 pub struct AdminApi {
     pub auth: Auth,

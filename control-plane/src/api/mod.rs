@@ -16,10 +16,7 @@ use tonic::{Request, Status};
 use crate::auth::Principal;
 use crate::guard::{Ask, AuditNote, Cleared, Guard, Record};
 
-/// Exec ids with this prefix belong to the control plane (a run's steps,
-/// and later an agent's tool calls): clients can neither start nor attach to
-/// one, so none can be chosen or pre-registered through the API.
-pub const RESERVED_EXEC_ID_PREFIX: &str = "bridle.";
+pub use crate::sandboxes::RESERVED_EXEC_ID_PREFIX;
 
 /// Refuses an exec id a client may not use.
 pub fn client_exec_id(exec_id: &str) -> Result<(), Status> {

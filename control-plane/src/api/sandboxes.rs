@@ -21,7 +21,7 @@ use crate::runtime::Runtime;
 use crate::sandboxes::{
     check_client_labels, check_lifetime, CreateRequest, Network, SandboxState, Sandboxes,
 };
-use crate::store::{SandboxRecord, SnapshotRecord};
+use crate::sandboxes::{SandboxRecord, SnapshotRecord};
 
 pub struct SandboxesApi<R: Runtime> {
     pub sandboxes: Sandboxes<R>,

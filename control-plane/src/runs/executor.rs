@@ -1264,13 +1264,13 @@ fn describe_failure(index: usize, name: &str, s: &super::events::StepView) -> St
 }
 
 /// The exec id of one attempt of a run's step. It starts with the prefix the
-/// public API refuses ([`crate::api::RESERVED_EXEC_ID_PREFIX`]), so no client
+/// public API refuses ([`crate::sandboxes::RESERVED_EXEC_ID_PREFIX`]), so no client
 /// can start, signal or pre-register it, and ends in a random part, so it
 /// cannot be guessed from the run id either.
 fn run_exec_id(run_id: &str, index: usize, attempt: u32) -> String {
     format!(
         "{}run.{run_id}.s{index}.a{attempt}.{}",
-        crate::api::RESERVED_EXEC_ID_PREFIX,
+        crate::sandboxes::RESERVED_EXEC_ID_PREFIX,
         crate::ids::random_hex(8)
     )
 }

@@ -16,8 +16,7 @@ use bollard::query_parameters::{
 };
 use futures::StreamExt;
 
-use super::{ContainerSpec, ContainerStatus, Error, Exit, Runtime};
-use crate::sandboxes::Network;
+use super::{ContainerSpec, ContainerStatus, Error, Exit, Network, Runtime};
 
 pub const LABEL_CONTROL_PLANE: &str = "bridle.control-plane";
 pub const LABEL_SANDBOX: &str = "bridle.sandbox";

@@ -6,8 +6,9 @@ pub mod docker;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::str::FromStr;
 
-use crate::sandboxes::Network;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -17,6 +18,35 @@ pub enum Error {
     ImageMissing(String),
     #[error("docker: {0}")]
     Docker(String),
+}
+
+/// The network a sandbox's container is attached to. Part of a sandbox's
+/// stored spec (`sandboxes::Spec`), so its serialized form is kept stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    None,
+    Bridge,
+}
+
+impl Network {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Network::None => "none",
+            Network::Bridge => "bridge",
+        }
+    }
+}
+
+impl FromStr for Network {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(Network::None),
+            "bridge" => Ok(Network::Bridge),
+            other => Err(format!("unknown network {other:?} (none, bridge)")),
+        }
+    }
 }
 
 /// Everything needed to start one sandbox container.

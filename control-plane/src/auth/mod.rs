@@ -1,112 +1,41 @@
-//! Bearer tokens: how they look, how they are stored (only a sha256 of the
-//! secret), and who a request is. Every RPC starts with [`Auth::authenticate`].
+//! Bearer tokens checked, and who a request is. Every RPC starts with
+//! [`Auth::authenticate`]. What a token looks like and how its record is
+//! stored (only a sha256 of the secret) is in [`tokens`]; roles and the
+//! rule for what each sees in [`roles`].
 //!
 //! A token reads `bridle_<id>_<secret>`: the id finds the record without a
 //! scan, the 256-bit secret is what is checked. Records are cached in memory
 //! (the store is the source of truth; this instance is the only writer).
 
+pub mod roles;
+pub mod tokens;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
+use sqlx::SqlitePool;
 use tonic::Status;
 
-use crate::store::{Store, TokenRecord};
+use tokens::{constant_time_eq, token_id};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    Admin,
-    Operator,
-    Submitter,
-    Auditor,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::Operator => "operator",
-            Role::Submitter => "submitter",
-            Role::Auditor => "auditor",
-        }
-    }
-}
-
-impl FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "admin" => Ok(Role::Admin),
-            "operator" => Ok(Role::Operator),
-            "submitter" => Ok(Role::Submitter),
-            "auditor" => Ok(Role::Auditor),
-            other => Err(format!(
-                "unknown role {other:?} (admin, operator, submitter, auditor)"
-            )),
-        }
-    }
-}
-
-/// Who is calling: the token's identity, never its secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    pub token_id: String,
-    pub name: String,
-    pub role: Role,
-    pub owner: String,
-}
-
-impl Principal {
-    /// Whether records of `owner` exist for this principal at all. Others'
-    /// records answer NOT_FOUND, exactly like ids that do not exist.
-    pub fn sees(&self, owner: Option<&str>) -> bool {
-        match self.role {
-            Role::Admin | Role::Auditor => true,
-            Role::Operator | Role::Submitter => owner == Some(self.owner.as_str()),
-        }
-    }
-
-    /// Whether this principal may change sandboxes it can see.
-    pub fn require_write(&self) -> Result<(), Status> {
-        match self.role {
-            Role::Auditor => Err(Status::permission_denied("the auditor role is read-only")),
-            _ => Ok(()),
-        }
-    }
-
-    pub fn require_admin(&self) -> Result<(), Status> {
-        if self.role == Role::Admin {
-            Ok(())
-        } else {
-            Err(Status::permission_denied(format!(
-                "this needs the admin role; token {} has {}",
-                self.token_id,
-                self.role.as_str()
-            )))
-        }
-    }
-}
+pub use roles::{Principal, Role};
+pub use tokens::{make_token, NewToken, TokenRecord, TokenStore};
 
 #[derive(Clone)]
 pub struct Auth {
-    store: Store,
+    store: TokenStore,
     tokens: Arc<RwLock<HashMap<String, TokenRecord>>>,
-}
-
-/// A freshly made token: the record to store and the secret to show once.
-pub struct NewToken {
-    pub record: TokenRecord,
-    pub secret: String,
 }
 
 pub const BOOTSTRAP_TOKEN_FILE: &str = "admin.token";
 
 impl Auth {
-    pub async fn load(store: Store) -> Result<Self, crate::store::Error> {
+    pub async fn load(pool: SqlitePool) -> Result<Self, crate::store::Error> {
+        let store = TokenStore::new(pool);
         let records = store.tokens().await?;
         let tokens = records.into_iter().map(|t| (t.id.clone(), t)).collect();
         Ok(Self {
@@ -234,51 +163,16 @@ impl Auth {
     }
 }
 
-/// A new token with a random id and secret.
-pub fn make_token(
-    name: &str,
-    role: Role,
-    owner: &str,
-    expires_unix_ms: i64,
-    created_by: &str,
-    now: i64,
-) -> NewToken {
-    let id = crate::ids::random_hex(6);
-    let secret = format!("bridle_{id}_{}", crate::ids::random_hex(32));
-    NewToken {
-        record: TokenRecord {
-            id,
-            name: name.to_string(),
-            role,
-            owner: owner.to_string(),
-            secret_sha256: hex::encode(Sha256::digest(secret.as_bytes())),
-            created_unix_ms: now,
-            expires_unix_ms,
-            revoked_unix_ms: 0,
-            created_by: created_by.to_string(),
-        },
-        secret,
-    }
-}
-
-fn token_id(secret: &str) -> Option<&str> {
-    let rest = secret.strip_prefix("bridle_")?;
-    let (id, s) = rest.split_once('_')?;
-    (!id.is_empty() && !s.is_empty()).then_some(id)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     async fn auth() -> (tempfile::TempDir, Auth) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).await.unwrap();
-        (dir, Auth::load(store).await.unwrap())
+        let store = crate::store::Store::open(&dir.path().join("db"))
+            .await
+            .unwrap();
+        (dir, Auth::load(store.pool().clone()).await.unwrap())
     }
 
     #[tokio::test]
@@ -328,25 +222,5 @@ mod tests {
         let secret = std::fs::read_to_string(&path).unwrap();
         assert_eq!(auth.check(secret.trim(), 2).unwrap().role, Role::Admin);
         assert!(auth.bootstrap(dir.path(), 3).await.unwrap().is_none());
-    }
-
-    #[test]
-    fn visibility_by_role() {
-        let p = |role| Principal {
-            token_id: "t".into(),
-            name: "n".into(),
-            role,
-            owner: "a".into(),
-        };
-        assert!(p(Role::Submitter).sees(Some("a")));
-        assert!(!p(Role::Submitter).sees(Some("b")));
-        assert!(
-            !p(Role::Submitter).sees(None),
-            "pooled sandboxes belong to no one"
-        );
-        assert!(p(Role::Admin).sees(Some("b")));
-        assert!(p(Role::Auditor).sees(Some("b")));
-        assert!(p(Role::Auditor).require_write().is_err());
-        assert!(p(Role::Operator).require_admin().is_err());
     }
 }

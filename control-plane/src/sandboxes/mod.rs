@@ -1,7 +1,15 @@
-//! Sandboxes: what one is ([`Spec`], [`SandboxState`]), and [`Sandboxes`],
-//! which creates, finds, pauses and removes them on a [`Runtime`], keeps the
-//! warm pools full, and reconciles records with containers (orphans removed,
-//! live ones re-adopted, expired and idle ones deleted).
+//! Sandboxes: [`Sandboxes`] creates, finds, pauses and removes them on a
+//! [`Runtime`] and snapshots and forks them. What one is lives in [`spec`],
+//! its record and SQL in [`store`], its workspace filesystem in [`disks`];
+//! the warm pools in `pool`, and bringing records and containers into line
+//! (orphans removed, live ones re-adopted, expired and idle ones deleted,
+//! exits noticed) in `reconcile`.
+
+pub mod disks;
+mod pool;
+mod reconcile;
+pub mod spec;
+pub mod store;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -10,152 +18,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bridle_proto::sandbox::v1 as agent_pb;
-use serde::{Deserialize, Serialize};
+use sqlx::SqlitePool;
 use tokio::sync::{Notify, Semaphore};
 
 use crate::agents;
 use crate::artifacts::Artifacts;
 use crate::auth::Principal;
-use crate::config::{Config, PoolProfile};
-use crate::disks::{self, Disks};
+use crate::config::Config;
 use crate::runtime::{self, ContainerSpec, Runtime};
-use crate::store::{self, Claim, SandboxRecord, SnapshotRecord, Store};
+use disks::Disks;
 
 pub use crate::agents::Agent;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Network {
-    None,
-    Bridge,
-}
-
-impl Network {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Network::None => "none",
-            Network::Bridge => "bridge",
-        }
-    }
-}
-
-impl FromStr for Network {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "none" => Ok(Network::None),
-            "bridge" => Ok(Network::Bridge),
-            other => Err(format!("unknown network {other:?} (none, bridge)")),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SandboxState {
-    Creating,
-    Ready,
-    Paused,
-    Failed,
-}
-
-impl SandboxState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SandboxState::Creating => "creating",
-            SandboxState::Ready => "ready",
-            SandboxState::Paused => "paused",
-            SandboxState::Failed => "failed",
-        }
-    }
-}
-
-impl FromStr for SandboxState {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "creating" => Ok(SandboxState::Creating),
-            "ready" => Ok(SandboxState::Ready),
-            "paused" => Ok(SandboxState::Paused),
-            "failed" => Ok(SandboxState::Failed),
-            other => Err(format!("unknown sandbox state {other:?}")),
-        }
-    }
-}
-
-/// What a sandbox is made of; stored with its record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Spec {
-    pub image: String,
-    pub memory_bytes: u64,
-    pub cpu_millis: u64,
-    pub pids: u64,
-    /// Size of the workspace's filesystem; 0: no limit (see `disks`).
-    #[serde(default)]
-    pub disk_bytes: u64,
-    pub network: Network,
-    /// Added to every exec's environment.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-}
-
-impl Spec {
-    /// Whether a pooled sandbox made for `other` can serve this spec (env and
-    /// labels are applied at claim time).
-    fn same_machine(&self, other: &Spec) -> bool {
-        self.image == other.image
-            && self.memory_bytes == other.memory_bytes
-            && self.cpu_millis == other.cpu_millis
-            && self.pids == other.pids
-            && self.disk_bytes == other.disk_bytes
-            && self.network == other.network
-    }
-}
-
-/// Labels with this prefix are the control plane's (a run's sandbox is
-/// found by one): clients may not set them.
-pub const RESERVED_LABEL_PREFIX: &str = "bridle.";
-/// The longest TTL or idle timeout a sandbox may be given (ten years).
-pub const MAX_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
-
-/// Refuses labels a client may not set.
-pub fn check_client_labels<'a>(
-    mut keys: impl Iterator<Item = &'a String>,
-) -> std::result::Result<(), String> {
-    match keys.find(|k| k.starts_with(RESERVED_LABEL_PREFIX)) {
-        Some(k) => Err(format!(
-            "label {k:?}: labels starting with {RESERVED_LABEL_PREFIX:?} are the control plane's own"
-        )),
-        None => Ok(()),
-    }
-}
-
-/// Refuses a TTL or idle timeout that is out of range.
-pub fn check_lifetime(name: &str, secs: u64) -> std::result::Result<(), String> {
-    if secs > MAX_LIFETIME_SECS {
-        return Err(format!(
-            "{name} must be at most {MAX_LIFETIME_SECS} seconds (ten years), got {secs}"
-        ));
-    }
-    Ok(())
-}
-
-/// A validated create request; unset values take the server's defaults.
-#[derive(Debug, Clone, Default)]
-pub struct CreateRequest {
-    pub image: Option<String>,
-    pub memory_bytes: Option<u64>,
-    pub cpu_millis: Option<u64>,
-    pub pids: Option<u64>,
-    pub disk_bytes: Option<u64>,
-    pub network: Option<Network>,
-    pub env: BTreeMap<String, String>,
-    pub labels: BTreeMap<String, String>,
-    pub ttl_secs: u64,
-    pub idle_timeout_secs: u64,
-    pub from_snapshot: Option<String>,
-}
+pub use spec::{
+    check_client_labels, check_lifetime, CreateRequest, Network, SandboxState, Spec,
+    MAX_LIFETIME_SECS, RESERVED_EXEC_ID_PREFIX, RESERVED_LABEL_PREFIX,
+};
+pub use store::{SandboxRecord, SandboxStore, SnapshotRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -176,7 +54,7 @@ pub enum Error {
     #[error(transparent)]
     Runtime(#[from] runtime::Error),
     #[error(transparent)]
-    Store(#[from] store::Error),
+    Store(#[from] crate::store::Error),
     #[error("sandbox agent: {0}")]
     Agent(tonic::Status),
     #[error("{0}")]
@@ -202,7 +80,7 @@ impl<R: Runtime> Clone for Sandboxes<R> {
 struct Inner<R> {
     config: Config,
     runtime: R,
-    store: Store,
+    store: SandboxStore,
     artifacts: Artifacts,
     sockets: PathBuf,
     disks: Disks,
@@ -223,7 +101,7 @@ impl<R: Runtime> Sandboxes<R> {
     pub fn new(
         config: Config,
         runtime: R,
-        store: Store,
+        pool: SqlitePool,
         artifacts: Artifacts,
     ) -> std::io::Result<Self> {
         let sockets = config.data_dir.join("sandboxes");
@@ -269,7 +147,7 @@ impl<R: Runtime> Sandboxes<R> {
                 create_permits: Semaphore::new(config.docker.max_concurrent_creates.max(1)),
                 config,
                 runtime,
-                store,
+                store: SandboxStore::new(pool),
                 artifacts,
                 sockets,
                 agents: Mutex::default(),
@@ -281,7 +159,7 @@ impl<R: Runtime> Sandboxes<R> {
         })
     }
 
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &SandboxStore {
         &self.inner.store
     }
 
@@ -351,33 +229,6 @@ impl<R: Runtime> Sandboxes<R> {
         Ok(spec)
     }
 
-    fn profile_spec(&self, p: &PoolProfile) -> Spec {
-        let d = &self.inner.config.sandbox;
-        let or = |v: u64, dv: u64| if v == 0 { dv } else { v };
-        Spec {
-            image: if p.image.is_empty() {
-                d.image.clone()
-            } else {
-                p.image.clone()
-            },
-            memory_bytes: or(p.memory_bytes, d.memory_bytes),
-            cpu_millis: or(p.cpu_millis, d.cpu_millis),
-            pids: or(p.pids, d.pids),
-            disk_bytes: match d.workspace_tmpfs_bytes {
-                0 => or(p.disk_bytes, d.disk_bytes),
-                _ => 0,
-            },
-            network: Network::from_str(if p.network.is_empty() {
-                &d.network
-            } else {
-                &p.network
-            })
-            .unwrap_or(Network::None),
-            env: BTreeMap::new(),
-            labels: BTreeMap::new(),
-        }
-    }
-
     /// Creates a sandbox for `principal`: from a warm pool when one matches,
     /// otherwise cold; answers once its agent is healthy (and its snapshot,
     /// if any, restored).
@@ -413,25 +264,11 @@ impl<R: Runtime> Sandboxes<R> {
             0
         };
         if snapshot.is_none() {
-            for p in &self.inner.config.pool {
-                if p.size == 0 || !self.profile_spec(p).same_machine(&spec) {
-                    continue;
-                }
-                let claim = Claim {
-                    spec: &spec,
-                    expires_unix_ms: expires,
-                    idle_timeout_secs: idle,
-                    now,
-                };
-                if let Some(rec) = self
-                    .inner
-                    .store
-                    .claim_pooled(&p.name, &principal.owner, &claim)
-                    .await?
-                {
-                    self.inner.pool_wake.notify_one();
-                    return Ok(rec);
-                }
+            if let Some(rec) = self
+                .claim_warm(&spec, &principal.owner, expires, idle, now)
+                .await?
+            {
+                return Ok(rec);
             }
         }
         let record = SandboxRecord {
@@ -893,283 +730,6 @@ impl<R: Runtime> Sandboxes<R> {
             tracing::info!(removed, "removed unreferenced artifacts");
         }
         Ok(())
-    }
-
-    // ------------------------------------------------------------ sweeps
-
-    /// Brings records and containers into line. Run at start (re-adoption
-    /// after a crash) and every `sweep_interval_secs`.
-    pub async fn reconcile(&self) -> Result<()> {
-        self.flush_activity().await?;
-        let containers = self.inner.runtime.list().await?;
-        let records = self.inner.store.sandboxes(None).await?;
-        let known: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
-        let creating = self.inner.creating.lock().expect("lock").clone();
-        for c in &containers {
-            if !known.contains(c.sandbox_id.as_str()) && !creating.contains(&c.sandbox_id) {
-                tracing::info!(sandbox = %c.sandbox_id, container = %c.container_id, "removing an orphan container");
-                if let Err(e) = self.inner.runtime.remove_orphan(c).await {
-                    tracing::warn!(sandbox = %c.sandbox_id, "removing an orphan: {e}");
-                }
-                let _ = std::fs::remove_dir_all(self.socket_dir(&c.sandbox_id));
-            }
-        }
-        // Filesystems and volumes whose sandbox is gone (a crash between
-        // removing the container and its disk, or before the record was
-        // written; a container removed without its volume).
-        let live: HashSet<&str> = containers.iter().map(|c| c.sandbox_id.as_str()).collect();
-        let disks = self.inner.disks.ids().unwrap_or_else(|e| {
-            tracing::warn!("listing sandbox disks: {e}");
-            Vec::new()
-        });
-        for id in disks {
-            if known.contains(id.as_str()) || !self.owns_nothing(&id, &live).await? {
-                continue;
-            }
-            tracing::info!(sandbox = %id, "removing an orphan disk");
-            if let Err(e) = self.inner.disks.remove(&id).await {
-                tracing::warn!(sandbox = %id, "removing an orphan disk: {e}");
-            }
-        }
-        let volumes = self.inner.runtime.volumes().await.unwrap_or_else(|e| {
-            tracing::warn!("listing workspace volumes: {e}");
-            Vec::new()
-        });
-        for id in volumes {
-            if known.contains(id.as_str()) || !self.owns_nothing(&id, &live).await? {
-                continue;
-            }
-            tracing::info!(sandbox = %id, "removing an orphan workspace volume");
-            if let Err(e) = self.inner.runtime.remove(&id).await {
-                tracing::warn!(sandbox = %id, "removing an orphan workspace volume: {e}");
-            }
-        }
-        let by_id: HashMap<&str, _> = containers
-            .iter()
-            .map(|c| (c.sandbox_id.as_str(), c))
-            .collect();
-        let now = crate::clock::now_ms();
-        for r in records {
-            if creating.contains(&r.id) {
-                continue;
-            }
-            let container = by_id.get(r.id.as_str());
-            match r.state {
-                // Left half-made by a crash: nobody is waiting for it.
-                SandboxState::Creating => {
-                    tracing::info!(sandbox = %r.id, "removing a sandbox whose creation was interrupted");
-                    self.destroy_logged(&r.id).await;
-                    continue;
-                }
-                SandboxState::Ready | SandboxState::Paused => match container {
-                    None => {
-                        self.inner
-                            .store
-                            .set_sandbox_state(&r.id, SandboxState::Failed, "its container is gone")
-                            .await?;
-                        continue;
-                    }
-                    Some(c) if !c.running => {
-                        tracing::info!(sandbox = %r.id, "starting a stopped sandbox again");
-                        let restarted = async {
-                            agents::open_socket_dir(&self.socket_dir(&r.id))?;
-                            // After a host restart the image is not mounted.
-                            if r.spec.disk_bytes > 0 {
-                                self.inner.disks.mount(&r.id).await?;
-                            }
-                            self.inner.runtime.restart(&r.id).await?;
-                            self.wait_ready(&r.id).await
-                        }
-                        .await;
-                        if let Err(e) = restarted {
-                            self.inner
-                                .store
-                                .set_sandbox_state(&r.id, SandboxState::Failed, &e.to_string())
-                                .await?;
-                            continue;
-                        }
-                    }
-                    Some(c) => {
-                        // A crash between opening the directory for a
-                        // restarted agent and locking it again leaves it open.
-                        if let Err(e) = agents::lock_socket_dir(&self.socket_dir(&r.id)) {
-                            tracing::warn!(sandbox = %r.id, "locking its socket directory: {e}");
-                        }
-                        let state = if c.paused {
-                            SandboxState::Paused
-                        } else {
-                            SandboxState::Ready
-                        };
-                        if state != r.state {
-                            self.inner.store.set_sandbox_state(&r.id, state, "").await?;
-                        }
-                    }
-                },
-                SandboxState::Failed => {}
-            }
-            if r.owner.is_none() {
-                continue;
-            }
-            let expired = r.expires_unix_ms != 0 && now >= r.expires_unix_ms;
-            let busy = self
-                .inner
-                .streams
-                .lock()
-                .expect("lock")
-                .get(&r.id)
-                .copied()
-                .unwrap_or(0)
-                > 0;
-            let idle = r.idle_timeout_secs > 0
-                && !busy
-                && now - r.last_active_unix_ms >= (r.idle_timeout_secs as i64) * 1000;
-            if expired || idle {
-                tracing::info!(sandbox = %r.id, expired, idle, "deleting a sandbox past its time");
-                self.destroy_logged(&r.id).await;
-            }
-        }
-        self.collect_artifacts().await?;
-        Ok(())
-    }
-
-    /// Whether something named for sandbox `id` (a disk, a volume) belongs
-    /// to none: no container, no creation under way and no record, the last
-    /// two read now rather than from the sweep's snapshot, which a create
-    /// begun since would miss.
-    async fn owns_nothing(&self, id: &str, live: &HashSet<&str>) -> Result<bool> {
-        Ok(!live.contains(id)
-            && !self.inner.creating.lock().expect("lock").contains(id)
-            && self.inner.store.sandbox(id).await?.is_none())
-    }
-
-    async fn flush_activity(&self) -> Result<()> {
-        let pending: Vec<(String, i64)> =
-            self.inner.activity.lock().expect("lock").drain().collect();
-        for (id, t) in pending {
-            self.inner.store.touch_sandbox(&id, t).await?;
-        }
-        Ok(())
-    }
-
-    /// Creates what each warm pool lacks, at most `max_concurrent_creates` at a time.
-    pub async fn refill_pools(&self) -> Result<()> {
-        let mut tasks = tokio::task::JoinSet::new();
-        for p in self.inner.config.pool.clone() {
-            let have = self.inner.store.pooled_count(&p.name).await?;
-            for _ in have..p.size {
-                let this = self.clone();
-                let spec = self.profile_spec(&p);
-                let name = p.name.clone();
-                tasks.spawn(async move {
-                    let now = crate::clock::now_ms();
-                    let record = SandboxRecord {
-                        id: format!("sb-{}", crate::ids::random_hex(6)),
-                        owner: None,
-                        state: SandboxState::Creating,
-                        spec,
-                        container_id: String::new(),
-                        created_unix_ms: now,
-                        expires_unix_ms: 0,
-                        idle_timeout_secs: 0,
-                        last_active_unix_ms: now,
-                        from_snapshot: String::new(),
-                        pool_profile: name.clone(),
-                        failure: String::new(),
-                    };
-                    match this.build(record, None, &format!("pool:{name}")).await {
-                        Ok(r) => {
-                            tracing::info!(pool = %name, sandbox = %r.id, "warm pool sandbox ready")
-                        }
-                        Err(e) => tracing::warn!(pool = %name, "warm pool sandbox: {e}"),
-                    }
-                });
-            }
-        }
-        while tasks.join_next().await.is_some() {}
-        Ok(())
-    }
-
-    /// Marks a sandbox `failed` the moment its container stops on its own
-    /// (its agent is gone: every call would fail), with why, so that `Get`
-    /// and every call say so at once instead of after the next sweep. Runs
-    /// until `shutdown`; a broken event stream is opened again.
-    pub async fn watch_exits(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        use futures::StreamExt;
-        loop {
-            let mut exits = std::pin::pin!(self.inner.runtime.exits());
-            loop {
-                let exit = tokio::select! {
-                    e = exits.next() => e,
-                    _ = shutdown.changed() => return,
-                };
-                let Some(exit) = exit else { break };
-                if let Err(e) = self.agent_gone(&exit).await {
-                    tracing::warn!(sandbox = %exit.sandbox_id, "recording a stopped sandbox: {e}");
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.changed() => return,
-            }
-        }
-    }
-
-    async fn agent_gone(&self, exit: &runtime::Exit) -> Result<()> {
-        let id = &exit.sandbox_id;
-        // Being created (its wait for readiness reports it) or restarted
-        // by the sweep: not this watcher's to judge.
-        if self.inner.creating.lock().expect("lock").contains(id) {
-            return Ok(());
-        }
-        let Some(record) = self.inner.store.sandbox(id).await? else {
-            return Ok(());
-        };
-        if !matches!(record.state, SandboxState::Ready | SandboxState::Paused) {
-            return Ok(());
-        }
-        // A graceful stop from outside (`docker stop`, the daemon or host
-        // shutting down): the sweep, or the next start, starts it again.
-        if exit.exit_code == "0" {
-            return Ok(());
-        }
-        // A delete under way also stops the container: the record goes next.
-        if self.inner.runtime.status(id).await?.is_none() {
-            return Ok(());
-        }
-        self.inner.agents.lock().expect("lock").remove(id);
-        let code = match exit.exit_code.as_str() {
-            "" => String::new(),
-            c => format!(" with code {c}"),
-        };
-        let reason = format!(
-            "its agent stopped (the container exited{code}); the sandbox cannot be used any more: delete it"
-        );
-        tracing::warn!(sandbox = %id, "{reason}");
-        self.inner
-            .store
-            .set_sandbox_state(id, SandboxState::Failed, &reason)
-            .await?;
-        Ok(())
-    }
-
-    /// Keeps the pools full and runs [`Self::reconcile`] every
-    /// `sweep_interval_secs` (and after each pool claim) until `shutdown`
-    /// fires. The caller reconciles once before serving.
-    pub async fn maintain(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let every = Duration::from_secs(self.inner.config.sweep_interval_secs);
-        loop {
-            if let Err(e) = self.refill_pools().await {
-                tracing::warn!("warm pool refill: {e}");
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = self.inner.pool_wake.notified() => {}
-                _ = shutdown.changed() => return,
-            }
-            if let Err(e) = self.reconcile().await {
-                tracing::warn!("sandbox sweep: {e}");
-            }
-        }
     }
 }
 
