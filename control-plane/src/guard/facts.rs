@@ -4,8 +4,7 @@
 
 use crate::policy::{Facts, Resource, ResourceKind};
 use crate::runs::job::{Command, Job};
-use crate::sandboxes::Spec;
-use crate::store::SandboxRecord;
+use crate::sandboxes::{SandboxRecord, Spec};
 
 /// A sandbox about to be made for `owner`.
 pub fn new_sandbox(owner: &str) -> Resource {
