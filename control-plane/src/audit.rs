@@ -985,61 +985,10 @@ mod tests {
         assert_eq!(third.append(entry(13)).await.unwrap(), 13);
     }
 
-    /// A guard over `log` with the default policies.
-    async fn guard_over(log: &AuditLog, store: &crate::store::Store) -> crate::guard::Guard {
-        crate::guard::Guard {
-            policies: crate::policy::Policies::load(store.pool().clone())
-                .await
-                .unwrap(),
-            approvals: crate::approvals::Approvals::new(
-                store.pool().clone(),
-                log.clone(),
-                Duration::from_secs(60),
-                None,
-            ),
-            audit: log.clone(),
-        }
-    }
-
-    /// What the guard says to an admin creating a sandbox (which the
-    /// default policies allow).
-    async fn create_sandbox(guard: &crate::guard::Guard) -> Result<(), tonic::Status> {
-        let admin = crate::auth::Principal {
-            token_id: "t-admin".into(),
-            name: "admin".into(),
-            role: crate::auth::Role::Admin,
-            owner: "admin".into(),
-        };
-        let resource = crate::policy::Resource {
-            kind: crate::policy::ResourceKind::Sandbox,
-            id: "new".into(),
-            owner: "admin".into(),
-        };
-        let note = crate::guard::AuditNote::new("req-test".into());
-        let ask = crate::guard::Ask {
-            principal: &admin,
-            action: crate::policy::Action::SandboxCreate,
-            resource: &resource,
-            facts: &crate::policy::Facts::default(),
-        };
-        guard
-            .clear(
-                &crate::guard::Record::Call(&note),
-                ask,
-                None,
-                "request:req-test",
-            )
-            .await
-            .map(|_| ())
-            .map_err(crate::api::status::refused)
-    }
-
     #[tokio::test]
-    async fn a_log_that_cannot_append_refuses_effectful_calls_until_it_can() {
+    async fn a_log_that_cannot_append_says_why_until_it_can() {
         let (_d, log, store) = filled().await;
-        let guard = guard_over(&log, &store).await;
         assert!(log.recording().is_ok());
-        create_sandbox(&guard).await.unwrap();
 
         exec(
             &store,
@@ -1051,18 +1000,7 @@ mod tests {
         // Failed, and saying why.
         let why = log.recording().unwrap_err();
         assert!(why.contains("boom"), "{why}");
-        // The guard refuses before deciding anything.
-        let refused = create_sandbox(&guard)
-            .await
-            .expect_err("an effectful call went ahead while the audit log could not record");
-        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-        assert!(
-            refused.message().contains("the audit log cannot record")
-                && refused.message().contains("boom")
-                && refused.message().contains("refused until it can"),
-            "{}",
-            refused.message()
-        );
+        // (What the guard makes of it: `guard::tests`.)
         // A queued entry is not lost quietly either: its sender hears.
         assert!(log.append(entry(12)).await.is_err());
         assert!(log.recording().is_err());
@@ -1072,7 +1010,6 @@ mod tests {
         exec(&store, "DROP TRIGGER boom").await;
         assert_eq!(log.append(entry(13)).await.unwrap(), 12);
         assert!(log.recording().is_ok());
-        create_sandbox(&guard).await.unwrap();
         let (after, _) = log.entries_after(10, 0, 0, 100).await.unwrap();
         let note = &after[0].0;
         assert_eq!((note.seq, note.action.as_str()), (11, "audit.unrecorded"));

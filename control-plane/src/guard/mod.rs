@@ -324,3 +324,106 @@ impl Guard {
         Ok(self.approvals.consume(id, &ask.hash(), used_by).await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::auth::Role;
+    use crate::policy::ResourceKind;
+
+    fn admin() -> Principal {
+        Principal {
+            token_id: "t-admin".into(),
+            name: "admin".into(),
+            role: Role::Admin,
+            owner: "admin".into(),
+        }
+    }
+
+    async fn guard() -> (tempfile::TempDir, Guard, crate::store::Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("db"))
+            .await
+            .unwrap();
+        let key = crate::audit::load_or_create_key(dir.path()).unwrap();
+        let audit = crate::audit::AuditLog::open(store.pool().clone(), key)
+            .await
+            .unwrap();
+        let guard = Guard {
+            policies: Policies::load(store.pool().clone()).await.unwrap(),
+            approvals: Approvals::new(
+                store.pool().clone(),
+                audit.clone(),
+                Duration::from_secs(60),
+                None,
+            ),
+            audit,
+        };
+        (dir, guard, store)
+    }
+
+    /// What the guard says to an admin creating a sandbox (which the
+    /// default policies allow), for a call and for a run.
+    async fn create_sandbox(guard: &Guard, record: &Record<'_>) -> Result<(), Refused> {
+        let resource = Resource {
+            kind: ResourceKind::Sandbox,
+            id: "new".into(),
+            owner: "admin".into(),
+        };
+        let ask = Ask {
+            principal: &admin(),
+            action: Action::SandboxCreate,
+            resource: &resource,
+            facts: &Facts::default(),
+        };
+        guard
+            .clear(record, ask, None, "request:req-test")
+            .await
+            .map(|_| ())
+    }
+
+    #[tokio::test]
+    async fn nothing_is_decided_while_the_audit_log_cannot_record() {
+        let (_d, guard, store) = guard().await;
+        let note = AuditNote::new("req-test".into());
+        let call = Record::Call(&note);
+        let run = Record::Run {
+            run_id: "run-1",
+            step: Some(0),
+            request_id: "run-1:3".into(),
+            what: "step 1 (build)",
+        };
+        create_sandbox(&guard, &call).await.unwrap();
+        create_sandbox(&guard, &run).await.unwrap();
+        assert_eq!(note.get().decision, "allow");
+
+        sqlx::query(
+            "CREATE TRIGGER boom BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'boom'); END",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        // A run's decision is its own entry: it cannot be written, so the
+        // step does not go ahead, and the log now refuses everything.
+        let refused = create_sandbox(&guard, &run)
+            .await
+            .expect_err("a run's step went ahead unrecorded");
+        assert!(matches!(refused, Refused::Unrecorded(_)), "{refused}");
+        let note = AuditNote::new("req-2".into());
+        let refused = create_sandbox(&guard, &Record::Call(&note))
+            .await
+            .expect_err("an effectful call went ahead while the audit log could not record");
+        assert!(matches!(refused, Refused::Unrecorded(_)), "{refused}");
+        let message = refused.to_string();
+        assert!(
+            message.contains("the audit log cannot record")
+                && message.contains("boom")
+                && message.contains("refused until it can"),
+            "{message}"
+        );
+        // Refused before it was decided: nothing noted.
+        assert_eq!(note.get().decision, "");
+    }
+}
