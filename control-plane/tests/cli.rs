@@ -2,6 +2,8 @@
 //! are one line with an exit code by kind. (Against a live control plane,
 //! see tests/tests/control_plane.rs.)
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::process::Command;
 
 fn text(b: &[u8]) -> String {

@@ -1,6 +1,8 @@
 //! The binary's own command line: it must start, and refuse bad
 //! configuration with one clear line and a non-zero exit.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::process::Command;
 
 #[test]

@@ -3,6 +3,8 @@
 //! sandbox containers started from locally built images on the real Docker
 //! daemon.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 pub mod client;
 pub mod control;
 pub mod docker;

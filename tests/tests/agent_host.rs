@@ -2,6 +2,8 @@
 //! contract (idempotency, attach, stdin, timeouts that kill whole trees,
 //! spawn failures) and the file and snapshot RPCs.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use bridle_proto::sandbox::v1 as pb;

@@ -4,6 +4,8 @@
 //! expiry fail closed; a run waiting for approval survives kill -9; the
 //! webhook hears of pending approvals; forbidden writes are refused.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 

@@ -2,6 +2,8 @@
 //! ended, readable by auditors only, verifiable online and offline, and
 //! tampering with the store file found and named.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::time::{Duration, Instant};
 
 use bridle_proto::control::v1 as pb;

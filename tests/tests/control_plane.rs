@@ -2,6 +2,8 @@
 //! binaries, real containers on the real Docker daemon, talked to over gRPC
 //! and through the CLI the way a user would.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use bridle_proto::control::v1 as pb;

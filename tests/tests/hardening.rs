@@ -2,6 +2,8 @@
 //! be able to do (docs/security.md): each test does it as an attacker would,
 //! against the real control plane, agent and Docker.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::sync::Arc;
 use std::time::Duration;
 

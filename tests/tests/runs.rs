@@ -2,6 +2,8 @@
 //! real containers, and the control plane killed with SIGKILL again and
 //! again while a job runs.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::collections::HashMap;
 
 use sha2::Digest;

@@ -2,6 +2,8 @@
 //! daemon (memory and pids limits, all capabilities dropped, read-only
 //! root, no network), checked the way a user would check it.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use bridle_proto::sandbox::v1 as pb;

@@ -2,6 +2,8 @@
 //! agent directly, as hostile code would. Prints what happened and exits 0
 //! if the agent answered, 3 if it could not be used.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use bridle_proto::sandbox::v1 as pb;
 
 #[tokio::main(flavor = "current_thread")]

@@ -6,6 +6,8 @@
 //! Prints a table and writes JSON with every figure, the Docker baseline it
 //! is compared with, the ratio and the target.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
