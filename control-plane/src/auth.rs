@@ -103,7 +103,7 @@ pub struct NewToken {
     pub secret: String,
 }
 
-pub const BOOTSTRAP_TOKEN_FILE: &str = "admin.token";
+pub use bridle_client::data_dir::BOOTSTRAP_TOKEN_FILE;
 
 impl Auth {
     pub async fn load(store: Store) -> Result<Self, crate::store::Error> {

@@ -859,13 +859,7 @@ async fn job_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     let cp =
         ControlPlane::start(&["pool=[{name=\"jobs\",size=2}]", "sweep_interval_secs=1"]).await?;
     let ready = |n: usize| cp.log().matches("warm pool sandbox ready").count() >= n;
-    let ch = tonic::transport::Channel::from_shared(cp.endpoint.clone())?
-        .connect()
-        .await?;
-    let mut runs = cpb::runs_client::RunsClient::with_interceptor(
-        ch,
-        bridle_tests::control::Bearer::new(&cp.admin_token),
-    );
+    let mut runs = cp.runs(&cp.admin_token).await?;
     let job = cpb::Job {
         steps: (0..10)
             .map(|i| cpb::Step {
