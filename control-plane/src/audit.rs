@@ -7,6 +7,9 @@
 //! with an ed25519 key kept in the data directory (`audit.key`, 0600; the
 //! public half in `audit.pub`), so a verifier holding only the public key
 //! also finds a dropped tail (a checkpoint names an entry that is gone).
+//! The format and its verification live in `bridle_client::audit`, so that
+//! an export is checked offline without the server; this module stores,
+//! chains and signs.
 //!
 //! Entries are written by one task that commits whatever queued up during
 //! the previous commit (as the run store does), so the chain is built in one
@@ -26,239 +29,24 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use bridle_client::audit::verify_from;
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub use bridle_client::audit::{
+    chain_hash, parse_public_key, verify, Checkpoint, Entry, Line, Report, GENESIS,
+};
 
-/// One thing that happened. Field order is the canonical order.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
-    pub seq: u64,
-    pub unix_ms: i64,
-    /// The request's id (also sent back as `x-request-id`).
-    pub request_id: String,
-    /// The caller's token id, name, role and owner; empty when the call
-    /// carried no valid token.
-    pub token_id: String,
-    pub principal: String,
-    pub role: String,
-    pub owner: String,
-    /// What was asked, e.g. `Sandboxes/Exec` or `approval.decide`.
-    pub action: String,
-    /// What it was asked of (a sandbox, run or approval id, a path).
-    pub resource: String,
-    /// `allow`, `deny`, `require_approval`, or empty where no policy ran.
-    pub decision: String,
-    pub policy_version: u64,
-    /// `ok`, or the gRPC code and message that ended the call.
-    pub outcome: String,
-}
-
-impl Entry {
-    /// The entry a stored body holds. An unreadable body still takes its
-    /// place (in the chain, in a query), so verification names it instead
-    /// of skipping it.
-    fn stored(seq: i64, body: &str) -> Self {
-        serde_json::from_str(body).unwrap_or_else(|_| Entry {
-            seq: seq as u64,
-            outcome: format!("(unreadable: {body})"),
-            ..Entry::default()
-        })
-    }
-
-    pub fn canonical(&self) -> String {
-        serde_json::to_string(self).expect("entries serialize")
-    }
-}
-
-pub fn chain_hash(prev: &str, body: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(prev.as_bytes());
-    h.update(b"\n");
-    h.update(body.as_bytes());
-    hex::encode(h.finalize())
-}
-
-/// A signed statement that the chain's entry `seq` has hash `hash`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    pub seq: u64,
-    pub hash: String,
-    pub unix_ms: i64,
-    /// ed25519 over [`Checkpoint::message`], hex.
-    pub signature: String,
-}
-
-impl Checkpoint {
-    fn message(seq: u64, hash: &str, unix_ms: i64) -> String {
-        format!("bridle-audit-checkpoint\n{seq}\n{hash}\n{unix_ms}")
-    }
-}
-
-/// One line of an export: an entry with its hashes, or a checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Line {
-    Entry {
-        entry: Box<Entry>,
-        prev_hash: String,
-        hash: String,
-    },
-    Checkpoint(Checkpoint),
-}
-
-/// What verification found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Report {
-    pub entries: u64,
-    pub checkpoints: u64,
-    /// The first problem: the entry it is at (0: not at an entry) and what.
-    pub first_bad: Option<(u64, String)>,
-}
-
-impl Report {
-    pub fn ok(&self) -> bool {
-        self.first_bad.is_none()
-    }
-}
-
-/// Checks a chain and its checkpoints, in the order given.
-pub fn verify(lines: impl IntoIterator<Item = Line>, key: &VerifyingKey) -> Report {
-    verify_from(1, GENESIS.to_string(), lines, key)
-}
-
-/// [`verify`] for the part of a chain that starts at entry `first`, whose
-/// previous hash is taken to be `prev` (from entry 1: `GENESIS`).
-fn verify_from(
-    first: u64,
-    mut prev: String,
-    lines: impl IntoIterator<Item = Line>,
-    key: &VerifyingKey,
-) -> Report {
-    let mut report = Report {
-        entries: 0,
-        checkpoints: 0,
-        first_bad: None,
-    };
-    let mut hashes: Vec<String> = Vec::new();
-    let mut checkpoints = Vec::new();
-    let bad = |report: &mut Report, seq: u64, why: String| {
-        if report.first_bad.is_none() {
-            report.first_bad = Some((seq, why));
-        }
-    };
-    for line in lines {
-        match line {
-            Line::Entry {
-                entry,
-                prev_hash,
-                hash,
-            } => {
-                report.entries += 1;
-                let expected_seq = first + hashes.len() as u64;
-                if entry.seq != expected_seq {
-                    bad(
-                        &mut report,
-                        entry.seq,
-                        format!("entry {} where entry {expected_seq} should be: an entry was removed or moved", entry.seq),
-                    );
-                }
-                if prev_hash != prev {
-                    bad(
-                        &mut report,
-                        entry.seq,
-                        "its previous hash is not the hash of the entry before it".into(),
-                    );
-                }
-                let actual = chain_hash(&prev_hash, &entry.canonical());
-                if actual != hash {
-                    bad(
-                        &mut report,
-                        entry.seq,
-                        "its content does not match its hash: the entry was edited".into(),
-                    );
-                }
-                prev = hash.clone();
-                hashes.push(hash);
-            }
-            Line::Checkpoint(cp) => {
-                report.checkpoints += 1;
-                checkpoints.push(cp);
-            }
-        }
-    }
-    // The seq of the last entry given (by position, as the checks above).
-    let end = first - 1 + hashes.len() as u64;
-    for cp in &checkpoints {
-        let signed = hex::decode(&cp.signature)
-            .ok()
-            .and_then(|s| Signature::from_slice(&s).ok())
-            .is_some_and(|sig| {
-                key.verify(
-                    Checkpoint::message(cp.seq, &cp.hash, cp.unix_ms).as_bytes(),
-                    &sig,
-                )
-                .is_ok()
-            });
-        if !signed {
-            bad(
-                &mut report,
-                cp.seq,
-                format!(
-                    "the checkpoint at entry {} is not signed by this key",
-                    cp.seq
-                ),
-            );
-            continue;
-        }
-        match cp
-            .seq
-            .checked_sub(first)
-            .and_then(|i| hashes.get(i as usize))
-        {
-            None => bad(
-                &mut report,
-                cp.seq,
-                format!(
-                    "a signed checkpoint names entry {} and the log ends at entry {end}: its tail was dropped",
-                    cp.seq
-                ),
-            ),
-            Some(h) if *h != cp.hash => bad(
-                &mut report,
-                cp.seq,
-                format!(
-                    "entry {} differs from what was signed at the checkpoint: the chain was rewritten",
-                    cp.seq
-                ),
-            ),
-            Some(_) => {}
-        }
-    }
-    // Every commit writes its entries and a checkpoint of the last one in
-    // one transaction: an entry after the last checkpoint was not written
-    // by this log, or the checkpoints after it were removed.
-    let covered = checkpoints.iter().map(|cp| cp.seq).max();
-    let uncovered = covered.map_or(first, |c| c + 1);
-    if end >= uncovered {
-        bad(
-            &mut report,
-            uncovered,
-            match covered {
-                Some(c) => format!(
-                    "entry {uncovered} comes after the last signed checkpoint (entry {c}): entries were added, or the checkpoints of the tail were removed"
-                ),
-                None => format!(
-                    "no signed checkpoint covers entry {uncovered}: entries were added, or the checkpoints were removed"
-                ),
-            },
-        );
-    }
-    report
+/// The entry a stored body holds. An unreadable body still takes its place
+/// (in the chain, in a query), so verification names it instead of
+/// skipping it.
+fn stored_entry(seq: i64, body: &str) -> Entry {
+    serde_json::from_str(body).unwrap_or_else(|_| Entry {
+        seq: seq as u64,
+        outcome: format!("(unreadable: {body})"),
+        ..Entry::default()
+    })
 }
 
 /// What opening a log whose stored tail does not verify does.
@@ -362,7 +150,7 @@ async fn check_tail(pool: &SqlitePool, key: &VerifyingKey) -> anyhow::Result<Tai
 
 fn entry_line((seq, body, prev_hash, hash): (i64, String, String, String)) -> Line {
     Line::Entry {
-        entry: Box::new(Entry::stored(seq, &body)),
+        entry: Box::new(stored_entry(seq, &body)),
         prev_hash,
         hash,
     }
@@ -388,15 +176,6 @@ pub fn load_or_create_key(data_dir: &Path) -> anyhow::Result<SigningKey> {
         format!("{}\n", hex::encode(key.verifying_key().as_bytes())),
     )?;
     Ok(key)
-}
-
-pub fn parse_public_key(text: &str) -> anyhow::Result<VerifyingKey> {
-    let bytes = hex::decode(text.trim()).map_err(|_| anyhow::anyhow!("not a hex public key"))?;
-    let bytes: [u8; 32] = bytes
-        .as_slice()
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("a public key is 32 bytes"))?;
-    VerifyingKey::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("not an ed25519 key: {e}"))
 }
 
 /// Why the log cannot record, while it cannot (none: it records). Set and
@@ -554,7 +333,7 @@ impl AuditLog {
         let last = rows.last().map(|(seq, _, _)| *seq as u64);
         let entries = rows
             .into_iter()
-            .map(|(seq, body, hash)| (Entry::stored(seq, &body), hash))
+            .map(|(seq, body, hash)| (stored_entry(seq, &body), hash))
             .collect();
         Ok((entries, last))
     }

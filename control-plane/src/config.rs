@@ -228,27 +228,15 @@ impl Default for PoolProfile {
 
 /// Name of the file in the data directory that holds the address the server
 /// listens on (useful with `listen = "127.0.0.1:0"`).
-pub const ENDPOINT_FILE: &str = "endpoint";
+pub use bridle_client::data_dir::ENDPOINT_FILE;
 /// Name of the file in the data directory that holds this control plane's
 /// instance id, the value of the `bridle.control-plane` label on its
 /// containers.
 pub const INSTANCE_FILE: &str = "instance";
 
 /// `/var/lib/bridle` for root, else `$XDG_DATA_HOME/bridle` or
-/// `~/.local/share/bridle`.
-pub fn default_data_dir() -> PathBuf {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/lib/bridle");
-    }
-    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("bridle");
-    }
-    match std::env::var_os("HOME") {
-        Some(h) => PathBuf::from(h).join(".local/share/bridle"),
-        None => PathBuf::from("bridle-data"),
-    }
-}
+/// `~/.local/share/bridle`: where clients on this machine look too.
+pub use bridle_client::data_dir::default_data_dir;
 
 /// Environment variables that are not configuration keys.
 const NOT_CONFIG: &[&str] = &[

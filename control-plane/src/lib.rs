@@ -1,8 +1,9 @@
 //! bridle's control plane: authenticated gRPC in front of hardened Docker
 //! sandboxes, each driven through its in-container agent.
 //!
-//! The `control-plane` binary parses [`config::Config`] and calls [`run`];
-//! the `bridle` binary is [`cli`]. Everything testable lives here.
+//! The `control-plane` binary parses [`config::Config`] and calls [`run`].
+//! Everything testable lives here. Clients (the `bridle` CLI, the tests) use
+//! the `bridle-client` crate instead, which links none of the server.
 
 pub mod agents;
 pub mod api;
@@ -10,7 +11,6 @@ pub mod approvals;
 pub mod artifacts;
 pub mod audit;
 pub mod auth;
-pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod guard;

@@ -1,38 +1,23 @@
-//! A small client for `bridle.sandbox.v1.SandboxAgent` over a Unix socket.
+//! A small client for `bridle.sandbox.v1.SandboxAgent` over a Unix socket:
+//! the connector is `bridle_client::agent`'s (for an agent the test started
+//! itself, without an identity key), the rest is what the tests do with it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bridle_proto::sandbox::v1 as pb;
-use bridle_proto::sandbox::v1::sandbox_agent_client::SandboxAgentClient;
 use bytes::Bytes;
 use futures::StreamExt;
-use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
-pub type Agent = SandboxAgentClient<Channel>;
+pub use bridle_client::agent::Agent;
 
 /// Connects to the agent's socket (lazily: the first call dials).
 pub fn connect(socket: &Path) -> anyhow::Result<Agent> {
-    let path: PathBuf = socket.to_path_buf();
-    // The URI is required by the API but unused: the connector dials the socket.
-    let channel = Endpoint::try_from("http://agent.local")?
-        .connect_timeout(Duration::from_secs(5))
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(16 << 20)
-        .max_frame_size(1 << 20)
-        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }));
-    Ok(SandboxAgentClient::new(channel)
-        .max_decoding_message_size(16 << 20)
-        .max_encoding_message_size(16 << 20))
+    Ok(bridle_client::agent::connect_unverified(socket))
 }
 
 /// Waits until the agent answers its health check, never by sleeping a
@@ -42,26 +27,16 @@ pub async fn wait_healthy(socket: &Path, timeout: Duration) -> anyhow::Result<()
     let mut last_err = String::from("socket never appeared");
     while start.elapsed() < timeout {
         if socket.exists() {
-            let path = socket.to_path_buf();
-            let channel = Endpoint::try_from("http://agent.local")?
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(
-                            tokio::net::UnixStream::connect(path).await?,
-                        ))
-                    }
-                }))
-                .await;
-            match channel {
-                Ok(ch) => {
-                    let mut health = tonic_health_client(ch);
-                    match health.check(health_request()).await {
-                        Ok(r) if r.get_ref().status == 1 => return Ok(()),
-                        Ok(r) => last_err = format!("health status {}", r.get_ref().status),
-                        Err(e) => last_err = e.to_string(),
-                    }
-                }
+            // A new channel each time: a lazy one dials on the first call,
+            // and a failed dial is that call's error.
+            let channel = bridle_client::agent::channel_unverified(
+                socket.to_path_buf(),
+                Duration::from_secs(5),
+            );
+            let mut health = tonic_health_client(channel);
+            match health.check(health_request()).await {
+                Ok(r) if r.get_ref().status == 1 => return Ok(()),
+                Ok(r) => last_err = format!("health status {}", r.get_ref().status),
                 Err(e) => last_err = e.to_string(),
             }
         }

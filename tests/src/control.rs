@@ -6,37 +6,22 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use bridle_proto::control::v1 as pb;
-use tonic::service::interceptor::InterceptedService;
+use bridle_client::agent::Agent;
+use bridle_client::connect;
+use bridle_client::control as pb;
+use bridle_client::data_dir;
 use tonic::transport::Channel;
 
-pub type Sandboxes = pb::sandboxes_client::SandboxesClient<InterceptedService<Channel, Bearer>>;
-pub type Admin = pb::admin_client::AdminClient<InterceptedService<Channel, Bearer>>;
-pub type Runs = pb::runs_client::RunsClient<InterceptedService<Channel, Bearer>>;
-pub type Audit = pb::audit_client::AuditClient<InterceptedService<Channel, Bearer>>;
-pub type Approvals = pb::approvals_client::ApprovalsClient<InterceptedService<Channel, Bearer>>;
+pub use bridle_client::connect::{Admin, Approvals, Audit, Bearer, Runs, Sandboxes};
 
-/// Adds `authorization: Bearer <token>` (nothing for an empty token).
-#[derive(Clone)]
-pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl Bearer {
-    pub fn new(token: &str) -> Self {
-        Self(if token.is_empty() {
-            None
-        } else {
-            format!("Bearer {token}").parse().ok()
-        })
-    }
-}
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
+/// The bearer of `token`; an empty token sends no `authorization` header
+/// at all (an unauthenticated call).
+pub fn bearer(token: &str) -> anyhow::Result<Bearer> {
+    Ok(if token.is_empty() {
+        Bearer::none()
+    } else {
+        Bearer::new(token)?
+    })
 }
 
 pub struct ControlPlane {
@@ -70,9 +55,7 @@ impl ControlPlane {
             ca_cert: None,
         };
         cp.launch().await?;
-        cp.admin_token = std::fs::read_to_string(cp.data_dir().join("admin.token"))?
-            .trim()
-            .to_string();
+        cp.admin_token = data_dir::read_bootstrap_token(&cp.data_dir())?;
         cp.instance = std::fs::read_to_string(cp.data_dir().join("instance"))?
             .trim()
             .to_string();
@@ -86,12 +69,12 @@ impl ControlPlane {
     /// A direct, verified connection to the agent of one of this control
     /// plane's sandboxes, as the control plane itself makes it (tests and
     /// the benchmark compare with it).
-    pub fn agent_of(&self, sandbox_id: &str) -> anyhow::Result<control_plane::agents::Agent> {
+    pub fn agent_of(&self, sandbox_id: &str) -> anyhow::Result<Agent> {
         let master: [u8; 32] = std::fs::read(self.data_dir().join("agent.key"))?
             .try_into()
             .map_err(|_| anyhow::anyhow!("agent.key is not 32 bytes"))?;
         let key = bridle_proto::handshake::sandbox_key(&master, sandbox_id);
-        Ok(control_plane::agents::connect(
+        Ok(bridle_client::agent::connect(
             self.data_dir().join("sandboxes").join(sandbox_id),
             key,
         ))
@@ -102,7 +85,7 @@ impl ControlPlane {
     }
 
     async fn launch(&mut self) -> anyhow::Result<()> {
-        let endpoint_file = self.data_dir().join("endpoint");
+        let endpoint_file = self.data_dir().join(data_dir::ENDPOINT_FILE);
         let _ = std::fs::remove_file(&endpoint_file);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -179,50 +162,35 @@ impl ControlPlane {
         started
     }
 
+    /// A new channel to this control plane, as the CLI makes it (an https
+    /// endpoint verified against [`ControlPlane::ca_cert`]).
     async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(Channel::from_shared(self.endpoint.clone())?
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(16 << 20)
-            .connect()
-            .await?)
+        let ca = match &self.ca_cert {
+            Some(path) => Some(std::fs::read(path)?),
+            None => None,
+        };
+        Ok(connect::channel(&self.endpoint, ca.as_deref()).await?)
     }
 
     /// A Sandboxes client sending `token` (empty: no authorization header).
     pub async fn sandboxes(&self, token: &str) -> anyhow::Result<Sandboxes> {
-        Ok(pb::sandboxes_client::SandboxesClient::with_interceptor(
-            self.channel().await?,
-            Bearer::new(token),
-        )
-        .max_decoding_message_size(16 << 20)
-        .max_encoding_message_size(16 << 20))
+        Ok(connect::sandboxes(self.channel().await?, bearer(token)?))
     }
 
     pub async fn admin(&self, token: &str) -> anyhow::Result<Admin> {
-        Ok(pb::admin_client::AdminClient::with_interceptor(
-            self.channel().await?,
-            Bearer::new(token),
-        ))
+        Ok(connect::admin(self.channel().await?, bearer(token)?))
     }
 
     pub async fn runs(&self, token: &str) -> anyhow::Result<Runs> {
-        Ok(pb::runs_client::RunsClient::with_interceptor(
-            self.channel().await?,
-            Bearer::new(token),
-        ))
+        Ok(connect::runs(self.channel().await?, bearer(token)?))
     }
 
     pub async fn audit(&self, token: &str) -> anyhow::Result<Audit> {
-        Ok(pb::audit_client::AuditClient::with_interceptor(
-            self.channel().await?,
-            Bearer::new(token),
-        ))
+        Ok(connect::audit(self.channel().await?, bearer(token)?))
     }
 
     pub async fn approvals(&self, token: &str) -> anyhow::Result<Approvals> {
-        Ok(pb::approvals_client::ApprovalsClient::with_interceptor(
-            self.channel().await?,
-            Bearer::new(token),
-        ))
+        Ok(connect::approvals(self.channel().await?, bearer(token)?))
     }
 
     /// A new token with `role` acting for `owner`; answers its secret.
@@ -252,7 +220,7 @@ impl ControlPlane {
         stdin: &[u8],
     ) -> anyhow::Result<Output> {
         use std::io::Write;
-        let mut cmd = Command::new(crate::workspace_binary("control-plane", "bridle")?);
+        let mut cmd = Command::new(crate::workspace_binary("bridle", "bridle")?);
         if let Some(ca) = &self.ca_cert {
             cmd.env("BRIDLE_CA_CERT", ca);
         }
@@ -384,7 +352,7 @@ pub fn inspect(sandbox_id: &str, format: &str) -> String {
 
 pub fn start_request(
     sandbox_id: &str,
-    exec: bridle_proto::sandbox::v1::ExecStart,
+    exec: bridle_client::sandbox::ExecStart,
     detach: bool,
 ) -> pb::ExecRequest {
     pb::ExecRequest {
@@ -400,7 +368,7 @@ pub fn start_request(
 pub async fn exec(
     client: &mut Sandboxes,
     sandbox_id: &str,
-    s: bridle_proto::sandbox::v1::ExecStart,
+    s: bridle_client::sandbox::ExecStart,
 ) -> Result<crate::client::ExecResult, tonic::Status> {
     let events = client
         .exec(futures::stream::iter([start_request(sandbox_id, s, false)]))
@@ -419,11 +387,11 @@ pub async fn exec(
 pub async fn exec_interactive(
     client: &mut Sandboxes,
     sandbox_id: &str,
-    s: bridle_proto::sandbox::v1::ExecStart,
+    s: bridle_client::sandbox::ExecStart,
     detach: bool,
 ) -> anyhow::Result<(
     tokio::sync::mpsc::Sender<pb::ExecRequest>,
-    tonic::Streaming<bridle_proto::sandbox::v1::ExecEvent>,
+    tonic::Streaming<bridle_client::sandbox::ExecEvent>,
 )> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(start_request(sandbox_id, s, detach)).await?;

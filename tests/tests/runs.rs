@@ -32,7 +32,7 @@ async fn runs_client(endpoint: &str, token: &str) -> anyhow::Result<Runs> {
         .await?;
     Ok(pb::runs_client::RunsClient::with_interceptor(
         ch,
-        bridle_tests::control::Bearer::new(token),
+        bridle_tests::control::bearer(token)?,
     ))
 }
 

@@ -31,7 +31,7 @@ pub struct Auth {
     tokens: Arc<RwLock<HashMap<String, TokenRecord>>>,
 }
 
-pub const BOOTSTRAP_TOKEN_FILE: &str = "admin.token";
+pub use bridle_client::data_dir::BOOTSTRAP_TOKEN_FILE;
 
 impl Auth {
     pub async fn load(pool: SqlitePool) -> Result<Self, crate::store::Error> {

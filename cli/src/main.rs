@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    control_plane::cli::main()
+    bridle_cli::main()
 }
