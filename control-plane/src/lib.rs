@@ -15,6 +15,7 @@ pub mod clock;
 pub mod config;
 pub mod disks;
 pub mod guard;
+pub mod host;
 pub mod ids;
 pub mod keys;
 pub mod policy;

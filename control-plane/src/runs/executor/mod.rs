@@ -2,27 +2,31 @@
 //! action it allows, so [`Runner::drive`] can be called again on any run at
 //! any moment (after a crash, on another start) and continues from where the
 //! log says the run is, without repeating a started step.
+//!
+//! Here: the runner, a run's drive from start to end, its cancel, and the
+//! guard's say on each action. Driving a run goes through `provision`
+//! (secrets, network, sandbox, inputs), `steps` and `artifacts`, each
+//! working on the run's context (`Run`). Sandboxes are reached through
+//! [`Host`], so `tests` drive runs against the fakes of `crate::testing`.
+
+mod artifacts;
+mod provision;
+mod steps;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use bridle_proto::sandbox::v1 as agent_pb;
-use sha2::Digest;
 use tokio::sync::{broadcast, watch, Notify};
 
-use super::events::{Event, RunState, RunView, StepState, Stream};
-use super::job::Command;
+use super::events::{Event, RunState, RunView};
 use super::redact::Redactor;
 use super::sealed::Sealer;
 use super::store::{EventStore, StoredEvent};
 use crate::auth::{Principal, Role};
-use crate::guard::{facts, Ask, Cleared, Record, Refused};
-use crate::runtime::Runtime;
-use crate::sandboxes::{CreateRequest, Sandboxes};
+use crate::guard::{Ask, Cleared, Record, Refused};
+use crate::host::Host;
 
-/// Label that ties a sandbox to the run it was made for, so a run whose
-/// sandbox was created but not yet recorded finds it again.
-pub const RUN_LABEL: &str = "bridle.run";
+pub use crate::host::RUN_LABEL;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -67,11 +71,11 @@ impl Drop for Driving {
 /// the step's tree first) before it ends the run itself.
 const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-pub struct Runner<R: Runtime, S: EventStore> {
-    inner: Arc<Inner<R, S>>,
+pub struct Runner<H: Host, S: EventStore> {
+    inner: Arc<Inner<H, S>>,
 }
 
-impl<R: Runtime, S: EventStore> Clone for Runner<R, S> {
+impl<H: Host, S: EventStore> Clone for Runner<H, S> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -79,9 +83,10 @@ impl<R: Runtime, S: EventStore> Clone for Runner<R, S> {
     }
 }
 
-struct Inner<R: Runtime, S: EventStore> {
+struct Inner<H: Host, S: EventStore> {
     store: S,
-    sandboxes: Sandboxes<R>,
+    /// Where runs get their sandboxes (`Sandboxes` on Docker in production).
+    host: H,
     live: Mutex<HashMap<String, Arc<Live>>>,
     /// Opens the runs' sealed secrets.
     sealer: Sealer,
@@ -98,26 +103,34 @@ struct RunSecrets {
     redactor: Redactor,
 }
 
-/// How long an attached exec stream may stay silent: the agent sends a
-/// keepalive every 15 s, so a longer silence means the stream is dead (a
-/// half-open connection) and is replaced by a fresh attach.
-const SILENCE: std::time::Duration = std::time::Duration::from_secs(40);
-
-/// Where a step's attempt ended.
-enum StepEnd {
-    /// The stream to the agent went silent; attach again.
-    Silent,
-    Exited(Event),
-    /// The sandbox or the exec is gone while the step ran.
-    Lost(String),
+impl RunSecrets {
+    fn new(values: BTreeMap<String, String>) -> Self {
+        Self {
+            redactor: Redactor::new(values.values().map(String::as_str)),
+            values,
+        }
+    }
 }
 
-impl<R: Runtime, S: EventStore> Runner<R, S> {
+/// One run being driven: what each part of driving it works with.
+struct Run<'a> {
+    id: &'a str,
+    /// The run as its log says; every append moves it on.
+    view: &'a mut RunView,
+    /// Who the run's sandbox work is done as (the guard decides each action
+    /// as the run's submitter, see [`Runner::submitter`]).
+    principal: &'a Principal,
+    /// Turns true when a cancel is requested.
+    cancel: watch::Receiver<bool>,
+    secrets: RunSecrets,
+}
+
+impl<H: Host, S: EventStore> Runner<H, S> {
     /// A runner that starts at most `max_running` runs at once, at most
     /// `max_per_owner` of one owner, owners taking turns.
     pub fn new(
         store: S,
-        sandboxes: Sandboxes<R>,
+        host: H,
         max_running: usize,
         max_per_owner: usize,
         sealer: Sealer,
@@ -127,7 +140,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         let runner = Self {
             inner: Arc::new(Inner {
                 store,
-                sandboxes,
+                host,
                 live: Mutex::default(),
                 sealer,
                 guard,
@@ -256,21 +269,23 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
             role: Role::Admin,
             owner: String::new(),
         };
-        let Ok(all) = self.inner.sandboxes.list(&system, &BTreeMap::new()).await else {
+        let Ok(all) = self.inner.host.run_sandboxes(&system, None).await else {
             return;
         };
         for sb in all {
-            let Some(run_id) = sb.spec.labels.get(RUN_LABEL) else {
-                continue;
-            };
+            let run_id = &sb.run_id;
             let done = match self.view(run_id).await {
                 Ok(v) => v.state.is_finished(),
                 Err(Error::NotFound(_)) => true,
                 Err(_) => false,
             };
             if done {
-                tracing::info!(run = %run_id, sandbox = %sb.id, "removing the sandbox of a finished run");
-                let _ = self.inner.sandboxes.delete(&system, &sb.id).await;
+                tracing::info!(run = %run_id, sandbox = %sb.sandbox_id, "removing the sandbox of a finished run");
+                let _ = self
+                    .inner
+                    .host
+                    .delete_sandbox(&system, &sb.sandbox_id)
+                    .await;
             }
         }
     }
@@ -342,13 +357,12 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
             role: Role::Admin,
             owner: String::new(),
         };
-        let labels = BTreeMap::from([(RUN_LABEL.to_string(), run_id.to_string())]);
         let mut sandboxes: Vec<String> = self
             .inner
-            .sandboxes
-            .list(&system, &labels)
+            .host
+            .run_sandboxes(&system, Some(run_id))
             .await
-            .map(|l| l.into_iter().map(|s| s.id).collect())
+            .map(|l| l.into_iter().map(|s| s.sandbox_id).collect())
             .unwrap_or_default();
         if let Some(sb) = &view.sandbox_id {
             if !sandboxes.contains(sb) {
@@ -356,7 +370,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
             }
         }
         for sb in sandboxes {
-            if let Err(e) = self.inner.sandboxes.delete(&system, &sb).await {
+            if let Err(e) = self.inner.host.delete_sandbox(&system, &sb).await {
                 tracing::warn!(run = %run_id, sandbox = %sb, "could not delete the finished run's sandbox: {e}");
             }
         }
@@ -406,25 +420,6 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
             .await
     }
 
-    /// The run's secret values, or why they cannot be had.
-    async fn secrets(
-        &self,
-        run_id: &str,
-        view: &RunView,
-    ) -> Result<std::result::Result<BTreeMap<String, String>, String>> {
-        if view.job.secret_names.is_empty() {
-            return Ok(Ok(BTreeMap::new()));
-        }
-        let Some(sealed) = self.inner.store.sealed_secrets(run_id).await? else {
-            return Ok(Err("the run's secrets are missing from the store".into()));
-        };
-        Ok(self
-            .inner
-            .sealer
-            .open(run_id, &sealed)
-            .map_err(|e| e.to_string()))
-    }
-
     async fn drive_inner(
         &self,
         run_id: &str,
@@ -434,318 +429,40 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         if let Some(reason) = view.cancel_requested.clone() {
             return self.finish(run_id, view, RunState::Cancelled, reason).await;
         }
-        let mut cancel = self.live(run_id).cancel.subscribe();
+        let cancel = self.live(run_id).cancel.subscribe();
         let secrets = match self.secrets(run_id, view).await? {
-            Ok(values) => RunSecrets {
-                redactor: Redactor::new(values.values().map(String::as_str)),
-                values,
-            },
+            Ok(secrets) => secrets,
             Err(reason) => {
                 return self
                     .finish(run_id, view, RunState::Interrupted, reason)
                     .await
             }
         };
+        let mut run = Run {
+            id: run_id,
+            view,
+            principal,
+            cancel,
+            secrets,
+        };
+        // Each part answers false (or no sandbox) once it has ended the run.
+        let Some(sandbox_id) = self.provision(&mut run).await? else {
+            return Ok(());
+        };
+        if !self.run_steps(&mut run, &sandbox_id).await? {
+            return Ok(());
+        }
+        if !self.collect_artifacts(&mut run, &sandbox_id).await? {
+            return Ok(());
+        }
+        self.finish(run.id, run.view, RunState::Succeeded, String::new())
+            .await
+    }
 
-        // A sandbox: the recorded one, or one made for this run.
-        if view.sandbox_id.is_none() {
-            if view.state == RunState::Queued {
-                self.record(run_id, view, Event::Provisioning).await?;
-            }
-            if view.job.network == Some(crate::sandboxes::Network::Bridge) {
-                let resource = facts::run(run_id, &view.owner);
-                let facts = crate::policy::Facts {
-                    network: "bridge".into(),
-                    ..facts::job(&view.job, run_id)
-                };
-                let cleared = self
-                    .clear(
-                        run_id,
-                        view,
-                        crate::policy::Action::Network,
-                        &resource,
-                        &facts,
-                        None,
-                        &mut cancel,
-                    )
-                    .await?;
-                if !cleared {
-                    return Ok(());
-                }
-            }
-            let labels = BTreeMap::from([(RUN_LABEL.to_string(), run_id.to_string())]);
-            // A crash after the sandbox was made and before it was recorded
-            // leaves one with this run's label: use it rather than make another.
-            let found = self
-                .inner
-                .sandboxes
-                .list(principal, &labels)
-                .await
-                .ok()
-                .and_then(|l| l.into_iter().next());
-            let sandbox = match found {
-                Some(s) => {
-                    tracing::info!(run = %run_id, sandbox = %s.id, "reusing the sandbox made for the run before a restart");
-                    s
-                }
-                None => {
-                    tracing::info!(run = %run_id, "creating the run's sandbox");
-                    let mut job_labels = view.job.labels.clone();
-                    job_labels.extend(labels);
-                    let req = CreateRequest {
-                        image: view.job.image.clone(),
-                        memory_bytes: view.job.memory_bytes,
-                        cpu_millis: view.job.cpu_millis,
-                        pids: view.job.pids,
-                        disk_bytes: view.job.disk_bytes,
-                        network: view.job.network,
-                        env: BTreeMap::new(),
-                        labels: job_labels,
-                        ttl_secs: 0,
-                        idle_timeout_secs: 0,
-                        from_snapshot: view.job.from_snapshot.clone(),
-                    };
-                    match self.inner.sandboxes.create(principal, req).await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            return self
-                                .finish(
-                                    run_id,
-                                    view,
-                                    RunState::Failed,
-                                    format!("provisioning: {e}"),
-                                )
-                                .await
-                        }
-                    }
-                }
-            };
-            // Inputs go in before the sandbox is recorded: a crash in between
-            // writes them again into the same sandbox, which is harmless.
-            if let Err(e) = self.write_inputs(view, &sandbox.id).await {
-                return self
-                    .finish(
-                        run_id,
-                        view,
-                        RunState::Failed,
-                        format!("writing inputs: {e}"),
-                    )
-                    .await;
-            }
-            let agent_boot_id = match self.agent_boot_id(&sandbox.id).await {
-                Some(t) => t,
-                None => {
-                    return self
-                        .finish(
-                            run_id,
-                            view,
-                            RunState::Failed,
-                            "the sandbox's agent does not answer".into(),
-                        )
-                        .await
-                }
-            };
-            self.record(
-                run_id,
-                view,
-                Event::SandboxAssigned {
-                    sandbox_id: sandbox.id.clone(),
-                    agent_boot_id,
-                },
-            )
-            .await?;
-            tracing::info!(run = %run_id, sandbox = %sandbox.id, "sandbox assigned");
-        }
-        let sandbox_id = view.sandbox_id.clone().expect("assigned above");
-
-        let mut failed: Option<String> = None;
-        // Set when the agent is seen to have restarted since the log last
-        // named it; the next StepStarted records the new boot id.
-        let mut agent_restarted = String::new();
-        for index in 0..view.job.steps.len() {
-            let step = view.job.steps[index].clone();
-            let status = view.steps[index].clone();
-            match status.state {
-                StepState::Succeeded => continue,
-                StepState::Failed if status.attempts > step.retries => {
-                    if step.continue_on_error {
-                        continue;
-                    }
-                    failed = Some(format!("step {} ({}) failed", index + 1, step.name));
-                    break;
-                }
-                _ => {}
-            }
-            // Attempts: resume the one the log says is running, else start the next.
-            let mut attempt = status.attempts.max(1);
-            let mut resume = status.state == StepState::Running;
-            if status.state == StepState::Failed {
-                attempt = status.attempts + 1;
-            }
-            loop {
-                if *cancel.borrow() {
-                    let reason = view.cancel_requested.clone().unwrap_or_default();
-                    return self.finish(run_id, view, RunState::Cancelled, reason).await;
-                }
-                // A started attempt keeps the id it was recorded with; a new
-                // one gets an id nobody else can have chosen (see `run_exec_id`).
-                let exec_id = match resume {
-                    true if !view.steps[index].exec_id.is_empty() => {
-                        view.steps[index].exec_id.clone()
-                    }
-                    _ => run_exec_id(run_id, index, attempt),
-                };
-                if !resume {
-                    let resource = facts::sandbox_of(&sandbox_id, &view.owner);
-                    let facts = facts::command(facts::job(&view.job, run_id), &step.command);
-                    let cleared = self
-                        .clear(
-                            run_id,
-                            view,
-                            crate::policy::Action::Exec,
-                            &resource,
-                            &facts,
-                            Some(index as u32),
-                            &mut cancel,
-                        )
-                        .await?;
-                    if !cleared {
-                        return Ok(());
-                    }
-                    self.record(
-                        run_id,
-                        view,
-                        Event::StepStarted {
-                            step: index as u32,
-                            attempt,
-                            exec_id: exec_id.clone(),
-                            agent_boot_id: std::mem::take(&mut agent_restarted),
-                        },
-                    )
-                    .await?;
-                }
-                let end = self
-                    .run_step(
-                        run_id,
-                        view,
-                        &sandbox_id,
-                        index,
-                        attempt,
-                        &exec_id,
-                        resume,
-                        &secrets,
-                        &mut cancel,
-                    )
-                    .await?;
-                resume = false;
-                match end {
-                    StepEnd::Silent => {
-                        tracing::warn!(run = %run_id, step = index + 1, "the exec stream went silent; attaching again");
-                        resume = true;
-                        continue;
-                    }
-                    StepEnd::Exited(exited) => {
-                        self.record(run_id, view, exited).await?;
-                    }
-                    StepEnd::Lost(why) => {
-                        if !step.idempotent {
-                            return self
-                                .finish(
-                                    run_id,
-                                    view,
-                                    RunState::Interrupted,
-                                    format!(
-                                        "step {} ({}) may or may not have run to completion: {why}; it is not marked idempotent, so it is not run again",
-                                        index + 1,
-                                        step.name
-                                    ),
-                                )
-                                .await;
-                        }
-                        if attempt > step.retries {
-                            return self
-                                .finish(
-                                    run_id,
-                                    view,
-                                    RunState::Interrupted,
-                                    format!("step {} ({}): {why}", index + 1, step.name),
-                                )
-                                .await;
-                        }
-                        if let Some(boot) = self.agent_boot_id(&sandbox_id).await {
-                            if boot != view.agent_boot_id {
-                                agent_restarted = boot;
-                            }
-                        }
-                        attempt += 1;
-                        continue;
-                    }
-                }
-                if *cancel.borrow() {
-                    let reason = view.cancel_requested.clone().unwrap_or_default();
-                    return self.finish(run_id, view, RunState::Cancelled, reason).await;
-                }
-                if view.steps[index].state == StepState::Succeeded {
-                    break;
-                }
-                if step.idempotent && attempt <= step.retries {
-                    attempt += 1;
-                    continue;
-                }
-                if !step.continue_on_error {
-                    failed = Some(describe_failure(index, &step.name, &view.steps[index]));
-                }
-                break;
-            }
-            if failed.is_some() {
-                break;
-            }
-        }
-        if let Some(reason) = failed {
-            return self.finish(run_id, view, RunState::Failed, reason).await;
-        }
-        for path in view.job.artifacts.clone() {
-            if view.artifacts.iter().any(|a| a.path == path) {
-                continue;
-            }
-            match self
-                .inner
-                .sandboxes
-                .snapshot(
-                    principal,
-                    &sandbox_id,
-                    path.clone(),
-                    Vec::new(),
-                    agent_pb::Compression::Zstd,
-                )
-                .await
-            {
-                Ok(snap) => {
-                    self.record(
-                        run_id,
-                        view,
-                        Event::ArtifactCollected {
-                            path,
-                            snapshot_id: snap.id,
-                            sha256: snap.sha256,
-                            size_bytes: snap.size_bytes,
-                        },
-                    )
-                    .await?
-                }
-                Err(e) => {
-                    return self
-                        .finish(
-                            run_id,
-                            view,
-                            RunState::Failed,
-                            format!("collecting artifact {path}: {e}"),
-                        )
-                        .await
-                }
-            }
-        }
-        self.finish(run_id, view, RunState::Succeeded, String::new())
+    /// Ends the run as cancelled, with the reason its cancel gave.
+    async fn finish_cancelled(&self, run: &mut Run<'_>) -> Result<()> {
+        let reason = run.view.cancel_requested.clone().unwrap_or_default();
+        self.finish(run.id, run.view, RunState::Cancelled, reason)
             .await
     }
 
@@ -772,18 +489,16 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
     /// `awaiting_approval` until the approval is decided; on a restart it
     /// waits for the same approval. Ok(true): go ahead; Ok(false): the run
     /// has ended (denied, not approved, unrecordable, or cancelled meanwhile).
-    #[allow(clippy::too_many_arguments)]
     async fn clear(
         &self,
-        run_id: &str,
-        view: &mut RunView,
+        run: &mut Run<'_>,
         action: crate::policy::Action,
         resource: &crate::policy::Resource,
         facts: &crate::policy::Facts,
         step: Option<u32>,
-        cancel: &mut watch::Receiver<bool>,
     ) -> Result<bool> {
-        let principal = Self::submitter(view);
+        let run_id = run.id;
+        let principal = Self::submitter(run.view);
         let guard = &self.inner.guard;
         let ask = Ask {
             principal: &principal,
@@ -792,7 +507,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
             facts,
         };
         let what = match step {
-            Some(i) => format!("step {} ({})", i + 1, view.job.steps[i as usize].name),
+            Some(i) => format!("step {} ({})", i + 1, run.view.job.steps[i as usize].name),
             None => "the run's network".to_string(),
         };
         // One use per step (or network) of this run: a retry after a crash
@@ -802,21 +517,21 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
             None => format!("{run_id}-network"),
         };
         // Approved before a crash, not used yet.
-        if let Some((id, s)) = view.approved.clone() {
+        if let Some((id, s)) = run.view.approved.clone() {
             if s == step {
                 return match guard.use_approval(&id, ask, &used_by).await {
                     Ok(_) => Ok(true),
-                    Err(refused) => self.refused(run_id, view, &what, refused).await,
+                    Err(refused) => self.refused(run_id, run.view, &what, refused).await,
                 };
             }
         }
-        let approval_id = match view.awaiting.clone() {
+        let approval_id = match run.view.awaiting.clone() {
             Some((id, s)) if s == step => id,
             _ => {
                 let record = Record::Run {
                     run_id,
                     step,
-                    request_id: format!("{run_id}:{}", view.last_seq + 1),
+                    request_id: format!("{run_id}:{}", run.view.last_seq + 1),
                     what: &what,
                 };
                 match guard.clear(&record, ask, None, &used_by).await {
@@ -824,7 +539,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                     Ok(Cleared::Pending(a)) => {
                         self.record(
                             run_id,
-                            view,
+                            run.view,
                             Event::ApprovalRequested {
                                 approval_id: a.id.clone(),
                                 step,
@@ -834,27 +549,26 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
                         tracing::info!(run = %run_id, approval = %a.id, "{what} awaits approval");
                         a.id
                     }
-                    Err(refused) => return self.refused(run_id, view, &what, refused).await,
+                    Err(refused) => return self.refused(run_id, run.view, &what, refused).await,
                 }
             }
         };
         let mut stopping = self.inner.shutdown.clone();
         let decided = tokio::select! {
             a = guard.decision(&approval_id) => a,
-            _ = cancel.changed() => {
-                let reason = view.cancel_requested.clone().unwrap_or_default();
-                self.finish(run_id, view, RunState::Cancelled, reason).await?;
+            _ = run.cancel.changed() => {
+                self.finish_cancelled(run).await?;
                 return Ok(false);
             }
             _ = stopping.changed() => return Err(Error::Stopping),
         };
         let decided = match decided {
             Ok(a) => a,
-            Err(refused) => return self.refused(run_id, view, &what, refused).await,
+            Err(refused) => return self.refused(run_id, run.view, &what, refused).await,
         };
         self.record(
             run_id,
-            view,
+            run.view,
             Event::ApprovalDecided {
                 approval_id: approval_id.clone(),
                 step,
@@ -866,7 +580,7 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         .await?;
         match guard.go_ahead(&decided, ask, &used_by).await {
             Ok(_) => Ok(true),
-            Err(refused) => self.refused(run_id, view, &what, refused).await,
+            Err(refused) => self.refused(run_id, run.view, &what, refused).await,
         }
     }
 
@@ -895,381 +609,4 @@ impl<R: Runtime, S: EventStore> Runner<R, S> {
         self.finish(run_id, view, RunState::Failed, reason).await?;
         Ok(false)
     }
-
-    /// The boot id of the sandbox's agent (random per start of the agent).
-    async fn agent_boot_id(&self, sandbox_id: &str) -> Option<String> {
-        let mut agent = self.inner.sandboxes.agent(sandbox_id);
-        let info = agent
-            .info(agent_pb::InfoRequest {})
-            .await
-            .ok()?
-            .into_inner();
-        (!info.boot_id.is_empty()).then_some(info.boot_id)
-    }
-
-    async fn write_inputs(&self, view: &RunView, sandbox_id: &str) -> anyhow::Result<()> {
-        let mut agent = self.inner.sandboxes.agent(sandbox_id);
-        for f in &view.job.inputs {
-            let data = self
-                .inner
-                .store
-                .blob(&f.sha256)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("input {} is missing from the store", f.path))?;
-            let msgs = vec![
-                agent_pb::WriteFileRequest {
-                    request: Some(agent_pb::write_file_request::Request::Header(
-                        agent_pb::WriteFileHeader {
-                            path: f.path.clone(),
-                            mode: f.mode,
-                            create_parents: true,
-                            ..Default::default()
-                        },
-                    )),
-                },
-                agent_pb::WriteFileRequest {
-                    request: Some(agent_pb::write_file_request::Request::Data(data.into())),
-                },
-                agent_pb::WriteFileRequest {
-                    request: Some(agent_pb::write_file_request::Request::End(true)),
-                },
-            ];
-            agent.write_file(futures::stream::iter(msgs)).await?;
-        }
-        Ok(())
-    }
-
-    /// Starts (or, with `resume`, re-attaches to) one attempt of a step and
-    /// records its output until it exits.
-    #[allow(clippy::too_many_arguments)]
-    async fn run_step(
-        &self,
-        run_id: &str,
-        view: &mut RunView,
-        sandbox_id: &str,
-        index: usize,
-        attempt: u32,
-        exec_id: &str,
-        resume: bool,
-        secrets: &RunSecrets,
-        cancel: &mut watch::Receiver<bool>,
-    ) -> Result<StepEnd> {
-        let step = view.job.steps[index].clone();
-        let mut agent = self.inner.sandboxes.agent(sandbox_id);
-        // Output already recorded is not asked for again.
-        if resume {
-            tracing::info!(run = %run_id, step = index + 1, exec_id, "re-attaching to a started step");
-            let attached = tokio::time::timeout(
-                SILENCE,
-                agent.attach(agent_pb::AttachRequest {
-                    exec_id: exec_id.to_string(),
-                    from_offset: view.steps[index].agent_resume_offset(),
-                }),
-            )
-            .await;
-            let Ok(attached) = attached else {
-                return Ok(StepEnd::Silent);
-            };
-            match attached {
-                Ok(s) => {
-                    return self
-                        .record_step(
-                            run_id,
-                            view,
-                            index,
-                            attempt,
-                            exec_id,
-                            s.into_inner(),
-                            &secrets.redactor,
-                            cancel,
-                        )
-                        .await
-                }
-                // The agent does not know the exec. If it is the same agent
-                // that was there when the sandbox was assigned, the exec never
-                // started (the crash fell between recording StepStarted and
-                // asking the agent): start it now. Otherwise the agent lost
-                // its memory, and whether the step ran is unknown.
-                Err(s) if s.code() == tonic::Code::NotFound => {
-                    // A boot id is random per start, so a restarted agent
-                    // is never taken for the one that was asked to run it.
-                    let same_agent = match self.agent_boot_id(sandbox_id).await {
-                        Some(boot) => !view.agent_boot_id.is_empty() && boot == view.agent_boot_id,
-                        None => false,
-                    };
-                    if !same_agent {
-                        return Ok(StepEnd::Lost(format!(
-                            "the sandbox's agent restarted and no longer knows exec {exec_id}"
-                        )));
-                    }
-                }
-                Err(s) => {
-                    return Ok(StepEnd::Lost(format!(
-                        "the sandbox is unreachable: {}",
-                        s.message()
-                    )))
-                }
-            }
-        }
-        let stream = {
-            let mut env: HashMap<String, String> = view.job.env.clone().into_iter().collect();
-            env.extend(secrets.values.clone());
-            env.extend(step.env.clone());
-            let (argv, shell) = match &step.command {
-                Command::Argv(a) => (a.clone(), String::new()),
-                Command::Shell(s) => (Vec::new(), s.clone()),
-            };
-            let start = agent_pb::ExecStart {
-                exec_id: exec_id.to_string(),
-                argv,
-                shell,
-                env,
-                cwd: step.cwd.clone(),
-                timeout_ms: step.timeout_secs.saturating_mul(1000),
-                ..Default::default()
-            };
-            agent
-                .exec(futures::stream::iter([agent_pb::ExecRequest {
-                    request: Some(agent_pb::exec_request::Request::Start(start)),
-                }]))
-                .await
-        };
-        let events = match stream {
-            Ok(s) => s.into_inner(),
-            Err(s) => {
-                return Ok(StepEnd::Lost(format!(
-                    "the sandbox is unreachable: {}",
-                    s.message()
-                )))
-            }
-        };
-        self.record_step(
-            run_id,
-            view,
-            index,
-            attempt,
-            exec_id,
-            events,
-            &secrets.redactor,
-            cancel,
-        )
-        .await
-    }
-
-    /// Records an exec's output and exit from its event stream.
-    #[allow(clippy::too_many_arguments)]
-    async fn record_step(
-        &self,
-        run_id: &str,
-        view: &mut RunView,
-        index: usize,
-        attempt: u32,
-        exec_id: &str,
-        mut events: tonic::Streaming<agent_pb::ExecEvent>,
-        redactor: &Redactor,
-        cancel: &mut watch::Receiver<bool>,
-    ) -> Result<StepEnd> {
-        let sandbox_id = view.sandbox_id.clone().unwrap_or_default();
-        let mut agent = self.inner.sandboxes.agent(&sandbox_id);
-        let started = std::time::Instant::now();
-        let mut stopping = self.inner.shutdown.clone();
-        // On a re-attach the agent replays from the lower of the two
-        // streams' positions; what a stream already recorded is skipped.
-        let recorded = view.steps[index].agent_recorded;
-        let mut held = [Held::default(), Held::default()];
-        let mut read_to = view.steps[index].agent_resume_offset();
-        loop {
-            let message = tokio::select! {
-                m = tokio::time::timeout(SILENCE, events.message()) => match m {
-                    Ok(m) => m,
-                    Err(_) => return Ok(StepEnd::Silent),
-                },
-                _ = cancel.changed() => {
-                    let _ = agent
-                        .signal(agent_pb::SignalRequest { exec_id: exec_id.into(), signal: 0, kill_tree: true })
-                        .await;
-                    continue;
-                }
-                _ = stopping.changed() => return Err(Error::Stopping),
-            };
-            let ev = match message {
-                Ok(Some(ev)) => ev,
-                Ok(None) => {
-                    return Ok(StepEnd::Lost(
-                        "the exec stream ended before the step exited".into(),
-                    ))
-                }
-                Err(s) => {
-                    return Ok(StepEnd::Lost(format!(
-                        "the sandbox went away: {}",
-                        s.message()
-                    )))
-                }
-            };
-            use agent_pb::exec_event::Event as E;
-            let exited = match ev.event {
-                Some(E::Output(o)) => {
-                    let stream = if o.stream == agent_pb::OutputStream::Stderr as i32 {
-                        Stream::Stderr
-                    } else {
-                        Stream::Stdout
-                    };
-                    let end = o.offset + o.data.len() as u64;
-                    read_to = read_to.max(end);
-                    let skip = recorded[stream.index()]
-                        .saturating_sub(o.offset)
-                        .min(o.data.len() as u64);
-                    if skip as usize == o.data.len() {
-                        continue;
-                    }
-                    held[stream.index()].push(o.offset + skip, &o.data[skip as usize..]);
-                    self.record_output(
-                        run_id, view, index, stream, &mut held, read_to, redactor, false,
-                    )
-                    .await?;
-                    continue;
-                }
-                Some(E::Exited(x)) => Event::StepExited {
-                    step: index as u32,
-                    attempt,
-                    exit_code: x.code,
-                    signal: x.signal,
-                    timed_out: x.timed_out,
-                    oom_killed: x.oom_killed,
-                    spawn_failure: String::new(),
-                    duration_ms: x.duration_ms,
-                },
-                Some(E::SpawnFailed(f)) => Event::StepExited {
-                    step: index as u32,
-                    attempt,
-                    exit_code: None,
-                    signal: None,
-                    timed_out: false,
-                    oom_killed: false,
-                    spawn_failure: f.reason,
-                    duration_ms: started.elapsed().as_millis() as u64,
-                },
-                _ => continue,
-            };
-            // The end of the output: whatever was held back is decided.
-            for stream in [Stream::Stdout, Stream::Stderr] {
-                self.record_output(
-                    run_id, view, index, stream, &mut held, read_to, redactor, true,
-                )
-                .await?;
-            }
-            return Ok(StepEnd::Exited(exited));
-        }
-    }
-
-    /// Records what `held[stream]` can decide (everything, when `last`):
-    /// redacted, stored as a blob, referenced by a `StepOutput` event.
-    #[allow(clippy::too_many_arguments)]
-    async fn record_output(
-        &self,
-        run_id: &str,
-        view: &mut RunView,
-        index: usize,
-        stream: Stream,
-        held: &mut [Held; 2],
-        read_to: u64,
-        redactor: &Redactor,
-        last: bool,
-    ) -> Result<()> {
-        let this = stream.index();
-        if held[this].bytes.is_empty() {
-            return Ok(());
-        }
-        let (data, used) = redactor.redact(&held[this].bytes, last);
-        if used == 0 {
-            return Ok(());
-        }
-        held[this].consume(used);
-        let position = |h: &Held| h.start().unwrap_or(read_to);
-        let sha = hex::encode(sha2::Sha256::digest(&data));
-        self.inner.store.put_blob(&sha, &data).await?;
-        let offset = match stream {
-            Stream::Stdout => view.steps[index].stdout_bytes,
-            Stream::Stderr => view.steps[index].stderr_bytes,
-        };
-        self.record(
-            run_id,
-            view,
-            Event::StepOutput {
-                step: index as u32,
-                stream,
-                offset,
-                length: data.len() as u64,
-                blob_sha256: sha,
-                agent_end: position(&held[this]),
-                agent_other_end: position(&held[1 - this]),
-            },
-        )
-        .await
-    }
-}
-
-/// Raw output of one stream that is not recorded yet, because it might be
-/// the beginning of a secret, with the agent offset of each piece (the two
-/// streams share the agent's offsets, so one stream's bytes are not
-/// contiguous in them).
-#[derive(Debug, Default)]
-struct Held {
-    bytes: Vec<u8>,
-    /// (index into `bytes`, agent offset of that byte), ascending.
-    pieces: Vec<(usize, u64)>,
-}
-
-impl Held {
-    fn push(&mut self, agent_offset: u64, data: &[u8]) {
-        self.pieces.push((self.bytes.len(), agent_offset));
-        self.bytes.extend_from_slice(data);
-    }
-
-    /// The agent offset of the first held byte.
-    fn start(&self) -> Option<u64> {
-        (!self.bytes.is_empty()).then(|| self.pieces[0].1)
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.bytes.drain(..n);
-        let mut pieces = Vec::new();
-        for (i, &(at, offset)) in self.pieces.iter().enumerate() {
-            let next = self.pieces.get(i + 1).map_or(usize::MAX, |p| p.0);
-            if next <= n {
-                continue;
-            }
-            pieces.push(if at >= n {
-                (at - n, offset)
-            } else {
-                (0, offset + (n - at) as u64)
-            });
-        }
-        self.pieces = pieces;
-        if self.bytes.is_empty() {
-            self.pieces.clear();
-        }
-    }
-}
-
-fn describe_failure(index: usize, name: &str, s: &super::events::StepView) -> String {
-    let how = match (s.exit_code, s.signal, s.timed_out) {
-        (_, _, true) => "timed out".to_string(),
-        (Some(c), _, _) => format!("exited with {c}"),
-        (None, Some(sig), _) => format!("was killed by signal {sig}"),
-        _ => "could not start".to_string(),
-    };
-    format!("step {} ({name}) {how}", index + 1)
-}
-
-/// The exec id of one attempt of a run's step. It starts with the prefix the
-/// public API refuses ([`crate::api::RESERVED_EXEC_ID_PREFIX`]), so no client
-/// can start, signal or pre-register it, and ends in a random part, so it
-/// cannot be guessed from the run id either.
-fn run_exec_id(run_id: &str, index: usize, attempt: u32) -> String {
-    format!(
-        "{}run.{run_id}.s{index}.a{attempt}.{}",
-        crate::api::RESERVED_EXEC_ID_PREFIX,
-        crate::ids::random_hex(8)
-    )
 }
