@@ -23,6 +23,8 @@ pub mod runs;
 pub mod runtime;
 pub mod sandboxes;
 pub mod store;
+#[cfg(test)]
+pub mod testing;
 
 use std::future::Future;
 use std::time::Duration;

@@ -12,6 +12,8 @@
 mod artifacts;
 mod provision;
 mod steps;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
