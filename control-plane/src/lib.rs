@@ -14,6 +14,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod guard;
+pub mod host;
 pub mod ids;
 pub mod keys;
 pub mod policy;
@@ -21,6 +22,8 @@ pub mod runs;
 pub mod runtime;
 pub mod sandboxes;
 pub mod store;
+#[cfg(test)]
+pub mod testing;
 
 use std::future::Future;
 use std::time::Duration;

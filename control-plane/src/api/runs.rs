@@ -15,10 +15,10 @@ use crate::runs::executor::Runner;
 use crate::runs::job::{Command, Submitted};
 use crate::runs::store::{EventStore, NewRun, SqlEvents, StoredEvent, Submission};
 use crate::runtime::Runtime;
-use crate::sandboxes::Network;
+use crate::sandboxes::{Network, Sandboxes};
 
 pub struct RunsApi<R: Runtime> {
-    pub runner: Runner<R, SqlEvents>,
+    pub runner: Runner<Sandboxes<R>, SqlEvents>,
     pub guard: crate::guard::Guard,
 }
 
