@@ -121,26 +121,30 @@ pub(crate) async fn run(c: &mut Conn, a: ExecArgs) -> anyhow::Result<u8> {
         .await?
         .into_inner();
     if a.detach {
-        // The first event says whether it started.
-        return match events.message().await? {
-            Some(agent_pb::ExecEvent {
-                event: Some(agent_pb::exec_event::Event::Started(s)),
-            }) => {
-                if c.json {
-                    print_json(&DetachedView {
-                        exec_id: &s.exec_id,
-                        pid: s.pid,
-                    });
-                } else {
-                    println!("{}", s.exec_id);
+        // The first event says whether it started (after an approval, if
+        // one is needed).
+        while let Some(ev) = events.message().await? {
+            use pb::exec_event::Event;
+            match ev.event {
+                Some(Event::Started(s)) => {
+                    if c.json {
+                        print_json(&DetachedView {
+                            exec_id: &s.exec_id,
+                            pid: s.pid,
+                        });
+                    } else {
+                        println!("{}", s.exec_id);
+                    }
+                    return Ok(0);
                 }
-                Ok(0)
+                Some(Event::SpawnFailed(f)) => {
+                    bail!("the command did not start: {}", f.reason)
+                }
+                Some(Event::ApprovalPending(a)) => waiting(&a),
+                _ => {}
             }
-            Some(agent_pb::ExecEvent {
-                event: Some(agent_pb::exec_event::Event::SpawnFailed(f)),
-            }) => bail!("the command did not start: {}", f.reason),
-            _ => bail!("the exec stream ended before the command started"),
-        };
+        }
+        bail!("the exec stream ended before the command started");
     }
     let _raw = if tty { RawTerminal::enter() } else { None };
     // stdin → exec; EOF closes the command's stdin.
@@ -210,7 +214,7 @@ pub(crate) async fn run(c: &mut Conn, a: ExecArgs) -> anyhow::Result<u8> {
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
     while let Some(ev) = events.message().await? {
-        use agent_pb::exec_event::Event;
+        use pb::exec_event::Event;
         match ev.event {
             Some(Event::Output(o)) => {
                 if o.stream == agent_pb::OutputStream::Stderr as i32 {
@@ -244,14 +248,16 @@ pub(crate) async fn run(c: &mut Conn, a: ExecArgs) -> anyhow::Result<u8> {
                     (None, None) => 137,
                 });
             }
-            Some(Event::ApprovalPending(a)) => {
-                eprintln!(
-                    "bridle: waiting for approval {} ({}); an operator decides it with `bridle approvals approve {} --reason …`",
-                    a.approval_id, a.reason, a.approval_id
-                );
-            }
+            Some(Event::ApprovalPending(a)) => waiting(&a),
             Some(Event::Started(_)) | Some(Event::Keepalive(_)) | None => {}
         }
     }
     bail!("the exec stream ended before the command exited")
+}
+
+fn waiting(a: &pb::ApprovalPending) {
+    eprintln!(
+        "bridle: waiting for approval {} ({}); an operator decides it with `bridle approvals approve {} --reason …`",
+        a.approval_id, a.reason, a.approval_id
+    );
 }

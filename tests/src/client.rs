@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use bridle_proto::control::v1 as control_pb;
 use bridle_proto::sandbox::v1 as pb;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -71,7 +72,7 @@ pub struct ExecResult {
     pub spawn_failed: Option<pb::SpawnFailed>,
     pub keepalives: u32,
     /// The approval the exec waited for, if the control plane said so.
-    pub approval_pending: Option<pb::ApprovalPending>,
+    pub approval_pending: Option<control_pb::ApprovalPending>,
     /// Offset after the last output byte seen.
     pub next_offset: u64,
 }
@@ -110,22 +111,63 @@ fn start_request(s: pb::ExecStart) -> pb::ExecRequest {
     }
 }
 
+/// An exec event from either side: the agent's own, or the control
+/// plane's (the agent's passed through, plus its approval_pending).
+pub enum AnyEvent {
+    Agent(pb::exec_event::Event),
+    ApprovalPending(control_pb::ApprovalPending),
+    Empty,
+}
+
+impl From<pb::ExecEvent> for AnyEvent {
+    fn from(ev: pb::ExecEvent) -> Self {
+        ev.event.map_or(AnyEvent::Empty, AnyEvent::Agent)
+    }
+}
+
+impl From<control_pb::ExecEvent> for AnyEvent {
+    fn from(ev: control_pb::ExecEvent) -> Self {
+        use control_pb::exec_event::Event as C;
+        use pb::exec_event::Event as A;
+        match ev.event {
+            Some(C::Started(x)) => AnyEvent::Agent(A::Started(x)),
+            Some(C::Output(x)) => AnyEvent::Agent(A::Output(x)),
+            Some(C::Dropped(x)) => AnyEvent::Agent(A::Dropped(x)),
+            Some(C::Exited(x)) => AnyEvent::Agent(A::Exited(x)),
+            Some(C::SpawnFailed(x)) => AnyEvent::Agent(A::SpawnFailed(x)),
+            Some(C::Keepalive(x)) => AnyEvent::Agent(A::Keepalive(x)),
+            Some(C::ApprovalPending(a)) => AnyEvent::ApprovalPending(a),
+            None => AnyEvent::Empty,
+        }
+    }
+}
+
 /// Collects an event stream until it ends.
-pub async fn collect(mut events: tonic::Streaming<pb::ExecEvent>) -> anyhow::Result<ExecResult> {
+pub async fn collect<E: Into<AnyEvent>>(
+    mut events: tonic::Streaming<E>,
+) -> anyhow::Result<ExecResult> {
     let mut r = ExecResult::default();
     read_to_end(&mut events, &mut r).await?;
     Ok(r)
 }
 
-pub fn apply(r: &mut ExecResult, ev: pb::ExecEvent) {
+pub fn apply(r: &mut ExecResult, ev: impl Into<AnyEvent>) {
     use pb::exec_event::Event;
-    match ev.event {
-        Some(Event::Started(s)) => {
+    let ev = match ev.into() {
+        AnyEvent::Agent(ev) => ev,
+        AnyEvent::ApprovalPending(a) => {
+            r.approval_pending = Some(a);
+            return;
+        }
+        AnyEvent::Empty => return,
+    };
+    match ev {
+        Event::Started(s) => {
             r.exec_id = s.exec_id;
             r.pid = s.pid;
             r.attached = s.attached;
         }
-        Some(Event::Output(o)) => {
+        Event::Output(o) => {
             r.next_offset = o.offset + o.data.len() as u64;
             if o.stream == pb::OutputStream::Stderr as i32 {
                 r.stderr.extend_from_slice(&o.data);
@@ -133,21 +175,19 @@ pub fn apply(r: &mut ExecResult, ev: pb::ExecEvent) {
                 r.stdout.extend_from_slice(&o.data);
             }
         }
-        Some(Event::Dropped(d)) => {
+        Event::Dropped(d) => {
             r.next_offset = d.to_offset;
             r.dropped.push((d.from_offset, d.to_offset));
         }
-        Some(Event::Exited(e)) => r.exited = Some(e),
-        Some(Event::SpawnFailed(f)) => r.spawn_failed = Some(f),
-        Some(Event::Keepalive(_)) => r.keepalives += 1,
-        Some(Event::ApprovalPending(a)) => r.approval_pending = Some(a),
-        None => {}
+        Event::Exited(e) => r.exited = Some(e),
+        Event::SpawnFailed(f) => r.spawn_failed = Some(f),
+        Event::Keepalive(_) => r.keepalives += 1,
     }
 }
 
 /// Applies events to `r` until `done(r)` holds.
-pub async fn read_until(
-    events: &mut tonic::Streaming<pb::ExecEvent>,
+pub async fn read_until<E: Into<AnyEvent>>(
+    events: &mut tonic::Streaming<E>,
     r: &mut ExecResult,
     done: impl Fn(&ExecResult) -> bool,
 ) -> anyhow::Result<()> {
@@ -162,8 +202,8 @@ pub async fn read_until(
 }
 
 /// Applies the rest of the stream to `r`.
-pub async fn read_to_end(
-    events: &mut tonic::Streaming<pb::ExecEvent>,
+pub async fn read_to_end<E: Into<AnyEvent>>(
+    events: &mut tonic::Streaming<E>,
     r: &mut ExecResult,
 ) -> anyhow::Result<()> {
     while let Some(ev) = events.message().await? {

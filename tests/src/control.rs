@@ -391,7 +391,7 @@ pub async fn exec_interactive(
     detach: bool,
 ) -> anyhow::Result<(
     tokio::sync::mpsc::Sender<pb::ExecRequest>,
-    tonic::Streaming<bridle_client::sandbox::ExecEvent>,
+    tonic::Streaming<bridle_client::control::ExecEvent>,
 )> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(start_request(sandbox_id, s, detach)).await?;

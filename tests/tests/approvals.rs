@@ -61,7 +61,7 @@ async fn exec_until_pending(
     approval: Option<&str>,
 ) -> (
     Result<ExecResult, tonic::Status>,
-    Option<tonic::Streaming<agent_pb::ExecEvent>>,
+    Option<tonic::Streaming<pb::ExecEvent>>,
 ) {
     let req = carrying(
         futures::stream::iter([start_request(sandbox, shell(cmd), false)]),
@@ -87,9 +87,7 @@ async fn exec_until_pending(
 }
 
 /// Reads an exec stream to its end.
-async fn finish(
-    mut events: tonic::Streaming<agent_pb::ExecEvent>,
-) -> Result<ExecResult, tonic::Status> {
+async fn finish(mut events: tonic::Streaming<pb::ExecEvent>) -> Result<ExecResult, tonic::Status> {
     let mut r = ExecResult::default();
     while let Some(ev) = events.message().await? {
         apply(&mut r, ev);

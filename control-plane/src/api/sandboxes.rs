@@ -6,7 +6,7 @@ use std::pin::Pin;
 
 use bridle_proto::control::v1 as pb;
 use bridle_proto::sandbox::v1 as agent_pb;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -321,7 +321,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         Ok(Response::new(sandbox_pb(r)))
     }
 
-    type ExecStream = BoxStream<agent_pb::ExecEvent>;
+    type ExecStream = BoxStream<pb::ExecEvent>;
 
     async fn exec(
         &self,
@@ -416,9 +416,9 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
                 facts: &facts,
             };
             let mut stop = shutdown.clone();
-            let pending = agent_pb::ExecEvent {
-                event: Some(agent_pb::exec_event::Event::ApprovalPending(
-                    agent_pb::ApprovalPending {
+            let pending = pb::ExecEvent {
+                event: Some(pb::exec_event::Event::ApprovalPending(
+                    pb::ApprovalPending {
                         approval_id: approval.id.clone(),
                         reason: approval.policy_reason.clone(),
                         expires_unix_ms: approval.expires_unix_ms,
@@ -476,7 +476,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    type AttachStream = BoxStream<agent_pb::ExecEvent>;
+    type AttachStream = BoxStream<pb::ExecEvent>;
 
     async fn attach(
         &self,
@@ -505,7 +505,7 @@ impl<R: Runtime> pb::sandboxes_server::Sandboxes for SandboxesApi<R> {
             .into_inner();
         let guard = self.sandboxes.stream_guard(&req.sandbox_id);
         Ok(Response::new(Box::pin(GuardedStream {
-            inner: events,
+            inner: events.map(|e| e.map(client_event)),
             _guard: guard,
         })))
     }
@@ -774,6 +774,23 @@ where
     }
 }
 
+/// The agent's exec event as the control plane's: the same messages,
+/// passed through.
+fn client_event(ev: agent_pb::ExecEvent) -> pb::ExecEvent {
+    use agent_pb::exec_event::Event as A;
+    use pb::exec_event::Event as C;
+    pb::ExecEvent {
+        event: ev.event.map(|e| match e {
+            A::Started(x) => C::Started(x),
+            A::Output(x) => C::Output(x),
+            A::Dropped(x) => C::Dropped(x),
+            A::Exited(x) => C::Exited(x),
+            A::SpawnFailed(x) => C::SpawnFailed(x),
+            A::Keepalive(x) => C::Keepalive(x),
+        }),
+    }
+}
+
 /// Carries an exec both ways: the client's later messages (stdin, signals,
 /// resizes) to the agent, the agent's events to the client. The client's
 /// side ending ends the agent's (which closes stdin), exactly as if the
@@ -784,7 +801,7 @@ async fn forward<R: Runtime>(
     mut events: Streaming<agent_pb::ExecEvent>,
     mut inbound: Streaming<pb::ExecRequest>,
     to_agent: mpsc::Sender<agent_pb::ExecRequest>,
-    tx: mpsc::Sender<Result<agent_pb::ExecEvent, Status>>,
+    tx: mpsc::Sender<Result<pb::ExecEvent, Status>>,
     mut agent: crate::sandboxes::Agent,
     _stream_guard: crate::sandboxes::StreamGuard<R>,
     mut shutdown: watch::Receiver<bool>,
@@ -819,7 +836,7 @@ async fn forward<R: Runtime>(
                 Ok(Some(ev)) => {
                     use agent_pb::exec_event::Event;
                     finished |= matches!(ev.event, Some(Event::Exited(_)) | Some(Event::SpawnFailed(_)));
-                    if tx.send(Ok(ev)).await.is_err() {
+                    if tx.send(Ok(client_event(ev))).await.is_err() {
                         break;
                     }
                 }
