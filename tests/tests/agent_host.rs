@@ -12,11 +12,105 @@ use bridle_tests::host::{alive, HostAgent};
 use bytes::Bytes;
 use tonic::Code;
 
+/// The bound on any one wait: far beyond what a working run needs, so only
+/// a hang reaches it, and then as a failure that says what hung.
+const WAIT: Duration = Duration::from_secs(120);
+
+/// `fut`'s output, or a panic naming `what` once [`WAIT`] has passed.
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("{what}: still waiting after {} s", WAIT.as_secs()),
+    }
+}
+
+fn describe(s: &pb::ExecStart) -> String {
+    if s.shell.is_empty() {
+        format!("{:?}", s.argv)
+    } else {
+        format!("sh -c {:?}", s.shell)
+    }
+}
+
+// The client helpers, each bounded by [`WAIT`].
+
+async fn run(c: &mut client::Agent, s: pb::ExecStart) -> anyhow::Result<client::ExecResult> {
+    let what = format!("the exec of {}", describe(&s));
+    bounded(&what, client::run(c, s)).await
+}
+
+async fn start_interactive(
+    c: &mut client::Agent,
+    s: pb::ExecStart,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::Sender<pb::ExecRequest>,
+    tonic::Streaming<pb::ExecEvent>,
+)> {
+    let what = format!("starting {}", describe(&s));
+    bounded(&what, client::start_interactive(c, s)).await
+}
+
+async fn attach(
+    c: &mut client::Agent,
+    exec_id: &str,
+    from_offset: u64,
+) -> anyhow::Result<client::ExecResult> {
+    let what = format!("attaching to exec {exec_id} until it ends");
+    bounded(&what, client::attach(c, exec_id, from_offset)).await
+}
+
+async fn collect(events: tonic::Streaming<pb::ExecEvent>) -> anyhow::Result<client::ExecResult> {
+    bounded("the rest of an exec stream", client::collect(events)).await
+}
+
+async fn read_until(
+    events: &mut tonic::Streaming<pb::ExecEvent>,
+    r: &mut client::ExecResult,
+    done: impl Fn(&client::ExecResult) -> bool,
+) -> anyhow::Result<()> {
+    bounded("an awaited exec event", client::read_until(events, r, done)).await
+}
+
+async fn read_to_end(
+    events: &mut tonic::Streaming<pb::ExecEvent>,
+    r: &mut client::ExecResult,
+) -> anyhow::Result<()> {
+    bounded("the end of an exec stream", client::read_to_end(events, r)).await
+}
+
+async fn read_file(c: &mut client::Agent, path: &str) -> Result<Vec<u8>, tonic::Status> {
+    bounded(&format!("reading {path}"), client::read_file(c, path)).await
+}
+
+async fn write_file(
+    c: &mut client::Agent,
+    header: pb::WriteFileHeader,
+    data: Bytes,
+) -> Result<pb::WriteFileResponse, tonic::Status> {
+    let what = format!("writing {}", header.path);
+    bounded(&what, client::write_file(c, header, data)).await
+}
+
+async fn snapshot(
+    c: &mut client::Agent,
+    req: pb::SnapshotRequest,
+) -> Result<Vec<u8>, tonic::Status> {
+    bounded("a snapshot", client::snapshot(c, req)).await
+}
+
+async fn restore(
+    c: &mut client::Agent,
+    path: &str,
+    archive: Bytes,
+) -> Result<pb::RestoreResponse, tonic::Status> {
+    bounded(&format!("restoring into {path:?}"), client::restore(c, path, archive)).await
+}
+
 #[tokio::test]
 async fn runs_a_command_and_reports_its_exit() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let r = client::run(&mut c, shell("echo out; echo err >&2; exit 3"))
+    let r = run(&mut c, shell("echo out; echo err >&2; exit 3"))
         .await
         .unwrap();
     assert_eq!(r.stdout, b"out\n");
@@ -26,7 +120,7 @@ async fn runs_a_command_and_reports_its_exit() {
     assert!(!exited.timed_out && !exited.oom_killed && !exited.killed);
     assert!(r.pid > 0);
 
-    let r = client::run(&mut c, shell("kill -USR1 $$")).await.unwrap();
+    let r = run(&mut c, shell("kill -USR1 $$")).await.unwrap();
     assert_eq!(r.exited.unwrap().signal, Some(libc::SIGUSR1));
 }
 
@@ -90,7 +184,7 @@ async fn bad_requests_get_invalid_argument() {
             ..start(&["true"])
         },
     ] {
-        let err = client::run(&mut c, s).await.unwrap_err();
+        let err = run(&mut c, s).await.unwrap_err();
         let status = err.downcast_ref::<tonic::Status>().expect("a gRPC status");
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     }
@@ -105,9 +199,9 @@ async fn exec_id_is_idempotent_and_attach_replays() {
         exec_id: "job-1".into(),
         ..shell("echo run >> count; echo hello")
     };
-    let first = client::run(&mut c, s.clone()).await.unwrap();
+    let first = run(&mut c, s.clone()).await.unwrap();
     assert!(!first.attached);
-    let second = client::run(&mut c, s).await.unwrap();
+    let second = run(&mut c, s).await.unwrap();
     assert!(second.attached, "same exec_id attaches");
     assert_eq!(second.stdout, b"hello\n");
     assert_eq!(
@@ -116,7 +210,7 @@ async fn exec_id_is_idempotent_and_attach_replays() {
         "the command ran once"
     );
 
-    let replay = client::attach(&mut c, "job-1", 2).await.unwrap();
+    let replay = attach(&mut c, "job-1", 2).await.unwrap();
     assert_eq!(replay.stdout, b"llo\n");
     assert_eq!(replay.code(), Some(0));
 
@@ -134,7 +228,7 @@ async fn exec_id_is_idempotent_and_attach_replays() {
     })
     .await
     .unwrap();
-    let err = client::attach(&mut c, "job-1", 0).await.unwrap_err();
+    let err = attach(&mut c, "job-1", 0).await.unwrap_err();
     assert_eq!(
         err.downcast_ref::<tonic::Status>().unwrap().code(),
         Code::NotFound
@@ -150,67 +244,100 @@ async fn a_running_exec_survives_its_client_and_can_be_reattached() {
         ..shell("echo one; read x; echo two")
     };
     let s = pb::ExecStart { stdin: true, ..s };
-    let (tx, mut events) = client::start_interactive(&mut c, s).await.unwrap();
+    let (tx, mut events) = start_interactive(&mut c, s).await.unwrap();
     // Read until "one" arrives, then drop the stream (the client "crashes").
     let mut r = client::ExecResult::default();
-    client::read_until(&mut events, &mut r, |r| r.stdout == b"one\n")
+    read_until(&mut events, &mut r, |r| r.stdout == b"one\n")
         .await
         .unwrap();
     drop(events);
     drop(tx); // stdin closes: `read` returns and "two" is printed
-    let again = client::attach(&mut c, "long", r.next_offset).await.unwrap();
+    let again = attach(&mut c, "long", r.next_offset).await.unwrap();
     assert_eq!(again.stdout, b"two\n");
     assert_eq!(again.code(), Some(0));
 }
 
 /// A client that goes away while the agent is still starting its exec (the
 /// control plane killed between asking and hearing back) must not leave an
-/// exec that never finishes: a later attach gets its outcome. The agent is
-/// caught mid-start by cancelling the call as soon as the exec is listed,
-/// which is before the supervisor has reported; tried many times.
+/// exec that never finishes: a later attach gets its outcome.
+///
+/// Each try cancels the call the moment the agent lists the exec. A try hits
+/// the window when the listing showed the exec still being started (no pid
+/// yet, so `started` cannot have been sent) and the call was cancelled
+/// before `started` reached it. Tries go on until a few have hit; the test
+/// fails if none did, so it cannot pass without having dropped a client
+/// mid-start. Every exec, hit or not, must have run to its end.
 #[tokio::test]
 async fn a_client_gone_during_start_leaves_an_exec_that_still_finishes() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    for i in 0..40 {
-        let id = format!("cut-{i}");
+    let (mut tries, mut hits) = (0u32, 0u32);
+    while hits < 5 && tries < 200 {
+        let id = format!("cut-{tries}");
+        tries += 1;
         let mut starter = agent.client().unwrap();
         let s = pb::ExecStart {
             exec_id: id.clone(),
             ..shell("echo hi")
         };
+        // Finishes only once `started` has arrived.
         let call = tokio::spawn(async move {
-            let _ = client::start_interactive(&mut starter, s).await;
+            let (_tx, mut events) = client::start_interactive(&mut starter, s).await.unwrap();
+            events.message().await.unwrap().and_then(|ev| ev.event)
         });
         // Cancel the call the moment the agent has the exec in its table.
+        let mut seen_starting = false;
+        let deadline = std::time::Instant::now() + WAIT;
         loop {
-            let listed = c
-                .list_execs(pb::ListExecsRequest {})
+            let listed = bounded("ListExecs", c.list_execs(pb::ListExecsRequest {}))
                 .await
                 .unwrap()
                 .into_inner();
-            if listed.execs.iter().any(|e| e.exec_id == id) || call.is_finished() {
+            if let Some(e) = listed.execs.iter().find(|e| e.exec_id == id) {
+                seen_starting = e.pid == 0 && e.state == pb::ExecState::Running as i32;
                 break;
             }
+            if call.is_finished() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "exec {id} was never listed and its call never answered"
+            );
         }
         call.abort();
-        let _ = call.await;
-        let again = tokio::time::timeout(Duration::from_secs(20), client::attach(&mut c, &id, 0))
+        let gone_before_started = match call.await {
+            Err(e) if e.is_cancelled() => true,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Ok(first) => {
+                assert!(
+                    matches!(first, Some(pb::exec_event::Event::Started(_))),
+                    "{id}: the first event is not `started`: {first:?}"
+                );
+                false
+            }
+        };
+        if seen_starting && gone_before_started {
+            hits += 1;
+        }
+        // The exec is there, ran its command, and ended.
+        let again = attach(&mut c, &id, 0)
             .await
-            .unwrap_or_else(|_| panic!("exec {id} never finished after its client went away"))
-            .unwrap();
-        assert!(
-            again.exited.is_some() || again.spawn_failed.is_some(),
-            "{id}: {again:?}"
-        );
+            .unwrap_or_else(|e| panic!("exec {id} after its client went away: {e:#}"));
+        assert_eq!(again.code(), Some(0), "{id}: {again:?}");
+        assert_eq!(again.stdout, b"hi\n", "{id}: {again:?}");
     }
+    assert!(
+        hits >= 1,
+        "none of {tries} tries dropped its client while the agent was still starting the exec"
+    );
 }
 
 #[tokio::test]
 async fn stdin_streams_and_closes() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let (tx, events) = client::start_interactive(
+    let (tx, events) = start_interactive(
         &mut c,
         pb::ExecStart {
             stdin: true,
@@ -222,36 +349,68 @@ async fn stdin_streams_and_closes() {
     tx.send(client::stdin(b"abc")).await.unwrap();
     tx.send(client::stdin(b"def")).await.unwrap();
     tx.send(client::close_stdin()).await.unwrap();
-    let r = client::collect(events).await.unwrap();
+    let r = collect(events).await.unwrap();
     assert_eq!(r.stdout, b"abcdef");
     assert_eq!(r.code(), Some(0));
 }
 
+/// The command gets a terminal of the size asked for, and a resize reaches
+/// it as a terminal's does: SIGWINCH, then the new size from the terminal.
 #[tokio::test]
 async fn pty_gives_a_terminal_and_resizes() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let r = client::run(
+    let (tx, mut events) = start_interactive(
         &mut c,
         pb::ExecStart {
             pty: Some(pb::PtySize {
                 rows: 33,
                 cols: 101,
             }),
-            ..shell("test -t 0 && test -t 1 && stty size")
+            // The trap is set before the first size is printed, so a resize
+            // sent after seeing it cannot be missed.
+            ..shell(
+                "test -t 0 && test -t 1 || exit 9; \
+                 trap 'echo \"resized to $(stty size)\"; exit 0' WINCH; \
+                 echo \"started at $(stty size)\"; \
+                 while :; do sleep 0.05; done",
+            )
         },
     )
     .await
     .unwrap();
-    assert_eq!(r.code(), Some(0), "{}", r.stdout_str());
-    assert!(r.stdout_str().contains("33 101"), "{:?}", r.stdout_str());
+    let mut r = client::ExecResult::default();
+    // The whole first line, whichever chunks it came in.
+    read_until(&mut events, &mut r, |r| {
+        r.stdout_str().contains('\n') || r.exited.is_some()
+    })
+    .await
+    .unwrap();
+    assert!(
+        r.stdout_str().contains("started at 33 101"),
+        "{:?} {:?}",
+        r.stdout_str(),
+        r.exited
+    );
+    tx.send(pb::ExecRequest {
+        request: Some(pb::exec_request::Request::Resize(pb::PtySize {
+            rows: 41,
+            cols: 132,
+        })),
+    })
+    .await
+    .unwrap();
+    read_to_end(&mut events, &mut r).await.unwrap();
+    let out = r.stdout_str();
+    assert!(out.contains("resized to 41 132"), "{out:?}");
+    assert_eq!(r.code(), Some(0), "{out:?}");
 }
 
 #[tokio::test]
 async fn a_terminal_session_takes_input_and_resizes() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let (tx, mut events) = client::start_interactive(
+    let (tx, mut events) = start_interactive(
         &mut c,
         pb::ExecStart {
             stdin: true,
@@ -262,7 +421,7 @@ async fn a_terminal_session_takes_input_and_resizes() {
     .await
     .unwrap();
     let mut r = client::ExecResult::default();
-    client::read_until(&mut events, &mut r, |r| r.stdout_str().contains("ready"))
+    read_until(&mut events, &mut r, |r| r.stdout_str().contains("ready"))
         .await
         .unwrap();
     tx.send(pb::ExecRequest {
@@ -276,7 +435,7 @@ async fn a_terminal_session_takes_input_and_resizes() {
     tx.send(client::stdin(b"hello\n")).await.unwrap();
     // Closing input on a terminal is ^D: `cat` sees end of file and exits.
     tx.send(client::close_stdin()).await.unwrap();
-    client::read_to_end(&mut events, &mut r).await.unwrap();
+    read_to_end(&mut events, &mut r).await.unwrap();
     let out = r.stdout_str();
     assert!(out.contains("got:hello"), "{out:?}");
     assert!(out.contains("40 120"), "{out:?}");
@@ -312,17 +471,19 @@ fn escapee_pids(ws: &std::path::Path) -> Vec<i32> {
 async fn timeout_kills_the_whole_tree_even_escapees() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let r = client::run(
+    let r = run(
         &mut c,
         pb::ExecStart {
-            timeout_ms: 1500,
+            // Far longer than the escapees take to start (they say `ready`
+            // first), so the deadline never races them on a slow machine.
+            timeout_ms: 10_000,
             kill_grace_ms: 300,
             ..shell(ESCAPEES)
         },
     )
     .await
     .unwrap();
-    assert_eq!(r.stdout, b"ready\n");
+    assert_eq!(r.stdout, b"ready\n", "every escapee was up before the deadline");
     let exited = r.exited.unwrap();
     assert!(exited.timed_out && exited.killed, "{exited:?}");
     for pid in escapee_pids(&agent.workspace) {
@@ -334,7 +495,7 @@ async fn timeout_kills_the_whole_tree_even_escapees() {
 async fn kill_tree_signal_and_normal_exit_leave_nothing_behind() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let (_tx, mut events) = client::start_interactive(
+    let (_tx, mut events) = start_interactive(
         &mut c,
         pb::ExecStart {
             exec_id: "tree".into(),
@@ -345,7 +506,7 @@ async fn kill_tree_signal_and_normal_exit_leave_nothing_behind() {
     .await
     .unwrap();
     let mut r = client::ExecResult::default();
-    client::read_until(&mut events, &mut r, |r| r.stdout == b"ready\n")
+    read_until(&mut events, &mut r, |r| r.stdout == b"ready\n")
         .await
         .unwrap();
     c.signal(pb::SignalRequest {
@@ -355,14 +516,14 @@ async fn kill_tree_signal_and_normal_exit_leave_nothing_behind() {
     })
     .await
     .unwrap();
-    client::read_to_end(&mut events, &mut r).await.unwrap();
+    read_to_end(&mut events, &mut r).await.unwrap();
     assert!(r.exited.unwrap().killed);
     for pid in escapee_pids(&agent.workspace) {
         assert!(!alive(pid), "process {pid} survived kill_tree");
     }
 
     // A command that exits normally still takes its leftovers with it.
-    let r = client::run(&mut c, shell("sleep 1000 & echo $! > bg.pid"))
+    let r = run(&mut c, shell("sleep 1000 & echo $! > bg.pid"))
         .await
         .unwrap();
     assert_eq!(r.code(), Some(0));
@@ -378,7 +539,7 @@ async fn kill_tree_signal_and_normal_exit_leave_nothing_behind() {
 async fn commands_inherit_only_stdio() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let r = client::run(&mut c, start(&["ls", "/proc/self/fd"]))
+    let r = run(&mut c, start(&["ls", "/proc/self/fd"]))
         .await
         .unwrap();
     // 0, 1, 2 and the fd `ls` itself opened to read the directory.
@@ -397,7 +558,7 @@ async fn commands_inherit_only_stdio() {
 async fn rlimits_apply_to_the_command() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let r = client::run(
+    let r = run(
         &mut c,
         pb::ExecStart {
             rlimits: Some(pb::Rlimits {
@@ -420,7 +581,7 @@ async fn output_is_bounded_and_marks_what_was_dropped() {
     let mut c = agent.client().unwrap();
     // A reader that is not there while the output is produced (it reads
     // only after the command ended) finds the head, the tail and the gap.
-    let (_tx, events) = client::start_interactive(
+    let (_tx, events) = start_interactive(
         &mut c,
         pb::ExecStart {
             exec_id: "loud".into(),
@@ -430,22 +591,18 @@ async fn output_is_bounded_and_marks_what_was_dropped() {
     .await
     .unwrap();
     drop(events);
-    loop {
+    bridle_tests::eventually("the loud exec has exited", WAIT, async || {
         let list = c
             .list_execs(pb::ListExecsRequest {})
             .await
             .unwrap()
             .into_inner();
-        if list
-            .execs
+        list.execs
             .iter()
             .any(|e| e.exec_id == "loud" && e.state == pb::ExecState::Exited as i32)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let r = client::attach(&mut c, "loud", 0).await.unwrap();
+    })
+    .await;
+    let r = attach(&mut c, "loud", 0).await.unwrap();
     let exited = r.exited.unwrap();
     assert_eq!(exited.output_bytes, 10_000_004);
     assert_eq!(r.stdout.len(), 65536);
@@ -465,18 +622,18 @@ async fn files_round_trip_and_refuse_escapes() {
             .map(|i| (i % 251) as u8)
             .collect::<Vec<u8>>(),
     );
-    let resp = client::write_file(&mut c, client::write_header("a/b/data.bin"), data.clone())
+    let resp = write_file(&mut c, client::write_header("a/b/data.bin"), data.clone())
         .await
         .unwrap();
     assert_eq!(resp.size, data.len() as u64);
     assert_eq!(resp.sha256, bridle_tests::sha256_hex(&data));
     assert_eq!(
-        client::read_file(&mut c, "a/b/data.bin").await.unwrap(),
+        read_file(&mut c, "a/b/data.bin").await.unwrap(),
         data
     );
     let abs = format!("{}/a/b/data.bin", agent.workspace.display());
     assert_eq!(
-        client::read_file(&mut c, &abs).await.unwrap().len(),
+        read_file(&mut c, &abs).await.unwrap().len(),
         data.len()
     );
 
@@ -489,7 +646,10 @@ async fn files_round_trip_and_refuse_escapes() {
         .await
         .unwrap()
         .into_inner();
-    let chunk = part.message().await.unwrap().unwrap();
+    let chunk = bounded("a part of a file", part.message())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((chunk.offset, &chunk.data[..]), (10, &data[10..15]));
 
     std::os::unix::fs::symlink("/etc", agent.workspace.join("etc-link")).unwrap();
@@ -502,9 +662,9 @@ async fn files_round_trip_and_refuse_escapes() {
         "a/../../x",
         "/proc/self/root/etc/passwd",
     ] {
-        let err = client::read_file(&mut c, path).await.unwrap_err();
+        let err = read_file(&mut c, path).await.unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied, "{path}: {err:?}");
-        let err = client::write_file(&mut c, client::write_header(path), Bytes::from_static(b"x"))
+        let err = write_file(&mut c, client::write_header(path), Bytes::from_static(b"x"))
             .await
             .unwrap_err();
         assert!(
@@ -611,7 +771,7 @@ async fn an_aborted_upload_changes_nothing() {
 async fn snapshot_and_restore_round_trip() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let r = client::run(
+    let r = run(
         &mut c,
         shell("mkdir -p src/deep && echo a > src/a && echo b > src/deep/b && ln -s deep/b src/link && chmod 0750 src/deep && mkdir skip && echo x > skip/x"),
     )
@@ -619,7 +779,7 @@ async fn snapshot_and_restore_round_trip() {
     .unwrap();
     assert_eq!(r.code(), Some(0));
     for compression in [pb::Compression::None, pb::Compression::Zstd] {
-        let tar = client::snapshot(
+        let tar = snapshot(
             &mut c,
             pb::SnapshotRequest {
                 exclude: vec!["skip".into()],
@@ -629,12 +789,12 @@ async fn snapshot_and_restore_round_trip() {
         )
         .await
         .unwrap();
-        client::run(&mut c, shell("rm -rf src skip; echo junk > junk"))
+        run(&mut c, shell("rm -rf src skip; echo junk > junk"))
             .await
             .unwrap();
-        let resp = client::restore(&mut c, "", Bytes::from(tar)).await.unwrap();
+        let resp = restore(&mut c, "", Bytes::from(tar)).await.unwrap();
         assert!(resp.entries >= 5);
-        let r = client::run(
+        let r = run(
             &mut c,
             shell("find . | sort; cat src/link; stat -c %a src/deep"),
         )
@@ -679,23 +839,223 @@ async fn snapshot_and_restore_round_trip() {
     }
 }
 
+/// `key = "value"` in `[section]` of a Cargo.toml, unquoted.
+fn toml_value(toml: &str, section: &str, key: &str) -> Option<String> {
+    let mut current = "";
+    for line in toml.lines().map(str::trim) {
+        if line.starts_with('[') {
+            current = line;
+            continue;
+        }
+        match line.split_once('=') {
+            Some((k, v)) if current == section && k.trim() == key => {
+                return Some(v.trim().trim_matches('"').to_string())
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The sandbox-agent crate's version as its sources say it now: its own
+/// Cargo.toml, or the workspace's when the crate inherits it.
+fn agent_crate_version() -> String {
+    let root = bridle_tests::repo_root();
+    let read = |path: &str| {
+        std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+    };
+    let own = read("sandbox-agent/Cargo.toml");
+    if let Some(version) = toml_value(&own, "[package]", "version") {
+        return version;
+    }
+    assert_eq!(
+        toml_value(&own, "[package]", "version.workspace").as_deref(),
+        Some("true"),
+        "sandbox-agent/Cargo.toml names no version"
+    );
+    toml_value(&read("Cargo.toml"), "[workspace.package]", "version")
+        .expect("the workspace's Cargo.toml names a version")
+}
+
+/// A field of /proc/<pid>/status (`name` with its colon), trimmed.
+fn proc_status(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+}
+
+/// The first number of a /proc/<pid>/status field (`Uid:`: the real uid).
+fn proc_status_number(pid: u32, name: &str) -> u64 {
+    let value = proc_status(pid, name);
+    value
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{name} {value:?} of process {pid}"))
+}
+
+/// What the kernel says of a process's cgroup.
+#[derive(Debug, PartialEq)]
+struct CgroupTruth {
+    version: u32,
+    /// None: unlimited, or no such controller there.
+    memory_limit: Option<u64>,
+    pids_limit: Option<u64>,
+    /// Whether the cgroup accounts the memory its processes use.
+    memory_accounted: bool,
+}
+
+/// The cgroup of process `pid`, from /proc/<pid>/cgroup and the files of
+/// that cgroup under /sys/fs/cgroup.
+fn cgroup_of(pid: u32) -> CgroupTruth {
+    let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let number = |text: Option<String>| text.and_then(|t| t.trim().parse::<u64>().ok());
+    if root.join("cgroup.controllers").exists() {
+        // The unified hierarchy: one line, `0::<path>`.
+        let path = membership
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap_or_else(|| panic!("no cgroup v2 line in {membership:?}"));
+        let dir = root.join(path.trim_start_matches('/'));
+        let read = |file: &str| std::fs::read_to_string(dir.join(file)).ok();
+        CgroupTruth {
+            version: 2,
+            memory_limit: number(read("memory.max")),
+            pids_limit: number(read("pids.max")),
+            memory_accounted: read("memory.current").is_some(),
+        }
+    } else {
+        // One hierarchy per controller, `<n>:<controllers>:<path>`, mounted
+        // at /sys/fs/cgroup/<controller>; a container's mount is rooted at
+        // its own cgroup, where the path from the host's root is not found.
+        let read = |controller: &str, file: &str| {
+            let path = membership.lines().find_map(|l| {
+                let mut parts = l.splitn(3, ':');
+                let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+                controllers
+                    .split(',')
+                    .any(|c| c == controller)
+                    .then_some(path)
+            })?;
+            let mount = root.join(controller);
+            std::fs::read_to_string(mount.join(path.trim_start_matches('/')).join(file))
+                .or_else(|_| std::fs::read_to_string(mount.join(file)))
+                .ok()
+        };
+        CgroupTruth {
+            version: 1,
+            // v1 says "unlimited" with a huge number.
+            memory_limit: number(read("memory", "memory.limit_in_bytes"))
+                .filter(|b| (1..(1u64 << 62)).contains(b)),
+            pids_limit: number(read("pids", "pids.max")),
+            memory_accounted: read("memory", "memory.usage_in_bytes").is_some(),
+        }
+    }
+}
+
+/// Whether openat2(2) with RESOLVE_BENEATH works here: the kernel has it
+/// and no seccomp profile refuses it.
+fn openat2_works(dir: &std::path::Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let dir = std::fs::File::open(dir).unwrap();
+    // SAFETY: open_how is a plain C struct of integers; all-zero is valid.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: a valid open_how with its size, and a NUL-terminated path.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c".".as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: the descriptor was just opened here and is closed once.
+        unsafe { libc::close(fd as i32) };
+        return true;
+    }
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    !matches!(errno, Some(libc::ENOSYS) | Some(libc::EPERM))
+}
+
+/// Every value Info reports is checked against what the agent's sources
+/// and the kernel say of the agent process, never against a constant
+/// alone: a hard-coded answer would not match them.
 #[tokio::test]
 async fn info_reports_version_cgroup_and_capabilities() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
-    assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
-    assert!(
-        info.capabilities
-            .iter()
-            .any(|c| c == "files.openat2" || c == "files.nofollow-walk"),
-        "{:?}",
-        info.capabilities
+    let pid = agent.pid();
+    let rss_before = proc_status_number(pid, "VmRSS:") * 1024;
+    let info = bounded("Info", c.info(pb::InfoRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let rss_after = proc_status_number(pid, "VmRSS:") * 1024;
+
+    assert_eq!(
+        info.version,
+        agent_crate_version(),
+        "the version in sandbox-agent's Cargo.toml"
     );
-    assert_eq!(info.kill_mode, "subreaper");
+    assert_eq!(info.pid, pid);
+    assert_eq!(
+        (info.uid as u64, info.gid as u64),
+        (
+            proc_status_number(pid, "Uid:"),
+            proc_status_number(pid, "Gid:")
+        )
+    );
+    assert_eq!(info.workspace, agent.workspace.display().to_string());
+
+    // Linux capabilities and privileges, as the kernel has them.
+    assert_eq!(info.cap_eff, proc_status(pid, "CapEff:"));
+    assert_eq!(info.no_new_privs, proc_status(pid, "NoNewPrivs:") == "1");
+
+    // The agent's features: the path resolver it says it uses is the one
+    // this kernel (and seccomp profile) allows.
+    let resolver = if openat2_works(&agent.workspace) {
+        "files.openat2"
+    } else {
+        "files.nofollow-walk"
+    };
+    let resolvers: Vec<&str> = info
+        .capabilities
+        .iter()
+        .map(String::as_str)
+        .filter(|c| c.starts_with("files."))
+        .collect();
+    assert_eq!(resolvers, [resolver], "{:?}", info.capabilities);
+    assert_eq!(info.kill_mode, "subreaper", "no delegated cgroup on a host");
+
+    // The cgroup the agent is in, its limits (or none) and its accounting.
     let cg = info.cgroup.unwrap();
-    assert!(cg.version == 1 || cg.version == 2, "{cg:?}");
-    assert!(info.agent_rss_bytes > 0);
+    let truth = cgroup_of(pid);
+    assert_eq!(
+        CgroupTruth {
+            version: cg.version,
+            memory_limit: cg.memory_limit_bytes,
+            pids_limit: cg.pids_limit,
+            memory_accounted: cg.memory_current_bytes > 0,
+        },
+        truth,
+        "{cg:?}"
+    );
+
+    // Its resident set, as the kernel counted it around the call.
+    let (low, high) = (rss_before.min(rss_after), rss_before.max(rss_after));
+    assert!(
+        (low / 2..=high * 2).contains(&info.agent_rss_bytes),
+        "reported RSS {} against {rss_before}..{rss_after} from /proc",
+        info.agent_rss_bytes
+    );
 }
 
 #[tokio::test]
@@ -703,11 +1063,11 @@ async fn sigterm_stops_running_commands_and_exits_cleanly() {
     let mut agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
     let (_tx, mut events) =
-        client::start_interactive(&mut c, shell("echo $$ > main.pid; echo up; sleep 1000"))
+        start_interactive(&mut c, shell("echo $$ > main.pid; echo up; sleep 1000"))
             .await
             .unwrap();
     let mut r = client::ExecResult::default();
-    client::read_until(&mut events, &mut r, |r| r.stdout == b"up\n")
+    read_until(&mut events, &mut r, |r| r.stdout == b"up\n")
         .await
         .unwrap();
     let main: i32 = std::fs::read_to_string(agent.workspace.join("main.pid"))
@@ -715,6 +1075,13 @@ async fn sigterm_stops_running_commands_and_exits_cleanly() {
         .trim()
         .parse()
         .unwrap();
+    // SIGTERM, and a bounded wait for the agent to exit (a plain wait
+    // would hang a broken run).
+    let pid = agent.pid() as i32;
+    // SAFETY: kill(2) of the agent this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    bridle_tests::eventually("the agent exits on SIGTERM", WAIT, async || !alive(pid)).await;
+    // Collects the exit status (the agent is gone: the wait returns at once).
     let status = agent.terminate().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(!alive(main));
@@ -735,26 +1102,32 @@ async fn a_flood_with_a_slow_reader_does_not_grow_the_agent() {
         .agent_rss_bytes;
     // 400 MB of output, read one event at a time with pauses in between.
     let (_tx, mut events) =
-        client::start_interactive(&mut c, start(&["head", "-c", "400000000", "/dev/zero"]))
+        start_interactive(&mut c, start(&["head", "-c", "400000000", "/dev/zero"]))
             .await
             .unwrap();
     let mut r = client::ExecResult::default();
     let mut peak_rss = 0;
     let mut seen = 0u32;
-    while let Some(ev) = events.message().await.unwrap() {
-        client::apply(&mut r, ev);
-        seen += 1;
-        if seen.is_multiple_of(8) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let rss = c
-                .info(pb::InfoRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .agent_rss_bytes;
-            peak_rss = peak_rss.max(rss);
+    let slow_reader = async {
+        while let Some(ev) = events.message().await.unwrap() {
+            client::apply(&mut r, ev);
+            seen += 1;
+            if seen.is_multiple_of(8) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let rss = c
+                    .info(pb::InfoRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .agent_rss_bytes;
+                peak_rss = peak_rss.max(rss);
+            }
         }
-    }
+    };
+    // Slow on purpose, so bounded more generously than other waits.
+    tokio::time::timeout(Duration::from_secs(300), slow_reader)
+        .await
+        .expect("the flood's stream did not end within 300 s");
     let exited = r.exited.expect("the flood ends");
     assert_eq!(exited.code, Some(0));
     assert_eq!(exited.output_bytes, 400_000_000);
@@ -779,7 +1152,7 @@ async fn idle_exec_streams_get_keepalives() {
     let agent = HostAgent::start(&["--keepalive-secs", "1"]).await.unwrap();
     let mut c = agent.client().unwrap();
     // Three silent seconds against a one-second keepalive interval.
-    let r = client::run(&mut c, shell("sleep 3; echo done"))
+    let r = run(&mut c, shell("sleep 3; echo done"))
         .await
         .unwrap();
     assert_eq!(r.stdout, b"done\n");
@@ -790,7 +1163,7 @@ async fn idle_exec_streams_get_keepalives() {
 async fn signal_reaches_the_command() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let (_tx, mut events) = client::start_interactive(
+    let (_tx, mut events) = start_interactive(
         &mut c,
         pb::ExecStart {
             exec_id: "trapper".into(),
@@ -800,7 +1173,7 @@ async fn signal_reaches_the_command() {
     .await
     .unwrap();
     let mut r = client::ExecResult::default();
-    client::read_until(&mut events, &mut r, |r| r.stdout == b"ready\n")
+    read_until(&mut events, &mut r, |r| r.stdout == b"ready\n")
         .await
         .unwrap();
     c.signal(pb::SignalRequest {
@@ -810,7 +1183,7 @@ async fn signal_reaches_the_command() {
     })
     .await
     .unwrap();
-    client::read_to_end(&mut events, &mut r).await.unwrap();
+    read_to_end(&mut events, &mut r).await.unwrap();
     assert_eq!(r.stdout, b"ready\ngot-usr1\n");
     let exited = r.exited.unwrap();
     assert_eq!(exited.code, Some(7));
@@ -845,7 +1218,7 @@ async fn killing_its_own_supervisor_does_not_let_a_command_escape() {
     let mut c = agent.client().unwrap();
     // The command's parent is its supervisor, which it can signal (same
     // uid). Its children must still not outlive the exec.
-    let r = client::run(
+    let r = run(
         &mut c,
         pb::ExecStart {
             timeout_ms: 60_000,
@@ -868,7 +1241,7 @@ async fn killing_its_own_supervisor_does_not_let_a_command_escape() {
             .parse()
             .unwrap();
         // The agent stops strays as soon as it learns the supervisor is gone.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let deadline = std::time::Instant::now() + WAIT;
         while alive(pid) && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -876,7 +1249,7 @@ async fn killing_its_own_supervisor_does_not_let_a_command_escape() {
     }
     // The agent still works.
     assert_eq!(
-        client::run(&mut c, start(&["true"])).await.unwrap().code(),
+        run(&mut c, start(&["true"])).await.unwrap().code(),
         Some(0)
     );
 }
@@ -885,7 +1258,7 @@ async fn killing_its_own_supervisor_does_not_let_a_command_escape() {
 async fn a_killed_spawner_is_replaced_and_running_execs_survive() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let (tx, mut events) = client::start_interactive(
+    let (tx, mut events) = start_interactive(
         &mut c,
         pb::ExecStart {
             stdin: true,
@@ -895,11 +1268,11 @@ async fn a_killed_spawner_is_replaced_and_running_execs_survive() {
     .await
     .unwrap();
     let mut r = client::ExecResult::default();
-    client::read_until(&mut events, &mut r, |r| r.stdout == b"up\n")
+    read_until(&mut events, &mut r, |r| r.stdout == b"up\n")
         .await
         .unwrap();
     // A command could do this too: the spawner runs as the same user.
-    let r2 = client::run(
+    let r2 = run(
         &mut c,
         shell(&format!(
             // Pick first, then kill: killing the spawner re-parents its
@@ -916,11 +1289,11 @@ async fn a_killed_spawner_is_replaced_and_running_execs_survive() {
     assert_eq!(r2.stdout_str(), "killed\n");
     // The running exec is unaffected.
     tx.send(client::stdin(b"go\n")).await.unwrap();
-    client::read_to_end(&mut events, &mut r).await.unwrap();
+    read_to_end(&mut events, &mut r).await.unwrap();
     assert_eq!(r.stdout, b"up\nafter\n");
     assert_eq!(r.code(), Some(0));
     // New execs get a new spawner.
-    let r3 = client::run(&mut c, start(&["echo", "fine"])).await.unwrap();
+    let r3 = run(&mut c, start(&["echo", "fine"])).await.unwrap();
     assert_eq!(r3.stdout, b"fine\n", "{r3:?}");
 }
 
@@ -939,7 +1312,7 @@ async fn tcp_listener_health_and_reflection() {
         .unwrap();
     let mut agent = pb::sandbox_agent_client::SandboxAgentClient::new(channel.clone());
     let info = agent.info(pb::InfoRequest {}).await.unwrap().into_inner();
-    assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(info.version, agent_crate_version());
 
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let status = health
@@ -968,7 +1341,10 @@ async fn tcp_listener_health_and_reflection() {
         .await
         .unwrap()
         .into_inner();
-    let response = responses.message().await.unwrap().unwrap();
+    let response = bounded("the reflection answer", responses.message())
+        .await
+        .unwrap()
+        .unwrap();
     let Some(refl::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
         response.message_response
     else {
@@ -990,7 +1366,7 @@ async fn write_options_mode_and_no_overwrite() {
         mode: 0o600,
         ..client::write_header("secret.txt")
     };
-    client::write_file(&mut c, header.clone(), Bytes::from_static(b"one"))
+    write_file(&mut c, header.clone(), Bytes::from_static(b"one"))
         .await
         .unwrap();
     let st = c
@@ -1003,7 +1379,7 @@ async fn write_options_mode_and_no_overwrite() {
         .info
         .unwrap();
     assert_eq!(st.mode, 0o600);
-    let err = client::write_file(
+    let err = write_file(
         &mut c,
         pb::WriteFileHeader {
             no_overwrite: true,
@@ -1019,7 +1395,7 @@ async fn write_options_mode_and_no_overwrite() {
         b"one"
     );
     // Without create_parents a missing directory is an error, not created.
-    let err = client::write_file(
+    let err = write_file(
         &mut c,
         pb::WriteFileHeader {
             create_parents: false,
@@ -1037,7 +1413,7 @@ async fn write_options_mode_and_no_overwrite() {
 async fn restore_into_a_subdirectory_leaves_the_rest_alone() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    client::run(
+    run(
         &mut c,
         shell("mkdir -p a b && echo 1 > a/old && echo 2 > b/keep"),
     )
@@ -1045,11 +1421,11 @@ async fn restore_into_a_subdirectory_leaves_the_rest_alone() {
     .unwrap();
     let archive =
         bridle_tests::tarcraft::build(&[bridle_tests::tarcraft::Entry::file("new", b"3")]);
-    client::restore(&mut c, "a", Bytes::from(archive))
+    restore(&mut c, "a", Bytes::from(archive))
         .await
         .unwrap();
     // a/ now holds exactly the archive; b/ is untouched.
-    let r = client::run(&mut c, shell("find . -type f | sort"))
+    let r = run(&mut c, shell("find . -type f | sort"))
         .await
         .unwrap();
     assert_eq!(r.stdout_str(), "./a/new\n./b/keep\n");
@@ -1074,7 +1450,7 @@ async fn retained_output_has_a_total_budget() {
     .unwrap();
     let mut c = agent.client().unwrap();
     for i in 0..5 {
-        let r = client::run(
+        let r = run(
             &mut c,
             pb::ExecStart {
                 exec_id: format!("noisy-{i}"),
@@ -1096,7 +1472,7 @@ async fn retained_output_has_a_total_budget() {
         !ids.contains(&"noisy-0"),
         "the oldest is evicted first: {ids:?}"
     );
-    let err = client::attach(&mut c, "noisy-0", 0).await.unwrap_err();
+    let err = attach(&mut c, "noisy-0", 0).await.unwrap_err();
     assert_eq!(
         err.downcast_ref::<tonic::Status>().unwrap().code(),
         Code::NotFound

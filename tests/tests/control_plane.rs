@@ -9,7 +9,7 @@ use std::time::Duration;
 use bridle_proto::control::v1 as pb;
 use bridle_proto::sandbox::v1 as agent_pb;
 use bridle_tests::client::{self, shell, start};
-use bridle_tests::control::{self, ControlPlane};
+use bridle_tests::control::{self, ControlPlane, Sandboxes};
 use bridle_tests::docker::require_docker;
 use tonic::Code;
 
@@ -27,6 +27,79 @@ fn text(b: &[u8]) -> String {
 
 async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
     bridle_tests::eventually(what, Duration::from_secs(90), check).await
+}
+
+/// The bound on any one wait: far beyond what a working run needs, so only
+/// a hang reaches it, and then as a failure that says what hung.
+const WAIT: Duration = Duration::from_secs(120);
+
+/// `fut`'s output, or a panic naming `what` once [`WAIT`] has passed.
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("{what}: still waiting after {} s", WAIT.as_secs()),
+    }
+}
+
+fn describe(s: &agent_pb::ExecStart) -> String {
+    if s.shell.is_empty() {
+        format!("{:?}", s.argv)
+    } else {
+        format!("sh -c {:?}", s.shell)
+    }
+}
+
+// The helpers, each bounded by [`WAIT`].
+
+async fn exec(
+    c: &mut Sandboxes,
+    sandbox_id: &str,
+    s: agent_pb::ExecStart,
+) -> Result<client::ExecResult, tonic::Status> {
+    let what = format!("the exec of {} in {sandbox_id}", describe(&s));
+    bounded(&what, control::exec(c, sandbox_id, s)).await
+}
+
+async fn exec_interactive(
+    c: &mut Sandboxes,
+    sandbox_id: &str,
+    s: agent_pb::ExecStart,
+    detach: bool,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::Sender<pb::ExecRequest>,
+    tonic::Streaming<pb::ExecEvent>,
+)> {
+    let what = format!("starting {} in {sandbox_id}", describe(&s));
+    bounded(&what, control::exec_interactive(c, sandbox_id, s, detach)).await
+}
+
+async fn create(c: &mut Sandboxes) -> Result<pb::Sandbox, tonic::Status> {
+    bounded("creating a sandbox", control::create(c)).await
+}
+
+async fn collect(events: tonic::Streaming<pb::ExecEvent>) -> anyhow::Result<client::ExecResult> {
+    bounded("the rest of an exec stream", client::collect(events)).await
+}
+
+async fn read_until(
+    events: &mut tonic::Streaming<pb::ExecEvent>,
+    r: &mut client::ExecResult,
+    done: impl Fn(&client::ExecResult) -> bool,
+) -> anyhow::Result<()> {
+    bounded("an awaited exec event", client::read_until(events, r, done)).await
+}
+
+/// The ids of every sandbox an admin sees.
+async fn listed(cp: &ControlPlane) -> Vec<String> {
+    let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+    bounded("List", c.list(pb::ListSandboxesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .sandboxes
+        .into_iter()
+        .map(|s| s.id)
+        .collect()
 }
 
 #[tokio::test]
@@ -791,24 +864,24 @@ async fn a_client_that_goes_away_stops_its_command_unless_detached() {
     docker_or_skip!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
-    let sb = control::create(&mut c).await.unwrap();
+    let sb = create(&mut c).await.unwrap();
 
     let mut attached = shell("echo started; sleep 1000");
     attached.exec_id = "attached".into();
-    let (tx, mut events) = control::exec_interactive(&mut c, &sb.id, attached, false)
+    let (tx, mut events) = exec_interactive(&mut c, &sb.id, attached, false)
         .await
         .unwrap();
     let mut r = client::ExecResult::default();
-    client::read_until(&mut events, &mut r, |r| r.stdout_str().contains("started"))
+    read_until(&mut events, &mut r, |r| r.stdout_str().contains("started"))
         .await
         .unwrap();
     let mut detached = shell("echo started; sleep 1000");
     detached.exec_id = "detached".into();
-    let (dtx, mut devents) = control::exec_interactive(&mut c, &sb.id, detached, true)
+    let (dtx, mut devents) = exec_interactive(&mut c, &sb.id, detached, true)
         .await
         .unwrap();
     let mut dr = client::ExecResult::default();
-    client::read_until(&mut devents, &mut dr, |r| {
+    read_until(&mut devents, &mut dr, |r| {
         r.stdout_str().contains("started")
     })
     .await
@@ -828,10 +901,10 @@ async fn a_client_that_goes_away_stops_its_command_unless_detached() {
         .await
         .unwrap()
         .into_inner();
-    let r = client::collect(events).await.unwrap();
+    let r = collect(events).await.unwrap();
     let exited = r.exited.expect("the attached exec ended");
     assert!(exited.killed, "{exited:?}");
-    let r = control::exec(
+    let r = exec(
         &mut c2,
         &sb.id,
         shell("ps -o comm,args | grep -c '^sleep  *sleep 1000'"),
@@ -851,18 +924,18 @@ async fn sandboxes_survive_a_killed_control_plane_and_orphans_are_removed() {
     docker_or_skip!();
     let mut cp = ControlPlane::start(&[]).await.unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
-    let sb = control::create(&mut c).await.unwrap();
-    let r = control::exec(&mut c, &sb.id, shell("echo kept > kept.txt"))
+    let sb = create(&mut c).await.unwrap();
+    let r = exec(&mut c, &sb.id, shell("echo kept > kept.txt"))
         .await
         .unwrap();
     assert_eq!(r.code(), Some(0));
     let mut long = shell("sleep 2; echo finished while the control plane was down");
     long.exec_id = "across-restart".into();
-    let (_tx, mut events) = control::exec_interactive(&mut c, &sb.id, long, true)
+    let (_tx, mut events) = exec_interactive(&mut c, &sb.id, long, true)
         .await
         .unwrap();
     let mut r = client::ExecResult::default();
-    client::read_until(&mut events, &mut r, |r| r.pid != 0)
+    read_until(&mut events, &mut r, |r| r.pid != 0)
         .await
         .unwrap();
 
@@ -923,7 +996,7 @@ async fn sandboxes_survive_a_killed_control_plane_and_orphans_are_removed() {
         .unwrap()
         .into_inner();
     assert_eq!(got.state, pb::SandboxState::Ready as i32);
-    let r = control::exec(&mut c, &sb.id, start(&["cat", "kept.txt"]))
+    let r = exec(&mut c, &sb.id, start(&["cat", "kept.txt"]))
         .await
         .unwrap();
     assert_eq!(r.stdout_str(), "kept\n");
@@ -937,7 +1010,7 @@ async fn sandboxes_survive_a_killed_control_plane_and_orphans_are_removed() {
         .await
         .unwrap()
         .into_inner();
-    let r = client::collect(events).await.unwrap();
+    let r = collect(events).await.unwrap();
     assert_eq!(r.code(), Some(0));
     assert!(
         r.stdout_str().contains("finished while"),
@@ -949,21 +1022,26 @@ async fn sandboxes_survive_a_killed_control_plane_and_orphans_are_removed() {
     // sandbox and the command (not detached) running.
     let mut held = shell("sleep 2; echo survived the shutdown");
     held.exec_id = "held-open".into();
-    let (_tx, mut events) = control::exec_interactive(&mut c, &sb.id, held, false)
+    let (_tx, mut events) = exec_interactive(&mut c, &sb.id, held, false)
         .await
         .unwrap();
     let mut r = client::ExecResult::default();
-    client::read_until(&mut events, &mut r, |r| r.pid != 0)
+    read_until(&mut events, &mut r, |r| r.pid != 0)
         .await
         .unwrap();
-    let status = cp.terminate().await.unwrap();
+    let status = bounded("the control plane's exit on SIGTERM", cp.terminate())
+        .await
+        .unwrap();
     assert!(status.success(), "{status:?}: {}", cp.log());
-    let end = loop {
-        match events.message().await {
-            Ok(Some(_)) => continue,
-            other => break other,
+    let end = bounded("the end of the held-open stream", async {
+        loop {
+            match events.message().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
         }
-    };
+    })
+    .await;
     let e = end.expect_err("the stream ends with an error");
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(e.message().contains("held-open"), "{e:?}");
@@ -979,11 +1057,15 @@ async fn sandboxes_survive_a_killed_control_plane_and_orphans_are_removed() {
         .await
         .unwrap()
         .into_inner();
-    let r = client::collect(events).await.unwrap();
+    let r = collect(events).await.unwrap();
     assert_eq!(r.code(), Some(0), "{r:?}");
     assert_eq!(r.stdout_str(), "survived the shutdown\n");
 }
 
+/// Concurrent claims against a warm pool: every warm sandbox goes to a
+/// claim (none is left while a claim is made cold), what the API says of
+/// where a sandbox came from matches the container it got, and no sandbox,
+/// container or agent is handed to two claims.
 #[tokio::test]
 async fn warm_pool_claims_never_hand_out_a_sandbox_twice() {
     docker_or_skip!();
@@ -992,18 +1074,15 @@ async fn warm_pool_claims_never_hand_out_a_sandbox_twice() {
         .unwrap();
     let pooled = || control::containers_labelled("bridle.owner=pool:default");
     eventually("the pool fills", async || {
-        let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
         // Unclaimed sandboxes are nobody's: not even an admin lists them.
-        c.list(pb::ListSandboxesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .sandboxes
-            .is_empty()
+        listed(&cp).await.is_empty()
             && pooled().len() >= 3
             && cp.log().matches("warm pool sandbox ready").count() >= 3
     })
     .await;
+    // The warm sandboxes' containers, before any claim.
+    let warm = pooled();
+    assert_eq!(warm.len(), 3, "the pool holds its size: {warm:?}");
 
     let owners: Vec<String> = (0..6).map(|i| format!("tenant{i}")).collect();
     let mut tokens = Vec::new();
@@ -1013,7 +1092,7 @@ async fn warm_pool_claims_never_hand_out_a_sandbox_twice() {
     let mut tasks = tokio::task::JoinSet::new();
     for t in tokens.clone() {
         let mut c = cp.sandboxes(&t).await.unwrap();
-        tasks.spawn(async move { control::create(&mut c).await.unwrap() });
+        tasks.spawn(async move { create(&mut c).await.unwrap() });
     }
     let mut got = Vec::new();
     while let Some(r) = tasks.join_next().await {
@@ -1023,9 +1102,52 @@ async fn warm_pool_claims_never_hand_out_a_sandbox_twice() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 6, "six distinct sandboxes: {got:?}");
+
+    // Six claims against three warm sandboxes: each warm one was claimed.
+    let claimed: Vec<String> = got.iter().map(|s| format!("bridle-{}", s.id)).collect();
+    for name in &warm {
+        assert!(
+            claimed.contains(name),
+            "warm sandbox {name} was left in the pool while claims were made cold: {got:?}"
+        );
+    }
     let from_pool = got.iter().filter(|s| s.pool_profile == "default").count();
-    assert!(from_pool >= 1, "some came from the pool: {got:?}");
-    // Each owner sees exactly its own one, and it works.
+    assert!(from_pool >= warm.len(), "{from_pool} from the pool: {got:?}");
+    // Each claim's container: its own, made for the pool exactly when the
+    // API says the sandbox came from there, and running its own agent.
+    let mut containers = Vec::new();
+    let mut boots = Vec::new();
+    for s in &got {
+        let labels = control::inspect(
+            &s.id,
+            "{{.Id}} {{index .Config.Labels \"bridle.sandbox\"}} \
+             {{index .Config.Labels \"bridle.owner\"}}",
+        );
+        let made_for = match s.pool_profile.as_str() {
+            "default" => "pool:default",
+            "" => s.owner.as_str(),
+            other => panic!("{} claimed from an unknown pool {other:?}", s.id),
+        };
+        let (container, rest) = labels
+            .split_once(' ')
+            .unwrap_or_else(|| panic!("{}: no container ({labels:?})", s.id));
+        assert_eq!(rest, format!("{} {made_for}", s.id), "{s:?}");
+        containers.push(container.to_string());
+        let mut agent = cp.agent_of(&s.id).unwrap();
+        let info = bounded("Info", agent.info(agent_pb::InfoRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        boots.push(info.boot_id);
+    }
+    for seen in [&mut containers, &mut boots] {
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 6, "shared between claims: {seen:?}");
+    }
+
+    // Each owner sees exactly its own one, and it works. Each leaves a file
+    // behind: a sandbox handed out twice would show it to the next owner.
     for (t, o) in tokens.iter().zip(&owners) {
         let mut c = cp.sandboxes(t).await.unwrap();
         let list = c
@@ -1036,10 +1158,14 @@ async fn warm_pool_claims_never_hand_out_a_sandbox_twice() {
             .sandboxes;
         assert_eq!(list.len(), 1, "{o}: {list:?}");
         assert_eq!(&list[0].owner, o);
-        let r = control::exec(&mut c, &list[0].id, shell("ls -A | wc -l"))
-            .await
-            .unwrap();
-        assert_eq!(r.stdout_str().trim(), "0", "a fresh workspace");
+        let r = exec(
+            &mut c,
+            &list[0].id,
+            shell(&format!("ls -A | wc -l; echo {o} > owner")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.stdout_str().trim(), "0", "{o}: a fresh workspace");
     }
     // The pool refills behind the claims (three more become ready).
     eventually("the pool refills", async || {
@@ -1048,44 +1174,111 @@ async fn warm_pool_claims_never_hand_out_a_sandbox_twice() {
     .await;
 }
 
+/// A TTL and an idle timeout each delete their sandbox, and activity
+/// postpones the idle timeout: a sandbox kept busy with execs outlives a
+/// neighbour with the same idle timeout that is left alone, and goes once
+/// it is left alone itself.
 #[tokio::test]
 async fn ttl_and_idle_timeout_delete_sandboxes() {
     docker_or_skip!();
+    const IDLE_SECS: u64 = 5;
     let cp = ControlPlane::start(&["sweep_interval_secs=1"])
         .await
         .unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
-    let ttl = c
-        .create(pb::CreateSandboxRequest {
+    let with_idle_timeout = pb::CreateSandboxRequest {
+        idle_timeout_seconds: IDLE_SECS,
+        ..Default::default()
+    };
+    let busy = bounded("creating a sandbox", c.create(with_idle_timeout.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    // Kept busy from the start: an exec (activity) every 250 ms, against an
+    // idle timeout twenty times as long.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let activity = {
+        let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
+        let (id, stop) = (busy.id.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut execs = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let ran = tokio::time::timeout(WAIT, control::exec(&mut c, &id, start(&["true"])));
+                match ran.await {
+                    Ok(Ok(r)) if r.code() == Some(0) => execs += 1,
+                    other => return Err(format!("exec {} in {id}: {other:?}", execs + 1)),
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Ok(execs)
+        })
+    };
+    let ttl = bounded(
+        "creating a sandbox",
+        c.create(pb::CreateSandboxRequest {
             ttl_seconds: 1,
             ..Default::default()
-        })
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let idle = bounded("creating a sandbox", c.create(with_idle_timeout))
         .await
         .unwrap()
         .into_inner();
-    let idle = c
-        .create(pb::CreateSandboxRequest {
-            idle_timeout_seconds: 2,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let keep = control::create(&mut c).await.unwrap();
+    let keep = create(&mut c).await.unwrap();
     assert!(ttl.expires_unix_ms > ttl.created_unix_ms);
-    eventually("both are deleted", async || {
-        let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
-        let list = c
-            .list(pb::ListSandboxesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .sandboxes;
-        list.len() == 1 && list[0].id == keep.id
+    // The idle one's timeout runs out after the busy one's would have.
+    assert!(busy.last_active_unix_ms <= idle.last_active_unix_ms);
+
+    eventually("the TTL and the idle sandbox are deleted", async || {
+        let ids = listed(&cp).await;
+        !ids.contains(&ttl.id) && !ids.contains(&idle.id)
     })
     .await;
+    let ids = listed(&cp).await;
+    assert!(ids.contains(&keep.id), "{ids:?}");
+    assert!(
+        ids.contains(&busy.id),
+        "the busy sandbox went with its idle neighbour: {ids:?}"
+    );
+    // The sweep that deleted the idle one may still have been under way.
+    // One that deletes a sandbox made only now began after it ended, so
+    // the busy one has been through a whole sweep past its idle timeout.
+    let marker = bounded(
+        "creating a sandbox",
+        c.create(pb::CreateSandboxRequest {
+            ttl_seconds: 1,
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    eventually("a later sweep deletes the marker", async || {
+        !listed(&cp).await.contains(&marker.id)
+    })
+    .await;
+    let ids = listed(&cp).await;
+    assert!(
+        ids.contains(&busy.id),
+        "the busy sandbox was deleted as idle: {ids:?}"
+    );
+
+    // Left alone, it goes too.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let execs = bounded("the end of the activity", activity)
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the busy sandbox stopped working: {e}"));
+    assert!(execs > 0);
+    eventually("the busy sandbox is deleted once idle", async || {
+        !listed(&cp).await.contains(&busy.id)
+    })
+    .await;
+    assert_eq!(listed(&cp).await, vec![keep.id.clone()]);
     assert_eq!(cp.containers(), vec![format!("bridle-{}", keep.id)]);
-    let _ = idle;
 }
 
 #[tokio::test]
@@ -1120,13 +1313,15 @@ async fn tls_on_the_listener() {
 
     // A plaintext client gets nowhere.
     let plain = cp.endpoint.replace("https://", "http://");
-    let ch = tonic::transport::Channel::from_shared(plain)
-        .unwrap()
-        .connect()
-        .await;
+    let ch = bounded(
+        "a plaintext connection",
+        tonic::transport::Channel::from_shared(plain).unwrap().connect(),
+    )
+    .await;
     if let Ok(ch) = ch {
         let mut admin = pb::admin_client::AdminClient::new(ch);
-        assert!(admin.who_am_i(pb::WhoAmIRequest {}).await.is_err());
+        let answer = bounded("WhoAmI in plaintext", admin.who_am_i(pb::WhoAmIRequest {})).await;
+        assert!(answer.is_err());
     }
     // A certificate the client does not trust is refused.
     let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
@@ -1157,9 +1352,9 @@ async fn the_agent_is_injected_read_only_into_an_image_without_one() {
     .await
     .unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
-    let sb = control::create(&mut c).await.unwrap();
+    let sb = create(&mut c).await.unwrap();
     assert_eq!(sb.image, tag);
-    let r = control::exec(
+    let r = exec(
         &mut c,
         &sb.id,
         shell("echo works > f && cat f; cp /bin/busybox /.bridle/sandbox-agent 2>/dev/null || echo agent is read-only"),

@@ -22,6 +22,32 @@ macro_rules! docker_or_skip {
     };
 }
 
+/// The bound on any one wait: far beyond what a working run needs, so only
+/// a hang reaches it, and then as a failure that says what hung.
+const WAIT: Duration = Duration::from_secs(120);
+
+/// `fut`'s output, or a panic naming `what` once [`WAIT`] has passed.
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("{what}: still waiting after {} s", WAIT.as_secs()),
+    }
+}
+
+/// [`control::exec`], bounded.
+async fn exec(
+    c: &mut Sandboxes,
+    sandbox_id: &str,
+    s: agent_pb::ExecStart,
+) -> Result<client::ExecResult, tonic::Status> {
+    bounded("an exec", control::exec(c, sandbox_id, s)).await
+}
+
+/// [`control::create`], bounded.
+async fn create(c: &mut Sandboxes) -> Result<pb::Sandbox, tonic::Status> {
+    bounded("creating a sandbox", control::create(c)).await
+}
+
 /// The probe that tries to drive an agent from inside a sandbox.
 fn probe() -> bytes::Bytes {
     let path = bridle_tests::workspace_binary("bridle-tests", "agent-probe").unwrap();
@@ -56,13 +82,15 @@ async fn upload(
     data: bytes::Bytes,
 ) -> Result<agent_pb::WriteFileResponse, tonic::Status> {
     let msgs = upload_messages(sandbox_id, file, &data);
-    Ok(c.write_file(futures::stream::iter(msgs))
-        .await?
-        .into_inner())
+    let written = bounded("an upload", c.write_file(futures::stream::iter(msgs))).await?;
+    Ok(written.into_inner())
 }
 
 async fn sh(c: &mut Sandboxes, sandbox_id: &str, cmd: &str) -> client::ExecResult {
-    control::exec(c, sandbox_id, shell(cmd)).await.unwrap()
+    let what = format!("the exec of sh -c {cmd:?}");
+    bounded(&what, control::exec(c, sandbox_id, shell(cmd)))
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -70,7 +98,7 @@ async fn commands_in_a_sandbox_cannot_reach_replace_or_fill_the_agents_directory
     docker_or_skip!();
     let mut cp = ControlPlane::start(&[]).await.unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
-    let id = control::create(&mut c).await.unwrap().id;
+    let id = create(&mut c).await.unwrap().id;
     upload(
         &mut c,
         &id,
@@ -129,20 +157,23 @@ async fn the_agent_refuses_peers_from_inside_its_sandbox() {
     docker_or_skip!();
     let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut agent = sb.client().unwrap();
-    client::write_file(
-        &mut agent,
-        agent_pb::WriteFileHeader {
-            path: "probe".into(),
-            mode: 0o755,
-            ..Default::default()
-        },
-        probe(),
+    let header = agent_pb::WriteFileHeader {
+        path: "probe".into(),
+        mode: 0o755,
+        ..Default::default()
+    };
+    bounded(
+        "uploading the probe",
+        client::write_file(&mut agent, header, probe()),
     )
     .await
     .unwrap();
-    let r = client::run(&mut agent, shell("./probe /run/bridle/agent.sock"))
-        .await
-        .unwrap();
+    let r = bounded(
+        "the probe",
+        client::run(&mut agent, shell("./probe /run/bridle/agent.sock")),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.code(), Some(3), "{}", r.stdout_str());
     // The agent says why in its log, and still serves the host.
     assert!(
@@ -163,7 +194,7 @@ async fn stop_signals_from_inside_the_sandbox_are_ignored() {
     docker_or_skip!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
-    let id = control::create(&mut c).await.unwrap().id;
+    let id = create(&mut c).await.unwrap().id;
     let r = sh(
         &mut c,
         &id,
@@ -185,7 +216,7 @@ async fn stop_signals_from_inside_the_sandbox_are_ignored() {
     // The agent says so in its log (once for the lot).
     bridle_tests::eventually(
         "the agent logs what it ignored",
-        Duration::from_secs(30),
+        WAIT,
         async || {
             let logs = std::process::Command::new("docker")
                 .args(["logs", &format!("bridle-{id}")])
@@ -203,10 +234,10 @@ async fn exec_ids_of_runs_cannot_be_chosen_or_guessed_by_a_client() {
     docker_or_skip!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
-    let id = control::create(&mut c).await.unwrap().id;
+    let id = create(&mut c).await.unwrap().id;
     let mut start = shell("echo forged; exit 0");
     start.exec_id = "bridle.run.r-1.s1.a1.0000".into();
-    let e = control::exec(&mut c, &id, start).await.unwrap_err();
+    let e = exec(&mut c, &id, start).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     assert!(e.message().contains("control plane's own"), "{e}");
     let e = c
@@ -255,7 +286,7 @@ async fn an_upload_that_is_not_what_was_announced_changes_nothing() {
     docker_or_skip!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
-    let id = control::create(&mut c).await.unwrap().id;
+    let id = create(&mut c).await.unwrap().id;
     let file = |size: Option<u64>, sha256: &str| agent_pb::WriteFileHeader {
         path: "data.bin".into(),
         size,
@@ -304,7 +335,7 @@ async fn an_upload_that_is_not_what_was_announced_changes_nothing() {
     // The window is hit: the agent holds megabytes of it in its temporary file.
     bridle_tests::eventually(
         "the upload is under way",
-        Duration::from_secs(30),
+        WAIT,
         async || {
             let r = sh(
                 &mut c,
@@ -322,7 +353,7 @@ async fn an_upload_that_is_not_what_was_announced_changes_nothing() {
     // The agent removes its temporary file once it sees the call cut off.
     bridle_tests::eventually(
         "only the old file is left",
-        Duration::from_secs(30),
+        WAIT,
         async || sh(&mut c, &id, "cat data.bin; ls -A").await.stdout_str() == "olddata.bin\n",
     )
     .await;
@@ -381,13 +412,17 @@ async fn events_until(
         .unwrap()
         .into_inner();
     let mut seen = Vec::new();
-    while let Some(ev) = events.message().await.unwrap() {
-        let last = ev.event.as_ref().is_some_and(&until);
-        seen.push(ev);
-        if last {
-            break;
+    let what = format!("the events of run {run_id}");
+    bounded(&what, async {
+        while let Some(ev) = events.message().await.unwrap() {
+            let last = ev.event.as_ref().is_some_and(&until);
+            seen.push(ev);
+            if last {
+                break;
+            }
         }
-    }
+    })
+    .await;
     seen
 }
 
@@ -431,7 +466,7 @@ async fn a_run_that_fails_writing_its_inputs_releases_its_sandbox() {
     assert!(done.reason.contains("writing inputs"), "{}", done.reason);
     bridle_tests::eventually(
         "the run's sandbox is released",
-        Duration::from_secs(30),
+        WAIT,
         async || cp.containers().is_empty(),
     )
     .await;
@@ -445,7 +480,7 @@ async fn a_sandbox_whose_agent_stopped_says_so_at_once() {
         .await
         .unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
-    let id = control::create(&mut c).await.unwrap().id;
+    let id = create(&mut c).await.unwrap().id;
     let killed = std::process::Command::new("docker")
         .args(["kill", &format!("bridle-{id}")])
         .output()
@@ -453,7 +488,7 @@ async fn a_sandbox_whose_agent_stopped_says_so_at_once() {
     assert!(killed.status.success(), "{killed:?}");
     bridle_tests::eventually(
         "the sandbox shows it failed",
-        Duration::from_secs(30),
+        WAIT,
         async || {
             let got = c
                 .get(pb::GetSandboxRequest {
@@ -467,7 +502,7 @@ async fn a_sandbox_whose_agent_stopped_says_so_at_once() {
         },
     )
     .await;
-    let e = control::exec(&mut c, &id, shell("true")).await.unwrap_err();
+    let e = exec(&mut c, &id, shell("true")).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     assert!(e.message().contains("its agent stopped"), "{e}");
 }
@@ -528,7 +563,7 @@ async fn out_of_range_and_reserved_values_are_refused() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
 
     // A path of 3,000 components is a bad argument, not an internal error.
-    let id = control::create(&mut c).await.unwrap().id;
+    let id = create(&mut c).await.unwrap().id;
     let long = vec!["a"; 3000].join("/");
     let e = c
         .read_file(pb::ReadFileRequest {
@@ -594,7 +629,7 @@ async fn restart_the_container_mid_step(
     let id = names[0].trim_start_matches("bridle-");
     bridle_tests::eventually(
         "the restarted container stops",
-        Duration::from_secs(30),
+        WAIT,
         async || control::inspect(id, "{{.State.Running}}") == "false",
     )
     .await;
@@ -658,9 +693,12 @@ async fn an_idempotent_step_interrupted_by_a_container_restart_runs_exactly_once
         .unwrap()
         .into_inner();
     let mut text = Vec::new();
-    while let Some(chunk) = out.message().await.unwrap() {
-        text.extend_from_slice(&chunk.data);
-    }
+    bounded("the count step's log", async {
+        while let Some(chunk) = out.message().await.unwrap() {
+            text.extend_from_slice(&chunk.data);
+        }
+    })
+    .await;
     assert_eq!(String::from_utf8_lossy(&text).trim(), "2");
 }
 
@@ -840,7 +878,7 @@ async fn followers_survive_restarts_and_miss_nothing() {
     // Every follower is following before the first kill.
     bridle_tests::eventually(
         "every follower printed",
-        Duration::from_secs(30),
+        WAIT,
         async || followers.iter().all(|f| f.stdout().contains("out-1")),
     )
     .await;
@@ -850,9 +888,15 @@ async fn followers_survive_restarts_and_miss_nothing() {
     }
     let mut followers = followers;
     for f in &mut followers {
-        let status = f.child.wait().unwrap();
+        let mut status = None;
+        bridle_tests::eventually("the follower exits", WAIT, async || {
+            status = f.child.try_wait().unwrap();
+            status.is_some()
+        })
+        .await;
+        let status = status.unwrap();
         // The output threads have everything once the pipes close.
-        bridle_tests::eventually("the output is read", Duration::from_secs(10), async || {
+        bridle_tests::eventually("the output is read", WAIT, async || {
             Arc::strong_count(&f.stdout) == 1
         })
         .await;
@@ -890,7 +934,7 @@ async fn workspace_volumes_are_labelled_and_orphans_swept() {
         .await
         .unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
-    let id = control::create(&mut c).await.unwrap().id;
+    let id = create(&mut c).await.unwrap().id;
     let volume = format!("bridle-{id}-workspace");
     let label = |name: &str| {
         let out = std::process::Command::new("docker")
@@ -919,7 +963,7 @@ async fn workspace_volumes_are_labelled_and_orphans_swept() {
     cp.restart().await.unwrap();
     bridle_tests::eventually(
         "the orphan volume is removed",
-        Duration::from_secs(30),
+        WAIT,
         async || label(ghost).is_empty(),
     )
     .await;
@@ -930,6 +974,32 @@ async fn workspace_volumes_are_labelled_and_orphans_swept() {
     );
 }
 
+/// Runs `cmd` to its end, capturing its output; kills it and fails once
+/// [`WAIT`] has passed (an agent that does not refuse serves for ever).
+fn output_within(cmd: &mut std::process::Command) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{cmd:?} still running after {} s: {}",
+                WAIT.as_secs(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// Given an identity key, the agent runs only as PID 1 (its peer and
 /// signal checks rest on it) and never with the unchecked TCP listener.
 #[test]
@@ -937,24 +1007,23 @@ fn an_agent_with_a_key_refuses_to_run_where_its_checks_would_not_hold() {
     let agent = bridle_tests::agent_binary().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let run = |extra: &[&str]| {
-        std::process::Command::new(&agent)
-            .arg("--socket")
-            .arg(dir.path().join("agent.sock"))
-            .arg("--workspace")
-            .arg(dir.path())
-            .args(extra)
-            .env("BRIDLE_AGENT_KEY", "00".repeat(32))
-            .output()
-            .unwrap()
+        output_within(
+            std::process::Command::new(&agent)
+                .arg("--socket")
+                .arg(dir.path().join("agent.sock"))
+                .arg("--workspace")
+                .arg(dir.path())
+                .args(extra)
+                .env("BRIDLE_AGENT_KEY", "00".repeat(32)),
+        )
     };
     let out = run(&[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is not PID 1"), "{err}");
-    let out = std::process::Command::new(&agent)
-        .env("BRIDLE_AGENT_KEY", "not hex")
-        .output()
-        .unwrap();
+    let out = output_within(
+        std::process::Command::new(&agent).env("BRIDLE_AGENT_KEY", "not hex"),
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("64 hex digits"));
 }

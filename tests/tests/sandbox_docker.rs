@@ -21,6 +21,80 @@ macro_rules! docker_or_skip {
     };
 }
 
+/// The bound on any one wait: far beyond what a working run needs, so only
+/// a hang reaches it, and then as a failure that says what hung.
+const WAIT: Duration = Duration::from_secs(120);
+
+/// `fut`'s output, or a panic naming `what` once [`WAIT`] has passed.
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("{what}: still waiting after {} s", WAIT.as_secs()),
+    }
+}
+
+fn describe(s: &pb::ExecStart) -> String {
+    if s.shell.is_empty() {
+        format!("{:?}", s.argv)
+    } else {
+        format!("sh -c {:?}", s.shell)
+    }
+}
+
+// The client helpers, each bounded by [`WAIT`].
+
+async fn run(c: &mut client::Agent, s: pb::ExecStart) -> anyhow::Result<client::ExecResult> {
+    let what = format!("the exec of {}", describe(&s));
+    bounded(&what, client::run(c, s)).await
+}
+
+async fn start_interactive(
+    c: &mut client::Agent,
+    s: pb::ExecStart,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::Sender<pb::ExecRequest>,
+    tonic::Streaming<pb::ExecEvent>,
+)> {
+    let what = format!("starting {}", describe(&s));
+    bounded(&what, client::start_interactive(c, s)).await
+}
+
+async fn read_until(
+    events: &mut tonic::Streaming<pb::ExecEvent>,
+    r: &mut client::ExecResult,
+    done: impl Fn(&client::ExecResult) -> bool,
+) -> anyhow::Result<()> {
+    bounded("an awaited exec event", client::read_until(events, r, done)).await
+}
+
+async fn read_file(c: &mut client::Agent, path: &str) -> Result<Vec<u8>, tonic::Status> {
+    bounded(&format!("reading {path}"), client::read_file(c, path)).await
+}
+
+async fn write_file(
+    c: &mut client::Agent,
+    header: pb::WriteFileHeader,
+    data: Bytes,
+) -> Result<pb::WriteFileResponse, tonic::Status> {
+    let what = format!("writing {}", header.path);
+    bounded(&what, client::write_file(c, header, data)).await
+}
+
+async fn snapshot(
+    c: &mut client::Agent,
+    req: pb::SnapshotRequest,
+) -> Result<Vec<u8>, tonic::Status> {
+    bounded("a snapshot", client::snapshot(c, req)).await
+}
+
+async fn restore(
+    c: &mut client::Agent,
+    path: &str,
+    archive: Bytes,
+) -> Result<pb::RestoreResponse, tonic::Status> {
+    bounded(&format!("restoring into {path:?}"), client::restore(c, path, archive)).await
+}
+
 #[tokio::test]
 async fn hardened_and_reporting_its_limits() {
     docker_or_skip!();
@@ -37,7 +111,7 @@ async fn hardened_and_reporting_its_limits() {
     assert_eq!(cg.pids_limit, Some(128), "{cg:?}");
     assert!(cg.memory_current_bytes > 0, "{cg:?}");
 
-    let r = client::run(&mut c, shell("grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; touch /rootfs-write; ls /sys/class/net")).await.unwrap();
+    let r = run(&mut c, shell("grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; touch /rootfs-write; ls /sys/class/net")).await.unwrap();
     let out = r.stdout_str();
     assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
     assert!(out.contains("NoNewPrivs:\t1"), "{out}");
@@ -63,12 +137,15 @@ async fn a_fork_bomb_is_contained_and_the_agent_stays_healthy() {
     .await
     .unwrap();
     let mut c = sb.client().unwrap();
-    let r = client::run(
+    let r = run(
         &mut c,
         pb::ExecStart {
             timeout_ms: 3000,
             kill_grace_ms: 200,
-            ..shell("bomb() { bomb | bomb & }; bomb; sleep 100")
+            // The command's own wait is forked before the bomb can use up
+            // the pids: only the deadline can end it, however fast the
+            // bomb grows.
+            ..shell("sleep 100 & s=$!; bomb() { bomb | bomb & }; bomb; wait $s")
         },
     )
     .await
@@ -86,9 +163,9 @@ async fn a_fork_bomb_is_contained_and_the_agent_stays_healthy() {
     // the kernel reaps it, as the spawner ignores SIGCHLD.)
     bridle_tests::eventually(
         "only the agent's own processes are left",
-        std::time::Duration::from_secs(30),
+        WAIT,
         async || {
-            let r = client::run(&mut c, start(&["ps", "-o", "pid,comm"]))
+            let r = run(&mut c, start(&["ps", "-o", "pid,comm"]))
                 .await
                 .unwrap();
             let comms: Vec<String> = r
@@ -101,7 +178,7 @@ async fn a_fork_bomb_is_contained_and_the_agent_stays_healthy() {
         },
     )
     .await;
-    let r = client::run(&mut c, start(&["echo", "still here"]))
+    let r = run(&mut c, start(&["echo", "still here"]))
         .await
         .unwrap();
     assert_eq!(r.stdout, b"still here\n");
@@ -118,7 +195,7 @@ async fn a_memory_bomb_is_reported_oom_killed() {
     .unwrap();
     let mut c = sb.client().unwrap();
     // dd allocates its whole block size up front.
-    let r = client::run(
+    let r = run(
         &mut c,
         start(&["dd", "if=/dev/zero", "of=/dev/null", "bs=512M", "count=1"]),
     )
@@ -128,7 +205,7 @@ async fn a_memory_bomb_is_reported_oom_killed() {
     assert!(exited.oom_killed, "{exited:?} {:?}", r.stderr_str());
     assert_eq!(exited.signal, Some(libc::SIGKILL));
     // A plain SIGKILL is not an OOM kill.
-    let r = client::run(&mut c, shell("kill -9 $$")).await.unwrap();
+    let r = run(&mut c, shell("kill -9 $$")).await.unwrap();
     let exited = r.exited.unwrap();
     assert_eq!(exited.signal, Some(libc::SIGKILL));
     assert!(!exited.oom_killed);
@@ -142,24 +219,34 @@ async fn a_grandchild_dies_on_timeout() {
     let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut c = sb.client().unwrap();
     let started = std::time::Instant::now();
-    let r = client::run(
+    let r = run(
         &mut c,
         pb::ExecStart {
-            timeout_ms: 1000,
+            // Far longer than the grandchild takes to start (the command
+            // says `ready` once it has), so the deadline never races it.
+            timeout_ms: 10_000,
             kill_grace_ms: 200,
             // The grandchild ignores SIGTERM, leaves the session and holds
             // stdout open: the deadline, not EOF, must end the exec.
-            ..shell("setsid sh -c 'trap \"\" TERM; echo $$ > /tmp/gc.pid; sleep 1000' & sleep 1000")
+            ..shell(
+                "setsid sh -c 'trap \"\" TERM; echo $$ > /tmp/gc.pid; sleep 1000' & \
+                 while [ ! -s /tmp/gc.pid ]; do sleep 0.05; done; echo ready; sleep 1000",
+            )
         },
     )
     .await
     .unwrap();
+    assert_eq!(
+        r.stdout_str(),
+        "ready\n",
+        "the grandchild was up before the deadline"
+    );
     assert!(r.exited.unwrap().timed_out);
     assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "the exec returned at its deadline"
+        started.elapsed() < Duration::from_secs(120),
+        "the exec returned at its deadline, not when `sleep 1000` ended"
     );
-    let r = client::run(
+    let r = run(
         &mut c,
         shell("pid=$(cat /tmp/gc.pid); test -e /proc/$pid && echo alive || echo gone"),
     )
@@ -183,12 +270,12 @@ async fn a_100_mb_file_round_trips() {
     }
     let sha = bridle_tests::sha256_hex(&data);
     let data = Bytes::from(data);
-    let resp = client::write_file(&mut c, client::write_header("big/blob.bin"), data.clone())
+    let resp = write_file(&mut c, client::write_header("big/blob.bin"), data.clone())
         .await
         .unwrap();
     assert_eq!(resp.size, 100 << 20);
     assert_eq!(resp.sha256, sha);
-    let r = client::run(&mut c, start(&["sha256sum", "big/blob.bin"]))
+    let r = run(&mut c, start(&["sha256sum", "big/blob.bin"]))
         .await
         .unwrap();
     assert!(
@@ -196,7 +283,7 @@ async fn a_100_mb_file_round_trips() {
         "inside the container: {}",
         r.stdout_str()
     );
-    let back = client::read_file(&mut c, "/workspace/big/blob.bin")
+    let back = read_file(&mut c, "/workspace/big/blob.bin")
         .await
         .unwrap();
     assert_eq!(bridle_tests::sha256_hex(&back), sha);
@@ -209,8 +296,8 @@ const LISTING: &str = "find . | sort | while read f; do if [ -L \"$f\" ]; then e
 
 /// Builds [`TREE`] in the workspace and returns its [`LISTING`].
 async fn make_tree(c: &mut client::Agent) -> String {
-    assert_eq!(client::run(c, shell(TREE)).await.unwrap().code(), Some(0));
-    client::run(c, shell(LISTING)).await.unwrap().stdout_str()
+    assert_eq!(run(c, shell(TREE)).await.unwrap().code(), Some(0));
+    run(c, shell(LISTING)).await.unwrap().stdout_str()
 }
 
 #[tokio::test]
@@ -219,7 +306,7 @@ async fn snapshot_then_restore_in_another_sandbox_gives_an_identical_tree() {
     let a = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut ca = a.client().unwrap();
     let listing = make_tree(&mut ca).await;
-    let archive = client::snapshot(
+    let archive = snapshot(
         &mut ca,
         pb::SnapshotRequest {
             compression: pb::Compression::Zstd as i32,
@@ -231,10 +318,10 @@ async fn snapshot_then_restore_in_another_sandbox_gives_an_identical_tree() {
 
     let b = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut cb = b.client().unwrap();
-    client::restore(&mut cb, "", Bytes::from(archive))
+    restore(&mut cb, "", Bytes::from(archive))
         .await
         .unwrap();
-    let restored = client::run(&mut cb, shell(LISTING))
+    let restored = run(&mut cb, shell(LISTING))
         .await
         .unwrap()
         .stdout_str();
@@ -264,18 +351,18 @@ async fn a_tar_slip_archive_is_refused_and_changes_nothing() {
         ],
     ];
     for entries in hostile {
-        let err = client::restore(&mut c, "", Bytes::from(tarcraft::build(&entries)))
+        let err = restore(&mut c, "", Bytes::from(tarcraft::build(&entries)))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
         assert!(err.message().contains("refused"), "{}", err.message());
     }
-    let after = client::run(&mut c, shell(LISTING))
+    let after = run(&mut c, shell(LISTING))
         .await
         .unwrap()
         .stdout_str();
     assert_eq!(after, before);
-    let r = client::run(&mut c, shell("ls /tmp/slipped 2>&1; ls -a /workspace"))
+    let r = run(&mut c, shell("ls /tmp/slipped 2>&1; ls -a /workspace"))
         .await
         .unwrap();
     assert!(
@@ -309,7 +396,7 @@ async fn the_sandbox_user_cannot_modify_the_agent() {
         bridle_tests::sha256_hex(&out.stdout)
     };
     let before = sha();
-    let r = client::run(
+    let r = run(
         &mut c,
         shell("cat /usr/local/bin/sandbox-agent > /dev/null"),
     )
@@ -329,7 +416,7 @@ async fn the_sandbox_user_cannot_modify_the_agent() {
         echo evil > /proc/1/mem; \
         kill -9 1; \
         true";
-    let r = client::run(&mut c, shell(hostile)).await.unwrap();
+    let r = run(&mut c, shell(hostile)).await.unwrap();
     assert_eq!(r.code(), Some(0));
     assert_eq!(sha(), before, "the agent binary changed");
     // PID 1 ignored the SIGKILL from its own uid (the kernel protects init).
@@ -337,7 +424,7 @@ async fn the_sandbox_user_cannot_modify_the_agent() {
     // Same uid, but the agent and its helpers are not dumpable: their memory,
     // descriptors and environment are out of reach (no ptrace, no
     // /proc/<pid>/mem), for the agent and for every process it runs as.
-    let r = client::run(
+    let r = run(
         &mut c,
         shell(
             "n=0; for d in /proc/[0-9]*; do \
@@ -362,7 +449,7 @@ async fn the_sandbox_user_cannot_modify_the_agent() {
         "expected three agent processes: {out}"
     );
     // And files cannot reach it either.
-    let err = client::write_file(
+    let err = write_file(
         &mut c,
         client::write_header("/usr/local/bin/sandbox-agent"),
         Bytes::from_static(b"x"),
@@ -377,7 +464,7 @@ async fn switching_users_without_the_capability_fails_clearly() {
     docker_or_skip!();
     let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut c = sb.client().unwrap();
-    let r = client::run(
+    let r = run(
         &mut c,
         pb::ExecStart {
             uid: Some(0),
@@ -394,36 +481,49 @@ async fn switching_users_without_the_capability_fails_clearly() {
     assert!(r.stdout.is_empty());
 }
 
+/// `docker stop` is SIGTERM to the agent: it stops the running command,
+/// whose stream gets an exit event saying the agent killed it, and exits 0
+/// on its own, before Docker's SIGKILL (which would make it 137).
 #[tokio::test]
 async fn docker_stop_ends_commands_and_the_agent_cleanly() {
     docker_or_skip!();
     let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut c = sb.client().unwrap();
-    let (_tx, mut events) = client::start_interactive(&mut c, shell("echo up; sleep 1000"))
+    let (_tx, mut events) = start_interactive(&mut c, shell("echo up; sleep 1000"))
         .await
         .unwrap();
     let mut r = client::ExecResult::default();
-    client::read_until(&mut events, &mut r, |r| r.stdout == b"up\n")
+    read_until(&mut events, &mut r, |r| r.stdout == b"up\n")
         .await
         .unwrap();
-    let out = std::process::Command::new("docker")
-        .args(["stop", "-t", "20", &sb.id])
-        .output()
+    // The stream is read while the container stops, as a client would.
+    let reader = tokio::spawn(async move {
+        let end = client::read_to_end(&mut events, &mut r).await;
+        (r, end)
+    });
+    let stopped = bounded(
+        "docker stop",
+        tokio::process::Command::new("docker")
+            .args(["stop", "-t", "20", &sb.id])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(stopped.status.success(), "{stopped:?}");
+    let (r, end) = bounded("the exec stream after docker stop", reader)
+        .await
         .unwrap();
-    assert!(out.status.success());
-    let code = sb.inspect("{{.State.ExitCode}}").unwrap();
+    let exited = r.exited.clone().unwrap_or_else(|| {
+        panic!("the stream ended ({end:?}) without the command's exit: {r:?}")
+    });
+    assert!(exited.killed, "the agent stopped the command: {exited:?}");
+    assert_eq!(exited.code, None, "the command did not end on its own: {exited:?}");
     assert_eq!(
-        code,
-        "0",
-        "the agent exits 0 on SIGTERM; logs: {}",
+        sb.inspect("{{.State.ExitCode}} {{.State.OOMKilled}}").unwrap(),
+        "0 false",
+        "the agent exits 0 on SIGTERM (137: killed by Docker after the timeout); logs: {}",
         sb.logs()
     );
-    while let Ok(Some(ev)) = events.message().await {
-        client::apply(&mut r, ev);
-    }
-    if let Some(exited) = r.exited {
-        assert!(exited.killed);
-    }
 }
 
 #[tokio::test]
@@ -490,7 +590,7 @@ async fn the_agent_runs_injected_into_a_plain_image() {
         .await
         .unwrap();
     let mut c = client::connect(&socket).unwrap();
-    let r = client::run(
+    let r = run(
         &mut c,
         shell("echo injected > hello; cat hello; test -w /bridle/sandbox-agent || echo read-only"),
     )
