@@ -14,6 +14,7 @@ pub mod store;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,9 @@ struct Inner<R> {
     /// Sandboxes this process is creating right now (the sweep leaves them).
     creating: Mutex<HashSet<String>>,
     create_permits: Semaphore,
+    /// Creates holding one of `create_permits` now (logged at debug as
+    /// each starts, so the bound can be seen from outside).
+    creates_in_flight: AtomicUsize,
     pool_wake: Notify,
 }
 
@@ -145,6 +149,7 @@ impl<R: Runtime> Sandboxes<R> {
                 disks,
                 agent_master_key,
                 create_permits: Semaphore::new(config.docker.max_concurrent_creates.max(1)),
+                creates_in_flight: AtomicUsize::new(0),
                 config,
                 runtime,
                 store: SandboxStore::new(pool),
@@ -235,13 +240,9 @@ impl<R: Runtime> Sandboxes<R> {
     pub async fn create(&self, principal: &Principal, req: CreateRequest) -> Result<SandboxRecord> {
         principal.require_write().map_err(denied)?;
         let spec = self.resolve_spec(&req)?;
-        let max = self.inner.config.sandbox.max_per_owner;
-        if max > 0 && self.inner.store.count_owned(&principal.owner).await? >= max {
-            return Err(Error::Exhausted(format!(
-                "owner {} already has {max} sandboxes (sandbox.max_per_owner)",
-                principal.owner
-            )));
-        }
+        // Counted where a sandbox is handed over or recorded, in the same
+        // statement (see `build`).
+        let max_owned = self.inner.config.sandbox.max_per_owner;
         let snapshot = match &req.from_snapshot {
             Some(id) => Some(self.visible_snapshot(principal, id).await?),
             None => None,
@@ -265,7 +266,7 @@ impl<R: Runtime> Sandboxes<R> {
         };
         if snapshot.is_none() {
             if let Some(rec) = self
-                .claim_warm(&spec, &principal.owner, expires, idle, now)
+                .claim_warm(&spec, &principal.owner, expires, idle, now, max_owned)
                 .await?
             {
                 return Ok(rec);
@@ -285,28 +286,56 @@ impl<R: Runtime> Sandboxes<R> {
             pool_profile: String::new(),
             failure: String::new(),
         };
-        self.build(record, snapshot.as_ref(), &principal.owner)
+        self.build(record, snapshot.as_ref(), &principal.owner, max_owned)
             .await
     }
 
     /// Inserts the record, starts the container, waits for the agent and
     /// restores the snapshot. On any failure nothing is left behind.
+    ///
+    /// The record goes in first, only while its owner has fewer than
+    /// `max_owned` sandboxes (0: no limit), counted in the insert itself:
+    /// a sandbox being made counts from then on, so creates racing each
+    /// other cannot pass `sandbox.max_per_owner`. Only then does it wait
+    /// its turn for the runtime (`docker.max_concurrent_creates`).
     async fn build(
         &self,
         mut record: SandboxRecord,
         snapshot: Option<&SnapshotRecord>,
         owner_label: &str,
+        max_owned: u64,
     ) -> Result<SandboxRecord> {
-        let _permit = self
-            .inner
-            .create_permits
-            .acquire()
-            .await
-            .map_err(|_| Error::FailedPrecondition("shutting down".into()))?;
         let id = record.id.clone();
+        // Marked before the record exists: the sweep must never take it for
+        // one whose creation was interrupted.
         self.inner.creating.lock().expect("lock").insert(id.clone());
-        self.inner.store.insert_sandbox(&record).await?;
+        let inserted = match self.inner.store.insert_sandbox(&record, max_owned).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::Exhausted(format!(
+                "owner {} already has {max_owned} sandboxes, counting those being created \
+                 (sandbox.max_per_owner); delete one first",
+                record.owner.as_deref().unwrap_or_default()
+            ))),
+            Err(e) => Err(Error::Store(e)),
+        };
+        if let Err(e) = inserted {
+            self.inner.creating.lock().expect("lock").remove(&id);
+            return Err(e);
+        }
         let result = async {
+            let _permit = self
+                .inner
+                .create_permits
+                .acquire()
+                .await
+                .map_err(|_| Error::FailedPrecondition("shutting down".into()))?;
+            let (_counted, in_flight) = InFlight::start(&self.inner.creates_in_flight);
+            tracing::debug!(
+                sandbox = %id,
+                in_flight,
+                max = self.inner.config.docker.max_concurrent_creates.max(1),
+                "container create started"
+            );
             let dir = self.socket_dir(&id);
             // The agent runs as the sandbox user and creates its socket here.
             agents::open_socket_dir(&dir)?;
@@ -730,6 +759,23 @@ impl<R: Runtime> Sandboxes<R> {
             tracing::info!(removed, "removed unreferenced artifacts");
         }
         Ok(())
+    }
+}
+
+/// One create counted in `creates_in_flight` for as long as it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    /// Counts one more create; answers the guard and the count with it.
+    fn start(count: &'a AtomicUsize) -> (Self, usize) {
+        let now = count.fetch_add(1, Ordering::SeqCst) + 1;
+        (Self(count), now)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

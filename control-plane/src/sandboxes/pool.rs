@@ -41,7 +41,8 @@ impl<R: Runtime> Sandboxes<R> {
 
     /// Hands a ready sandbox of a warm pool whose profile is the same
     /// machine as `spec` to `owner`, with `spec`'s env and labels; None when
-    /// no pool has one ready.
+    /// no pool has one ready, or `owner` already has `max_owned` sandboxes
+    /// (0: no limit; the cold create that follows says so).
     pub(super) async fn claim_warm(
         &self,
         spec: &Spec,
@@ -49,6 +50,7 @@ impl<R: Runtime> Sandboxes<R> {
         expires: i64,
         idle: u64,
         now: i64,
+        max_owned: u64,
     ) -> Result<Option<SandboxRecord>> {
         for p in &self.inner.config.pool {
             if p.size == 0 || !self.profile_spec(p).same_machine(spec) {
@@ -59,6 +61,7 @@ impl<R: Runtime> Sandboxes<R> {
                 expires_unix_ms: expires,
                 idle_timeout_secs: idle,
                 now,
+                max_owned,
             };
             if let Some(rec) = self
                 .inner
@@ -98,7 +101,7 @@ impl<R: Runtime> Sandboxes<R> {
                         pool_profile: name.clone(),
                         failure: String::new(),
                     };
-                    match this.build(record, None, &format!("pool:{name}")).await {
+                    match this.build(record, None, &format!("pool:{name}"), 0).await {
                         Ok(r) => {
                             tracing::info!(pool = %name, sandbox = %r.id, "warm pool sandbox ready")
                         }

@@ -50,9 +50,16 @@ impl SandboxStore {
         Self { pool }
     }
 
-    pub async fn insert_sandbox(&self, s: &SandboxRecord) -> Result<()> {
-        sqlx::query(&format!(
-            "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+    /// Inserts the record unless its owner already has `max_owned`
+    /// sandboxes (0: no limit); false when it was not inserted. The count
+    /// and the insert are one statement, so creates racing each other
+    /// cannot all pass a limit they read before any of them was inserted
+    /// (SQLite runs a statement in one write transaction).
+    pub async fn insert_sandbox(&self, s: &SandboxRecord, max_owned: u64) -> Result<bool> {
+        let inserted = sqlx::query(&format!(
+            "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 \
+             WHERE $13 = 0 OR (SELECT COUNT(*) FROM sandboxes WHERE owner = $2) < $13"
         ))
         .bind(&s.id)
         .bind(&s.owner)
@@ -66,9 +73,10 @@ impl SandboxStore {
         .bind(&s.from_snapshot)
         .bind(&s.pool_profile)
         .bind(&s.failure)
+        .bind(limit(max_owned))
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(inserted.rows_affected() == 1)
     }
 
     pub async fn sandbox(&self, id: &str) -> Result<Option<SandboxRecord>> {
@@ -101,14 +109,6 @@ impl SandboxStore {
             }
         };
         rows.iter().map(sandbox_from_row).collect()
-    }
-
-    pub async fn count_owned(&self, owner: &str) -> Result<u64> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM sandboxes WHERE owner = $1")
-            .bind(owner)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.try_get::<i64, _>("n")? as u64)
     }
 
     pub async fn set_sandbox_state(
@@ -155,7 +155,9 @@ impl SandboxStore {
     }
 
     /// Hands the oldest ready, unclaimed sandbox of `profile` to `owner`, in
-    /// one statement, so two claims can never get the same sandbox.
+    /// one statement, so two claims can never get the same sandbox, and
+    /// only while `owner` has fewer than `claim.max_owned` sandboxes (0: no
+    /// limit), counted in that same statement.
     pub async fn claim_pooled(
         &self,
         profile: &str,
@@ -169,6 +171,7 @@ impl SandboxStore {
              WHERE id = (SELECT id FROM sandboxes WHERE owner IS NULL AND pool_profile = $6 \
                          AND state = 'ready' ORDER BY created_unix_ms, id LIMIT 1) \
                AND owner IS NULL \
+               AND ($7 = 0 OR (SELECT COUNT(*) FROM sandboxes WHERE owner = $1) < $7) \
              RETURNING {SANDBOX_COLUMNS}"
         ))
         .bind(owner)
@@ -177,6 +180,7 @@ impl SandboxStore {
         .bind(claim.now)
         .bind(spec_json(claim.spec))
         .bind(profile)
+        .bind(limit(claim.max_owned))
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(sandbox_from_row).transpose()
@@ -270,6 +274,13 @@ pub struct Claim<'a> {
     pub expires_unix_ms: i64,
     pub idle_timeout_secs: u64,
     pub now: i64,
+    /// Sandboxes the claimer may have at most (0: no limit).
+    pub max_owned: u64,
+}
+
+/// A `max_*` setting as SQLite stores integers.
+fn limit(max: u64) -> i64 {
+    i64::try_from(max).unwrap_or(i64::MAX)
 }
 
 fn spec_json(spec: &Spec) -> String {
@@ -310,4 +321,81 @@ fn snapshot_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<SnapshotRecord> {
         compression: r.try_get("compression")?,
         created_unix_ms: r.try_get("created_unix_ms")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::runtime::Network;
+
+    fn record(owner: Option<&str>, pool_profile: &str, state: SandboxState) -> SandboxRecord {
+        SandboxRecord {
+            id: format!("sb-{}", crate::ids::random_hex(6)),
+            owner: owner.map(str::to_string),
+            state,
+            spec: Spec {
+                image: "bridle-sandbox:base".into(),
+                memory_bytes: 64 << 20,
+                cpu_millis: 100,
+                pids: 64,
+                disk_bytes: 0,
+                network: Network::None,
+                env: BTreeMap::new(),
+                labels: BTreeMap::new(),
+            },
+            container_id: String::new(),
+            created_unix_ms: 1,
+            expires_unix_ms: 0,
+            idle_timeout_secs: 0,
+            last_active_unix_ms: 1,
+            from_snapshot: String::new(),
+            pool_profile: pool_profile.into(),
+            failure: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_owner_limit_holds_for_inserts_at_once_and_for_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::Store::open(&dir.path().join("db"))
+            .await
+            .unwrap();
+        let store = SandboxStore::new(db.pool().clone());
+
+        // Eight at once with a limit of three: the count is part of each
+        // insert, so exactly three go in, creating ones counted.
+        let inserts = (0..8).map(|_| {
+            let store = store.clone();
+            async move {
+                let r = record(Some("alice"), "", SandboxState::Creating);
+                store.insert_sandbox(&r, 3).await
+            }
+        });
+        let inserted = futures::future::join_all(inserts).await;
+        let made = inserted.iter().filter(|r| matches!(r, Ok(true))).count();
+        assert_eq!(made, 3, "{inserted:?}");
+        assert!(inserted.iter().all(Result::is_ok), "{inserted:?}");
+        assert_eq!(store.sandboxes(Some("alice")).await.unwrap().len(), 3);
+
+        // A pooled sandbox is not handed to an owner at the limit, but to
+        // another; 0 is no limit.
+        let pooled = record(None, "warm", SandboxState::Ready);
+        assert!(store.insert_sandbox(&pooled, 0).await.unwrap());
+        let spec = pooled.spec.clone();
+        let claim = Claim {
+            spec: &spec,
+            expires_unix_ms: 0,
+            idle_timeout_secs: 0,
+            now: 2,
+            max_owned: 3,
+        };
+        let refused = store.claim_pooled("warm", "alice", &claim).await.unwrap();
+        assert!(refused.is_none(), "{refused:?}");
+        let claimed = store.claim_pooled("warm", "bob", &claim).await.unwrap();
+        assert_eq!(claimed.unwrap().owner.as_deref(), Some("bob"));
+        let unlimited = record(Some("alice"), "", SandboxState::Creating);
+        assert!(store.insert_sandbox(&unlimited, 0).await.unwrap());
+    }
 }
