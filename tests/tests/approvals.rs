@@ -668,9 +668,19 @@ async fn a_run_awaiting_approval_survives_kill_9_and_resumes_when_approved() {
         },
     )
     .await;
-    let since = query(&cp, &auditor, &["audit", "query", "--since", "1h", "-o", "json"]).await;
+    let since = query(
+        &cp,
+        &auditor,
+        &["audit", "query", "--since", "1h", "-o", "json"],
+    )
+    .await;
     assert!(!since.is_empty());
-    let until = query(&cp, &auditor, &["audit", "query", "--until", "1h", "-o", "json"]).await;
+    let until = query(
+        &cp,
+        &auditor,
+        &["audit", "query", "--until", "1h", "-o", "json"],
+    )
+    .await;
     assert!(until.is_empty());
 
     // Denied: the run fails, saying who denied it and why.

@@ -218,7 +218,14 @@ async fn every_call_is_recorded_and_tampering_is_named() {
     let out = cli(
         &cp,
         "",
-        &["audit", "verify", "--file", export_path, "--public-key", public],
+        &[
+            "audit",
+            "verify",
+            "--file",
+            export_path,
+            "--public-key",
+            public,
+        ],
     )
     .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -240,7 +247,14 @@ async fn every_call_is_recorded_and_tampering_is_named() {
     let out = cli(
         &cp,
         "",
-        &["audit", "verify", "--file", tampered_path, "--public-key", public],
+        &[
+            "audit",
+            "verify",
+            "--file",
+            tampered_path,
+            "--public-key",
+            public,
+        ],
     )
     .await;
     assert_eq!(out.status.code(), Some(1));
