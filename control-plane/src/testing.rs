@@ -250,6 +250,16 @@ impl EventStore for MemEvents {
         Ok(())
     }
 
+    async fn forget_finished_secrets(&self) -> store::Result<u64> {
+        let mut guard = lock(&self.mem);
+        let mem = &mut *guard;
+        let before = mem.secrets.len();
+        let runs = &mem.runs;
+        mem.secrets
+            .retain(|id, _| runs.get(id).is_none_or(|r| !r.state.is_finished()));
+        Ok((before - mem.secrets.len()) as u64)
+    }
+
     async fn put_blob(&self, sha256: &str, data: &[u8]) -> store::Result<()> {
         lock(&self.mem)
             .blobs

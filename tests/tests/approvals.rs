@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bridle_proto::control::v1 as pb;
@@ -22,6 +23,39 @@ macro_rules! docker_or_skip {
             return;
         }
     };
+}
+
+/// The bound on any one wait: far beyond what a slow machine needs, so only
+/// a broken control plane reaches it, and then the test fails saying what
+/// it waited for instead of hanging.
+const WAIT: Duration = Duration::from_secs(120);
+
+/// Awaits `f`; fails the test naming `what` if it has not ended within
+/// [`WAIT`].
+async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not done within {} s", WAIT.as_secs()))
+}
+
+/// `bridle args…` against `cp` as `token`; killed, and the test failed, if
+/// it has not ended within [`WAIT`].
+async fn cli(cp: &ControlPlane, token: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd =
+        tokio::process::Command::new(bridle_tests::workspace_binary("bridle", "bridle").unwrap());
+    if let Some(ca) = &cp.ca_cert {
+        cmd.env("BRIDLE_CA_CERT", ca);
+    }
+    cmd.args(args)
+        .env("BRIDLE_ENDPOINT", &cp.endpoint)
+        .env("BRIDLE_TOKEN", token)
+        .env_remove("BRIDLE_TOKEN_FILE")
+        .env_remove("BRIDLE_DATA_DIR")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    bounded(&format!("bridle {}", args.join(" ")), cmd.output())
+        .await
+        .unwrap()
 }
 
 fn shell(cmd: &str) -> agent_pb::ExecStart {
@@ -67,32 +101,38 @@ async fn exec_until_pending(
         futures::stream::iter([start_request(sandbox, shell(cmd), false)]),
         approval,
     );
-    let mut events = match c.exec(req).await {
-        Ok(s) => s.into_inner(),
-        Err(s) => return (Err(s), None),
-    };
-    let mut r = ExecResult::default();
-    loop {
-        match events.message().await {
-            Ok(Some(ev)) => {
-                apply(&mut r, ev);
-                if r.approval_pending.is_some() {
-                    return (Ok(r), Some(events));
-                }
-            }
-            Ok(None) => return (Ok(r), None),
+    bounded(&format!("exec of {cmd:?}"), async move {
+        let mut events = match c.exec(req).await {
+            Ok(s) => s.into_inner(),
             Err(s) => return (Err(s), None),
+        };
+        let mut r = ExecResult::default();
+        loop {
+            match events.message().await {
+                Ok(Some(ev)) => {
+                    apply(&mut r, ev);
+                    if r.approval_pending.is_some() {
+                        return (Ok(r), Some(events));
+                    }
+                }
+                Ok(None) => return (Ok(r), None),
+                Err(s) => return (Err(s), None),
+            }
         }
-    }
+    })
+    .await
 }
 
 /// Reads an exec stream to its end.
 async fn finish(mut events: tonic::Streaming<pb::ExecEvent>) -> Result<ExecResult, tonic::Status> {
-    let mut r = ExecResult::default();
-    while let Some(ev) = events.message().await? {
-        apply(&mut r, ev);
-    }
-    Ok(r)
+    bounded("the end of an exec", async move {
+        let mut r = ExecResult::default();
+        while let Some(ev) = events.message().await? {
+            apply(&mut r, ev);
+        }
+        Ok::<_, tonic::Status>(r)
+    })
+    .await
 }
 
 async fn decide(
@@ -101,22 +141,49 @@ async fn decide(
     approve: bool,
     reason: &str,
 ) -> Result<pb::Approval, tonic::Status> {
-    c.decide(pb::DecideApprovalRequest {
-        approval_id: id.into(),
-        approve,
-        reason: reason.into(),
-    })
+    bounded(
+        &format!("deciding approval {id}"),
+        c.decide(pb::DecideApprovalRequest {
+            approval_id: id.into(),
+            approve,
+            reason: reason.into(),
+        }),
+    )
     .await
     .map(|r| r.into_inner())
 }
 
 async fn get(c: &mut Approvals, id: &str) -> pb::Approval {
-    c.get(pb::GetApprovalRequest {
-        approval_id: id.into(),
-    })
+    bounded(
+        &format!("getting approval {id}"),
+        c.get(pb::GetApprovalRequest {
+            approval_id: id.into(),
+        }),
+    )
     .await
     .unwrap()
     .into_inner()
+}
+
+/// Polls approval `id` until `done` holds and answers it.
+async fn until_approval(
+    c: &mut Approvals,
+    id: &str,
+    what: &str,
+    done: impl Fn(&pb::Approval) -> bool,
+) -> pb::Approval {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let a = get(c, id).await;
+        if done(&a) {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never happened: {what}; the approval: {a:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]
@@ -131,7 +198,10 @@ async fn an_exec_waits_for_another_operator_and_an_approval_is_used_once_for_one
     let mut a1 = cp.approvals(&op1).await.unwrap();
     let mut a2 = cp.approvals(&op2).await.unwrap();
     let mut am = cp.approvals(&mallory).await.unwrap();
-    let sb = create(&mut s1).await.unwrap().id;
+    let sb = bounded("Sandboxes/Create", create(&mut s1))
+        .await
+        .unwrap()
+        .id;
 
     // Harmless commands run at once.
     let (r, _) = exec_until_pending(&mut s1, &sb, "echo fine", None).await;
@@ -160,12 +230,14 @@ async fn an_exec_waits_for_another_operator_and_an_approval_is_used_once_for_one
     assert_eq!(no_reason.code(), Code::InvalidArgument);
     let outsider = decide(&mut am, &id, true, "sure").await.unwrap_err();
     assert_eq!(outsider.code(), Code::PermissionDenied);
-    let unseen = am
-        .get(pb::GetApprovalRequest {
+    let unseen = bounded(
+        "Approvals/Get",
+        am.get(pb::GetApprovalRequest {
             approval_id: id.clone(),
-        })
-        .await
-        .unwrap_err();
+        }),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(unseen.code(), Code::NotFound);
 
     // Another operator approves: the waiting exec runs, once.
@@ -216,29 +288,40 @@ async fn an_exec_waits_for_another_operator_and_an_approval_is_used_once_for_one
     assert_eq!(r.unwrap().code(), Some(1), "the denied command never ran");
 
     // Operators list what is pending; Watch shows it, then its decision.
-    let mut watch = a2
-        .watch(pb::WatchApprovalsRequest {})
+    let mut watch = bounded("Approvals/Watch", a2.watch(pb::WatchApprovalsRequest {}))
         .await
         .unwrap()
         .into_inner();
     let (r, events) = exec_until_pending(&mut s1, &sb, "echo git push later", None).await;
     let id = r.unwrap().approval_pending.unwrap().approval_id;
-    let seen = watch.message().await.unwrap().unwrap().approval.unwrap();
+    let seen = bounded("the pending approval on the watch", watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .approval
+        .unwrap();
     assert_eq!(
         (seen.id.as_str(), seen.state),
         (id.as_str(), pb::ApprovalState::Pending as i32)
     );
-    let listed = a2
-        .list(pb::ListApprovalsRequest {
+    let listed = bounded(
+        "Approvals/List",
+        a2.list(pb::ListApprovalsRequest {
             states: vec![pb::ApprovalState::Pending as i32],
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     assert_eq!(listed.approvals.len(), 1);
     decide(&mut a2, &id, false, "later").await.unwrap();
-    let seen = watch.message().await.unwrap().unwrap().approval.unwrap();
+    let seen = bounded("the decision on the watch", watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .approval
+        .unwrap();
     assert_eq!(seen.state, pb::ApprovalState::Denied as i32);
     drop(events);
 
@@ -247,15 +330,17 @@ async fn an_exec_waits_for_another_operator_and_an_approval_is_used_once_for_one
     let mut audit = cp.audit(&cp.admin_token).await.unwrap();
     let start = Instant::now();
     loop {
-        let entries = audit
-            .query(pb::QueryAuditRequest {
+        let entries = bounded(
+            "Audit/Query",
+            audit.query(pb::QueryAuditRequest {
                 page_size: 1000,
                 ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .entries;
+            }),
+        )
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
         let has = |action: &str| entries.iter().any(|e| e.action == action);
         let exec_pending = entries.iter().any(|e| {
             e.action == "Sandboxes/Exec"
@@ -269,11 +354,10 @@ async fn an_exec_waits_for_another_operator_and_an_approval_is_used_once_for_one
         {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "{entries:#?}");
+        assert!(start.elapsed() < WAIT, "{entries:#?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let v = audit
-        .verify(pb::VerifyAuditRequest {})
+    let v = bounded("Audit/Verify", audit.verify(pb::VerifyAuditRequest {}))
         .await
         .unwrap()
         .into_inner();
@@ -283,23 +367,74 @@ async fn an_exec_waits_for_another_operator_and_an_approval_is_used_once_for_one
 #[tokio::test]
 async fn an_unanswered_approval_expires_closed_and_policy_forbids_secret_paths() {
     docker_or_skip!();
-    let cp = ControlPlane::start(&["approval_ttl_secs=2"]).await.unwrap();
+    // Pending approvals expire after a second here: nothing in this part
+    // has to happen before that, the test waits for the expiry itself.
+    let cp = ControlPlane::start(&["approval_ttl_secs=1"]).await.unwrap();
     let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
     let op = cp.token(pb::Role::Operator, "ops").await.unwrap();
     let mut s = cp.sandboxes(&alice).await.unwrap();
     let mut a = cp.approvals(&op).await.unwrap();
-    let sb = create(&mut s).await.unwrap().id;
+    let sb = bounded("Sandboxes/Create", create(&mut s))
+        .await
+        .unwrap()
+        .id;
 
-    let (r, events) = exec_until_pending(&mut s, &sb, "echo git push", None).await;
+    let (r, events) =
+        exec_until_pending(&mut s, &sb, "echo git push > /workspace/pushed", None).await;
     let id = r.unwrap().approval_pending.unwrap().approval_id;
-    let expired = finish(events.unwrap()).await.unwrap_err();
-    assert_eq!(expired.code(), Code::PermissionDenied);
-    assert!(expired.message().contains("expired"), "{expired:?}");
-    let got = get(&mut a, &id).await;
-    assert_eq!(got.state, pb::ApprovalState::Expired as i32);
+    let got = until_approval(&mut a, &id, "the approval is decided", |a| {
+        a.state != pb::ApprovalState::Pending as i32
+    })
+    .await;
+    assert_eq!(
+        got.state,
+        pb::ApprovalState::Expired as i32,
+        "nobody decided it: {got:?}"
+    );
+    // Once expired it cannot be decided any more...
     let late = decide(&mut a, &id, true, "too late").await.unwrap_err();
-    assert_eq!(late.code(), Code::FailedPrecondition);
+    assert_eq!(late.code(), Code::FailedPrecondition, "{late:?}");
     assert!(late.message().contains("expired"), "{late:?}");
+    // ...the exec that waited for it ends refused, saying why...
+    let expired = finish(events.unwrap()).await.unwrap_err();
+    assert_eq!(expired.code(), Code::PermissionDenied, "{expired:?}");
+    assert!(expired.message().contains("expired"), "{expired:?}");
+    // ...its command never ran, and the expiry is on the record.
+    let (r, _) = exec_until_pending(&mut s, &sb, "test -e /workspace/pushed", None).await;
+    assert_eq!(r.unwrap().code(), Some(1), "the expired command never ran");
+    let mut audit = cp.audit(&cp.admin_token).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let entries = bounded(
+            "Audit/Query",
+            audit.query(pb::QueryAuditRequest {
+                resource: id.clone(),
+                page_size: 1000,
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+        if entries.iter().any(|e| e.action == "approval.expired") {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "{entries:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(cp);
+
+    // The rest needs decisions to come in time: the default ttl (an hour).
+    let cp = ControlPlane::start(&[]).await.unwrap();
+    let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
+    let op = cp.token(pb::Role::Operator, "ops").await.unwrap();
+    let mut s = cp.sandboxes(&alice).await.unwrap();
+    let mut a = cp.approvals(&op).await.unwrap();
+    let sb = bounded("Sandboxes/Create", create(&mut s))
+        .await
+        .unwrap()
+        .id;
 
     // Writes to secret-looking paths are forbidden, whoever asks.
     for path in ["deploy/prod.env", "keys/server.key", ".ssh/authorized_keys"] {
@@ -320,10 +455,12 @@ async fn an_unanswered_approval_expires_closed_and_policy_forbids_secret_paths()
                 bytes::Bytes::from_static(b"x"),
             )),
         };
-        let refused = s
-            .write_file(futures::stream::iter([header, data]))
-            .await
-            .unwrap_err();
+        let refused = bounded(
+            "Sandboxes/WriteFile",
+            s.write_file(futures::stream::iter([header, data])),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(
             refused.code(),
             Code::PermissionDenied,
@@ -345,25 +482,54 @@ async fn an_unanswered_approval_expires_closed_and_policy_forbids_secret_paths()
         network: pb::NetworkMode::Bridge as i32,
         ..Default::default()
     };
-    let pending = s.create(ask.clone()).await.unwrap_err();
+    let pending = bounded("Sandboxes/Create", s.create(ask.clone()))
+        .await
+        .unwrap_err();
     assert_eq!(pending.code(), Code::FailedPrecondition, "{pending:?}");
     let id = approval_named(&pending);
     decide(&mut a, &id, true, "needs the package mirror")
         .await
         .unwrap();
-    let made = s
-        .create(carrying(ask.clone(), Some(&id)))
-        .await
-        .unwrap()
-        .into_inner();
+    let made = bounded(
+        "Sandboxes/Create with the approval",
+        s.create(carrying(ask.clone(), Some(&id))),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     assert_eq!(made.network, pb::NetworkMode::Bridge as i32);
 
-    // An approval not used within the ttl of its decision goes stale.
-    let pending = s.create(ask.clone()).await.unwrap_err();
+    // An approval not used within the ttl of its decision goes stale. Its
+    // decision is moved two hours back in the store (the ttl is one),
+    // rather than an hour waited out; the only difference from the
+    // approval used just above.
+    let pending = bounded("Sandboxes/Create", s.create(ask.clone()))
+        .await
+        .unwrap_err();
     let id = approval_named(&pending);
     decide(&mut a, &id, true, "later").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let stale = s.create(carrying(ask, Some(&id))).await.unwrap_err();
+    {
+        use sqlx::ConnectOptions;
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(cp.data_dir().join("bridle.db"))
+            .connect()
+            .await
+            .unwrap();
+        let moved = sqlx::query(
+            "UPDATE approvals SET decided_unix_ms = decided_unix_ms - 7200000 WHERE id = $1",
+        )
+        .bind(&id)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(moved.rows_affected(), 1);
+    }
+    let stale = bounded(
+        "Sandboxes/Create with a stale approval",
+        s.create(carrying(ask, Some(&id))),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
     assert!(stale.message().contains("never used"), "{stale:?}");
 }
@@ -443,10 +609,7 @@ async fn a_run_awaiting_approval_survives_kill_9_and_resumes_when_approved() {
     assert!(!id.is_empty(), "{run:?}");
     assert_eq!(run.steps[0].state, pb::StepState::Succeeded as i32);
     assert_eq!(run.steps[1].state, pb::StepState::Pending as i32);
-    let body = tokio::time::timeout(Duration::from_secs(30), bodies.recv())
-        .await
-        .expect("the webhook is called")
-        .unwrap();
+    let body = bounded("the webhook's call", bodies.recv()).await.unwrap();
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["approval_id"], id.as_str());
     assert_eq!(body["run_id"], run.id.as_str());
@@ -473,20 +636,16 @@ async fn a_run_awaiting_approval_survives_kill_9_and_resumes_when_approved() {
     // The run's record: its submission, the decision on each step, its
     // approval requested and approved, and nothing of other runs.
     let auditor = cp.token(pb::Role::Auditor, "audit").await.unwrap();
-    let query = |args: &[&str]| {
-        let out = cp.cli(&auditor, args).unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
-    };
     bridle_tests::eventually(
         "the run's audit entries",
-        Duration::from_secs(30),
+        WAIT,
         async || {
-            let of_run = query(&["audit", "query", "--run", &run.id, "-o", "json"]);
+            let of_run = query(
+                &cp,
+                &auditor,
+                &["audit", "query", "--run", &run.id, "-o", "json"],
+            )
+            .await;
             let actions: Vec<(&str, &str)> = of_run
                 .iter()
                 .map(|e| {
@@ -509,8 +668,20 @@ async fn a_run_awaiting_approval_survives_kill_9_and_resumes_when_approved() {
         },
     )
     .await;
-    assert!(!query(&["audit", "query", "--since", "1h", "-o", "json"]).is_empty());
-    assert!(query(&["audit", "query", "--until", "1h", "-o", "json"]).is_empty());
+    let since = query(
+        &cp,
+        &auditor,
+        &["audit", "query", "--since", "1h", "-o", "json"],
+    )
+    .await;
+    assert!(!since.is_empty());
+    let until = query(
+        &cp,
+        &auditor,
+        &["audit", "query", "--until", "1h", "-o", "json"],
+    )
+    .await;
+    assert!(until.is_empty());
 
     // Denied: the run fails, saying who denied it and why.
     let run2 = submit_until_awaiting(&mut runs, "publish-2", job("--force")).await;
@@ -523,20 +694,33 @@ async fn a_run_awaiting_approval_survives_kill_9_and_resumes_when_approved() {
     assert_eq!(done.steps[1].attempts, 0, "the denied step never started");
 }
 
+/// The entries `bridle audit query …` (`args`) shows `token`.
+async fn query(cp: &ControlPlane, token: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let out = cli(cp, token, args).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+}
+
 /// Submits `job` and waits until the run awaits an approval.
 async fn submit_until_awaiting(
     runs: &mut bridle_tests::control::Runs,
     key: &str,
     job: pb::Job,
 ) -> pb::Run {
-    let run = runs
-        .submit(pb::SubmitRunRequest {
+    let run = bounded(
+        "Runs/Submit",
+        runs.submit(pb::SubmitRunRequest {
             idempotency_key: key.into(),
             job: Some(job),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     until_run(runs, &run.id, |r| {
         r.state == pb::RunState::AwaitingApproval as i32
     })
@@ -550,15 +734,17 @@ async fn until_run(
 ) -> pb::Run {
     let start = Instant::now();
     loop {
-        let r = c
-            .get(pb::GetRunRequest { run_id: id.into() })
-            .await
-            .unwrap()
-            .into_inner();
+        let r = bounded(
+            "Runs/Get",
+            c.get(pb::GetRunRequest { run_id: id.into() }),
+        )
+        .await
+        .unwrap()
+        .into_inner();
         if done(&r) {
             return r;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "{r:?}");
+        assert!(start.elapsed() < WAIT, "{r:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

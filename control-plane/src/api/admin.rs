@@ -173,8 +173,7 @@ impl pb::admin_server::Admin for AdminApi {
         require_policy_reader(&principal)?;
         let s = self
             .policies
-            .store
-            .current()
+            .in_force()
             .await
             .map_err(|e| super::status::internal("policy store", e))?;
         Ok(Response::new(pb::PolicyInfo {

@@ -68,6 +68,16 @@ impl Policies {
         })
     }
 
+    /// The stored set in force. Read under the lock a change holds from
+    /// storing its version to installing it in the engine, so a version is
+    /// never reported before the engine decides by it: whoever sees a new
+    /// version here (a client following a policy file) has its next call
+    /// decided by it.
+    pub async fn in_force(&self) -> Result<Stored, sqlx::Error> {
+        let _no_change_half_made = self.change.lock().await;
+        self.store.current().await
+    }
+
     /// Validates `source`, stores it as the next version and puts it in
     /// force. `expected_version` 0 accepts whatever is in force.
     pub async fn change(

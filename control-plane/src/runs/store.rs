@@ -99,6 +99,10 @@ pub trait EventStore: Clone + Send + Sync + 'static {
     /// The run's sealed secrets, until [`EventStore::forget_secrets`].
     fn sealed_secrets(&self, run_id: &str) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;
     fn forget_secrets(&self, run_id: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Deletes the sealed secrets of every finished run (a crash between a
+    /// run's `finished` and [`EventStore::forget_secrets`] leaves them);
+    /// answers how many runs had some.
+    fn forget_finished_secrets(&self) -> impl Future<Output = Result<u64>> + Send;
     /// Stores content once under its sha256 (a second put is a no-op).
     fn put_blob(&self, sha256: &str, data: &[u8]) -> impl Future<Output = Result<()>> + Send;
     fn blob(&self, sha256: &str) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;
@@ -519,6 +523,16 @@ impl EventStore for SqlEvents {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn forget_finished_secrets(&self) -> Result<u64> {
+        let deleted = sqlx::query(
+            "DELETE FROM run_secrets WHERE run_id IN (SELECT id FROM runs \
+             WHERE state IN ('succeeded', 'failed', 'cancelled', 'interrupted'))",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(deleted.rows_affected())
     }
 
     async fn put_blob(&self, sha256: &str, data: &[u8]) -> Result<()> {

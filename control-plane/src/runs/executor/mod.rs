@@ -262,9 +262,15 @@ impl<H: Host, S: EventStore> Runner<H, S> {
         }
     }
 
-    /// Deletes sandboxes made for runs that have finished (a crash between
-    /// `finished` and the delete leaves one). Called at start.
+    /// Deletes what runs that have finished left behind: their sealed
+    /// secrets and the sandboxes made for them (a crash between `finished`
+    /// and the release that follows it leaves both). Called at start.
     pub async fn release_leftover_sandboxes(&self) {
+        match self.inner.store.forget_finished_secrets().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("deleted the sealed secrets of {n} finished runs"),
+            Err(e) => tracing::warn!("could not delete the sealed secrets of finished runs: {e}"),
+        }
         let system = Principal {
             token_id: "system".into(),
             name: "control plane".into(),
