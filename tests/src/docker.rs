@@ -64,11 +64,17 @@ pub fn ensure_image() -> anyhow::Result<String> {
         .modified()?
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos();
-    // The image changes with the binary and with the script that builds it.
+    // The image changes with the binary and with the script that builds it,
+    // and is this scope's own (see crate::sweep: its users are judged by
+    // locks in this machine's temporary directory).
     let script = std::fs::read(crate::repo_root().join("images/build.sh"))?;
-    let key = crate::sha256_hex(
-        format!("{}:{mtime}:{}", meta.len(), crate::sha256_hex(&script)).as_bytes(),
+    let made_of = format!(
+        "{}:{mtime}:{}:{}",
+        meta.len(),
+        crate::sha256_hex(&script),
+        crate::sweep::scope()
     );
+    let key = crate::sha256_hex(made_of.as_bytes());
     let tag = format!("{}{}", crate::sweep::TEST_IMAGE_PREFIX, &key[..16]);
     // Held before the sweep and before looking for the image: a sweep
     // elsewhere removes no image a live process holds.

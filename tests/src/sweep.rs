@@ -9,10 +9,12 @@
 //! - `bridle.test.owner=<pid>:<start>`: the test process and its start time
 //!   (field 22 of `/proc/<pid>/stat`, in clock ticks since boot), so that a
 //!   reused pid is never taken for the owner;
-//! - `bridle.test.scope=<boot id>/<pid namespace>`: where that pid means
-//!   something. A sweep judges only what carries its own scope: test
-//!   processes in another container or on another machine that share the
-//!   Docker daemon are not in this `/proc`, and would all look gone.
+//! - `bridle.test.scope=<machine id>/<boot id>/<pid namespace>`: where that
+//!   pid means something. A sweep judges what carries its own scope by the
+//!   owner's pid, and what carries an earlier boot of this machine as stale
+//!   (every process of it is gone); nothing else: test processes in another
+//!   container or on another machine that share the Docker daemon are not
+//!   in this `/proc`, and would all look gone.
 //!
 //! The temporary directories the tests make (`bridle-cp-*`, `bridle-host-*`,
 //! `bridle-sock-*`) hold the same two values in a file at their top,
@@ -21,12 +23,14 @@
 //! The sweep removes the containers (with their anonymous volumes), then the
 //! volumes and networks, of owners that are gone, and their marked
 //! temporary directories (unmounting first what a control plane mounted
-//! there). Test images (`bridle-sandbox:test-*`, labelled with the scope of
-//! the process that built them) are a cache that later runs share, so they
-//! are judged by use, not by who built them: a process holds a shared lock
-//! on a file per image it uses ([`hold_image`]) for as long as it runs, and
-//! the sweep removes an image only while it holds that lock exclusively, and
-//! without force, so never one a container still uses.
+//! there). Test images (`bridle-sandbox:test-*`, one per agent binary and
+//! scope, labelled with the scope) are a cache that later runs share, so
+//! they are judged by use, not by who built them: a process holds a shared
+//! lock on a file per image it uses ([`hold_image`]) for as long as it runs,
+//! and the sweep removes an image only while it holds that lock
+//! exclusively, and without force, so never one a container still uses.
+//! (Hence an image per scope: the locks are in this machine's temporary
+//! directory, where another container's users of the image would not be.)
 //!
 //! [`once`] sweeps at a process's first use of Docker (from
 //! [`crate::docker::ensure_image`], which every container and control plane
@@ -58,6 +62,8 @@ pub const TEST_IMAGE_PREFIX: &str = "bridle-sandbox:test-";
 struct Identity {
     owner: String,
     scope: String,
+    machine: Option<String>,
+    boot: Option<String>,
     /// Whether the boot id and the pid namespace could be read: if not, the
     /// scope would say nothing and the sweep does nothing.
     scope_known: bool,
@@ -66,21 +72,29 @@ struct Identity {
 fn identity() -> &'static Identity {
     static IDENTITY: OnceLock<Identity> = OnceLock::new();
     IDENTITY.get_or_init(|| {
-        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty());
+        let machine = read_id("/etc/machine-id").or_else(|| read_id("/var/lib/dbus/machine-id"));
+        let boot = read_id("/proc/sys/kernel/random/boot_id");
         let pidns = pid_namespace();
+        let unknown = || "unknown".to_string();
         Identity {
             owner: process_owner(std::process::id()).expect("this process is in /proc"),
             scope: format!(
-                "{}/{}",
-                boot.as_deref().unwrap_or("unknown"),
-                pidns.map_or_else(|| "unknown".to_string(), |n| n.to_string())
+                "{}/{}/{}",
+                machine.clone().unwrap_or_else(unknown),
+                boot.clone().unwrap_or_else(unknown),
+                pidns.map_or_else(unknown, |n| n.to_string())
             ),
+            machine,
             scope_known: boot.is_some() && pidns.is_some(),
+            boot,
         }
     })
+}
+
+/// The one line of `path`, if it has one (and no `/`, the scope's separator).
+fn read_id(path: &str) -> Option<String> {
+    let id = std::fs::read_to_string(path).ok()?.trim().to_string();
+    (!id.is_empty() && !id.contains('/')).then_some(id)
 }
 
 /// The inode of this process's pid namespace.
@@ -88,12 +102,38 @@ fn pid_namespace() -> Option<u64> {
     Some(std::fs::metadata("/proc/self/ns/pid").ok()?.ino())
 }
 
+/// Whether what `owner` made in `their_scope` is stale: its owner is a gone
+/// process of this scope, or a process of an earlier boot of this machine.
+/// What comes from elsewhere cannot be judged here, and is not stale.
+fn stale(owner: &str, their_scope: &str) -> bool {
+    if their_scope == scope() {
+        !owner_alive(owner)
+    } else {
+        earlier_boot(their_scope)
+    }
+}
+
+/// Whether `their_scope` is this machine's, from an earlier boot: every
+/// process of it is gone, whatever its pid namespace.
+fn earlier_boot(their_scope: &str) -> bool {
+    let me = identity();
+    let (Some(my_machine), Some(my_boot)) = (&me.machine, &me.boot) else {
+        return false;
+    };
+    let mut parts = their_scope.split('/');
+    let (Some(machine), Some(boot)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    machine == my_machine.as_str() && boot != my_boot.as_str() && boot != "unknown"
+}
+
 /// This process as an owner: `<pid>:<start>`.
 pub fn owner() -> &'static str {
     &identity().owner
 }
 
-/// Where this process's pid is meaningful: `<boot id>/<pid namespace>`.
+/// Where this process's pid is meaningful:
+/// `<machine id>/<boot id>/<pid namespace>`.
 pub fn scope() -> &'static str {
     &identity().scope
 }
@@ -305,7 +345,7 @@ fn sweep_objects(kind: &str, list: &[&str], id: &str, remove: &[&str]) -> Vec<St
         let &[name, owner, their_scope] = fields.as_slice() else {
             continue;
         };
-        if their_scope != scope() || owner_alive(owner) {
+        if !stale(owner, their_scope) {
             continue;
         }
         let mut args = remove.to_vec();
@@ -329,17 +369,18 @@ fn label_field(name: &str) -> String {
     format!("{{{{.Label {name:?}}}}}")
 }
 
-/// Removes the test images of this scope that no live process holds
-/// ([`hold_image`]) and no container uses; answers what it removed.
+/// Removes the test images of this scope (or of an earlier boot of this
+/// machine) that no live process holds ([`hold_image`]) and no container
+/// uses; answers what it removed.
 fn sweep_images() -> Vec<String> {
     let reference = format!("reference={TEST_IMAGE_PREFIX}*");
-    let label = format!("label={SCOPE_LABEL}={}", scope());
+    let labelled = format!("label={SCOPE_LABEL}");
     let args = [
         "images",
         "--filter",
         &reference,
         "--filter",
-        &label,
+        &labelled,
         "--format",
         "{{.Repository}}:{{.Tag}}",
     ];
@@ -353,6 +394,14 @@ fn sweep_images() -> Vec<String> {
     let mut removed = Vec::new();
     for tag in listed.lines() {
         if !tag.starts_with(TEST_IMAGE_PREFIX) {
+            continue;
+        }
+        let format = format!("{{{{index .Config.Labels {SCOPE_LABEL:?}}}}}");
+        let Ok(their_scope) = docker(&["image", "inspect", "--format", &format, tag]) else {
+            continue;
+        };
+        let their_scope = their_scope.trim();
+        if their_scope != scope() && !earlier_boot(their_scope) {
             continue;
         }
         let path = image_lock_path(tag);
@@ -420,7 +469,7 @@ fn sweep_temp_dirs() -> Vec<PathBuf> {
         let (Some(owner), Some(their_scope)) = (lines.next(), lines.next()) else {
             continue;
         };
-        if their_scope != scope() || owner_alive(owner) {
+        if !stale(owner, their_scope) {
             continue;
         }
         match remove_dir_unmounting(&dir) {
@@ -515,6 +564,21 @@ mod tests {
         // What cannot be judged is left alone.
         assert!(owner_alive("nonsense"));
         assert!(owner_alive("0:1"));
+    }
+
+    #[test]
+    fn an_earlier_boot_of_this_machine_is_stale_and_elsewhere_is_not_judged() {
+        let here = scope();
+        let (machine, rest) = here.split_once('/').unwrap();
+        let (_, pidns) = rest.split_once('/').unwrap();
+        // This scope is judged by the owner: this process runs.
+        assert!(!stale(owner(), here));
+        if machine != "unknown" {
+            assert!(stale(owner(), &format!("{machine}/an-earlier-boot/{pidns}")));
+        }
+        // Another machine's, or one that could not tell: never.
+        assert!(!stale("1:1", &format!("another-machine/another-boot/{pidns}")));
+        assert!(!stale("1:1", "unknown/unknown/1"));
     }
 
     #[test]

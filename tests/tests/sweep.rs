@@ -85,7 +85,7 @@ fn the_sweep_removes_what_gone_test_processes_left_and_nothing_else() {
     let gone = gone_owner();
     let live = sweep::owner();
     let here = sweep::scope();
-    let elsewhere = "another-machine/4026531836";
+    let elsewhere = "another-machine/another-boot/4026531836";
     let name = |what: &str| format!("bridle-sweep-test-{what}-{}", std::process::id());
 
     // Left by a process that is gone: swept.
@@ -105,6 +105,16 @@ fn the_sweep_removes_what_gone_test_processes_left_and_nothing_else() {
         assert!(out.status.success(), "{}", text(&out.stderr));
     } else {
         eprintln!("{image} is not labelled with this scope: its tags are not swept here");
+    }
+    // Of an earlier boot of this machine (when it has a machine id): every
+    // process of it is gone, whatever its pid says (here this live
+    // process's own): swept.
+    let machine = here.split('/').next().unwrap();
+    let rebooted = name("rebooted");
+    let judged_by_boot = machine != "unknown";
+    if judged_by_boot {
+        let earlier = format!("{machine}/an-earlier-boot/1");
+        create("container", &rebooted, &labels(live, &earlier), &image);
     }
     // This live process's: kept.
     let kept = name("live");
@@ -138,6 +148,7 @@ fn the_sweep_removes_what_gone_test_processes_left_and_nothing_else() {
         .into_iter()
         .filter(|kind| exists(kind, &kept))
         .collect();
+    let rebooted_left = judged_by_boot && exists("container", &rebooted);
     let foreign_left = exists("container", &foreign);
     let unlabelled_left = exists("container", &unlabelled);
     let stale_tag_left = tagged && exists("image", &stale_tag);
@@ -146,7 +157,7 @@ fn the_sweep_removes_what_gone_test_processes_left_and_nothing_else() {
     let kept_dir_left = kept_dir.path().join("left-behind").exists();
     let foreign_dir_left = foreign_dir.path().join("left-behind").exists();
 
-    for object in [&stale, &kept, &foreign, &unlabelled] {
+    for object in [&stale, &rebooted, &kept, &foreign, &unlabelled] {
         let _ = docker(&["rm", "-f", "-v", object]);
         let _ = docker(&["volume", "rm", "-f", object]);
         let _ = docker(&["network", "rm", object]);
@@ -157,6 +168,7 @@ fn the_sweep_removes_what_gone_test_processes_left_and_nothing_else() {
     drop((stale_dir, kept_dir, foreign_dir));
 
     assert!(stale_left.is_empty(), "a gone owner's {stale_left:?} survived");
+    assert!(!rebooted_left, "a container of an earlier boot survived");
     assert_eq!(
         kept_left,
         ["container", "volume", "network"],
