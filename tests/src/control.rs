@@ -201,7 +201,11 @@ impl ControlPlane {
             Some(path) => Some(std::fs::read(path)?),
             None => None,
         };
-        Ok(connect::channel(&self.endpoint, ca.as_deref()).await?)
+        // Bounded as a whole, handshakes included, whatever the client's
+        // connect timeout covers: a server may accept and then say nothing.
+        let connecting = connect::channel(&self.endpoint, ca.as_deref());
+        let what = "a connection to the control plane";
+        Ok(crate::within(what, crate::PATIENCE, connecting).await?)
     }
 
     /// A Sandboxes client sending `token` (empty: no authorization header).
