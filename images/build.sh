@@ -2,16 +2,23 @@
 # Builds the sandbox image with no registry: FROM scratch + Debian's static
 # busybox + the static sandbox-agent.
 #
-#   images/build.sh [AGENT_BINARY] [TAG]
-#   images/build.sh --plain TAG      (busybox only, no agent: an image to
+#   images/build.sh [--label KEY=VALUE]... [AGENT_BINARY] [TAG]
+#   images/build.sh [--label KEY=VALUE]... --plain TAG
+#                                    (busybox only, no agent: an image to
 #                                     inject the agent into, see README.md)
 #
 # AGENT_BINARY defaults to the release build in $CARGO_TARGET_DIR (or
-# ./target); TAG defaults to bridle-sandbox:base.
+# ./target); TAG defaults to bridle-sandbox:base. Each --label is put on the
+# image (the tests mark the images they build with it).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 target_dir=${CARGO_TARGET_DIR:-$here/../target}
+labels=()
+while [ "${1:-}" = --label ]; do
+  labels+=(--label "${2:?"--label needs KEY=VALUE"}")
+  shift 2
+done
 plain=""
 if [ "${1:-}" = --plain ]; then
   plain=1
@@ -105,7 +112,7 @@ COPY rootfs/ /
 ENV PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
 CMD ["/bin/sh"]
 DOCKERFILE
-  if ! docker build -q -t "$tag" "$ctx" >"$ctx/build.log" 2>&1; then
+  if ! docker build -q -t "$tag" ${labels[@]+"${labels[@]}"} "$ctx" >"$ctx/build.log" 2>&1; then
     cat "$ctx/build.log" >&2
     die "docker build failed"
   fi
@@ -125,6 +132,7 @@ DOCKERFILE
 if ! docker build -q -t "$tag" \
   --label org.opencontainers.image.title=bridle-sandbox \
   --label bridle.agent.sha256="$(sha256sum "$root/usr/local/bin/sandbox-agent" | cut -d' ' -f1)" \
+  ${labels[@]+"${labels[@]}"} \
   "$ctx" >"$ctx/build.log" 2>&1; then
   cat "$ctx/build.log" >&2
   die "docker build failed"

@@ -6,6 +6,7 @@
 //! `BRIDLE_LISTEN=127.0.0.1:9000`, `BRIDLE_SANDBOX__IMAGE=my-image:1`.
 //! Flags take the same paths: `--set sandbox.memory_bytes=1073741824`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -93,7 +94,16 @@ pub struct DockerConfig {
     pub host: String,
     /// Sandboxes created at once, at most (the rest wait their turn).
     pub max_concurrent_creates: usize,
+    /// Extra labels put on every container and workspace volume this
+    /// control plane creates, e.g. to tell one deployment's or one test
+    /// run's objects apart (`--set 'docker.labels={ "team" = "a" }'`). The
+    /// control plane's own labels ([`OWN_DOCKER_LABELS`]) cannot be set here.
+    pub labels: BTreeMap<String, String>,
 }
+
+/// The labels the control plane puts on its containers and volumes itself,
+/// and finds them by: `docker.labels` may not name them.
+pub const OWN_DOCKER_LABELS: [&str; 3] = ["bridle.control-plane", "bridle.sandbox", "bridle.owner"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -181,6 +191,7 @@ impl Default for DockerConfig {
         Self {
             host: String::new(),
             max_concurrent_creates: 16,
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -387,6 +398,20 @@ impl Config {
                 "sweep_interval_secs must be at least 1".into(),
             ));
         }
+        for key in self.docker.labels.keys() {
+            if key.is_empty() {
+                return Err(Error::Invalid(
+                    "docker.labels: a label's key must not be empty".into(),
+                ));
+            }
+            if OWN_DOCKER_LABELS.contains(&key.as_str()) {
+                return Err(Error::Invalid(format!(
+                    "docker.labels: {key:?} is one of the control plane's own labels \
+                     ({}), which it sets itself and finds its objects by",
+                    OWN_DOCKER_LABELS.join(", ")
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -505,6 +530,49 @@ mod tests {
         )
         .unwrap();
         assert!(c.audit.continue_after_damage);
+    }
+
+    #[test]
+    fn docker_labels_are_a_table_without_the_control_planes_own() {
+        assert!(Config::default().docker.labels.is_empty());
+        // A table given as one --set (keys with dots quoted), or by the
+        // environment.
+        let c = Config::load(
+            None,
+            env(&[("BRIDLE_DOCKER__LABELS", "{ team = \"a\" }")]),
+            &[r#"docker.labels={ "bridle.test.owner" = "12:34", "x" = "y" }"#.into()],
+        )
+        .unwrap();
+        assert_eq!(
+            c.docker.labels,
+            BTreeMap::from([
+                ("bridle.test.owner".to_string(), "12:34".to_string()),
+                ("x".to_string(), "y".to_string()),
+            ])
+        );
+        let c = Config::load(
+            None,
+            env(&[("BRIDLE_DOCKER__LABELS", "{ team = \"a\" }")]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.docker.labels.get("team").map(String::as_str), Some("a"));
+        // What is printed loads back.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, c.to_toml()).unwrap();
+        let again = Config::load(Some(&file), Vec::new(), &[]).unwrap();
+        assert_eq!(again.docker.labels, c.docker.labels);
+        // The control plane's own labels, and an empty key, are refused,
+        // naming the key.
+        for own in OWN_DOCKER_LABELS {
+            let set = format!("docker.labels={{ {own:?} = \"mine\" }}");
+            let e = Config::load(None, Vec::new(), &[set]).unwrap_err();
+            assert!(e.to_string().contains(own), "{e}");
+        }
+        let e = Config::load(None, Vec::new(), &[r#"docker.labels={ "" = "v" }"#.into()])
+            .unwrap_err();
+        assert!(e.to_string().contains("docker.labels"), "{e}");
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub async fn run(
     if let Some(path) = auth.bootstrap(&data_dir, clock::now_ms()).await? {
         tracing::info!(path = %path.display(), "wrote the bootstrap admin token (mode 0600)");
     }
-    let docker = runtime::docker::Docker::connect(&config.docker.host, &instance).await?;
+    let docker = runtime::docker::Docker::connect(&config.docker, &instance).await?;
     let artifacts = artifacts::Artifacts::open(&data_dir)?;
     let store_pool = store.pool().clone();
     let run_events = runs::store::SqlEvents::new(store.pool().clone());

@@ -35,10 +35,15 @@ pub async fn wait_healthy(socket: &Path, timeout: Duration) -> anyhow::Result<()
                 Duration::from_secs(5),
             );
             let mut health = tonic_health_client(channel);
-            match health.check(health_request()).await {
-                Ok(r) if r.get_ref().status == 1 => return Ok(()),
-                Ok(r) => last_err = format!("health status {}", r.get_ref().status),
-                Err(e) => last_err = e.to_string(),
+            // Bounded, or an agent that accepts and never answers would
+            // keep this loop from ever looking at its deadline.
+            let answer =
+                tokio::time::timeout(Duration::from_secs(5), health.check(health_request())).await;
+            match answer {
+                Ok(Ok(r)) if r.get_ref().status == 1 => return Ok(()),
+                Ok(Ok(r)) => last_err = format!("health status {}", r.get_ref().status),
+                Ok(Err(e)) => last_err = e.to_string(),
+                Err(_) => last_err = "a health check unanswered for 5 s".into(),
             }
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -142,7 +147,7 @@ impl From<control_pb::ExecEvent> for AnyEvent {
     }
 }
 
-/// Collects an event stream until it ends.
+/// Collects an event stream until it ends (within [`crate::PATIENCE`]).
 pub async fn collect<E: Into<AnyEvent>>(
     mut events: tonic::Streaming<E>,
 ) -> anyhow::Result<ExecResult> {
@@ -185,40 +190,51 @@ pub fn apply(r: &mut ExecResult, ev: impl Into<AnyEvent>) {
     }
 }
 
-/// Applies events to `r` until `done(r)` holds.
+/// Applies events to `r` until `done(r)` holds. Panics if it does not hold
+/// within [`crate::PATIENCE`] (a safety net, see [`crate::within`]).
 pub async fn read_until<E: Into<AnyEvent>>(
     events: &mut tonic::Streaming<E>,
     r: &mut ExecResult,
     done: impl Fn(&ExecResult) -> bool,
 ) -> anyhow::Result<()> {
-    while !done(r) {
-        let ev = events
-            .message()
-            .await?
-            .context("the exec stream ended first")?;
-        apply(r, ev);
-    }
-    Ok(())
+    crate::within("the exec events the test waits for", crate::PATIENCE, async move {
+        while !done(r) {
+            let ev = events
+                .message()
+                .await?
+                .context("the exec stream ended first")?;
+            apply(r, ev);
+        }
+        Ok::<(), anyhow::Error>(())
+    })
+    .await
 }
 
-/// Applies the rest of the stream to `r`.
+/// Applies the rest of the stream to `r`. Panics if it does not end within
+/// [`crate::PATIENCE`] (a safety net, see [`crate::within`]).
 pub async fn read_to_end<E: Into<AnyEvent>>(
     events: &mut tonic::Streaming<E>,
     r: &mut ExecResult,
 ) -> anyhow::Result<()> {
-    while let Some(ev) = events.message().await? {
-        apply(r, ev);
-    }
-    Ok(())
+    crate::within("the end of the exec stream", crate::PATIENCE, async move {
+        while let Some(ev) = events.message().await? {
+            apply(r, ev);
+        }
+        Ok::<(), anyhow::Error>(())
+    })
+    .await
 }
 
 /// Runs a command to completion with no stdin.
 pub async fn run(agent: &mut Agent, s: pb::ExecStart) -> anyhow::Result<ExecResult> {
-    let events = agent
-        .exec(futures::stream::iter([start_request(s)]))
-        .await
-        .context("Exec")?
-        .into_inner();
+    let events = crate::within(
+        "the agent to answer Exec",
+        crate::PATIENCE,
+        agent.exec(futures::stream::iter([start_request(s)])),
+    )
+    .await
+    .context("Exec")?
+    .into_inner();
     collect(events).await
 }
 
@@ -233,11 +249,14 @@ pub async fn start_interactive(
 )> {
     let (tx, rx) = mpsc::channel(16);
     tx.send(start_request(s)).await?;
-    let events = agent
-        .exec(ReceiverStream::new(rx))
-        .await
-        .context("Exec")?
-        .into_inner();
+    let events = crate::within(
+        "the agent to answer Exec",
+        crate::PATIENCE,
+        agent.exec(ReceiverStream::new(rx)),
+    )
+    .await
+    .context("Exec")?
+    .into_inner();
     Ok((tx, events))
 }
 
@@ -260,14 +279,17 @@ pub async fn attach(
     exec_id: &str,
     from_offset: u64,
 ) -> anyhow::Result<ExecResult> {
-    let events = agent
-        .attach(pb::AttachRequest {
+    let events = crate::within(
+        "the agent to answer Attach",
+        crate::PATIENCE,
+        agent.attach(pb::AttachRequest {
             exec_id: exec_id.into(),
             from_offset,
-        })
-        .await
-        .context("Attach")?
-        .into_inner();
+        }),
+    )
+    .await
+    .context("Attach")?
+    .into_inner();
     collect(events).await
 }
 
@@ -303,38 +325,48 @@ pub async fn write_file(
     msgs.push(pb::WriteFileRequest {
         request: Some(pb::write_file_request::Request::End(true)),
     });
-    Ok(agent
-        .write_file(futures::stream::iter(msgs))
-        .await?
-        .into_inner())
+    let answer = crate::within(
+        "the agent to answer WriteFile",
+        crate::PATIENCE,
+        agent.write_file(futures::stream::iter(msgs)),
+    )
+    .await?;
+    Ok(answer.into_inner())
 }
 
 pub async fn read_file(agent: &mut Agent, path: &str) -> Result<Vec<u8>, tonic::Status> {
-    let mut stream = agent
-        .read_file(pb::ReadFileRequest {
-            path: path.into(),
-            offset: 0,
-            length: 0,
-        })
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        out.extend_from_slice(&chunk?.data);
-    }
-    Ok(out)
+    let what = format!("ReadFile of {path} to end");
+    crate::within(&what, crate::PATIENCE, async move {
+        let mut stream = agent
+            .read_file(pb::ReadFileRequest {
+                path: path.into(),
+                offset: 0,
+                length: 0,
+            })
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk?.data);
+        }
+        Ok::<_, tonic::Status>(out)
+    })
+    .await
 }
 
 pub async fn snapshot(
     agent: &mut Agent,
     req: pb::SnapshotRequest,
 ) -> Result<Vec<u8>, tonic::Status> {
-    let mut stream = agent.snapshot(req).await?.into_inner();
-    let mut out = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        out.extend_from_slice(&chunk?.data);
-    }
-    Ok(out)
+    crate::within("a Snapshot to end", crate::PATIENCE, async move {
+        let mut stream = agent.snapshot(req).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk?.data);
+        }
+        Ok::<_, tonic::Status>(out)
+    })
+    .await
 }
 
 pub async fn restore(
@@ -351,8 +383,11 @@ pub async fn restore(
     msgs.extend(chunks(&archive).map(|d| pb::RestoreRequest {
         request: Some(pb::restore_request::Request::Data(d)),
     }));
-    Ok(agent
-        .restore(futures::stream::iter(msgs))
-        .await?
-        .into_inner())
+    let answer = crate::within(
+        "the agent to answer Restore",
+        crate::PATIENCE,
+        agent.restore(futures::stream::iter(msgs)),
+    )
+    .await?;
+    Ok(answer.into_inner())
 }

@@ -38,12 +38,22 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Starts a control plane whose sandboxes use the image built around the
     /// agent under test; `sets` are extra `--set key=value` flags.
+    ///
+    /// What it creates in Docker carries this test process's labels
+    /// (`docker.labels`, see [`crate::sweep`]), its data directory is marked
+    /// as this process's, and the process dies with this one
+    /// ([`crate::spawn_tied`]): a suite killed midway leaves nothing that
+    /// the next one does not sweep.
     pub async fn start(sets: &[&str]) -> anyhow::Result<Self> {
+        // Also the first sweep of this process (see crate::sweep).
         let image = crate::docker::ensure_image()?;
-        let data = tempfile::Builder::new().prefix("bridle-cp-").tempdir()?;
+        let data = crate::sweep::temp_dir("bridle-cp-")?;
         let mut sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         if !sets.iter().any(|s| s.starts_with("sandbox.image=")) {
             sets.push(format!("sandbox.image={image:?}"));
+        }
+        if !sets.iter().any(|s| s.starts_with("docker.labels=")) {
+            sets.push(format!("docker.labels={}", crate::sweep::labels_toml()));
         }
         let mut cp = Self {
             data,
@@ -84,6 +94,13 @@ impl ControlPlane {
         std::fs::read_to_string(self.data.path().join("control-plane.log")).unwrap_or_default()
     }
 
+    /// The last `n` lines of [`ControlPlane::log`].
+    fn log_tail(&self, n: usize) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     async fn launch(&mut self) -> anyhow::Result<()> {
         let endpoint_file = self.data_dir().join(data_dir::ENDPOINT_FILE);
         let _ = std::fs::remove_file(&endpoint_file);
@@ -98,13 +115,11 @@ impl ControlPlane {
         for s in &self.sets {
             cmd.arg("--set").arg(s);
         }
-        let child = cmd
-            .env("BRIDLE_LOG", "info,control_plane=debug")
+        cmd.env("BRIDLE_LOG", "info,control_plane=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting control-plane")?;
+            .stderr(log);
+        let child = crate::spawn_tied(cmd).context("starting control-plane")?;
         self.child = Some(child);
         let start = Instant::now();
         while !endpoint_file.exists() {
@@ -115,8 +130,12 @@ impl ControlPlane {
             {
                 bail!("control-plane exited with {status}: {}", self.log());
             }
-            if start.elapsed() > Duration::from_secs(60) {
-                bail!("control-plane did not start within 60 s: {}", self.log());
+            if start.elapsed() > crate::PATIENCE {
+                bail!(
+                    "control-plane did not write its endpoint within {:?}: {}",
+                    crate::PATIENCE,
+                    self.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -134,13 +153,26 @@ impl ControlPlane {
 
     /// SIGTERM, then waits for the process to exit (without blocking the
     /// runtime, so this process's own connections can wind down meanwhile).
+    /// A control plane still running after [`crate::PATIENCE`] is killed,
+    /// and the test fails with the end of its log.
     pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let mut c = self.child.take().context("not running")?;
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
         loop {
             if let Some(status) = c.try_wait()? {
                 return Ok(status);
+            }
+            if start.elapsed() > crate::PATIENCE {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "timed out after {:?} waiting for the control plane to exit after SIGTERM; \
+                     the end of its log:\n{}",
+                    crate::PATIENCE,
+                    self.log_tail(100)
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -169,7 +201,11 @@ impl ControlPlane {
             Some(path) => Some(std::fs::read(path)?),
             None => None,
         };
-        Ok(connect::channel(&self.endpoint, ca.as_deref()).await?)
+        // Bounded as a whole, handshakes included, whatever the client's
+        // connect timeout covers: a server may accept and then say nothing.
+        let connecting = connect::channel(&self.endpoint, ca.as_deref());
+        let what = "a connection to the control plane";
+        Ok(crate::within(what, crate::PATIENCE, connecting).await?)
     }
 
     /// A Sandboxes client sending `token` (empty: no authorization header).
@@ -196,19 +232,23 @@ impl ControlPlane {
     /// A new token with `role` acting for `owner`; answers its secret.
     pub async fn token(&self, role: pb::Role, owner: &str) -> anyhow::Result<String> {
         let mut admin = self.admin(&self.admin_token).await?;
-        Ok(admin
-            .create_token(pb::CreateTokenRequest {
+        let created = crate::within(
+            "the control plane to answer CreateToken",
+            crate::PATIENCE,
+            admin.create_token(pb::CreateTokenRequest {
                 name: format!("{owner}-{}", role.as_str_name().to_lowercase()),
                 role: role as i32,
                 owner: owner.into(),
                 ttl_seconds: 0,
-            })
-            .await?
-            .into_inner()
-            .secret)
+            }),
+        )
+        .await?;
+        Ok(created.into_inner().secret)
     }
 
-    /// Runs `bridle` against this control plane with `token`.
+    /// Runs `bridle` against this control plane with `token`. A CLI still
+    /// running after [`crate::PATIENCE`] is killed, and the answer is an
+    /// error saying so.
     pub fn cli(&self, token: &str, args: &[&str]) -> anyhow::Result<Output> {
         self.cli_with_stdin(token, args, &[])
     }
@@ -240,7 +280,9 @@ impl ControlPlane {
         let writer = std::thread::spawn(move || {
             let _ = input.write_all(&data);
         });
-        let out = child.wait_with_output()?;
+        let what = format!("`bridle {}` to exit", args.join(" "));
+        let out = crate::child_output_within(child, crate::PATIENCE, &what)?;
+        // Ends even if the CLI read nothing: its end of the pipe is closed.
         let _ = writer.join();
         Ok(out)
     }
@@ -264,9 +306,10 @@ impl ControlPlane {
             eprintln!("{line}");
         }
         for name in self.containers() {
-            let ps = Command::new("docker")
-                .args(["exec", &name, "ps", "-o", "pid,ppid,stat,args"])
-                .output();
+            let ps = crate::output_within(
+                Command::new("docker").args(["exec", &name, "ps", "-o", "pid,ppid,stat,args"]),
+                crate::PATIENCE,
+            );
             eprintln!("--- processes in {name} ---");
             match ps {
                 Ok(o) => eprintln!(
@@ -281,23 +324,18 @@ impl ControlPlane {
 }
 
 pub fn containers_labelled(label: &str) -> Vec<String> {
-    Command::new("docker")
-        .args([
-            "ps",
-            "-a",
-            "--filter",
-            &format!("label={label}"),
-            "--format",
-            "{{.Names}}",
-        ])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
+    let filter = format!("label={label}");
+    crate::output_within(
+        Command::new("docker").args(["ps", "-a", "--filter", &filter, "--format", "{{.Names}}"]),
+        crate::PATIENCE,
+    )
+    .map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 impl Drop for ControlPlane {
@@ -316,10 +354,15 @@ impl Drop for ControlPlane {
                 std::thread::sleep(Duration::from_millis(500));
             }
             for name in self.containers() {
-                let _ = Command::new("docker").args(["rm", "-fv", &name]).output();
-                let _ = Command::new("docker")
-                    .args(["volume", "rm", "-f", &format!("{name}-workspace")])
-                    .output();
+                let volume = format!("{name}-workspace");
+                let _ = crate::output_within(
+                    Command::new("docker").args(["rm", "-fv", &name]),
+                    crate::PATIENCE,
+                );
+                let _ = crate::output_within(
+                    Command::new("docker").args(["volume", "rm", "-f", &volume]),
+                    crate::PATIENCE,
+                );
             }
         }
         // And the sandboxes' disks, which the killed control plane left
@@ -328,9 +371,13 @@ impl Drop for ControlPlane {
         let mounts = self.data_dir().join("disks").join("mnt");
         for entry in std::fs::read_dir(&mounts).into_iter().flatten().flatten() {
             let point = entry.path();
-            let unmounted = Command::new("umount").arg(&point).output();
+            let unmounted =
+                crate::output_within(Command::new("umount").arg(&point), crate::PATIENCE);
             if !unmounted.is_ok_and(|o| o.status.success()) {
-                let _ = Command::new("umount").arg("-l").arg(&point).output();
+                let _ = crate::output_within(
+                    Command::new("umount").arg("-l").arg(&point),
+                    crate::PATIENCE,
+                );
             }
         }
     }
@@ -338,16 +385,13 @@ impl Drop for ControlPlane {
 
 /// `docker inspect` of a sandbox's container with a Go template.
 pub fn inspect(sandbox_id: &str, format: &str) -> String {
-    Command::new("docker")
-        .args([
-            "inspect",
-            "--format",
-            format,
-            &format!("bridle-{sandbox_id}"),
-        ])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
+    let container = format!("bridle-{sandbox_id}");
+    crate::output_within(
+        Command::new("docker").args(["inspect", "--format", format, &container]),
+        crate::PATIENCE,
+    )
+    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    .unwrap_or_default()
 }
 
 pub fn start_request(
@@ -365,21 +409,26 @@ pub fn start_request(
 }
 
 /// Runs a command in a sandbox through the control plane, to completion.
+/// Panics if that takes longer than [`crate::PATIENCE`] (a safety net, see
+/// [`crate::within`]).
 pub async fn exec(
     client: &mut Sandboxes,
     sandbox_id: &str,
     s: bridle_client::sandbox::ExecStart,
 ) -> Result<crate::client::ExecResult, tonic::Status> {
-    let events = client
-        .exec(futures::stream::iter([start_request(sandbox_id, s, false)]))
-        .await?
-        .into_inner();
-    let mut r = crate::client::ExecResult::default();
-    let mut events = events;
-    while let Some(ev) = events.message().await? {
-        crate::client::apply(&mut r, ev);
-    }
-    Ok(r)
+    let what = format!("an exec in {sandbox_id} to end");
+    crate::within(&what, crate::PATIENCE, async move {
+        let mut events = client
+            .exec(futures::stream::iter([start_request(sandbox_id, s, false)]))
+            .await?
+            .into_inner();
+        let mut r = crate::client::ExecResult::default();
+        while let Some(ev) = events.message().await? {
+            crate::client::apply(&mut r, ev);
+        }
+        Ok::<_, tonic::Status>(r)
+    })
+    .await
 }
 
 /// Starts a command through the control plane and hands back the request
@@ -395,17 +444,23 @@ pub async fn exec_interactive(
 )> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(start_request(sandbox_id, s, detach)).await?;
-    let events = client
-        .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let events = crate::within(
+        "the control plane to answer Exec",
+        crate::PATIENCE,
+        client.exec(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await?
+    .into_inner();
     Ok((tx, events))
 }
 
 /// Creates a sandbox with the server's defaults.
 pub async fn create(client: &mut Sandboxes) -> Result<pb::Sandbox, tonic::Status> {
-    Ok(client
-        .create(pb::CreateSandboxRequest::default())
-        .await?
-        .into_inner())
+    let created = crate::within(
+        "the control plane to answer Create",
+        crate::PATIENCE,
+        client.create(pb::CreateSandboxRequest::default()),
+    )
+    .await?;
+    Ok(created.into_inner())
 }

@@ -1,7 +1,6 @@
 //! Sandbox containers on the real Docker daemon, from an image built
 //! locally by `images/build.sh` around the agent binary under test.
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -13,11 +12,13 @@ use crate::client::{self, Agent};
 /// Whether the daemon is reachable. Outside CI a missing daemon skips the
 /// test with a printed reason; in CI (`CI` set) it is a failure.
 pub fn require_docker(test: &str) -> bool {
-    let ok = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    // A daemon that does not answer within PATIENCE counts as unreachable.
+    let ok = crate::output_within(
+        Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]),
+        crate::PATIENCE,
+    )
+    .map(|o| o.status.success())
+    .unwrap_or(false);
     if !ok {
         if std::env::var_os("CI").is_some() {
             panic!("{test}: the Docker daemon is unreachable, and CI must run every test");
@@ -27,8 +28,15 @@ pub fn require_docker(test: &str) -> bool {
     ok
 }
 
+/// How long building the test image may take (it may download busybox).
+const IMAGE_BUILD_PATIENCE: Duration = Duration::from_secs(600);
+
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    run_within(cmd, crate::PATIENCE)
+}
+
+fn run_within(cmd: &mut Command, limit: Duration) -> anyhow::Result<String> {
+    let out = crate::output_within(cmd, limit).with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed: {}",
@@ -40,10 +48,14 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
 
 /// The image for the agent binary under test (or `$BRIDLE_IMAGE`), built once per binary (the
 /// tag carries the binary's size and mtime) under a lock shared by all test
-/// processes.
+/// processes. The first call in a process sweeps what test processes that
+/// are gone left behind ([`crate::sweep`]); the image is held for this
+/// process's lifetime, so no sweep removes it meanwhile.
 pub fn ensure_image() -> anyhow::Result<String> {
     // An image built by hand (`images/build.sh`) can be named instead.
     if let Ok(image) = std::env::var("BRIDLE_IMAGE") {
+        crate::sweep::hold_image(&image)?;
+        crate::sweep::once();
         return Ok(image);
     }
     let agent = crate::agent_binary()?;
@@ -52,34 +64,41 @@ pub fn ensure_image() -> anyhow::Result<String> {
         .modified()?
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos();
-    // The image changes with the binary and with the script that builds it.
+    // The image changes with the binary and with the script that builds it,
+    // and is this scope's own (see crate::sweep: its users are judged by
+    // locks in this machine's temporary directory).
     let script = std::fs::read(crate::repo_root().join("images/build.sh"))?;
-    let key = crate::sha256_hex(
-        format!("{}:{mtime}:{}", meta.len(), crate::sha256_hex(&script)).as_bytes(),
+    let made_of = format!(
+        "{}:{mtime}:{}:{}",
+        meta.len(),
+        crate::sha256_hex(&script),
+        crate::sweep::scope()
     );
-    let tag = format!("bridle-sandbox:test-{}", &key[..16]);
+    let key = crate::sha256_hex(made_of.as_bytes());
+    let tag = format!("{}{}", crate::sweep::TEST_IMAGE_PREFIX, &key[..16]);
+    // Held before the sweep and before looking for the image: a sweep
+    // elsewhere removes no image a live process holds.
+    crate::sweep::hold_image(&tag)?;
+    crate::sweep::once();
     let lock_path = std::env::temp_dir().join("bridle-image-build.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&lock_path)?;
-    // SAFETY: flock on a valid fd; released when `lock` is dropped.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        bail!(
-            "locking {}: {}",
-            lock_path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    let exists = Command::new("docker")
-        .args(["image", "inspect", "--format", "{{.Id}}", &tag])
-        .output()?
-        .status
-        .success();
+    let lock = crate::lock_file_within(&lock_path, libc::LOCK_EX, IMAGE_BUILD_PATIENCE)
+        .context("waiting for another test process to build the sandbox image")?;
+    let exists = crate::output_within(
+        Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", &tag]),
+        crate::PATIENCE,
+    )?
+    .status
+    .success();
     if !exists {
-        run(Command::new(crate::repo_root().join("images/build.sh"))
-            .arg(&agent)
-            .arg(&tag))
+        // Labelled like every test object, though a cache that later runs
+        // share: the sweep judges test images by use, in their scope.
+        run_within(
+            Command::new(crate::repo_root().join("images/build.sh"))
+                .args(crate::sweep::label_args())
+                .arg(&agent)
+                .arg(&tag),
+            IMAGE_BUILD_PATIENCE,
+        )
         .context("building the sandbox image")?;
     }
     drop(lock);
@@ -114,14 +133,19 @@ pub struct Sandbox {
 impl Sandbox {
     pub async fn start(opts: SandboxOptions) -> anyhow::Result<Self> {
         let image = ensure_image()?;
-        let dir = tempfile::Builder::new().prefix("bridle-sock-").tempdir()?;
+        // Marked for the sweep; the directory mounted into the container is
+        // one below, so the sandbox never sees the mark.
+        let dir = crate::sweep::temp_dir("bridle-sock-")?;
+        let run_dir = dir.path().join("run");
+        std::fs::create_dir(&run_dir)?;
         // The agent runs as uid 1000 and must be able to create its socket.
         std::fs::set_permissions(
-            dir.path(),
+            &run_dir,
             std::os::unix::fs::PermissionsExt::from_mode(0o777),
         )?;
         let mut cmd = Command::new("docker");
         cmd.args(["run", "-d", "--label", "bridle.test=1"])
+            .args(crate::sweep::label_args())
             .args(["--user", "1000:1000", "--cap-drop", "ALL"])
             .args(["--security-opt", "no-new-privileges"])
             .args(["--read-only", "--tmpfs", "/tmp:rw,nosuid,nodev,size=64m"])
@@ -130,13 +154,13 @@ impl Sandbox {
             .args(["--memory", opts.memory, "--memory-swap", opts.memory])
             .args(["--pids-limit", &opts.pids.to_string()])
             .arg("-v")
-            .arg(format!("{}:/run/bridle", dir.path().display()))
+            .arg(format!("{}:/run/bridle", run_dir.display()))
             .args(&opts.extra)
             .arg(&image);
         let id = run(&mut cmd)?;
         let sandbox = Self {
             id,
-            socket: dir.path().join("agent.sock"),
+            socket: run_dir.join("agent.sock"),
             _socket_dir: dir,
         };
         client::wait_healthy(&sandbox.socket, Duration::from_secs(30))
@@ -150,17 +174,18 @@ impl Sandbox {
     }
 
     pub fn logs(&self) -> String {
-        Command::new("docker")
-            .args(["logs", "--tail", "50", &self.id])
-            .output()
-            .map(|o| {
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                )
-            })
-            .unwrap_or_default()
+        crate::output_within(
+            Command::new("docker").args(["logs", "--tail", "50", &self.id]),
+            crate::PATIENCE,
+        )
+        .map(|o| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })
+        .unwrap_or_default()
     }
 
     /// `docker inspect` with a Go template.
@@ -175,8 +200,9 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["rm", "-fv", &self.id])
-            .output();
+        let _ = crate::output_within(
+            Command::new("docker").args(["rm", "-fv", &self.id]),
+            crate::PATIENCE,
+        );
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
@@ -17,22 +17,23 @@ pub struct HostAgent {
 }
 
 impl HostAgent {
-    /// Starts the agent with extra flags and waits until it is healthy.
+    /// Starts the agent with extra flags and waits until it is healthy. The
+    /// agent dies with this process ([`crate::spawn_tied`]).
     pub async fn start(extra: &[&str]) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
+        // Marked for the sweep (see crate::sweep).
+        let dir = crate::sweep::temp_dir("bridle-host-")?;
         let socket = dir.path().join("agent.sock");
         let workspace = dir.path().join("workspace");
         std::fs::create_dir(&workspace)?;
-        let child = Command::new(crate::agent_binary()?)
-            .arg("--socket")
+        let mut cmd = Command::new(crate::agent_binary()?);
+        cmd.arg("--socket")
             .arg(&socket)
             .arg("--workspace")
             .arg(&workspace)
             .args(extra)
             .env("BRIDLE_AGENT_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting sandbox-agent")?;
+            .stdin(Stdio::null());
+        let child = crate::spawn_tied(cmd).context("starting sandbox-agent")?;
         let mut agent = Self {
             dir,
             socket,
@@ -54,11 +55,28 @@ impl HostAgent {
     }
 
     /// Sends SIGTERM and waits for the agent to exit; returns its status.
+    /// An agent still running after [`crate::PATIENCE`] is killed, and the
+    /// test fails saying so.
     pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let mut child = self.child.take().context("already stopped")?;
         // SAFETY: kill(2) of our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        Ok(child.wait()?)
+        let deadline = Instant::now() + crate::PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "timed out after {:?} waiting for the agent (pid {}) to exit after SIGTERM",
+                    crate::PATIENCE,
+                    child.id()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //! host directory bind-mounted at `/run/bridle`, so sandboxes without a
 //! network are still reachable.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType, VolumeCreateRequest};
 use bollard::query_parameters::{
@@ -17,7 +17,10 @@ use bollard::query_parameters::{
 use futures::StreamExt;
 
 use super::{ContainerSpec, ContainerStatus, Error, Exit, Network, Runtime};
+use crate::config::DockerConfig;
 
+// All three are in `config::OWN_DOCKER_LABELS`, which `docker.labels` may
+// not set (a unit test below keeps it so).
 pub const LABEL_CONTROL_PLANE: &str = "bridle.control-plane";
 pub const LABEL_SANDBOX: &str = "bridle.sandbox";
 pub const LABEL_OWNER: &str = "bridle.owner";
@@ -28,12 +31,15 @@ const INJECTED_AGENT: &str = "/.bridle/sandbox-agent";
 pub struct Docker {
     client: bollard::Docker,
     instance: String,
+    /// `docker.labels`: put on every container and volume besides ours.
+    extra_labels: BTreeMap<String, String>,
 }
 
 impl Docker {
-    /// Connects to `host` (empty: `DOCKER_HOST` or the local socket) and
-    /// agrees on an API version with the daemon.
-    pub async fn connect(host: &str, instance: &str) -> Result<Self, Error> {
+    /// Connects to `config.host` (empty: `DOCKER_HOST` or the local socket)
+    /// and agrees on an API version with the daemon.
+    pub async fn connect(config: &DockerConfig, instance: &str) -> Result<Self, Error> {
+        let host = &config.host;
         let client = if host.is_empty() {
             bollard::Docker::connect_with_defaults()
         } else {
@@ -47,6 +53,7 @@ impl Docker {
         Ok(Self {
             client,
             instance: instance.to_string(),
+            extra_labels: config.labels.clone(),
         })
     }
 
@@ -81,14 +88,19 @@ fn status_code(e: &bollard::errors::Error) -> Option<u16> {
 impl Runtime for Docker {
     async fn create(&self, spec: &ContainerSpec) -> Result<String, Error> {
         let name = Self::container_name(&spec.sandbox_id);
-        let labels: HashMap<String, String> = [
-            (LABEL_CONTROL_PLANE, self.instance.as_str()),
-            (LABEL_SANDBOX, spec.sandbox_id.as_str()),
-            (LABEL_OWNER, spec.owner_label.as_str()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+        // Ours last: configuration cannot name them (config::validate), and
+        // if it did they would still win.
+        let labels: HashMap<String, String> = self
+            .extra_labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain([
+                (LABEL_CONTROL_PLANE, self.instance.as_str()),
+                (LABEL_SANDBOX, spec.sandbox_id.as_str()),
+                (LABEL_OWNER, spec.owner_label.as_str()),
+            ])
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut mounts = vec![Mount {
             typ: Some(MountType::BIND),
             source: Some(spec.socket_dir.display().to_string()),
@@ -406,5 +418,20 @@ impl Runtime for Docker {
             }
         }
         out.trim().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_cannot_set_the_labels_the_control_plane_finds_its_objects_by() {
+        for own in [LABEL_CONTROL_PLANE, LABEL_SANDBOX, LABEL_OWNER] {
+            assert!(
+                crate::config::OWN_DOCKER_LABELS.contains(&own),
+                "{own} is missing from config::OWN_DOCKER_LABELS"
+            );
+        }
     }
 }
