@@ -570,8 +570,8 @@ mod tests {
             let e = Config::load(None, Vec::new(), &[set]).unwrap_err();
             assert!(e.to_string().contains(own), "{e}");
         }
-        let e = Config::load(None, Vec::new(), &[r#"docker.labels={ "" = "v" }"#.into()])
-            .unwrap_err();
+        let e =
+            Config::load(None, Vec::new(), &[r#"docker.labels={ "" = "v" }"#.into()]).unwrap_err();
         assert!(e.to_string().contains("docker.labels"), "{e}");
     }
 

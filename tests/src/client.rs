@@ -197,16 +197,20 @@ pub async fn read_until<E: Into<AnyEvent>>(
     r: &mut ExecResult,
     done: impl Fn(&ExecResult) -> bool,
 ) -> anyhow::Result<()> {
-    crate::within("the exec events the test waits for", crate::PATIENCE, async move {
-        while !done(r) {
-            let ev = events
-                .message()
-                .await?
-                .context("the exec stream ended first")?;
-            apply(r, ev);
-        }
-        Ok::<(), anyhow::Error>(())
-    })
+    crate::within(
+        "the exec events the test waits for",
+        crate::PATIENCE,
+        async move {
+            while !done(r) {
+                let ev = events
+                    .message()
+                    .await?
+                    .context("the exec stream ended first")?;
+                apply(r, ev);
+            }
+            Ok::<(), anyhow::Error>(())
+        },
+    )
     .await
 }
 

@@ -197,8 +197,8 @@ pub fn owner_alive(owner: &str) -> bool {
             // SAFETY: kill(2) with signal 0 sends nothing; it only asks
             // whether the pid exists.
             let answer = unsafe { libc::kill(pid as libc::pid_t, 0) };
-            let gone = answer != 0
-                && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+            let gone =
+                answer != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
             !gone
         }
     }
@@ -574,10 +574,16 @@ mod tests {
         // This scope is judged by the owner: this process runs.
         assert!(!stale(owner(), here));
         if machine != "unknown" {
-            assert!(stale(owner(), &format!("{machine}/an-earlier-boot/{pidns}")));
+            assert!(stale(
+                owner(),
+                &format!("{machine}/an-earlier-boot/{pidns}")
+            ));
         }
         // Another machine's, or one that could not tell: never.
-        assert!(!stale("1:1", &format!("another-machine/another-boot/{pidns}")));
+        assert!(!stale(
+            "1:1",
+            &format!("another-machine/another-boot/{pidns}")
+        ));
         assert!(!stale("1:1", "unknown/unknown/1"));
     }
 

@@ -10,18 +10,20 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
 use bridle_proto::control::v1 as pb;
 use bridle_proto::sandbox::v1 as agent_pb;
 use bridle_tests::client::{shell, start};
 use bridle_tests::control::{self, Admin, ControlPlane, Runs, Sandboxes};
 use bridle_tests::docker::require_docker;
+use prost::Message;
+use prost_types::FileDescriptorSet;
 use tonic::{Code, Status};
 
-macro_rules! docker_or_skip {
+macro_rules! needs_docker {
     () => {
-        if !require_docker(module_path!()) {
-            return;
-        }
+        require_docker(module_path!())
     };
 }
 
@@ -39,7 +41,7 @@ async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
 
 #[tokio::test]
 async fn every_rpc_refuses_a_missing_bad_revoked_or_expired_token() {
-    docker_or_skip!();
+    needs_docker!();
     let mut cp = ControlPlane::start(&[]).await.unwrap();
     let mut admin = cp.admin(&cp.admin_token).await.unwrap();
     let revoked = new_token(&mut admin, "gone", 0).await;
@@ -71,10 +73,7 @@ async fn every_rpc_refuses_a_missing_bad_revoked_or_expired_token() {
     let every_rpc = control_plane_rpcs();
     for (what, token, says) in &bad {
         let answers = call_every_rpc(&cp, token).await;
-        let called: BTreeSet<String> = answers
-            .iter()
-            .map(|(rpc, _)| rpc.to_string())
-            .collect();
+        let called: BTreeSet<String> = answers.iter().map(|(rpc, _)| rpc.to_string()).collect();
         assert_eq!(
             called, every_rpc,
             "call_every_rpc must call exactly the RPCs the services define: add the new ones"
@@ -222,11 +221,20 @@ fn token_leaks(cp: &ControlPlane, tokens: &[String]) -> Vec<String> {
         let forms: [(&str, Vec<u8>); 7] = [
             ("the token", token.as_bytes().to_vec()),
             ("the secret", secret.as_bytes().to_vec()),
-            ("the secret in upper case", secret.to_ascii_uppercase().into_bytes()),
+            (
+                "the secret in upper case",
+                secret.to_ascii_uppercase().into_bytes(),
+            ),
             ("the secret's bytes", raw.clone()),
-            ("the secret in base64", base64(&raw, BASE64, true).into_bytes()),
-            ("the secret in url-safe base64", base64(&raw, BASE64_URL, false).into_bytes()),
-            ("the token in base64", base64(token.as_bytes(), BASE64, true).into_bytes()),
+            ("the secret in base64", STANDARD.encode(&raw).into_bytes()),
+            (
+                "the secret in url-safe base64",
+                URL_SAFE_NO_PAD.encode(&raw).into_bytes(),
+            ),
+            (
+                "the token in base64",
+                STANDARD.encode(token.as_bytes()).into_bytes(),
+            ),
         ];
         for (form, needle) in &forms {
             for (file, bytes) in &files {
@@ -239,95 +247,22 @@ fn token_leaks(cp: &ControlPlane, tokens: &[String]) -> Vec<String> {
     leaks
 }
 
-const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-const BASE64_URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-fn base64(data: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let byte = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
-        let n = (byte(0) << 16) | (byte(1) << 8) | byte(2);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(alphabet[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else if pad {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// Every RPC of the control plane's services (`Service/Method`), from the
 /// descriptor set compiled from the .proto files: an RPC added there shows
 /// up here whether or not a test calls it.
 fn control_plane_rpcs() -> BTreeSet<String> {
-    let mut rpcs = BTreeSet::new();
-    // FileDescriptorSet.file = 1; FileDescriptorProto.package = 2,
-    // .service = 6; ServiceDescriptorProto.name = 1, .method = 2;
-    // MethodDescriptorProto.name = 1.
-    for file in fields(bridle_proto::FILE_DESCRIPTOR_SET, 1) {
-        let package = fields(file, 2).into_iter().next().map(utf8);
-        if package.as_deref() != Some("bridle.control.v1") {
-            continue;
-        }
-        for service in fields(file, 6) {
-            let service_name = utf8(fields(service, 1)[0]);
-            for method in fields(service, 2) {
-                let method_name = utf8(fields(method, 1)[0]);
-                rpcs.insert(format!("{service_name}/{method_name}"));
-            }
-        }
-    }
-    rpcs
-}
-
-fn utf8(bytes: &[u8]) -> String {
-    String::from_utf8(bytes.to_vec()).unwrap()
-}
-
-/// The length-delimited fields numbered `number` of one encoded protobuf
-/// message; every other field is skipped.
-fn fields(mut message: &[u8], number: u64) -> Vec<&[u8]> {
-    let mut found = Vec::new();
-    while !message.is_empty() {
-        let key = varint(&mut message);
-        match key & 7 {
-            0 => {
-                varint(&mut message);
-            }
-            1 => message = &message[8..],
-            2 => {
-                let len = usize::try_from(varint(&mut message)).unwrap();
-                let (value, rest) = message.split_at(len);
-                if key >> 3 == number {
-                    found.push(value);
-                }
-                message = rest;
-            }
-            5 => message = &message[4..],
-            other => panic!("wire type {other} in the descriptor set"),
-        }
-    }
-    found
-}
-
-fn varint(message: &mut &[u8]) -> u64 {
-    let mut value = 0u64;
-    let mut shift = 0;
-    loop {
-        let bytes: &[u8] = *message;
-        let (&byte, rest) = bytes
-            .split_first()
-            .expect("a varint runs past the end of the descriptor set");
-        *message = rest;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return value;
-        }
-        shift += 7;
-        assert!(shift < 64, "a varint longer than 64 bits in the descriptor set");
-    }
+    let set = FileDescriptorSet::decode(bridle_proto::FILE_DESCRIPTOR_SET)
+        .expect("the compiled descriptor set decodes");
+    set.file
+        .iter()
+        .filter(|f| f.package() == "bridle.control.v1")
+        .flat_map(|f| &f.service)
+        .flat_map(|s| {
+            s.method
+                .iter()
+                .map(move |m| format!("{}/{}", s.name(), m.name()))
+        })
+        .collect()
 }
 
 type Answers = Vec<(&'static str, Result<(), Status>)>;
@@ -571,7 +506,7 @@ async fn call_every_rpc(cp: &ControlPlane, token: &str) -> Answers {
 
 #[tokio::test]
 async fn tenants_cannot_see_or_touch_each_other() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
     let bob = cp.token(pb::Role::Submitter, "bob").await.unwrap();
@@ -832,7 +767,7 @@ async fn tenants_cannot_see_or_touch_each_other() {
 
 #[tokio::test]
 async fn tenants_cannot_see_or_touch_each_others_runs_or_approvals() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
     let bob = cp.token(pb::Role::Submitter, "bob").await.unwrap();
@@ -995,7 +930,11 @@ async fn tenants_cannot_see_or_touch_each_others_runs_or_approvals() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(cancelled.state, pb::RunState::Cancelled as i32, "{cancelled:?}");
+    assert_eq!(
+        cancelled.state,
+        pb::RunState::Cancelled as i32,
+        "{cancelled:?}"
+    );
 }
 
 /// Asserts that a call on another owner's record (`id`) ended exactly as the
@@ -1065,10 +1004,7 @@ async fn wait_for_run(
         if done(&run) {
             return run;
         }
-        assert!(
-            began.elapsed() < WAIT,
-            "run {id} was never {what}: {run:?}"
-        );
+        assert!(began.elapsed() < WAIT, "run {id} was never {what}: {run:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -1097,7 +1033,10 @@ async fn call_on_run(runs: &mut Runs, rpc: &str, run_id: &str) -> Result<(), Sta
     match rpc {
         "Get" => runs.get(pb::GetRunRequest { run_id }).await.map(drop),
         "Watch" => runs
-            .watch(pb::WatchRunRequest { run_id, from_seq: 1 })
+            .watch(pb::WatchRunRequest {
+                run_id,
+                from_seq: 1,
+            })
             .await
             .map(drop),
         "Cancel" => runs
@@ -1159,15 +1098,12 @@ async fn decide(approvals: &mut control::Approvals, id: &str) -> Result<(), Stat
 
 #[tokio::test]
 async fn max_per_owner_holds_against_concurrent_creates() {
-    docker_or_skip!();
+    needs_docker!();
     // A warm pool of one: the creates race through both ways a sandbox is
     // handed out, claimed from the pool and made cold.
-    let cp = ControlPlane::start(&[
-        "sandbox.max_per_owner=2",
-        "pool=[{name=\"warm\",size=1}]",
-    ])
-    .await
-    .unwrap();
+    let cp = ControlPlane::start(&["sandbox.max_per_owner=2", "pool=[{name=\"warm\",size=1}]"])
+        .await
+        .unwrap();
     eventually("the warm pool is ready", async || {
         cp.log().contains("warm pool sandbox ready")
     })
@@ -1211,13 +1147,16 @@ async fn max_per_owner_holds_against_concurrent_creates() {
 
 #[tokio::test]
 async fn container_creates_in_flight_never_exceed_max_concurrent_creates() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&["docker.max_concurrent_creates=2"])
         .await
         .unwrap();
     let c = cp.sandboxes(&cp.admin_token).await.unwrap();
     let (made, refused) = create_at_once(&c, 6).await;
-    assert!(refused.is_empty(), "every create gets its turn: {refused:?}");
+    assert!(
+        refused.is_empty(),
+        "every create gets its turn: {refused:?}"
+    );
     assert_eq!(made.len(), 6);
 
     // The control plane logs each create as it takes its turn, with how
@@ -1240,7 +1179,7 @@ async fn container_creates_in_flight_never_exceed_max_concurrent_creates() {
 
 #[tokio::test]
 async fn a_network_is_given_only_when_the_server_allows_one() {
-    docker_or_skip!();
+    needs_docker!();
     let mut cp = ControlPlane::start(&[]).await.unwrap();
     let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
     let bridge = || pb::CreateSandboxRequest {
@@ -1281,14 +1220,20 @@ async fn a_network_is_given_only_when_the_server_allows_one() {
     let refusals = [
         ("an admin's create", admin.create(bridge()).await.map(drop)),
         ("a tenant's create", a.create(bridge()).await.map(drop)),
-        ("a fork of a bridged sandbox", admin.fork(fork).await.map(drop)),
+        (
+            "a fork of a bridged sandbox",
+            admin.fork(fork).await.map(drop),
+        ),
     ];
     for (what, answer) in refusals {
         let e = answer
             .err()
             .unwrap_or_else(|| panic!("{what} was let through"));
         assert_eq!(e.code(), Code::FailedPrecondition, "{what}: {e:?}");
-        assert!(e.message().contains("sandbox.allow_network"), "{what}: {e:?}");
+        assert!(
+            e.message().contains("sandbox.allow_network"),
+            "{what}: {e:?}"
+        );
         assert!(
             e.metadata().get(APPROVAL_ID).is_none(),
             "{what}: refused, not held for an approval: {e:?}"
@@ -1308,7 +1253,12 @@ async fn a_network_is_given_only_when_the_server_allows_one() {
         approval_ids(&mut approvals, everything).await,
         approvals_before
     );
-    assert_eq!(cp.containers().len(), containers_before, "{:?}", cp.containers());
+    assert_eq!(
+        cp.containers().len(),
+        containers_before,
+        "{:?}",
+        cp.containers()
+    );
 
     // Without a network, sandboxes are made as before.
     let plain = control::create(&mut admin).await.unwrap();

@@ -103,7 +103,11 @@ async fn restore(
     path: &str,
     archive: Bytes,
 ) -> Result<pb::RestoreResponse, tonic::Status> {
-    bounded(&format!("restoring into {path:?}"), client::restore(c, path, archive)).await
+    bounded(
+        &format!("restoring into {path:?}"),
+        client::restore(c, path, archive),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -483,7 +487,10 @@ async fn timeout_kills_the_whole_tree_even_escapees() {
     )
     .await
     .unwrap();
-    assert_eq!(r.stdout, b"ready\n", "every escapee was up before the deadline");
+    assert_eq!(
+        r.stdout, b"ready\n",
+        "every escapee was up before the deadline"
+    );
     let exited = r.exited.unwrap();
     assert!(exited.timed_out && exited.killed, "{exited:?}");
     for pid in escapee_pids(&agent.workspace) {
@@ -539,9 +546,7 @@ async fn kill_tree_signal_and_normal_exit_leave_nothing_behind() {
 async fn commands_inherit_only_stdio() {
     let agent = HostAgent::start(&[]).await.unwrap();
     let mut c = agent.client().unwrap();
-    let r = run(&mut c, start(&["ls", "/proc/self/fd"]))
-        .await
-        .unwrap();
+    let r = run(&mut c, start(&["ls", "/proc/self/fd"])).await.unwrap();
     // 0, 1, 2 and the fd `ls` itself opened to read the directory.
     let fds: Vec<String> = r
         .stdout_str()
@@ -627,15 +632,9 @@ async fn files_round_trip_and_refuse_escapes() {
         .unwrap();
     assert_eq!(resp.size, data.len() as u64);
     assert_eq!(resp.sha256, bridle_tests::sha256_hex(&data));
-    assert_eq!(
-        read_file(&mut c, "a/b/data.bin").await.unwrap(),
-        data
-    );
+    assert_eq!(read_file(&mut c, "a/b/data.bin").await.unwrap(), data);
     let abs = format!("{}/a/b/data.bin", agent.workspace.display());
-    assert_eq!(
-        read_file(&mut c, &abs).await.unwrap().len(),
-        data.len()
-    );
+    assert_eq!(read_file(&mut c, &abs).await.unwrap().len(), data.len());
 
     let mut part = c
         .read_file(pb::ReadFileRequest {
@@ -1152,9 +1151,7 @@ async fn idle_exec_streams_get_keepalives() {
     let agent = HostAgent::start(&["--keepalive-secs", "1"]).await.unwrap();
     let mut c = agent.client().unwrap();
     // Three silent seconds against a one-second keepalive interval.
-    let r = run(&mut c, shell("sleep 3; echo done"))
-        .await
-        .unwrap();
+    let r = run(&mut c, shell("sleep 3; echo done")).await.unwrap();
     assert_eq!(r.stdout, b"done\n");
     assert!(r.keepalives >= 1, "no keepalive on a silent stream: {r:?}");
 }
@@ -1248,10 +1245,7 @@ async fn killing_its_own_supervisor_does_not_let_a_command_escape() {
         assert!(!alive(pid), "{f}: process {pid} escaped its exec");
     }
     // The agent still works.
-    assert_eq!(
-        run(&mut c, start(&["true"])).await.unwrap().code(),
-        Some(0)
-    );
+    assert_eq!(run(&mut c, start(&["true"])).await.unwrap().code(), Some(0));
 }
 
 #[tokio::test]
@@ -1421,13 +1415,9 @@ async fn restore_into_a_subdirectory_leaves_the_rest_alone() {
     .unwrap();
     let archive =
         bridle_tests::tarcraft::build(&[bridle_tests::tarcraft::Entry::file("new", b"3")]);
-    restore(&mut c, "a", Bytes::from(archive))
-        .await
-        .unwrap();
+    restore(&mut c, "a", Bytes::from(archive)).await.unwrap();
     // a/ now holds exactly the archive; b/ is untouched.
-    let r = run(&mut c, shell("find . -type f | sort"))
-        .await
-        .unwrap();
+    let r = run(&mut c, shell("find . -type f | sort")).await.unwrap();
     assert_eq!(r.stdout_str(), "./a/new\n./b/keep\n");
     assert_eq!(std::fs::read(agent.workspace.join("a/new")).unwrap(), b"3");
     assert_eq!(

@@ -17,11 +17,9 @@ use bridle_tests::control::{create, start_request, Approvals, ControlPlane, Sand
 use bridle_tests::docker::require_docker;
 use tonic::Code;
 
-macro_rules! docker_or_skip {
+macro_rules! needs_docker {
     () => {
-        if !require_docker(module_path!()) {
-            return;
-        }
+        require_docker(module_path!())
     };
 }
 
@@ -188,7 +186,7 @@ async fn until_approval(
 
 #[tokio::test]
 async fn an_exec_waits_for_another_operator_and_an_approval_is_used_once_for_one_command() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     // Two operators of one team, and a submitter of another.
     let op1 = cp.token(pb::Role::Operator, "team").await.unwrap();
@@ -366,7 +364,7 @@ async fn an_exec_waits_for_another_operator_and_an_approval_is_used_once_for_one
 
 #[tokio::test]
 async fn an_unanswered_approval_expires_closed_and_policy_forbids_secret_paths() {
-    docker_or_skip!();
+    needs_docker!();
     // Pending approvals expire after a second here: nothing in this part
     // has to happen before that, the test waits for the expiry itself.
     let cp = ControlPlane::start(&["approval_ttl_secs=1"]).await.unwrap();
@@ -539,7 +537,7 @@ async fn an_unanswered_approval_expires_closed_and_policy_forbids_secret_paths()
 /// run, and the webhook heard of every pending approval.
 #[tokio::test]
 async fn a_run_awaiting_approval_survives_kill_9_and_resumes_when_approved() {
-    docker_or_skip!();
+    needs_docker!();
     // The webhook: a plain HTTP listener that keeps each request body.
     let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hook_url = format!("http://{}/bridle", hook.local_addr().unwrap());
@@ -636,37 +634,33 @@ async fn a_run_awaiting_approval_survives_kill_9_and_resumes_when_approved() {
     // The run's record: its submission, the decision on each step, its
     // approval requested and approved, and nothing of other runs.
     let auditor = cp.token(pb::Role::Auditor, "audit").await.unwrap();
-    bridle_tests::eventually(
-        "the run's audit entries",
-        WAIT,
-        async || {
-            let of_run = query(
-                &cp,
-                &auditor,
-                &["audit", "query", "--run", &run.id, "-o", "json"],
-            )
-            .await;
-            let actions: Vec<(&str, &str)> = of_run
-                .iter()
-                .map(|e| {
-                    (
-                        e["action"].as_str().unwrap(),
-                        e["decision"].as_str().unwrap(),
-                    )
-                })
-                .collect();
-            actions.contains(&("Runs/Submit", "allow"))
-                && actions.contains(&("run/exec", "allow"))
-                && actions.contains(&("run/exec", "require_approval"))
-                && actions.contains(&("approval.requested", ""))
-                && actions.contains(&("approval.approved", ""))
-                && of_run.iter().all(|e| {
-                    e["resource"] == run.id.as_str()
-                        || e["resource"] == id.as_str()
-                        || e["request_id"].as_str().unwrap().starts_with(&run.id)
-                })
-        },
-    )
+    bridle_tests::eventually("the run's audit entries", WAIT, async || {
+        let of_run = query(
+            &cp,
+            &auditor,
+            &["audit", "query", "--run", &run.id, "-o", "json"],
+        )
+        .await;
+        let actions: Vec<(&str, &str)> = of_run
+            .iter()
+            .map(|e| {
+                (
+                    e["action"].as_str().unwrap(),
+                    e["decision"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        actions.contains(&("Runs/Submit", "allow"))
+            && actions.contains(&("run/exec", "allow"))
+            && actions.contains(&("run/exec", "require_approval"))
+            && actions.contains(&("approval.requested", ""))
+            && actions.contains(&("approval.approved", ""))
+            && of_run.iter().all(|e| {
+                e["resource"] == run.id.as_str()
+                    || e["resource"] == id.as_str()
+                    || e["request_id"].as_str().unwrap().starts_with(&run.id)
+            })
+    })
     .await;
     let since = query(
         &cp,
@@ -734,13 +728,10 @@ async fn until_run(
 ) -> pb::Run {
     let start = Instant::now();
     loop {
-        let r = bounded(
-            "Runs/Get",
-            c.get(pb::GetRunRequest { run_id: id.into() }),
-        )
-        .await
-        .unwrap()
-        .into_inner();
+        let r = bounded("Runs/Get", c.get(pb::GetRunRequest { run_id: id.into() }))
+            .await
+            .unwrap()
+            .into_inner();
         if done(&r) {
             return r;
         }

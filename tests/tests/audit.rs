@@ -13,11 +13,9 @@ use bridle_proto::sandbox::v1 as agent_pb;
 use bridle_tests::control::ControlPlane;
 use bridle_tests::docker::require_docker;
 
-macro_rules! docker_or_skip {
+macro_rules! needs_docker {
     () => {
-        if !require_docker(module_path!()) {
-            return;
-        }
+        require_docker(module_path!())
     };
 }
 
@@ -86,17 +84,14 @@ async fn until_logged(
         if check(&entries) {
             return;
         }
-        assert!(
-            start.elapsed() < WAIT,
-            "not in the audit log: {entries:#?}"
-        );
+        assert!(start.elapsed() < WAIT, "not in the audit log: {entries:#?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 #[tokio::test]
 async fn every_call_is_recorded_and_tampering_is_named() {
-    docker_or_skip!();
+    needs_docker!();
     let mut cp = ControlPlane::start(&[]).await.unwrap();
     let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
     let auditor = cp.token(pb::Role::Auditor, "audit-team").await.unwrap();
@@ -325,7 +320,7 @@ async fn edit_db(db: &std::path::Path, sql: &str) {
 
 #[tokio::test]
 async fn policy_sets_are_validated_versioned_kept_and_audited() {
-    docker_or_skip!();
+    needs_docker!();
     let mut cp = ControlPlane::start(&[]).await.unwrap();
     let admin = cp.admin_token.clone();
     let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
@@ -446,7 +441,7 @@ fn write_whole(path: &std::path::Path, text: &str) {
 
 #[tokio::test]
 async fn a_policy_file_is_followed_and_a_bad_edit_is_refused() {
-    docker_or_skip!();
+    needs_docker!();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("policies.cedar");
     let first = "@id(\"first\")\npermit (principal, action, resource) when { principal.role == \"admin\" };\n";
@@ -454,7 +449,10 @@ async fn a_policy_file_is_followed_and_a_bad_edit_is_refused() {
     let mut cp = ControlPlane::start(&[&format!("policy_file={:?}", file.to_str().unwrap())])
         .await
         .unwrap();
-    eventually("the file is in force", async || policy_of(&cp).await.version == 2).await;
+    eventually("the file is in force", async || {
+        policy_of(&cp).await.version == 2
+    })
+    .await;
     let p = policy_of(&cp).await;
     assert_eq!(p.source, first);
     assert!(p.set_by.starts_with("file:"), "{p:?}");
@@ -474,7 +472,10 @@ async fn a_policy_file_is_followed_and_a_bad_edit_is_refused() {
     // A good edit becomes the next version.
     let second = "@id(\"second\")\nforbid (principal, action, resource);\n";
     write_whole(&file, second);
-    eventually("the edit is in force", async || policy_of(&cp).await.version == 3).await;
+    eventually("the edit is in force", async || {
+        policy_of(&cp).await.version == 3
+    })
+    .await;
     assert_eq!(policy_of(&cp).await.source, second);
 
     // A restart with the same file makes no new version.
@@ -737,12 +738,19 @@ async fn each_change_decides_the_next_call(cp: &ControlPlane, how: Change<'_>) {
         Err(s) => panic!("an exec was refused right after version {v} permitted it: {s:?}"),
     };
     let id = request_id(opened.metadata());
-    let out = bounded("the exec's output", bridle_tests::client::collect(opened.into_inner()))
-        .await
-        .unwrap();
+    let out = bounded(
+        "the exec's output",
+        bridle_tests::client::collect(opened.into_inner()),
+    )
+    .await
+    .unwrap();
     assert_eq!((out.stdout_str().as_str(), out.code()), ("live\n", Some(0)));
     let e = entry_of(cp, "Sandboxes/Exec", &id).await;
-    assert_eq!((e.decision.as_str(), e.policy_version), ("allow", v), "{e:?}");
+    assert_eq!(
+        (e.decision.as_str(), e.policy_version),
+        ("allow", v),
+        "{e:?}"
+    );
 
     // A file write.
     let v = put_in_force(cp, &how, &forbid).await;
@@ -758,13 +766,20 @@ async fn each_change_decides_the_next_call(cp: &ControlPlane, how: Change<'_>) {
         Err(s) => panic!("a write was refused right after version {v} permitted it: {s:?}"),
     };
     let e = entry_of(cp, "Sandboxes/WriteFile", &request_id(written.metadata())).await;
-    assert_eq!((e.decision.as_str(), e.policy_version), ("allow", v), "{e:?}");
+    assert_eq!(
+        (e.decision.as_str(), e.policy_version),
+        ("allow", v),
+        "{e:?}"
+    );
 
     // A run's step (decided when the step is about to start).
     let v = put_in_force(cp, &how, &forbid).await;
     let done = run_one_step(&mut runs, &format!("forbidden-{v}")).await;
     assert_eq!(done.state, pb::RunState::Failed as i32, "{done:?}");
-    assert_eq!(done.steps[0].attempts, 0, "the step never started: {done:?}");
+    assert_eq!(
+        done.steps[0].attempts, 0,
+        "the step never started: {done:?}"
+    );
     assert!(
         done.reason.contains("is denied")
             && done.reason.contains("alice-may-not-exec-or-write")
@@ -773,12 +788,20 @@ async fn each_change_decides_the_next_call(cp: &ControlPlane, how: Change<'_>) {
         done.reason
     );
     let e = step_decision_of(cp, &done.id).await;
-    assert_eq!((e.decision.as_str(), e.policy_version), ("deny", v), "{e:?}");
+    assert_eq!(
+        (e.decision.as_str(), e.policy_version),
+        ("deny", v),
+        "{e:?}"
+    );
     let v = put_in_force(cp, &how, PERMIT).await;
     let done = run_one_step(&mut runs, &format!("permitted-{v}")).await;
     assert_eq!(done.state, pb::RunState::Succeeded as i32, "{done:?}");
     let e = step_decision_of(cp, &done.id).await;
-    assert_eq!((e.decision.as_str(), e.policy_version), ("allow", v), "{e:?}");
+    assert_eq!(
+        (e.decision.as_str(), e.policy_version),
+        ("allow", v),
+        "{e:?}"
+    );
 }
 
 /// Admin.SetPolicy is in force for the call right after it answers: an
@@ -786,7 +809,7 @@ async fn each_change_decides_the_next_call(cp: &ControlPlane, how: Change<'_>) {
 /// the version that decided it.
 #[tokio::test]
 async fn set_policy_decides_the_very_next_exec_write_and_run_step() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     each_change_decides_the_next_call(&cp, Change::SetPolicy).await;
 }
@@ -796,7 +819,7 @@ async fn set_policy_decides_the_very_next_exec_write_and_run_step() {
 /// refused, then allowed, each naming the version that decided it.
 #[tokio::test]
 async fn a_policy_file_edit_decides_the_next_exec_write_and_run_step() {
-    docker_or_skip!();
+    needs_docker!();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("policies.cedar");
     write_whole(&file, PERMIT);
@@ -859,7 +882,7 @@ async fn refused_for_the_audit_log(cp: &ControlPlane, token: &str) -> bool {
 
 #[tokio::test]
 async fn an_audit_log_that_cannot_record_stops_what_would_go_unrecorded() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&["max_running_runs=1"]).await.unwrap();
     let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
     let auditor = cp.token(pb::Role::Auditor, "audit-team").await.unwrap();
@@ -1024,7 +1047,7 @@ async fn an_audit_log_that_cannot_record_stops_what_would_go_unrecorded() {
 
 #[tokio::test]
 async fn a_restart_over_a_dropped_tail_is_refused_unless_told_to_continue() {
-    docker_or_skip!();
+    needs_docker!();
     let mut cp = ControlPlane::start(&[]).await.unwrap();
     let auditor = cp.token(pb::Role::Auditor, "audit-team").await.unwrap();
     let mut sb = cp.sandboxes(&auditor).await.unwrap();

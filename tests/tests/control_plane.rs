@@ -7,16 +7,15 @@
 use std::time::Duration;
 
 use bridle_proto::control::v1 as pb;
+use bridle_proto::sandbox::v1 as agent_pb;
 use bridle_tests::client::{self, shell, start};
 use bridle_tests::control::{self, ControlPlane, Sandboxes};
 use bridle_tests::docker::require_docker;
 use tonic::Code;
 
-macro_rules! docker_or_skip {
+macro_rules! needs_docker {
     () => {
-        if !require_docker(module_path!()) {
-            return;
-        }
+        require_docker(module_path!())
     };
 }
 
@@ -103,7 +102,7 @@ async fn listed(cp: &ControlPlane) -> Vec<String> {
 
 #[tokio::test]
 async fn lifecycle_through_the_cli() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let admin = cp.admin_token.clone();
     let ok = |out: std::process::Output| {
@@ -342,7 +341,7 @@ async fn lifecycle_through_the_cli() {
 
 #[tokio::test]
 async fn sandboxes_are_hardened_inside_and_out() {
-    docker_or_skip!();
+    needs_docker!();
     // Maxima of the server's own, each above the default a create gets.
     let cp = ControlPlane::start(&[
         "sandbox.max_memory_bytes=536870912",
@@ -489,7 +488,7 @@ async fn sandboxes_are_hardened_inside_and_out() {
 
 #[tokio::test]
 async fn a_client_that_goes_away_stops_its_command_unless_detached() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
     let sb = create(&mut c).await.unwrap();
@@ -549,7 +548,7 @@ async fn a_client_that_goes_away_stops_its_command_unless_detached() {
 
 #[tokio::test]
 async fn sandboxes_survive_a_killed_control_plane_and_orphans_are_removed() {
-    docker_or_skip!();
+    needs_docker!();
     let mut cp = ControlPlane::start(&[]).await.unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
     let sb = create(&mut c).await.unwrap();
@@ -559,9 +558,7 @@ async fn sandboxes_survive_a_killed_control_plane_and_orphans_are_removed() {
     assert_eq!(r.code(), Some(0));
     let mut long = shell("sleep 2; echo finished while the control plane was down");
     long.exec_id = "across-restart".into();
-    let (_tx, mut events) = exec_interactive(&mut c, &sb.id, long, true)
-        .await
-        .unwrap();
+    let (_tx, mut events) = exec_interactive(&mut c, &sb.id, long, true).await.unwrap();
     let mut r = client::ExecResult::default();
     read_until(&mut events, &mut r, |r| r.pid != 0)
         .await
@@ -650,9 +647,7 @@ async fn sandboxes_survive_a_killed_control_plane_and_orphans_are_removed() {
     // sandbox and the command (not detached) running.
     let mut held = shell("sleep 2; echo survived the shutdown");
     held.exec_id = "held-open".into();
-    let (_tx, mut events) = exec_interactive(&mut c, &sb.id, held, false)
-        .await
-        .unwrap();
+    let (_tx, mut events) = exec_interactive(&mut c, &sb.id, held, false).await.unwrap();
     let mut r = client::ExecResult::default();
     read_until(&mut events, &mut r, |r| r.pid != 0)
         .await
@@ -696,7 +691,7 @@ async fn sandboxes_survive_a_killed_control_plane_and_orphans_are_removed() {
 /// container or agent is handed to two claims.
 #[tokio::test]
 async fn warm_pool_claims_never_hand_out_a_sandbox_twice() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&["pool=[{name=\"default\",size=3}]", "sweep_interval_secs=1"])
         .await
         .unwrap();
@@ -740,7 +735,10 @@ async fn warm_pool_claims_never_hand_out_a_sandbox_twice() {
         );
     }
     let from_pool = got.iter().filter(|s| s.pool_profile == "default").count();
-    assert!(from_pool >= warm.len(), "{from_pool} from the pool: {got:?}");
+    assert!(
+        from_pool >= warm.len(),
+        "{from_pool} from the pool: {got:?}"
+    );
     // Each claim's container: its own, made for the pool exactly when the
     // API says the sandbox came from there, and running its own agent.
     let mut containers = Vec::new();
@@ -808,7 +806,7 @@ async fn warm_pool_claims_never_hand_out_a_sandbox_twice() {
 /// it is left alone itself.
 #[tokio::test]
 async fn ttl_and_idle_timeout_delete_sandboxes() {
-    docker_or_skip!();
+    needs_docker!();
     const IDLE_SECS: u64 = 5;
     let cp = ControlPlane::start(&["sweep_interval_secs=1"])
         .await
@@ -911,7 +909,7 @@ async fn ttl_and_idle_timeout_delete_sandboxes() {
 
 #[tokio::test]
 async fn tls_on_the_listener() {
-    docker_or_skip!();
+    needs_docker!();
     let dir = tempfile::tempdir().unwrap();
     let cert =
         rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
@@ -943,7 +941,9 @@ async fn tls_on_the_listener() {
     let plain = cp.endpoint.replace("https://", "http://");
     let ch = bounded(
         "a plaintext connection",
-        tonic::transport::Channel::from_shared(plain).unwrap().connect(),
+        tonic::transport::Channel::from_shared(plain)
+            .unwrap()
+            .connect(),
     )
     .await;
     if let Ok(ch) = ch {
@@ -962,7 +962,7 @@ async fn tls_on_the_listener() {
 
 #[tokio::test]
 async fn the_agent_is_injected_read_only_into_an_image_without_one() {
-    docker_or_skip!();
+    needs_docker!();
     // An image with no agent, built locally like every image here.
     let tag = "bridle-plain:control-plane-test";
     let built = std::process::Command::new(bridle_tests::repo_root().join("images/build.sh"))

@@ -14,11 +14,9 @@ use bridle_tests::control::{self, ControlPlane, Sandboxes};
 use bridle_tests::docker::{require_docker, Sandbox, SandboxOptions};
 use tonic::Code;
 
-macro_rules! docker_or_skip {
+macro_rules! needs_docker {
     () => {
-        if !require_docker(module_path!()) {
-            return;
-        }
+        require_docker(module_path!())
     };
 }
 
@@ -95,7 +93,7 @@ async fn sh(c: &mut Sandboxes, sandbox_id: &str, cmd: &str) -> client::ExecResul
 
 #[tokio::test]
 async fn commands_in_a_sandbox_cannot_reach_replace_or_fill_the_agents_directory() {
-    docker_or_skip!();
+    needs_docker!();
     let mut cp = ControlPlane::start(&[]).await.unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
     let id = create(&mut c).await.unwrap().id;
@@ -154,7 +152,7 @@ async fn commands_in_a_sandbox_cannot_reach_replace_or_fill_the_agents_directory
 /// open, as here), the agent serves only peers outside its PID namespace.
 #[tokio::test]
 async fn the_agent_refuses_peers_from_inside_its_sandbox() {
-    docker_or_skip!();
+    needs_docker!();
     let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut agent = sb.client().unwrap();
     let header = agent_pb::WriteFileHeader {
@@ -191,7 +189,7 @@ async fn the_agent_refuses_peers_from_inside_its_sandbox() {
 
 #[tokio::test]
 async fn stop_signals_from_inside_the_sandbox_are_ignored() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
     let id = create(&mut c).await.unwrap().id;
@@ -214,24 +212,20 @@ async fn stop_signals_from_inside_the_sandbox_are_ignored() {
     assert_eq!(got.state, pb::SandboxState::Ready as i32);
     assert_eq!(control::inspect(&id, "{{.State.Running}}"), "true");
     // The agent says so in its log (once for the lot).
-    bridle_tests::eventually(
-        "the agent logs what it ignored",
-        WAIT,
-        async || {
-            let logs = std::process::Command::new("docker")
-                .args(["logs", &format!("bridle-{id}")])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&logs.stderr)
-                .contains("ignored stop signals sent from inside the sandbox")
-        },
-    )
+    bridle_tests::eventually("the agent logs what it ignored", WAIT, async || {
+        let logs = std::process::Command::new("docker")
+            .args(["logs", &format!("bridle-{id}")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&logs.stderr)
+            .contains("ignored stop signals sent from inside the sandbox")
+    })
     .await;
 }
 
 #[tokio::test]
 async fn exec_ids_of_runs_cannot_be_chosen_or_guessed_by_a_client() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
     let id = create(&mut c).await.unwrap().id;
@@ -283,7 +277,7 @@ async fn exec_ids_of_runs_cannot_be_chosen_or_guessed_by_a_client() {
 
 #[tokio::test]
 async fn an_upload_that_is_not_what_was_announced_changes_nothing() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
     let id = create(&mut c).await.unwrap().id;
@@ -333,29 +327,23 @@ async fn an_upload_that_is_not_what_was_announced_changes_nothing() {
     let mut stdin = cli.stdin.take().unwrap();
     std::io::Write::write_all(&mut stdin, &part).unwrap();
     // The window is hit: the agent holds megabytes of it in its temporary file.
-    bridle_tests::eventually(
-        "the upload is under way",
-        WAIT,
-        async || {
-            let r = sh(
-                &mut c,
-                &id,
-                "find . -name '.data.bin.bridle-*' -size +2047k",
-            )
-            .await;
-            !r.stdout_str().is_empty()
-        },
-    )
+    bridle_tests::eventually("the upload is under way", WAIT, async || {
+        let r = sh(
+            &mut c,
+            &id,
+            "find . -name '.data.bin.bridle-*' -size +2047k",
+        )
+        .await;
+        !r.stdout_str().is_empty()
+    })
     .await;
     cli.kill().unwrap();
     cli.wait().unwrap();
     drop(stdin);
     // The agent removes its temporary file once it sees the call cut off.
-    bridle_tests::eventually(
-        "only the old file is left",
-        WAIT,
-        async || sh(&mut c, &id, "cat data.bin; ls -A").await.stdout_str() == "olddata.bin\n",
-    )
+    bridle_tests::eventually("only the old file is left", WAIT, async || {
+        sh(&mut c, &id, "cat data.bin; ls -A").await.stdout_str() == "olddata.bin\n"
+    })
     .await;
 
     // Straight to the agent, a stream that ends without `end` is cut short.
@@ -442,7 +430,7 @@ async fn wait_finished(runs: &mut control::Runs, run_id: &str) -> pb::Run {
 
 #[tokio::test]
 async fn a_run_that_fails_writing_its_inputs_releases_its_sandbox() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let mut runs = cp.runs(&cp.admin_token).await.unwrap();
     let input = |path: &str| pb::InputFile {
@@ -464,17 +452,15 @@ async fn a_run_that_fails_writing_its_inputs_releases_its_sandbox() {
     let done = wait_finished(&mut runs, &run.id).await;
     assert_eq!(done.state, pb::RunState::Failed as i32, "{done:?}");
     assert!(done.reason.contains("writing inputs"), "{}", done.reason);
-    bridle_tests::eventually(
-        "the run's sandbox is released",
-        WAIT,
-        async || cp.containers().is_empty(),
-    )
+    bridle_tests::eventually("the run's sandbox is released", WAIT, async || {
+        cp.containers().is_empty()
+    })
     .await;
 }
 
 #[tokio::test]
 async fn a_sandbox_whose_agent_stopped_says_so_at_once() {
-    docker_or_skip!();
+    needs_docker!();
     // No sweep during the test: what it sees comes from the engine's events.
     let cp = ControlPlane::start(&["sweep_interval_secs=3600"])
         .await
@@ -486,21 +472,16 @@ async fn a_sandbox_whose_agent_stopped_says_so_at_once() {
         .output()
         .unwrap();
     assert!(killed.status.success(), "{killed:?}");
-    bridle_tests::eventually(
-        "the sandbox shows it failed",
-        WAIT,
-        async || {
-            let got = c
-                .get(pb::GetSandboxRequest {
-                    sandbox_id: id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            got.state == pb::SandboxState::Failed as i32
-                && got.failure.contains("its agent stopped")
-        },
-    )
+    bridle_tests::eventually("the sandbox shows it failed", WAIT, async || {
+        let got = c
+            .get(pb::GetSandboxRequest {
+                sandbox_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        got.state == pb::SandboxState::Failed as i32 && got.failure.contains("its agent stopped")
+    })
     .await;
     let e = exec(&mut c, &id, shell("true")).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
@@ -509,7 +490,7 @@ async fn a_sandbox_whose_agent_stopped_says_so_at_once() {
 
 #[tokio::test]
 async fn out_of_range_and_reserved_values_are_refused() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
     let refused = |r: Result<tonic::Response<pb::Sandbox>, tonic::Status>, what: &str| {
@@ -627,11 +608,9 @@ async fn restart_the_container_mid_step(
     // locked socket directory again and stops; the control plane starts
     // the container afresh when it comes back.
     let id = names[0].trim_start_matches("bridle-");
-    bridle_tests::eventually(
-        "the restarted container stops",
-        WAIT,
-        async || control::inspect(id, "{{.State.Running}}") == "false",
-    )
+    bridle_tests::eventually("the restarted container stops", WAIT, async || {
+        control::inspect(id, "{{.State.Running}}") == "false"
+    })
     .await;
     cp.restart().await.unwrap();
     let mut runs = cp.runs(&cp.admin_token).await.unwrap();
@@ -644,7 +623,7 @@ async fn restart_the_container_mid_step(
 /// agent that was asked to run the step.
 #[tokio::test]
 async fn a_step_interrupted_by_a_container_restart_soon_after_boot_is_not_run_again() {
-    docker_or_skip!();
+    needs_docker!();
     let step = pb::Step {
         name: "deploy".into(),
         shell: "echo started; sleep 120".into(),
@@ -662,7 +641,7 @@ async fn a_step_interrupted_by_a_container_restart_soon_after_boot_is_not_run_ag
 
 #[tokio::test]
 async fn an_idempotent_step_interrupted_by_a_container_restart_runs_exactly_once_more() {
-    docker_or_skip!();
+    needs_docker!();
     let step = pb::Step {
         name: "fetch".into(),
         // The first attempt waits to be interrupted; the second one ends.
@@ -718,7 +697,7 @@ fn allocated(dir: &std::path::Path) -> u64 {
 
 #[tokio::test]
 async fn a_sandbox_cannot_write_past_its_disk_limit_anywhere() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let mut c = cp.sandboxes(&cp.admin_token).await.unwrap();
     let sb = c
@@ -855,7 +834,7 @@ impl Follower {
 
 #[tokio::test]
 async fn followers_survive_restarts_and_miss_nothing() {
-    docker_or_skip!();
+    needs_docker!();
     let mut cp = ControlPlane::start(&[]).await.unwrap();
     let mut runs = cp.runs(&cp.admin_token).await.unwrap();
     let steps: Vec<pb::Step> = (1..=12)
@@ -876,11 +855,9 @@ async fn followers_survive_restarts_and_miss_nothing() {
         Follower::start(&cp, &["runs", "watch", &run.id, "-o", "json"]),
     ];
     // Every follower is following before the first kill.
-    bridle_tests::eventually(
-        "every follower printed",
-        WAIT,
-        async || followers.iter().all(|f| f.stdout().contains("out-1")),
-    )
+    bridle_tests::eventually("every follower printed", WAIT, async || {
+        followers.iter().all(|f| f.stdout().contains("out-1"))
+    })
     .await;
     for _ in 0..4 {
         cp.restart().await.unwrap();
@@ -928,7 +905,7 @@ async fn followers_survive_restarts_and_miss_nothing() {
 
 #[tokio::test]
 async fn workspace_volumes_are_labelled_and_orphans_swept() {
-    docker_or_skip!();
+    needs_docker!();
     // Without a disk limit the workspace is a Docker volume.
     let mut cp = ControlPlane::start(&["sandbox.disk_bytes=0"])
         .await
@@ -961,11 +938,9 @@ async fn workspace_volumes_are_labelled_and_orphans_swept() {
         .unwrap();
     assert!(made.status.success(), "{made:?}");
     cp.restart().await.unwrap();
-    bridle_tests::eventually(
-        "the orphan volume is removed",
-        WAIT,
-        async || label(ghost).is_empty(),
-    )
+    bridle_tests::eventually("the orphan volume is removed", WAIT, async || {
+        label(ghost).is_empty()
+    })
     .await;
     assert_eq!(
         label(&volume),
@@ -1021,9 +996,7 @@ fn an_agent_with_a_key_refuses_to_run_where_its_checks_would_not_hold() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is not PID 1"), "{err}");
-    let out = output_within(
-        std::process::Command::new(&agent).env("BRIDLE_AGENT_KEY", "not hex"),
-    );
+    let out = output_within(std::process::Command::new(&agent).env("BRIDLE_AGENT_KEY", "not hex"));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("64 hex digits"));
 }

@@ -16,11 +16,9 @@ use bridle_tests::docker::require_docker;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-macro_rules! docker_or_skip {
+macro_rules! needs_docker {
     () => {
-        if !require_docker(module_path!()) {
-            return;
-        }
+        require_docker(module_path!())
     };
 }
 
@@ -164,7 +162,11 @@ async fn sealed_secrets(cp: &ControlPlane, run_id: &str) -> Option<Vec<u8>> {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert!(rows.len() <= 1, "run {run_id} has {} sealed rows", rows.len());
+    assert!(
+        rows.len() <= 1,
+        "run {run_id} has {} sealed rows",
+        rows.len()
+    );
     rows.into_iter().next().map(|(sealed,)| sealed)
 }
 
@@ -184,7 +186,7 @@ async fn until_no_sealed_secrets(cp: &ControlPlane, run_id: &str) {
 
 #[tokio::test]
 async fn a_job_runs_with_secrets_redacted_and_the_same_key_returns_the_same_run() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let mut c = runs_client(&cp.endpoint, &cp.admin_token).await.unwrap();
     let job = pb::Job {
@@ -258,7 +260,7 @@ async fn a_job_runs_with_secrets_redacted_and_the_same_key_returns_the_same_run(
 /// delay), and exactly 20 happen however fast or slow the machine is.
 #[tokio::test]
 async fn a_job_survives_twenty_kills_with_every_step_run_exactly_once() {
-    docker_or_skip!();
+    needs_docker!();
     let mut cp = ControlPlane::start(&[]).await.unwrap();
     let token = cp.admin_token.clone();
     // Each step appends its line, says so, and waits for its go file.
@@ -435,7 +437,7 @@ BEGIN SELECT RAISE(ABORT, 'held by the test'); END"#;
 
 #[tokio::test]
 async fn cancel_stops_the_running_step_and_its_children() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let mut c = runs_client(&cp.endpoint, &cp.admin_token).await.unwrap();
     let run = submit(
@@ -533,7 +535,7 @@ async fn cli(cp: &ControlPlane, token: &str, args: &[&str]) -> std::process::Out
 
 #[tokio::test]
 async fn the_cli_runs_a_job_file_and_exits_with_its_code() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&[]).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let job = dir.path().join("job.yaml");
@@ -640,7 +642,7 @@ async fn the_one_running(c: &mut Runs, ids: &[&str]) -> pb::Run {
 
 #[tokio::test]
 async fn owners_take_turns_in_the_queue_and_limits_hold() {
-    docker_or_skip!();
+    needs_docker!();
     let cp = ControlPlane::start(&["max_running_runs=1", "max_running_runs_per_owner=1"])
         .await
         .unwrap();
@@ -695,7 +697,7 @@ async fn admin_runs(cp: &ControlPlane) -> Runs {
 /// masked; and once the run ends its sealed copy is gone too.
 #[tokio::test]
 async fn secrets_survive_a_restart_sealed_and_a_split_secret_is_still_masked() {
-    docker_or_skip!();
+    needs_docker!();
     let mut cp = ControlPlane::start(&[]).await.unwrap();
     let secret = "s3cr3t-value-split-in-two";
     let job = pb::Job {
@@ -788,7 +790,7 @@ async fn secrets_survive_a_restart_sealed_and_a_split_secret_is_still_masked() {
 /// plane is down) is made good at the next start.
 #[tokio::test]
 async fn a_runs_sealed_secrets_are_deleted_however_it_ends() {
-    docker_or_skip!();
+    needs_docker!();
     // One run at a time, so that a second one waits in the queue.
     let mut cp = ControlPlane::start(&["max_running_runs=1"]).await.unwrap();
     let mut c = runs_client(&cp.endpoint, &cp.admin_token).await.unwrap();

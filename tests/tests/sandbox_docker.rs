@@ -13,11 +13,9 @@ use bridle_tests::tarcraft::{self, Entry};
 use bytes::Bytes;
 use tonic::Code;
 
-macro_rules! docker_or_skip {
+macro_rules! needs_docker {
     () => {
-        if !require_docker(module_path!()) {
-            return;
-        }
+        require_docker(module_path!())
     };
 }
 
@@ -92,12 +90,16 @@ async fn restore(
     path: &str,
     archive: Bytes,
 ) -> Result<pb::RestoreResponse, tonic::Status> {
-    bounded(&format!("restoring into {path:?}"), client::restore(c, path, archive)).await
+    bounded(
+        &format!("restoring into {path:?}"),
+        client::restore(c, path, archive),
+    )
+    .await
 }
 
 #[tokio::test]
 async fn hardened_and_reporting_its_limits() {
-    docker_or_skip!();
+    needs_docker!();
     let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut c = sb.client().unwrap();
     let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
@@ -129,7 +131,7 @@ async fn hardened_and_reporting_its_limits() {
 
 #[tokio::test]
 async fn a_fork_bomb_is_contained_and_the_agent_stays_healthy() {
-    docker_or_skip!();
+    needs_docker!();
     let sb = Sandbox::start(SandboxOptions {
         pids: 64,
         ..Default::default()
@@ -165,9 +167,7 @@ async fn a_fork_bomb_is_contained_and_the_agent_stays_healthy() {
         "only the agent's own processes are left",
         WAIT,
         async || {
-            let r = run(&mut c, start(&["ps", "-o", "pid,comm"]))
-                .await
-                .unwrap();
+            let r = run(&mut c, start(&["ps", "-o", "pid,comm"])).await.unwrap();
             let comms: Vec<String> = r
                 .stdout_str()
                 .lines()
@@ -178,15 +178,13 @@ async fn a_fork_bomb_is_contained_and_the_agent_stays_healthy() {
         },
     )
     .await;
-    let r = run(&mut c, start(&["echo", "still here"]))
-        .await
-        .unwrap();
+    let r = run(&mut c, start(&["echo", "still here"])).await.unwrap();
     assert_eq!(r.stdout, b"still here\n");
 }
 
 #[tokio::test]
 async fn a_memory_bomb_is_reported_oom_killed() {
-    docker_or_skip!();
+    needs_docker!();
     let sb = Sandbox::start(SandboxOptions {
         memory: "64m",
         ..Default::default()
@@ -215,7 +213,7 @@ async fn a_memory_bomb_is_reported_oom_killed() {
 
 #[tokio::test]
 async fn a_grandchild_dies_on_timeout() {
-    docker_or_skip!();
+    needs_docker!();
     let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut c = sb.client().unwrap();
     let started = std::time::Instant::now();
@@ -257,7 +255,7 @@ async fn a_grandchild_dies_on_timeout() {
 
 #[tokio::test]
 async fn a_100_mb_file_round_trips() {
-    docker_or_skip!();
+    needs_docker!();
     let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut c = sb.client().unwrap();
     let mut data = vec![0u8; 100 << 20];
@@ -283,9 +281,7 @@ async fn a_100_mb_file_round_trips() {
         "inside the container: {}",
         r.stdout_str()
     );
-    let back = read_file(&mut c, "/workspace/big/blob.bin")
-        .await
-        .unwrap();
+    let back = read_file(&mut c, "/workspace/big/blob.bin").await.unwrap();
     assert_eq!(bridle_tests::sha256_hex(&back), sha);
 }
 
@@ -302,7 +298,7 @@ async fn make_tree(c: &mut client::Agent) -> String {
 
 #[tokio::test]
 async fn snapshot_then_restore_in_another_sandbox_gives_an_identical_tree() {
-    docker_or_skip!();
+    needs_docker!();
     let a = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut ca = a.client().unwrap();
     let listing = make_tree(&mut ca).await;
@@ -318,20 +314,15 @@ async fn snapshot_then_restore_in_another_sandbox_gives_an_identical_tree() {
 
     let b = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut cb = b.client().unwrap();
-    restore(&mut cb, "", Bytes::from(archive))
-        .await
-        .unwrap();
-    let restored = run(&mut cb, shell(LISTING))
-        .await
-        .unwrap()
-        .stdout_str();
+    restore(&mut cb, "", Bytes::from(archive)).await.unwrap();
+    let restored = run(&mut cb, shell(LISTING)).await.unwrap().stdout_str();
     assert_eq!(restored, listing);
     assert!(listing.contains("./src/deep/link -> ../a.txt"), "{listing}");
 }
 
 #[tokio::test]
 async fn a_tar_slip_archive_is_refused_and_changes_nothing() {
-    docker_or_skip!();
+    needs_docker!();
     let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut c = sb.client().unwrap();
     let before = make_tree(&mut c).await;
@@ -357,10 +348,7 @@ async fn a_tar_slip_archive_is_refused_and_changes_nothing() {
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
         assert!(err.message().contains("refused"), "{}", err.message());
     }
-    let after = run(&mut c, shell(LISTING))
-        .await
-        .unwrap()
-        .stdout_str();
+    let after = run(&mut c, shell(LISTING)).await.unwrap().stdout_str();
     assert_eq!(after, before);
     let r = run(&mut c, shell("ls /tmp/slipped 2>&1; ls -a /workspace"))
         .await
@@ -379,7 +367,7 @@ async fn a_tar_slip_archive_is_refused_and_changes_nothing() {
 
 #[tokio::test]
 async fn the_sandbox_user_cannot_modify_the_agent() {
-    docker_or_skip!();
+    needs_docker!();
     let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut c = sb.client().unwrap();
     // The binary is execute-only: read from outside, through the engine.
@@ -461,7 +449,7 @@ async fn the_sandbox_user_cannot_modify_the_agent() {
 
 #[tokio::test]
 async fn switching_users_without_the_capability_fails_clearly() {
-    docker_or_skip!();
+    needs_docker!();
     let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut c = sb.client().unwrap();
     let r = run(
@@ -486,7 +474,7 @@ async fn switching_users_without_the_capability_fails_clearly() {
 /// on its own, before Docker's SIGKILL (which would make it 137).
 #[tokio::test]
 async fn docker_stop_ends_commands_and_the_agent_cleanly() {
-    docker_or_skip!();
+    needs_docker!();
     let sb = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let mut c = sb.client().unwrap();
     let (_tx, mut events) = start_interactive(&mut c, shell("echo up; sleep 1000"))
@@ -513,13 +501,17 @@ async fn docker_stop_ends_commands_and_the_agent_cleanly() {
     let (r, end) = bounded("the exec stream after docker stop", reader)
         .await
         .unwrap();
-    let exited = r.exited.clone().unwrap_or_else(|| {
-        panic!("the stream ended ({end:?}) without the command's exit: {r:?}")
-    });
+    let exited = r
+        .exited
+        .unwrap_or_else(|| panic!("the stream ended ({end:?}) without the command's exit: {r:?}"));
     assert!(exited.killed, "the agent stopped the command: {exited:?}");
-    assert_eq!(exited.code, None, "the command did not end on its own: {exited:?}");
     assert_eq!(
-        sb.inspect("{{.State.ExitCode}} {{.State.OOMKilled}}").unwrap(),
+        exited.code, None,
+        "the command did not end on its own: {exited:?}"
+    );
+    assert_eq!(
+        sb.inspect("{{.State.ExitCode}} {{.State.OOMKilled}}")
+            .unwrap(),
         "0 false",
         "the agent exits 0 on SIGTERM (137: killed by Docker after the timeout); logs: {}",
         sb.logs()
@@ -528,7 +520,7 @@ async fn docker_stop_ends_commands_and_the_agent_cleanly() {
 
 #[tokio::test]
 async fn the_agent_runs_injected_into_a_plain_image() {
-    docker_or_skip!();
+    needs_docker!();
     // An image without the agent, built locally like every image here.
     let tag = "bridle-plain:test";
     let built = std::process::Command::new(bridle_tests::repo_root().join("images/build.sh"))

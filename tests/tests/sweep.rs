@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! The sweep of what killed test runs leave behind: it removes the Docker
 //! objects and the temporary directories of test processes that are gone,
 //! and never those of a live one, of another scope, or anything without the
@@ -8,11 +9,9 @@ use std::process::{Command, Output};
 use bridle_tests::docker::require_docker;
 use bridle_tests::sweep::{self, OWNER_LABEL, SCOPE_LABEL, TEST_IMAGE_PREFIX};
 
-macro_rules! docker_or_skip {
+macro_rules! needs_docker {
     () => {
-        if !require_docker(module_path!()) {
-            return;
-        }
+        require_docker(module_path!())
     };
 }
 
@@ -80,7 +79,7 @@ fn image_scope(image: &str) -> String {
 
 #[test]
 fn the_sweep_removes_what_gone_test_processes_left_and_nothing_else() {
-    docker_or_skip!();
+    needs_docker!();
     let image = bridle_tests::docker::ensure_image().unwrap();
     let gone = gone_owner();
     let live = sweep::owner();
@@ -167,7 +166,10 @@ fn the_sweep_removes_what_gone_test_processes_left_and_nothing_else() {
     }
     drop((stale_dir, kept_dir, foreign_dir));
 
-    assert!(stale_left.is_empty(), "a gone owner's {stale_left:?} survived");
+    assert!(
+        stale_left.is_empty(),
+        "a gone owner's {stale_left:?} survived"
+    );
     assert!(!rebooted_left, "a container of an earlier boot survived");
     assert_eq!(
         kept_left,
@@ -175,7 +177,10 @@ fn the_sweep_removes_what_gone_test_processes_left_and_nothing_else() {
         "a live owner's objects were swept"
     );
     assert!(foreign_left, "another scope's container was swept");
-    assert!(unlabelled_left, "a container without the owner label was swept");
+    assert!(
+        unlabelled_left,
+        "a container without the owner label was swept"
+    );
     assert!(!stale_tag_left, "an unheld test image tag survived");
     assert!(image_left, "the image this process holds was removed");
     assert!(!stale_dir_left, "a gone owner's directory survived");
