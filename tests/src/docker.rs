@@ -69,8 +69,10 @@ pub fn ensure_image() -> anyhow::Result<String> {
     // and is this scope's own (see crate::sweep: its users are judged by
     // locks in this machine's temporary directory).
     let script = std::fs::read(crate::repo_root().join("images/build.sh"))?;
+    // (The leading `2`: images of the first labelling scheme, which put an
+    // owner label on the image, are not reused.)
     let made_of = format!(
-        "{}:{mtime}:{}:{}",
+        "2:{}:{mtime}:{}:{}",
         meta.len(),
         crate::sha256_hex(&script),
         crate::sweep::scope()
@@ -91,11 +93,11 @@ pub fn ensure_image() -> anyhow::Result<String> {
     .status
     .success();
     if !exists {
-        // Labelled like every test object, though a cache that later runs
-        // share: the sweep judges test images by use, in their scope.
+        // Labelled with its scope only (a cache that later runs share):
+        // the sweep judges test images by use, in their scope.
         run_within(
             Command::new(crate::repo_root().join("images/build.sh"))
-                .args(crate::sweep::label_args())
+                .args(crate::sweep::image_label_args())
                 .arg(&agent)
                 .arg(&tag),
             IMAGE_BUILD_PATIENCE,

@@ -149,6 +149,14 @@ pub fn label_args() -> [String; 4] {
     ]
 }
 
+/// `--label` arguments for a test image: its scope only. An owner label
+/// would pass to every container made from the image, and once the process
+/// that built it is gone, the sweep would take those containers (a test's
+/// own, unlabelled ones included) for leftovers.
+pub fn image_label_args() -> [String; 2] {
+    ["--label".to_string(), format!("{SCOPE_LABEL}={}", scope())]
+}
+
 /// The same labels as a TOML inline table: the value of `docker.labels` for
 /// a control plane this process starts.
 pub fn labels_toml() -> String {

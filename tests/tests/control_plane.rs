@@ -577,6 +577,7 @@ async fn sandboxes_survive_a_killed_control_plane_and_orphans_are_removed() {
         ])
         .args(["--label", &format!("bridle.control-plane={}", cp.instance)])
         .args(["--label", "bridle.sandbox=sb-0rphan000000"])
+        .args(bridle_tests::sweep::label_args())
         .args(["--entrypoint", "/bin/sleep", &image, "1000"])
         .output()
         .unwrap();
@@ -591,6 +592,7 @@ async fn sandboxes_survive_a_killed_control_plane_and_orphans_are_removed() {
             "--label",
             "bridle.test=1",
         ])
+        .args(bridle_tests::sweep::label_args())
         .args(["--entrypoint", "/bin/sleep", &image, "1000"])
         .output()
         .unwrap();

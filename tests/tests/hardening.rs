@@ -933,6 +933,7 @@ async fn workspace_volumes_are_labelled_and_orphans_swept() {
     let made = std::process::Command::new("docker")
         .args(["volume", "create", "--label"])
         .arg(format!("bridle.control-plane={}", cp.instance))
+        .args(bridle_tests::sweep::label_args())
         .args(["--label", "bridle.sandbox=sb-0123456789ab", ghost])
         .output()
         .unwrap();

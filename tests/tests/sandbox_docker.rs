@@ -550,6 +550,7 @@ async fn the_agent_runs_injected_into_a_plain_image() {
             "--cap-drop",
             "ALL",
         ])
+        .args(bridle_tests::sweep::label_args())
         .args([
             "--security-opt",
             "no-new-privileges",
