@@ -478,9 +478,16 @@ async fn a_policy_file_is_followed_and_a_bad_edit_is_refused() {
     .await;
     assert_eq!(policy_of(&cp).await.source, second);
 
-    // A restart with the same file makes no new version.
+    // A restart with the same file makes no new version: once the restarted
+    // control plane has read the file (it says so), the version stands.
+    let read = "policy file read; it is the set in force";
+    let before = cp.log().matches(read).count();
     cp.restart().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(
+        "the restarted control plane read the policy file",
+        async || cp.log().matches(read).count() > before,
+    )
+    .await;
     let p = policy_of(&cp).await;
     assert_eq!((p.version, p.source.as_str()), (3, second));
 }

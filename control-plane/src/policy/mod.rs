@@ -137,6 +137,11 @@ impl Policies {
                                 path.display()
                             ),
                         }
+                    } else {
+                        tracing::debug!(
+                            "{}: policy file read; it is the set in force",
+                            path.display()
+                        );
                     }
                     seen = Some(text);
                 }
