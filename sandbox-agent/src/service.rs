@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bridle_proto::sandbox::v1 as pb;
 use bytes::Bytes;
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -437,13 +437,24 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
             ));
         };
         let spec = ExecSpec::try_from(start)?;
-        let (exec, attached) = self.execs.start(spec).await.map_err(exec_status)?;
-        let (tx, rx) = mpsc::channel(16);
-        send_started(&tx, &exec, attached).await;
-        tokio::spawn(follow(exec.clone(), 0, tx, self.keepalive));
-        // Later messages: stdin, close, signals, resizes. The input side
-        // ending (half-close or disconnect) closes stdin.
+        // The start and the input side live on their own task: a client that
+        // goes away while the exec is still starting drops this handler, yet
+        // the exec starts (see `Execs::start`) and its stdin must still close
+        // when the input side ends, or a command reading stdin would wait
+        // for input that can never come.
+        let execs = self.execs.clone();
+        let (started_tx, started_rx) = oneshot::channel();
         tokio::spawn(async move {
+            let (exec, attached) = match execs.start(spec).await {
+                Ok(started) => started,
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = started_tx.send(Ok((exec.clone(), attached)));
+            // Later messages: stdin, close, signals, resizes. The input side
+            // ending (half-close or disconnect) closes stdin.
             while let Ok(Some(msg)) = input.message().await {
                 use pb::exec_request::Request as R;
                 let res = match msg.request {
@@ -464,6 +475,13 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
                 exec.close_stdin().await;
             }
         });
+        let (exec, attached) = started_rx
+            .await
+            .map_err(|_| Status::internal("the exec's start task ended without an answer"))?
+            .map_err(exec_status)?;
+        let (tx, rx) = mpsc::channel(16);
+        send_started(&tx, &exec, attached).await;
+        tokio::spawn(follow(exec, 0, tx, self.keepalive));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

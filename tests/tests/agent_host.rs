@@ -280,9 +280,12 @@ async fn a_client_gone_during_start_leaves_an_exec_that_still_finishes() {
         let id = format!("cut-{tries}");
         tries += 1;
         let mut starter = agent.client().unwrap();
+        // The command reads its stdin to the end first: a client gone before
+        // `started` must still have it closed, or it never ends.
         let s = pb::ExecStart {
             exec_id: id.clone(),
-            ..shell("echo hi")
+            stdin: true,
+            ..shell("cat; echo hi")
         };
         // Finishes only once `started` has arrived.
         let call = tokio::spawn(async move {
