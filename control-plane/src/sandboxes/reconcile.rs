@@ -72,11 +72,21 @@ impl<R: Runtime> Sandboxes<R> {
             match r.state {
                 // Left half-made by a crash: nobody is waiting for it.
                 SandboxState::Creating => {
+                    // `r` was read before `creating` was copied: a create of
+                    // this process that finished in between reads `ready`
+                    // now, and is not this sweep's to remove.
+                    if !self.still_creating_and_abandoned(&r.id).await? {
+                        continue;
+                    }
                     tracing::info!(sandbox = %r.id, "removing a sandbox whose creation was interrupted");
                     self.destroy_logged(&r.id).await;
                     continue;
                 }
                 SandboxState::Ready | SandboxState::Paused => match container {
+                    // The containers were listed before the records were
+                    // read: one made by a create that finished in between
+                    // is missing from the list, so ask again.
+                    None if self.inner.runtime.status(&r.id).await?.is_some() => continue,
                     None => {
                         self.inner
                             .store
@@ -155,6 +165,22 @@ impl<R: Runtime> Sandboxes<R> {
         Ok(!live.contains(id)
             && !self.inner.creating.lock().expect("lock").contains(id)
             && self.inner.store.sandbox(id).await?.is_none())
+    }
+
+    /// Whether sandbox `id` is still recorded `creating` with no create of
+    /// this process under way: a creation a crash interrupted. The set is
+    /// checked before the record is read again, and a create puts its id in
+    /// the set before its record and takes it out only after the record's
+    /// final state, so a create that finished meanwhile cannot be mistaken
+    /// for one.
+    async fn still_creating_and_abandoned(&self, id: &str) -> Result<bool> {
+        if self.inner.creating.lock().expect("lock").contains(id) {
+            return Ok(false);
+        }
+        Ok(matches!(
+            self.inner.store.sandbox(id).await?,
+            Some(r) if r.state == SandboxState::Creating
+        ))
     }
 
     async fn flush_activity(&self) -> Result<()> {
