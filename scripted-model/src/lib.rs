@@ -412,8 +412,8 @@ async fn respond(
     }
     if let Some(failure) = turn.fail_first.get(attempt) {
         // Script::check let only 400..=599 through.
-        let status = StatusCode::from_u16(failure.status)
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(failure.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let message = if failure.message.is_empty() {
             format!(
                 "script: scripted failure {} of {} for conversation {} turn {turn_index}",

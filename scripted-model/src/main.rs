@@ -40,7 +40,10 @@ async fn main() -> ExitCode {
     let server = match Server::bind(script, args.listen).await {
         Ok(server) => server,
         Err(e) => {
-            eprintln!("bridle-scripted-model: cannot listen on {}: {e}", args.listen);
+            eprintln!(
+                "bridle-scripted-model: cannot listen on {}: {e}",
+                args.listen
+            );
             return ExitCode::FAILURE;
         }
     };

@@ -64,7 +64,10 @@ async fn the_binary_serves_a_script_file_and_stops_on_sigterm() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 200);
     let answer: Value = response.json().await.unwrap();
-    assert_eq!(answer["choices"][0]["message"]["content"], "hello from a file");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "hello from a file"
+    );
 
     let pid = child.id().expect("the binary is still running") as libc::pid_t;
     // SAFETY: kill(2) of our own child, not yet reaped (we hold it).
@@ -112,7 +115,10 @@ async fn a_bad_script_file_is_refused_with_one_line_and_exit_code_2() {
             .unwrap();
         let stderr = String::from_utf8(output.stderr).unwrap();
         assert_eq!(output.status.code(), Some(2), "{path:?}: {stderr}");
-        assert!(output.stdout.is_empty(), "{path:?}: it never said it listens");
+        assert!(
+            output.stdout.is_empty(),
+            "{path:?}: it never said it listens"
+        );
         assert_eq!(stderr.lines().count(), 1, "{path:?}: one line: {stderr}");
         assert!(stderr.contains(&path.display().to_string()), "{stderr}");
         assert!(stderr.contains(expected), "{path:?}: {stderr}");

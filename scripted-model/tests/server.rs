@@ -122,7 +122,10 @@ fn tokens(bytes: usize) -> u64 {
 /// The frames of a server-sent-events body: each frame's event name (if
 /// any) and its data. Fails on anything but `event:` and `data:` lines.
 fn sse_frames(body: &str) -> Vec<(Option<String>, String)> {
-    assert!(body.ends_with("\n\n"), "an SSE body ends with a blank line: {body:?}");
+    assert!(
+        body.ends_with("\n\n"),
+        "an SSE body ends with a blank line: {body:?}"
+    );
     body.split("\n\n")
         .filter(|frame| !frame.is_empty())
         .map(|frame| {
@@ -151,7 +154,10 @@ async fn sse_body(response: reqwest::Response) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
     response.text().await.unwrap()
 }
 
@@ -174,7 +180,13 @@ async fn openai_answers_a_tool_call_then_text_and_a_replay_gets_the_same_answer(
     let answer = json_body(post_openai(&server, &first).await, 200).await;
     assert_eq!(answer["object"], "chat.completion");
     assert_eq!(answer["model"], "gpt-test");
-    assert!(answer["id"].as_str().unwrap().starts_with("chatcmpl-script-"), "{answer}");
+    assert!(
+        answer["id"]
+            .as_str()
+            .unwrap()
+            .starts_with("chatcmpl-script-"),
+        "{answer}"
+    );
     assert!(answer["created"].as_u64().is_some(), "{answer}");
     let choice = &answer["choices"][0];
     assert_eq!(choice["index"], 0);
@@ -236,7 +248,10 @@ async fn openai_matches_the_first_user_message_given_as_text_parts() {
         ]},
     ]));
     let answer = json_body(post_openai(&server, &request).await, 200).await;
-    assert_eq!(answer["choices"][0]["message"]["tool_calls"][0]["id"], "call_1");
+    assert_eq!(
+        answer["choices"][0]["message"]["tool_calls"][0]["id"],
+        "call_1"
+    );
     assert_eq!(server.requests("weather"), vec![1, 0]);
 }
 
@@ -254,7 +269,10 @@ async fn openai_streams_text_and_tool_calls_in_fragments_with_usage_last() {
     let chunks: Vec<Value> = frames[..frames.len() - 1]
         .iter()
         .map(|(event, data)| {
-            assert!(event.is_none(), "OpenAI frames carry no event name: {event:?}");
+            assert!(
+                event.is_none(),
+                "OpenAI frames carry no event name: {event:?}"
+            );
             serde_json::from_str(data).unwrap()
         })
         .collect();
@@ -265,7 +283,10 @@ async fn openai_streams_text_and_tool_calls_in_fragments_with_usage_last() {
         assert_eq!(chunk["id"], id.as_str());
         assert_eq!(chunk["model"], "gpt-test");
     }
-    assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant"}));
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"],
+        json!({"role": "assistant"})
+    );
 
     // The usage chunk is last, with no choices; every other carries usage null.
     let (usage_chunk, others) = chunks.split_last().unwrap();
@@ -344,7 +365,10 @@ async fn openai_streams_without_usage_unless_asked() {
         }
     }
     assert_eq!(text, "It is sunny in Paris.");
-    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "stop"
+    );
     assert_eq!(server.requests("weather"), vec![0, 1]);
 }
 
@@ -355,7 +379,10 @@ async fn openai_sends_raw_arguments_verbatim_and_null_content_without_text() {
     let answer = json_body(post_openai(&server, &request).await, 200).await;
     let message = &answer["choices"][0]["message"];
     assert_eq!(message["content"], Value::Null, "{answer}");
-    assert_eq!(message["tool_calls"][0]["function"]["arguments"], RAW_ARGUMENTS);
+    assert_eq!(
+        message["tool_calls"][0]["function"]["arguments"],
+        RAW_ARGUMENTS
+    );
     assert_eq!(answer["choices"][0]["finish_reason"], "tool_calls");
 }
 
@@ -367,7 +394,10 @@ async fn anthropic_answers_a_tool_use_then_text() {
     assert_eq!(answer["type"], "message");
     assert_eq!(answer["role"], "assistant");
     assert_eq!(answer["model"], "claude-test");
-    assert!(answer["id"].as_str().unwrap().starts_with("msg_script_"), "{answer}");
+    assert!(
+        answer["id"].as_str().unwrap().starts_with("msg_script_"),
+        "{answer}"
+    );
     assert_eq!(answer["stop_reason"], "tool_use");
     assert_eq!(answer["stop_sequence"], Value::Null);
     assert_eq!(
@@ -403,8 +433,15 @@ async fn anthropic_answers_a_tool_use_then_text() {
         json!([{"type": "text", "text": "It is sunny in Paris."}])
     );
     assert_eq!(server.requests("weather"), vec![1, 1]);
-    let paths: Vec<String> = server.received().into_iter().map(|(path, _)| path).collect();
-    assert_eq!(paths, vec![ANTHROPIC_PATH.to_owned(), ANTHROPIC_PATH.to_owned()]);
+    let paths: Vec<String> = server
+        .received()
+        .into_iter()
+        .map(|(path, _)| path)
+        .collect();
+    assert_eq!(
+        paths,
+        vec![ANTHROPIC_PATH.to_owned(), ANTHROPIC_PATH.to_owned()]
+    );
 }
 
 /// A streamed Messages answer, checked event by event and put together:
@@ -422,7 +459,11 @@ fn assemble_anthropic(body: &str) -> Streamed {
         .map(|(event, data)| {
             let data: Value = serde_json::from_str(&data).unwrap();
             let event = event.expect("every Anthropic frame names its event");
-            assert_eq!(data["type"], event.as_str(), "the event name is the data's type");
+            assert_eq!(
+                data["type"],
+                event.as_str(),
+                "the event name is the data's type"
+            );
             (event, data)
         })
         .collect();
@@ -471,7 +512,10 @@ fn assemble_anthropic(body: &str) -> Streamed {
         .into_iter()
         .map(|(start, pieces, stopped)| {
             assert!(stopped, "every block stops");
-            assert!(pieces.len() >= 2, "a block in at least two deltas: {pieces:?}");
+            assert!(
+                pieces.len() >= 2,
+                "a block in at least two deltas: {pieces:?}"
+            );
             (start, pieces.concat())
         })
         .collect();
@@ -491,7 +535,10 @@ async fn anthropic_streams_blocks_in_fragments() {
     let streamed = assemble_anthropic(&body);
     let input = tokens(request["messages"].to_string().len() + "You are terse.".len());
     let output = tokens("Let me look.".len() + WEATHER_ARGUMENTS.len());
-    assert!(streamed.start["id"].as_str().unwrap().starts_with("msg_script_"));
+    assert!(streamed.start["id"]
+        .as_str()
+        .unwrap()
+        .starts_with("msg_script_"));
     assert_eq!(streamed.start["role"], "assistant");
     assert_eq!(streamed.start["model"], "claude-test");
     assert_eq!(streamed.start["content"], json!([]));
@@ -532,7 +579,11 @@ async fn anthropic_streams_raw_arguments_but_refuses_them_unstreamed() {
     request["stream"] = json!(true);
     let body = sse_body(post_anthropic(&server, &request).await).await;
     let streamed = assemble_anthropic(&body);
-    assert_eq!(streamed.blocks.len(), 1, "no text block for empty text: {body}");
+    assert_eq!(
+        streamed.blocks.len(),
+        1,
+        "no text block for empty text: {body}"
+    );
     assert_eq!(streamed.blocks[0].0["id"], "call_raw");
     assert_eq!(streamed.blocks[0].1, RAW_ARGUMENTS);
     assert_eq!(streamed.delta["delta"]["stop_reason"], "tool_use");
@@ -549,7 +600,10 @@ async fn openai_fails_first_as_scripted_with_retry_after_then_answers() {
     let error = json_body(response, 429).await;
     assert_eq!(error["error"]["type"], "rate_limit_error");
     assert_eq!(error["error"]["code"], Value::Null);
-    assert!(!error["error"]["message"].as_str().unwrap().is_empty(), "{error}");
+    assert!(
+        !error["error"]["message"].as_str().unwrap().is_empty(),
+        "{error}"
+    );
 
     let response = post_openai(&server, &request).await;
     assert_eq!(retry_after(&response), None);
@@ -607,8 +661,14 @@ async fn the_api_key_is_required_in_each_providers_header() {
 
     let refused_openai = [
         client.post(&openai_url).json(&openai_body),
-        client.post(&openai_url).json(&openai_body).bearer_auth("sk-wrong"),
-        client.post(&openai_url).json(&openai_body).header("x-api-key", key),
+        client
+            .post(&openai_url)
+            .json(&openai_body)
+            .bearer_auth("sk-wrong"),
+        client
+            .post(&openai_url)
+            .json(&openai_body)
+            .header("x-api-key", key),
         client
             .post(&openai_url)
             .json(&openai_body)
@@ -617,21 +677,41 @@ async fn the_api_key_is_required_in_each_providers_header() {
     for attempt in refused_openai {
         let error = json_body(attempt.send().await.unwrap(), 401).await;
         assert_eq!(error["error"]["type"], "authentication_error", "{error}");
-        assert!(!error.to_string().contains(key), "the key is never echoed: {error}");
+        assert!(
+            !error.to_string().contains(key),
+            "the key is never echoed: {error}"
+        );
     }
     let refused_anthropic = [
         client.post(&anthropic_url).json(&anthropic_body),
-        client.post(&anthropic_url).json(&anthropic_body).bearer_auth(key),
-        client.post(&anthropic_url).json(&anthropic_body).header("x-api-key", "sk-wrong"),
+        client
+            .post(&anthropic_url)
+            .json(&anthropic_body)
+            .bearer_auth(key),
+        client
+            .post(&anthropic_url)
+            .json(&anthropic_body)
+            .header("x-api-key", "sk-wrong"),
     ];
     for attempt in refused_anthropic {
-        let response = attempt.header("anthropic-version", "2023-06-01").send().await.unwrap();
+        let response = attempt
+            .header("anthropic-version", "2023-06-01")
+            .send()
+            .await
+            .unwrap();
         let error = json_body(response, 401).await;
         assert_eq!(error["type"], "error");
         assert_eq!(error["error"]["type"], "authentication_error", "{error}");
-        assert!(!error.to_string().contains(key), "the key is never echoed: {error}");
+        assert!(
+            !error.to_string().contains(key),
+            "the key is never echoed: {error}"
+        );
     }
-    assert_eq!(server.requests("weather"), vec![0, 0], "refused requests are not counted");
+    assert_eq!(
+        server.requests("weather"),
+        vec![0, 0],
+        "refused requests are not counted"
+    );
 
     let accepted = client
         .post(&openai_url)
@@ -651,7 +731,11 @@ async fn the_api_key_is_required_in_each_providers_header() {
         .unwrap();
     json_body(accepted, 200).await;
     assert_eq!(server.requests("weather"), vec![2, 0]);
-    assert_eq!(server.received().len(), 9, "refused requests are recorded too");
+    assert_eq!(
+        server.received().len(),
+        9,
+        "refused requests are recorded too"
+    );
 }
 
 #[tokio::test]
@@ -662,14 +746,20 @@ async fn requests_the_script_cannot_answer_get_400_saying_why() {
     let error = json_body(post_openai(&server, &unknown).await, 400).await;
     assert_eq!(error["error"]["type"], "invalid_request_error");
     let message = error["error"]["message"].as_str().unwrap();
-    assert!(message.contains("no conversation matches the first user message"), "{message}");
+    assert!(
+        message.contains("no conversation matches the first user message"),
+        "{message}"
+    );
 
     let unknown = anthropic_request(json!([{"role": "user", "content": "Tell me a joke."}]));
     let error = json_body(post_anthropic(&server, &unknown).await, 400).await;
     assert_eq!(error["type"], "error");
     assert_eq!(error["error"]["type"], "invalid_request_error");
     let message = error["error"]["message"].as_str().unwrap();
-    assert!(message.contains("no conversation matches the first user message"), "{message}");
+    assert!(
+        message.contains("no conversation matches the first user message"),
+        "{message}"
+    );
 
     let past_the_end = json!([
         {"role": "user", "content": WEATHER_QUESTION},
@@ -709,7 +799,13 @@ async fn requests_the_script_cannot_answer_get_400_saying_why() {
         .unwrap();
     let error = json_body(response, 400).await;
     assert_eq!(error["error"]["type"], "invalid_request_error");
-    assert!(error["error"]["message"].as_str().unwrap().contains("anthropic-version"), "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("anthropic-version"),
+        "{error}"
+    );
     assert_eq!(server.requests("weather"), vec![0, 0, 2]);
 
     // A body that is not JSON.
@@ -721,8 +817,18 @@ async fn requests_the_script_cannot_answer_get_400_saying_why() {
         .await
         .unwrap();
     let error = json_body(response, 400).await;
-    assert!(error["error"]["message"].as_str().unwrap().contains("not JSON"), "{error}");
-    assert_eq!(server.received().len(), 5, "the body that is not JSON is not recorded");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not JSON"),
+        "{error}"
+    );
+    assert_eq!(
+        server.received().len(),
+        5,
+        "the body that is not JSON is not recorded"
+    );
 }
 
 #[tokio::test]
@@ -732,7 +838,11 @@ async fn a_turn_with_a_delay_answers_no_sooner() {
     let sent = Instant::now();
     let answer = json_body(post_openai(&server, &request).await, 200).await;
     // A lower bound only: a slow machine answers later, never sooner.
-    assert!(sent.elapsed() >= Duration::from_millis(300), "{:?}", sent.elapsed());
+    assert!(
+        sent.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        sent.elapsed()
+    );
     assert_eq!(answer["choices"][0]["message"]["content"], "done");
 }
 
