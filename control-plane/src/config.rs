@@ -63,6 +63,8 @@ pub struct Config {
     pub pool: Vec<PoolProfile>,
     pub tls: TlsConfig,
     pub audit: AuditConfig,
+    /// Models agent sessions may use, picked by name (`[[model]]`).
+    pub model: Vec<ModelConfig>,
 }
 
 /// The audit log.
@@ -100,6 +102,253 @@ pub struct DockerConfig {
     /// control plane's own labels ([`OWN_DOCKER_LABELS`]) cannot be set here.
     pub labels: BTreeMap<String, String>,
 }
+
+/// One model an operator offers to agent sessions: where it is served, in
+/// which wire format, with which key, and what it holds and costs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// What sessions pick the model by: unique, `[a-z0-9._-]+`.
+    #[serde(default)]
+    pub name: String,
+    /// The wire format the server speaks.
+    pub provider: ProviderKind,
+    /// `openai`: the base including the version path
+    /// (`https://api.openai.com/v1`, `http://localhost:11434/v1`), to which
+    /// `/chat/completions` is appended. `anthropic`: the bare base
+    /// (`https://api.anthropic.com`), to which `/v1/messages` is appended.
+    #[serde(default)]
+    pub base_url: String,
+    /// The provider's own id for the model; empty: `name`.
+    #[serde(default)]
+    pub model: String,
+    /// The environment variable that holds the API key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    /// A file that holds the API key (read at start, trimmed). Neither
+    /// this nor `api_key_env`: no key is sent (local servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<PathBuf>,
+    /// The model's context window in tokens (required).
+    #[serde(default)]
+    pub context_window: u64,
+    /// The most tokens one answer may have (required).
+    #[serde(default)]
+    pub max_output_tokens: u32,
+    /// USD per million input tokens; none: the model's cost is not counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_input_per_mtok: Option<f64>,
+    /// USD per million output tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_output_per_mtok: Option<f64>,
+    /// Seconds one request may take, its whole streamed answer included.
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
+    /// Tries after the first when the provider is busy or unreachable
+    /// (429, 5xx, a connection error, a cut stream).
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// The first wait before trying again, doubled (with jitter) on each
+    /// retry up to a minute; a `Retry-After` from the provider wins.
+    #[serde(default = "default_retry_min_delay_ms")]
+    pub retry_min_delay_ms: u64,
+    /// The key, read from `api_key_env` or `api_key_file` at load. Never
+    /// printed: not by `--dump-config`, not by `Debug`.
+    #[serde(skip)]
+    pub api_key: Option<ApiKey>,
+}
+
+fn default_request_timeout_secs() -> u64 {
+    300
+}
+
+fn default_max_retries() -> u32 {
+    4
+}
+
+fn default_retry_min_delay_ms() -> u64 {
+    1000
+}
+
+/// The wire format of a `[[model]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProviderKind {
+    /// OpenAI-compatible Chat Completions (OpenAI, Ollama, vLLM,
+    /// llama.cpp's server, LiteLLM, ...).
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// Anthropic Messages.
+    #[serde(rename = "anthropic")]
+    Anthropic,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::Anthropic => "anthropic",
+        }
+    }
+}
+
+/// An API key. It prints as `***` (`Debug` and `Display`) and cannot be
+/// serialized, so no log line or config dump shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: String) -> Self {
+        ApiKey(key)
+    }
+
+    /// The key itself, for the one header that carries it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::fmt::Display for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl ModelConfig {
+    /// Where the key comes from, for messages (never the key itself).
+    pub fn key_source(&self) -> String {
+        match (&self.api_key_env, &self.api_key_file) {
+            (Some(var), _) => format!("api_key_env {var}"),
+            (None, Some(path)) => format!("api_key_file {}", path.display()),
+            (None, None) => "no key configured (set api_key_env or api_key_file)".into(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        match self.problem() {
+            Some(problem) => Err(Error::Invalid(format!("[[model]] {:?}: {problem}", self.name))),
+            None => Ok(()),
+        }
+    }
+
+    /// The first thing wrong with the entry, if any.
+    fn problem(&self) -> Option<String> {
+        let name_ok = !self.name.is_empty()
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+        if !name_ok {
+            return Some("name must be non-empty and made of a-z, 0-9, '.', '_' and '-'".into());
+        }
+        match reqwest::Url::parse(&self.base_url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
+            _ => {
+                return Some(format!(
+                    "base_url must be an http:// or https:// URL, got {:?}",
+                    self.base_url
+                ))
+            }
+        }
+        if self.api_key_env.is_some() && self.api_key_file.is_some() {
+            return Some("set api_key_env or api_key_file, not both".into());
+        }
+        if self.api_key_env.as_deref() == Some("") {
+            return Some("api_key_env must name an environment variable".into());
+        }
+        if self.context_window == 0 {
+            return Some("context_window is required: the model's context window in tokens".into());
+        }
+        if self.max_output_tokens == 0 {
+            return Some("max_output_tokens is required: the most tokens an answer may have".into());
+        }
+        if u64::from(self.max_output_tokens) > self.context_window {
+            return Some(format!(
+                "max_output_tokens ({}) is larger than context_window ({})",
+                self.max_output_tokens, self.context_window
+            ));
+        }
+        for (field, price) in [
+            ("price_input_per_mtok", self.price_input_per_mtok),
+            ("price_output_per_mtok", self.price_output_per_mtok),
+        ] {
+            if let Some(p) = price {
+                if !p.is_finite() || p < 0.0 {
+                    return Some(format!(
+                        "{field} must be a number of USD per million tokens, at least 0, got {p}"
+                    ));
+                }
+            }
+        }
+        if self.request_timeout_secs == 0 {
+            return Some("request_timeout_secs must be at least 1".into());
+        }
+        if self.max_retries > MAX_MODEL_RETRIES {
+            return Some(format!(
+                "max_retries must be at most {MAX_MODEL_RETRIES}, got {}",
+                self.max_retries
+            ));
+        }
+        if self.retry_min_delay_ms > 60_000 {
+            return Some(format!(
+                "retry_min_delay_ms must be at most 60000 (a minute), got {}",
+                self.retry_min_delay_ms
+            ));
+        }
+        None
+    }
+
+    /// Reads the key from where the entry says: the variable in `env`, or
+    /// the file. An unset or empty source is an error naming it.
+    fn load_key(&mut self, env: &[(String, String)]) -> Result<(), Error> {
+        let entry = format!("[[model]] {:?}", self.name);
+        let key = match (&self.api_key_env, &self.api_key_file) {
+            (Some(var), _) => {
+                let value = env.iter().find(|(k, _)| k == var).map(|(_, v)| v.trim());
+                match value {
+                    Some(v) if !v.is_empty() => v.to_string(),
+                    Some(_) => {
+                        return Err(Error::Invalid(format!(
+                            "{entry}: the environment variable {var} (api_key_env) is empty"
+                        )))
+                    }
+                    None => {
+                        return Err(Error::Invalid(format!(
+                            "{entry}: the environment variable {var} (api_key_env) is not set"
+                        )))
+                    }
+                }
+            }
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    Error::Invalid(format!(
+                        "{entry}: reading api_key_file {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                let key = text.trim();
+                if key.is_empty() {
+                    return Err(Error::Invalid(format!(
+                        "{entry}: api_key_file {} is empty",
+                        path.display()
+                    )));
+                }
+                key.to_string()
+            }
+            (None, None) => return Ok(()),
+        };
+        self.api_key = Some(ApiKey(key));
+        Ok(())
+    }
+}
+
+/// Retries of one model call, at most (each waits up to a minute).
+const MAX_MODEL_RETRIES: u32 = 20;
 
 /// The labels the control plane puts on its containers and volumes itself,
 /// and finds them by: `docker.labels` may not name them.
@@ -182,6 +431,7 @@ impl Default for Config {
             pool: Vec::new(),
             tls: TlsConfig::default(),
             audit: AuditConfig::default(),
+            model: Vec::new(),
         }
     }
 }
@@ -280,12 +530,15 @@ impl Config {
                 })?;
             merge(&mut tree, from_file);
         }
-        let mut env: Vec<(String, String)> = env
-            .into_iter()
+        // All of it: `[[model]] api_key_env` may name any variable.
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let mut ours: Vec<(String, String)> = env
+            .iter()
             .filter(|(k, _)| k.starts_with("BRIDLE_") && !NOT_CONFIG.contains(&k.as_str()))
+            .cloned()
             .collect();
-        env.sort();
-        for (key, value) in env {
+        ours.sort();
+        for (key, value) in ours {
             let path: Vec<String> = key["BRIDLE_".len()..]
                 .split("__")
                 .map(|s| s.to_ascii_lowercase())
@@ -313,10 +566,18 @@ impl Config {
                 message,
             })?;
         }
-        let config: Config = toml::Value::Table(tree)
+        let mut config: Config = toml::Value::Table(tree)
             .try_into()
             .map_err(|e: toml::de::Error| Error::Invalid(one_line(&e.to_string())))?;
+        for m in &mut config.model {
+            if m.model.is_empty() {
+                m.model = m.name.clone();
+            }
+        }
         config.validate()?;
+        for m in &mut config.model {
+            m.load_key(&env)?;
+        }
         Ok(config)
     }
 
@@ -397,6 +658,16 @@ impl Config {
             return Err(Error::Invalid(
                 "sweep_interval_secs must be at least 1".into(),
             ));
+        }
+        let mut model_names = std::collections::HashSet::new();
+        for m in &self.model {
+            m.validate()?;
+            if !model_names.insert(&m.name) {
+                return Err(Error::Invalid(format!(
+                    "[[model]] {:?} is configured twice: model names must be unique",
+                    m.name
+                )));
+            }
         }
         for key in self.docker.labels.keys() {
             if key.is_empty() {
@@ -573,6 +844,192 @@ mod tests {
         let e =
             Config::load(None, Vec::new(), &[r#"docker.labels={ "" = "v" }"#.into()]).unwrap_err();
         assert!(e.to_string().contains("docker.labels"), "{e}");
+    }
+
+    const MODELS: &str = r#"
+[[model]]
+name = "local-qwen"
+provider = "openai"
+base_url = "http://localhost:11434/v1"
+model = "qwen3:8b"
+context_window = 32768
+max_output_tokens = 4096
+
+[[model]]
+name = "claude"
+provider = "anthropic"
+base_url = "https://api.anthropic.com"
+api_key_env = "TEST_ANTHROPIC_KEY"
+context_window = 200000
+max_output_tokens = 8192
+price_input_per_mtok = 3.0
+price_output_per_mtok = 15.0
+"#;
+
+    #[test]
+    fn models_load_with_their_defaults_and_keys_never_print() {
+        assert!(Config::default().model.is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, MODELS).unwrap();
+        let key_env = env(&[("TEST_ANTHROPIC_KEY", "sk-ant-secret-4417\n")]);
+        let c = Config::load(Some(&file), key_env.clone(), &[]).unwrap();
+        assert_eq!(c.model.len(), 2);
+        let local = &c.model[0];
+        assert_eq!(local.provider, ProviderKind::OpenAi);
+        assert_eq!(local.model, "qwen3:8b");
+        assert!(local.api_key.is_none(), "no key source: no key (a local server)");
+        assert_eq!(local.request_timeout_secs, 300);
+        assert_eq!(local.max_retries, 4);
+        assert_eq!(local.price_input_per_mtok, None);
+        let claude = &c.model[1];
+        assert_eq!(claude.provider, ProviderKind::Anthropic);
+        assert_eq!(claude.model, "claude", "the provider's model id defaults to the name");
+        assert_eq!(
+            claude.api_key.as_ref().map(ApiKey::expose),
+            Some("sk-ant-secret-4417"),
+            "read from the variable, trimmed"
+        );
+        assert_eq!(claude.price_output_per_mtok, Some(15.0));
+        // Neither the dump nor Debug shows the key; the dump says where it
+        // comes from.
+        let dump = c.to_toml();
+        assert!(!dump.contains("sk-ant-secret-4417"), "{dump}");
+        assert!(dump.contains("api_key_env = \"TEST_ANTHROPIC_KEY\""), "{dump}");
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("sk-ant-secret-4417"), "{debug}");
+        assert!(debug.contains("***"), "{debug}");
+        assert_eq!(format!("{}", ApiKey::new("k".into())), "***");
+        // What is printed loads back (the key read again).
+        let again = dir.path().join("again.toml");
+        std::fs::write(&again, &dump).unwrap();
+        let c2 = Config::load(Some(&again), key_env, &[]).unwrap();
+        assert_eq!(c2.to_toml(), dump);
+        assert_eq!(
+            c2.model[1].api_key.as_ref().map(ApiKey::expose),
+            Some("sk-ant-secret-4417")
+        );
+    }
+
+    #[test]
+    fn a_model_key_file_is_read_and_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "  sk-from-file-93\n").unwrap();
+        let set = format!(
+            "model=[{{ name = \"gpt\", provider = \"openai\", \
+             base_url = \"https://api.openai.com/v1\", model = \"gpt-4.1\", api_key_file = {:?}, \
+             context_window = 1000, max_output_tokens = 100 }}]",
+            key.display().to_string()
+        );
+        let c = Config::load(None, Vec::new(), &[set]).unwrap();
+        assert_eq!(
+            c.model[0].api_key.as_ref().map(ApiKey::expose),
+            Some("sk-from-file-93")
+        );
+        assert!(!c.to_toml().contains("sk-from-file-93"));
+        std::fs::write(&key, " \n").unwrap();
+        let set = format!(
+            "model=[{{ name = \"gpt\", provider = \"openai\", \
+             base_url = \"https://api.openai.com/v1\", api_key_file = {:?}, \
+             context_window = 1000, max_output_tokens = 100 }}]",
+            key.display().to_string()
+        );
+        let e = Config::load(None, Vec::new(), &[set]).unwrap_err();
+        assert!(e.to_string().contains("api_key_file"), "{e}");
+        assert!(e.to_string().contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn bad_models_are_refused_naming_the_entry_and_the_field() {
+        const OK: &str = "provider = \"openai\", base_url = \"http://localhost:11434/v1\", \
+                          context_window = 1000, max_output_tokens = 100";
+        let load = |entries: &[String]| {
+            let tables: Vec<String> = entries.iter().map(|e| format!("{{ {e} }}")).collect();
+            Config::load(
+                None,
+                env(&[("SET_KEY", "sk-set"), ("EMPTY_KEY", "")]),
+                &[format!("model=[{}]", tables.join(", "))],
+            )
+        };
+        let c = load(&[format!("name = \"m1\", {OK}")]).unwrap();
+        assert_eq!(c.model[0].model, "m1");
+        let c = load(&[format!("name = \"m1\", api_key_env = \"SET_KEY\", {OK}")]).unwrap();
+        assert_eq!(c.model[0].api_key.as_ref().map(ApiKey::expose), Some("sk-set"));
+        for (entry, words) in [
+            (format!("name = \"Big Model\", {OK}"), &["Big Model", "name"][..]),
+            (format!("name = \"\", {OK}"), &["name"][..]),
+            (
+                "name = \"m1\", provider = \"openai\", base_url = \"ftp://host/v1\", \
+                 context_window = 1000, max_output_tokens = 100"
+                    .to_string(),
+                &["m1", "base_url", "ftp://host/v1"][..],
+            ),
+            (
+                "name = \"m1\", provider = \"openai\", base_url = \"http://localhost:11434/v1\", \
+                 max_output_tokens = 100"
+                    .to_string(),
+                &["m1", "context_window"][..],
+            ),
+            (
+                "name = \"m1\", provider = \"openai\", base_url = \"http://localhost:11434/v1\", \
+                 context_window = 1000, max_output_tokens = 0"
+                    .to_string(),
+                &["m1", "max_output_tokens"][..],
+            ),
+            (
+                "name = \"m1\", provider = \"openai\", base_url = \"http://localhost:11434/v1\", \
+                 context_window = 1000, max_output_tokens = 2000"
+                    .to_string(),
+                &["m1", "max_output_tokens", "context_window"][..],
+            ),
+            (
+                "name = \"m1\", provider = \"gemini\", base_url = \"http://localhost:11434/v1\", \
+                 context_window = 1000, max_output_tokens = 100"
+                    .to_string(),
+                &["gemini", "openai", "anthropic"][..],
+            ),
+            (
+                format!("name = \"m1\", price_input_per_mtok = -1.0, {OK}"),
+                &["m1", "price_input_per_mtok"][..],
+            ),
+            (
+                format!("name = \"m1\", request_timeout_secs = 0, {OK}"),
+                &["m1", "request_timeout_secs"][..],
+            ),
+            (
+                format!("name = \"m1\", api_key_env = \"SET_KEY\", api_key_file = \"/k\", {OK}"),
+                &["m1", "api_key_env", "api_key_file", "not both"][..],
+            ),
+            (
+                format!("name = \"m1\", api_key_env = \"TEST_NOT_SET_8812\", {OK}"),
+                &["m1", "TEST_NOT_SET_8812", "not set"][..],
+            ),
+            (
+                format!("name = \"m1\", api_key_env = \"EMPTY_KEY\", {OK}"),
+                &["m1", "EMPTY_KEY", "empty"][..],
+            ),
+            (
+                format!("name = \"m1\", api_key_file = \"/nonexistent/bridle-key\", {OK}"),
+                &["m1", "/nonexistent/bridle-key"][..],
+            ),
+        ] {
+            let e = load(&[entry.clone()]).unwrap_err().to_string();
+            for word in words {
+                assert!(e.contains(word), "{entry}: {e:?} should name {word:?}");
+            }
+        }
+        let e = load(&[format!("name = \"m1\", {OK}"), format!("name = \"m1\", {OK}")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"m1\"") && e.contains("twice"), "{e}");
+        // A key cannot be written into the configuration, and the refusal
+        // does not repeat it.
+        let e = load(&[format!("name = \"m1\", api_key = \"sk-inline-5150\", {OK}")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("api_key"), "{e}");
+        assert!(!e.contains("sk-inline-5150"), "{e}");
     }
 
     #[test]

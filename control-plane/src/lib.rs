@@ -14,6 +14,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod guard;
+pub mod harness;
 pub mod host;
 pub mod ids;
 pub mod keys;
