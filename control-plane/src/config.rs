@@ -231,7 +231,10 @@ impl ModelConfig {
 
     fn validate(&self) -> Result<(), Error> {
         match self.problem() {
-            Some(problem) => Err(Error::Invalid(format!("[[model]] {:?}: {problem}", self.name))),
+            Some(problem) => Err(Error::Invalid(format!(
+                "[[model]] {:?}: {problem}",
+                self.name
+            ))),
             None => Ok(()),
         }
     }
@@ -265,7 +268,9 @@ impl ModelConfig {
             return Some("context_window is required: the model's context window in tokens".into());
         }
         if self.max_output_tokens == 0 {
-            return Some("max_output_tokens is required: the most tokens an answer may have".into());
+            return Some(
+                "max_output_tokens is required: the most tokens an answer may have".into(),
+            );
         }
         if u64::from(self.max_output_tokens) > self.context_window {
             return Some(format!(
@@ -878,13 +883,19 @@ price_output_per_mtok = 15.0
         let local = &c.model[0];
         assert_eq!(local.provider, ProviderKind::OpenAi);
         assert_eq!(local.model, "qwen3:8b");
-        assert!(local.api_key.is_none(), "no key source: no key (a local server)");
+        assert!(
+            local.api_key.is_none(),
+            "no key source: no key (a local server)"
+        );
         assert_eq!(local.request_timeout_secs, 300);
         assert_eq!(local.max_retries, 4);
         assert_eq!(local.price_input_per_mtok, None);
         let claude = &c.model[1];
         assert_eq!(claude.provider, ProviderKind::Anthropic);
-        assert_eq!(claude.model, "claude", "the provider's model id defaults to the name");
+        assert_eq!(
+            claude.model, "claude",
+            "the provider's model id defaults to the name"
+        );
         assert_eq!(
             claude.api_key.as_ref().map(ApiKey::expose),
             Some("sk-ant-secret-4417"),
@@ -895,7 +906,10 @@ price_output_per_mtok = 15.0
         // comes from.
         let dump = c.to_toml();
         assert!(!dump.contains("sk-ant-secret-4417"), "{dump}");
-        assert!(dump.contains("api_key_env = \"TEST_ANTHROPIC_KEY\""), "{dump}");
+        assert!(
+            dump.contains("api_key_env = \"TEST_ANTHROPIC_KEY\""),
+            "{dump}"
+        );
         let debug = format!("{c:?}");
         assert!(!debug.contains("sk-ant-secret-4417"), "{debug}");
         assert!(debug.contains("***"), "{debug}");
@@ -955,9 +969,15 @@ price_output_per_mtok = 15.0
         let c = load(&[format!("name = \"m1\", {OK}")]).unwrap();
         assert_eq!(c.model[0].model, "m1");
         let c = load(&[format!("name = \"m1\", api_key_env = \"SET_KEY\", {OK}")]).unwrap();
-        assert_eq!(c.model[0].api_key.as_ref().map(ApiKey::expose), Some("sk-set"));
+        assert_eq!(
+            c.model[0].api_key.as_ref().map(ApiKey::expose),
+            Some("sk-set")
+        );
         for (entry, words) in [
-            (format!("name = \"Big Model\", {OK}"), &["Big Model", "name"][..]),
+            (
+                format!("name = \"Big Model\", {OK}"),
+                &["Big Model", "name"][..],
+            ),
             (format!("name = \"\", {OK}"), &["name"][..]),
             (
                 "name = \"m1\", provider = \"openai\", base_url = \"ftp://host/v1\", \
@@ -1014,14 +1034,17 @@ price_output_per_mtok = 15.0
                 &["m1", "/nonexistent/bridle-key"][..],
             ),
         ] {
-            let e = load(&[entry.clone()]).unwrap_err().to_string();
+            let e = load(std::slice::from_ref(&entry)).unwrap_err().to_string();
             for word in words {
                 assert!(e.contains(word), "{entry}: {e:?} should name {word:?}");
             }
         }
-        let e = load(&[format!("name = \"m1\", {OK}"), format!("name = \"m1\", {OK}")])
-            .unwrap_err()
-            .to_string();
+        let e = load(&[
+            format!("name = \"m1\", {OK}"),
+            format!("name = \"m1\", {OK}"),
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("\"m1\"") && e.contains("twice"), "{e}");
         // A key cannot be written into the configuration, and the refusal
         // does not repeat it.

@@ -216,8 +216,10 @@ impl WireUsage {
         }
         self.input_tokens = larger(self.input_tokens, later.input_tokens);
         self.output_tokens = larger(self.output_tokens, later.output_tokens);
-        self.cache_creation_input_tokens =
-            larger(self.cache_creation_input_tokens, later.cache_creation_input_tokens);
+        self.cache_creation_input_tokens = larger(
+            self.cache_creation_input_tokens,
+            later.cache_creation_input_tokens,
+        );
         self.cache_read_input_tokens =
             larger(self.cache_read_input_tokens, later.cache_read_input_tokens);
     }
@@ -297,7 +299,9 @@ impl Assemble for Answer {
         on_text: &mut (dyn FnMut(&str) + Send),
     ) -> Result<bool, ProviderError> {
         let event: StreamEvent = serde_json::from_str(data).map_err(|e| {
-            ProviderError::Protocol(format!("an event of the stream is not a Messages event ({e})"))
+            ProviderError::Protocol(format!(
+                "an event of the stream is not a Messages event ({e})"
+            ))
         })?;
         match event {
             StreamEvent::MessageStart { message } => {

@@ -97,7 +97,10 @@ pub enum Arguments {
     Json(Value),
     /// Not JSON (OpenAI's arguments are a string the model writes): kept,
     /// with the parser's complaint, so the harness can tell the model.
-    Malformed { raw: String, error: String },
+    Malformed {
+        raw: String,
+        error: String,
+    },
 }
 
 impl Arguments {
@@ -290,9 +293,10 @@ impl Provider {
         if let Some(key) = &config.api_key {
             let (name, value) = match config.provider {
                 ProviderKind::OpenAi => (AUTHORIZATION, format!("Bearer {}", key.expose())),
-                ProviderKind::Anthropic => {
-                    (HeaderName::from_static("x-api-key"), key.expose().to_string())
-                }
+                ProviderKind::Anthropic => (
+                    HeaderName::from_static("x-api-key"),
+                    key.expose().to_string(),
+                ),
             };
             let mut value = HeaderValue::from_str(&value).map_err(|_| {
                 ProviderError::Setup(format!(

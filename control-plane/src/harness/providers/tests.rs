@@ -128,7 +128,12 @@ async fn call(
 
 async fn streams_a_text_answer(kind: ProviderKind) {
     let text = "Forty-two, as the script says, streamed to whoever watches.";
-    let server = serve(vec![conversation("text", "meaning of life", vec![text_turn(text)])]).await;
+    let server = serve(vec![conversation(
+        "text",
+        "meaning of life",
+        vec![text_turn(text)],
+    )])
+    .await;
     let (result, deltas) = call(&connect(kind, &server), &ask("The meaning of life?")).await;
     let response = result.unwrap();
     assert_eq!(response.text, text);
@@ -241,7 +246,11 @@ async fn two_tool_calls_and_their_results(kind: ProviderKind) -> Vec<Value> {
     assert_eq!(second.text, "Both seen.");
     assert_eq!(second.stop, StopReason::EndTurn);
     assert_eq!(server.requests("tools"), vec![1, 1]);
-    server.received().into_iter().map(|(_, body)| body).collect()
+    server
+        .received()
+        .into_iter()
+        .map(|(_, body)| body)
+        .collect()
 }
 
 #[tokio::test]
@@ -455,7 +464,10 @@ async fn anthropic_a_429_waits_its_retry_after_then_succeeds() {
 }
 
 async fn a_500_is_tried_again(kind: ProviderKind) {
-    let turn = failing_first(vec![failure(500, None, "scripted fault")], "second time lucky");
+    let turn = failing_first(
+        vec![failure(500, None, "scripted fault")],
+        "second time lucky",
+    );
     let server = serve(vec![conversation("flaky", "flaky", vec![turn])]).await;
     let (result, _) = call(&connect(kind, &server), &ask("Are you flaky?")).await;
     assert_eq!(result.unwrap().text, "second time lucky");
@@ -486,11 +498,17 @@ async fn a_400_ends_at_once_with_the_providers_message(kind: ProviderKind) {
     );
     assert!(!error.is_retryable());
     assert!(
-        error.to_string().contains("the scripted request is refused"),
+        error
+            .to_string()
+            .contains("the scripted request is refused"),
         "{error}"
     );
     assert!(deltas.is_empty());
-    assert_eq!(server.requests("refused"), vec![1], "a 400 is not tried again");
+    assert_eq!(
+        server.requests("refused"),
+        vec![1],
+        "a 400 is not tried again"
+    );
 }
 
 #[tokio::test]
@@ -543,7 +561,11 @@ async fn the_key_is_sent_and_a_refused_one_is_never_shown(kind: ProviderKind) {
     const RIGHT: &str = "sk-right-key-7301";
     const WRONG: &str = "sk-wrong-key-0666";
     let server = Server::start(Script {
-        conversations: vec![conversation("key", "check the key", vec![text_turn("authorized")])],
+        conversations: vec![conversation(
+            "key",
+            "check the key",
+            vec![text_turn("authorized")],
+        )],
         api_key: Some(RIGHT.into()),
     })
     .await
@@ -649,19 +671,26 @@ fn openai_parallel_calls_sharing_index_0_are_told_apart_by_id() {
     let mut events = vec![
         openai_chunk(json!({ "role": "assistant", "content": "Two " })),
         openai_chunk(json!({ "content": "calls." })),
-        openai_chunk(json!({ "tool_calls": [{ "index": 0, "id": "call_1", "type": "function",
-            "function": { "name": "read_file", "arguments": "{\"path\":" } }] })),
+        openai_chunk(
+            json!({ "tool_calls": [{ "index": 0, "id": "call_1", "type": "function",
+            "function": { "name": "read_file", "arguments": "{\"path\":" } }] }),
+        ),
         openai_chunk(json!({ "tool_calls": [{ "index": 0,
             "function": { "arguments": "\"a.txt\"}" } }] })),
-        openai_chunk(json!({ "tool_calls": [{ "index": 0, "id": "call_2", "type": "function",
-            "function": { "name": "list_dir", "arguments": "" } }] })),
+        openai_chunk(
+            json!({ "tool_calls": [{ "index": 0, "id": "call_2", "type": "function",
+            "function": { "name": "list_dir", "arguments": "" } }] }),
+        ),
     ];
     events.extend(openai_end("tool_calls"));
     let (result, deltas) = assemble(openai::Answer::new(MAX_ANSWER_BYTES), &events);
     let response = result.unwrap();
     assert_eq!(deltas, vec!["Two ", "calls."]);
     assert_eq!(response.text, "Two calls.");
-    assert_eq!((response.id.as_str(), response.model.as_str()), ("chatcmpl-1", "gpt-test"));
+    assert_eq!(
+        (response.id.as_str(), response.model.as_str()),
+        ("chatcmpl-1", "gpt-test")
+    );
     assert_eq!(response.stop, StopReason::ToolUse);
     assert_eq!(
         response.tool_calls,
@@ -751,7 +780,10 @@ fn openai_errors_in_the_stream_end_the_answer() {
     let (result, deltas) = assemble(openai::Answer::new(MAX_ANSWER_BYTES), &events);
     let error = result.unwrap_err();
     assert!(error.is_retryable(), "{error:?}");
-    assert!(error.to_string().contains("The server had an error"), "{error}");
+    assert!(
+        error.to_string().contains("The server had an error"),
+        "{error}"
+    );
     assert_eq!(deltas, vec!["Half"]);
     let events = vec!["{\"choices\": not json".to_string()];
     let (result, _) = assemble(openai::Answer::new(MAX_ANSWER_BYTES), &events);
@@ -801,7 +833,10 @@ fn anthropic_blocks_are_assembled_by_index() {
     let response = result.unwrap();
     assert_eq!(deltas, vec!["Reading ", "two."]);
     assert_eq!(response.text, "Reading two.");
-    assert_eq!((response.id.as_str(), response.model.as_str()), ("msg_1", "claude-test"));
+    assert_eq!(
+        (response.id.as_str(), response.model.as_str()),
+        ("msg_1", "claude-test")
+    );
     assert_eq!(response.stop, StopReason::ToolUse);
     assert_eq!(
         response.tool_calls,
@@ -851,7 +886,10 @@ fn anthropic_stop_reasons_map_to_stop_reasons() {
         ("end_turn", StopReason::EndTurn),
         ("max_tokens", StopReason::MaxTokens),
         ("refusal", StopReason::Refusal),
-        ("model_context_window_exceeded", StopReason::ContextWindowExceeded),
+        (
+            "model_context_window_exceeded",
+            StopReason::ContextWindowExceeded,
+        ),
         ("pause_turn", StopReason::Other("pause_turn".into())),
     ] {
         let (result, _) = assemble(
@@ -900,11 +938,16 @@ fn an_answer_past_its_bound_is_refused() {
     let events = vec![openai_chunk(json!({ "content": "seventeen bytes!!" }))];
     let (result, _) = assemble(openai::Answer::new(16), &events);
     let error = result.unwrap_err();
-    assert!(matches!(error, ProviderError::TooLarge { limit: 16, .. }), "{error:?}");
+    assert!(
+        matches!(error, ProviderError::TooLarge { limit: 16, .. }),
+        "{error:?}"
+    );
     assert!(!error.is_retryable());
 
-    let events = vec![openai_chunk(json!({ "tool_calls": [{ "index": 0, "id": "c",
-        "function": { "name": "f", "arguments": "{\"a\": \"0123456789\"}" } }] }))];
+    let events = vec![openai_chunk(
+        json!({ "tool_calls": [{ "index": 0, "id": "c",
+        "function": { "name": "f", "arguments": "{\"a\": \"0123456789\"}" } }] }),
+    )];
     let (result, _) = assemble(openai::Answer::new(16), &events);
     assert!(matches!(result, Err(ProviderError::TooLarge { .. })));
 
@@ -990,29 +1033,40 @@ fn error_bodies_give_the_providers_message() {
     let mut config = model_config(OPENAI, "http://127.0.0.1:9/v1".into());
     config.api_key_env = Some("OPENAI_API_KEY".into());
     config.api_key = Some(ApiKey::new("sk-secret-2468".into()));
-    let answer = |status: u16, body: &str| {
-        error_from_status(status, None, Some(body.as_bytes()), &config)
-    };
+    let answer =
+        |status: u16, body: &str| error_from_status(status, None, Some(body.as_bytes()), &config);
 
     let e = answer(
         400,
         r#"{"error":{"message":"Invalid 'messages[1]'","type":"invalid_request_error"}}"#,
     );
-    assert!(matches!(&e, ProviderError::Status { status: 400, message, .. }
-        if message == "Invalid 'messages[1]'"), "{e:?}");
+    assert!(
+        matches!(&e, ProviderError::Status { status: 400, message, .. }
+        if message == "Invalid 'messages[1]'"),
+        "{e:?}"
+    );
     let e = answer(
         529,
         r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
     );
-    assert!(matches!(&e, ProviderError::Status { status: 529, message, .. }
-        if message == "Overloaded"), "{e:?}");
+    assert!(
+        matches!(&e, ProviderError::Status { status: 529, message, .. }
+        if message == "Overloaded"),
+        "{e:?}"
+    );
     assert!(e.is_retryable());
     let e = answer(404, r#"{"detail":"Not Found"}"#);
-    assert!(e.to_string().contains("Not Found") && !e.is_retryable(), "{e}");
+    assert!(
+        e.to_string().contains("Not Found") && !e.is_retryable(),
+        "{e}"
+    );
     let e = answer(404, r#"{"error":"model 'x' not found"}"#);
     assert!(e.to_string().contains("model 'x' not found"), "{e}");
     let e = answer(502, "upstream connect error");
-    assert!(e.to_string().contains("upstream connect error") && e.is_retryable(), "{e}");
+    assert!(
+        e.to_string().contains("upstream connect error") && e.is_retryable(),
+        "{e}"
+    );
     let e = answer(503, "");
     assert!(e.to_string().contains("no message"), "{e}");
 
@@ -1021,17 +1075,29 @@ fn error_bodies_give_the_providers_message() {
         r#"{"type":"error","error":{"message":"prompt is too long: 210000 tokens > 200000"}}"#,
     ] {
         let e = answer(400, body);
-        assert!(matches!(e, ProviderError::ContextWindowExceeded { .. }), "{e:?}");
+        assert!(
+            matches!(e, ProviderError::ContextWindowExceeded { .. }),
+            "{e:?}"
+        );
         assert!(!e.is_retryable());
     }
 
     // The key a provider quotes is not repeated; a 401 says where the key
     // comes from instead.
-    let e = answer(401, r#"{"error":{"message":"Incorrect API key provided: sk-secret-2468"}}"#);
-    assert!(matches!(e, ProviderError::KeyRefused { status: 401, .. }), "{e:?}");
+    let e = answer(
+        401,
+        r#"{"error":{"message":"Incorrect API key provided: sk-secret-2468"}}"#,
+    );
+    assert!(
+        matches!(e, ProviderError::KeyRefused { status: 401, .. }),
+        "{e:?}"
+    );
     assert!(!e.to_string().contains("sk-secret-2468"), "{e}");
     assert!(e.to_string().contains("OPENAI_API_KEY"), "{e}");
-    let e = answer(403, r#"{"error":{"message":"key sk-secret-2468 may not use this model"}}"#);
+    let e = answer(
+        403,
+        r#"{"error":{"message":"key sk-secret-2468 may not use this model"}}"#,
+    );
     assert!(!format!("{e} {e:?}").contains("sk-secret-2468"), "{e}");
     assert!(e.to_string().contains("may not use this model"), "{e}");
 
@@ -1048,7 +1114,10 @@ fn retry_after_is_read_in_seconds_or_milliseconds_and_capped() {
     assert_eq!(retry_after(&headers), Some(Duration::from_secs(3)));
     headers.insert(RETRY_AFTER, HeaderValue::from_static("3600"));
     assert_eq!(retry_after(&headers), Some(Duration::from_secs(60)));
-    headers.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+    headers.insert(
+        RETRY_AFTER,
+        HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+    );
     assert_eq!(retry_after(&headers), None, "a date: the backoff applies");
     headers.insert("retry-after-ms", HeaderValue::from_static("250"));
     assert_eq!(retry_after(&headers), Some(Duration::from_millis(250)));
@@ -1118,7 +1187,13 @@ fn anthropic_user_content_after_tool_results_joins_their_message() {
     // OpenAI sends the malformed arguments back as they came.
     let body = openai::request_body("m", &req, 10);
     assert_eq!(body["messages"][1]["content"], Value::Null);
-    assert_eq!(body["messages"][1]["tool_calls"][0]["function"]["arguments"], "{oops");
+    assert_eq!(
+        body["messages"][1]["tool_calls"][0]["function"]["arguments"],
+        "{oops"
+    );
     assert!(body.get("tools").is_none());
-    assert_eq!(body["messages"][0], json!({ "role": "user", "content": "Go." }));
+    assert_eq!(
+        body["messages"][0],
+        json!({ "role": "user", "content": "Go." })
+    );
 }
