@@ -334,6 +334,10 @@ pub trait Host: Send + Sync + 'static {
         principal: &Principal,
         req: CreateRequest,
     ) -> impl Future<Output = Result<String, Error>> + Send;
+    /// Whether `req` is a sandbox this server would make (limits within
+    /// its maxima, a network only where allowed), checked before anything
+    /// is asked of policy or of a person.
+    fn check_request(&self, req: &CreateRequest) -> Result<(), Error>;
     /// The agent of a sandbox (connected when first used).
     fn agent_of(&self, sandbox_id: &str) -> Self::Agent;
     /// Archives `path` of the sandbox (zstd) into a stored artifact, a
@@ -382,6 +386,10 @@ impl<R: Runtime> Host for Sandboxes<R> {
         req: CreateRequest,
     ) -> Result<String, Error> {
         Ok(self.create(principal, req).await?.id)
+    }
+
+    fn check_request(&self, req: &CreateRequest) -> Result<(), Error> {
+        self.resolve_spec(req).map(drop).map_err(Error::from)
     }
 
     fn agent_of(&self, sandbox_id: &str) -> Self::Agent {

@@ -650,6 +650,10 @@ impl Host for FakeHost {
         Ok(state.add_sandbox(&principal.owner, req.labels))
     }
 
+    fn check_request(&self, _req: &CreateRequest) -> Result<(), host::Error> {
+        Ok(())
+    }
+
     fn agent_of(&self, sandbox_id: &str) -> FakeAgent {
         FakeAgent {
             host: self.clone(),

@@ -1239,8 +1239,9 @@ async fn a_network_is_given_only_when_the_server_allows_one() {
             "{what}: refused, not held for an approval: {e:?}"
         );
     }
-    // A run that asks for a network fails, saying why.
-    let mut runs = cp.runs(&cp.admin_token).await.unwrap();
+    // A tenant's run that asks for a network fails, saying why, before
+    // anyone is asked to approve the network.
+    let mut runs = cp.runs(&alice).await.unwrap();
     let bridged_job = pb::Job {
         network: pb::NetworkMode::Bridge as i32,
         ..job(vec![step("never", "echo never")])

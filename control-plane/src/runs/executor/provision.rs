@@ -43,6 +43,18 @@ impl<H: Host, S: EventStore> Runner<H, S> {
         if run.view.state == RunState::Queued {
             self.record(run.id, run.view, Event::Provisioning).await?;
         }
+        // A sandbox this server would refuse fails the run now, before a
+        // person is asked to approve its network.
+        if let Err(e) = self.inner.host.check_request(&sandbox_request(run)) {
+            self.finish(
+                run.id,
+                run.view,
+                RunState::Failed,
+                format!("provisioning: {e}"),
+            )
+            .await?;
+            return Ok(None);
+        }
         if !self.clear_network(run).await? {
             return Ok(None);
         }
@@ -116,21 +128,7 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             return Ok(Some(s.sandbox_id));
         }
         tracing::info!(run = %run.id, "creating the run's sandbox");
-        let mut labels = run.view.job.labels.clone();
-        labels.insert(RUN_LABEL.to_string(), run.id.to_string());
-        let req = CreateRequest {
-            image: run.view.job.image.clone(),
-            memory_bytes: run.view.job.memory_bytes,
-            cpu_millis: run.view.job.cpu_millis,
-            pids: run.view.job.pids,
-            disk_bytes: run.view.job.disk_bytes,
-            network: run.view.job.network,
-            env: BTreeMap::new(),
-            labels,
-            ttl_secs: 0,
-            idle_timeout_secs: 0,
-            from_snapshot: run.view.job.from_snapshot.clone(),
-        };
+        let req = sandbox_request(run);
         match self.inner.host.create_sandbox(run.principal, req).await {
             Ok(sandbox_id) => Ok(Some(sandbox_id)),
             Err(e) => {
@@ -164,5 +162,24 @@ impl<H: Host, S: EventStore> Runner<H, S> {
     pub(super) async fn agent_boot_id(&self, sandbox_id: &str) -> Option<String> {
         let boot_id = self.inner.host.agent_of(sandbox_id).boot_id().await.ok()?;
         (!boot_id.is_empty()).then_some(boot_id)
+    }
+}
+
+/// The sandbox a run asks for, labelled as the run's.
+fn sandbox_request(run: &Run<'_>) -> CreateRequest {
+    let mut labels = run.view.job.labels.clone();
+    labels.insert(RUN_LABEL.to_string(), run.id.to_string());
+    CreateRequest {
+        image: run.view.job.image.clone(),
+        memory_bytes: run.view.job.memory_bytes,
+        cpu_millis: run.view.job.cpu_millis,
+        pids: run.view.job.pids,
+        disk_bytes: run.view.job.disk_bytes,
+        network: run.view.job.network,
+        env: BTreeMap::new(),
+        labels,
+        ttl_secs: 0,
+        idle_timeout_secs: 0,
+        from_snapshot: run.view.job.from_snapshot.clone(),
     }
 }
