@@ -3,6 +3,10 @@
 //! (docs/harness.md).
 //!
 //! So far it holds the model providers ([`providers`]): the operator's
-//! `[[model]]` entries spoken to in their own wire formats over HTTP.
+//! `[[model]]` entries spoken to in their own wire formats over HTTP; and
+//! the tools ([`tools`]): what the model may call, each call validated
+//! against its schema and, for a built-in, turned into the action it will
+//! be and the policy requests it is.
 
 pub mod providers;
+pub mod tools;
