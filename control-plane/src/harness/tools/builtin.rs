@@ -234,11 +234,7 @@ impl Builtin {
     /// path outside the workspace, lines backwards, an edit that changes
     /// nothing. `default_timeout_secs` is the limit of a command whose call
     /// gives none.
-    pub fn action(
-        self,
-        arguments: &Value,
-        default_timeout_secs: u32,
-    ) -> Result<Action, ToolError> {
+    pub fn action(self, arguments: &Value, default_timeout_secs: u32) -> Result<Action, ToolError> {
         match self {
             Builtin::Shell => {
                 let args: ShellArgs = self.parse(arguments)?;
@@ -247,9 +243,9 @@ impl Builtin {
                 }
                 let timeout_secs = args.timeout_secs.unwrap_or(default_timeout_secs);
                 if !(1..=MAX_TIMEOUT_SECS).contains(&timeout_secs) {
-                    return Err(self.reject(format!(
-                        "timeout_secs must be 1 to {MAX_TIMEOUT_SECS}"
-                    )));
+                    return Err(
+                        self.reject(format!("timeout_secs must be 1 to {MAX_TIMEOUT_SECS}"))
+                    );
                 }
                 Ok(Action::Exec {
                     command: Command::Shell(args.command),
@@ -739,8 +735,10 @@ mod tests {
         );
         assert!(refusal(Builtin::Shell, json!({"command": "  \n"})).contains("command is empty"));
         // What the schema also refuses is refused here too.
-        assert!(refusal(Builtin::Shell, json!({"command": "x", "timeout_secs": 0}))
-            .contains("timeout_secs must be 1 to 3600"));
+        assert!(
+            refusal(Builtin::Shell, json!({"command": "x", "timeout_secs": 0}))
+                .contains("timeout_secs must be 1 to 3600")
+        );
         assert!(refusal(Builtin::Shell, json!({"command": "x", "cwd": "/"}))
             .contains("unknown field `cwd`"));
     }
@@ -865,10 +863,11 @@ mod tests {
         assert!(refusal(Builtin::ReadFile, json!({"path": "/etc/passwd"}))
             .contains("is outside the workspace"));
         assert!(refusal(Builtin::ListDir, json!({"path": ".."})).contains(".. component"));
-        assert!(
-            refusal(Builtin::SearchFiles, json!({"pattern": "x", "path": "/root"}))
-                .contains("is outside the workspace")
-        );
+        assert!(refusal(
+            Builtin::SearchFiles,
+            json!({"pattern": "x", "path": "/root"})
+        )
+        .contains("is outside the workspace"));
     }
 
     #[test]
@@ -911,7 +910,10 @@ mod tests {
             );
         }
         assert_eq!(
-            action(Builtin::FindFiles, json!({"pattern": "*.rs", "path": "src"})),
+            action(
+                Builtin::FindFiles,
+                json!({"pattern": "*.rs", "path": "src"})
+            ),
             Action::FindFiles {
                 path: "src".into(),
                 argv: strings(&["find", "src", "-name", "*.rs"]),
@@ -925,12 +927,13 @@ mod tests {
     #[test]
     fn search_runs_grep_with_the_pattern_never_taken_for_an_option() {
         assert_eq!(
-            action(Builtin::SearchFiles, json!({"pattern": "-rf /", "path": "-x"})),
+            action(
+                Builtin::SearchFiles,
+                json!({"pattern": "-rf /", "path": "-x"})
+            ),
             Action::SearchFiles {
                 path: "-x".into(),
-                argv: strings(&[
-                    "grep", "-r", "-n", "-H", "-I", "-E", "-e", "-rf /", "--", "-x"
-                ]),
+                argv: strings(&["grep", "-r", "-n", "-H", "-I", "-E", "-e", "-rf /", "--", "-x"]),
                 timeout_secs: TIMEOUT
             }
         );
@@ -975,10 +978,11 @@ mod tests {
         assert!(Builtin::SearchFiles
             .action(&json!({"pattern": "{}"}), TIMEOUT)
             .is_ok());
-        assert!(
-            refusal(Builtin::SearchFiles, json!({"pattern": "x", "glob": "src/*.rs"}))
-                .contains("matched against file names")
-        );
+        assert!(refusal(
+            Builtin::SearchFiles,
+            json!({"pattern": "x", "glob": "src/*.rs"})
+        )
+        .contains("matched against file names"));
     }
 
     #[test]
@@ -995,10 +999,7 @@ mod tests {
         // What Sandboxes.Exec decides on for the shell string.
         assert_eq!(
             requests[0].facts,
-            facts::command(
-                base.clone(),
-                &Command::Shell("git push origin main".into())
-            )
+            facts::command(base.clone(), &Command::Shell("git push origin main".into()))
         );
         assert_eq!(
             requests[0].facts.argv,

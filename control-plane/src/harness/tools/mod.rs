@@ -120,9 +120,7 @@ impl ToolError {
 /// client's error for a tool it declares.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
-    #[error(
-        "tool name {name:?} is not allowed: a tool name is 1 to 64 of a-z, A-Z, 0-9, _ and -"
-    )]
+    #[error("tool name {name:?} is not allowed: a tool name is 1 to 64 of a-z, A-Z, 0-9, _ and -")]
     BadName { name: String },
     #[error("tool {name:?} has the name of a built-in tool; choose another name")]
     Reserved { name: String },
@@ -339,7 +337,11 @@ fn violations(validator: &jsonschema::Validator, arguments: &Value) -> Option<St
         }
         listed += 1;
         let pointer = error.instance_path().as_str();
-        let at = if pointer.is_empty() { "(root)" } else { pointer };
+        let at = if pointer.is_empty() {
+            "(root)"
+        } else {
+            pointer
+        };
         let line = bounded(MAX_VIOLATION_BYTES, |w| write!(w, "- {at}: {error}"));
         if !text.is_empty() {
             text.push('\n');
@@ -451,7 +453,11 @@ mod tests {
                 spec.parameters
             );
             assert_eq!(spec.parameters["type"], "object", "{}", spec.name);
-            assert_eq!(spec.parameters["additionalProperties"], false, "{}", spec.name);
+            assert_eq!(
+                spec.parameters["additionalProperties"], false,
+                "{}",
+                spec.name
+            );
             assert!(
                 spec.description.contains(WORKSPACE),
                 "{}: {}",
@@ -541,7 +547,10 @@ mod tests {
         // A built-in left out of the registry is unknown too; a long name is
         // quoted back cut.
         let message = error_of(&registry, &call("write_file", json!({})));
-        assert!(message.contains("no tool named \"write_file\""), "{message}");
+        assert!(
+            message.contains("no tool named \"write_file\""),
+            "{message}"
+        );
         let message = error_of(&registry, &call(&"x".repeat(10_000), json!({})));
         assert!(message.len() < 300, "{message}");
         let empty = Registry::new(&[], 600).unwrap();
@@ -618,7 +627,10 @@ mod tests {
             let message = error_of(&registry, &call);
             let header = format!("the arguments of {} do not fit its schema:\n", call.name);
             assert!(message.starts_with(&header), "{message}");
-            assert!(message.lines().any(|l| l == line), "{line:?} not in {message:?}");
+            assert!(
+                message.lines().any(|l| l == line),
+                "{line:?} not in {message:?}"
+            );
         }
         // Every violation is listed, not only the first.
         let message = error_of(
@@ -680,7 +692,10 @@ mod tests {
             }
         );
         let message = error_of(&registry, &call("ask_user", json!({"question": 1})));
-        assert!(message.contains("- /question: 1 is not of type \"string\""), "{message}");
+        assert!(
+            message.contains("- /question: 1 is not of type \"string\""),
+            "{message}"
+        );
     }
 
     #[test]

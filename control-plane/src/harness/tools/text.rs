@@ -59,9 +59,15 @@ fn occurrences(haystack: &str, needle: &str) -> usize {
 pub enum LineRangeError {
     /// A line number of 0.
     Zero,
-    Backwards { start: u64, end: u64 },
+    Backwards {
+        start: u64,
+        end: u64,
+    },
     /// The file has fewer than `start` lines.
-    PastEnd { start: u64, lines: u64 },
+    PastEnd {
+        start: u64,
+        lines: u64,
+    },
 }
 
 impl fmt::Display for LineRangeError {
@@ -72,7 +78,10 @@ impl fmt::Display for LineRangeError {
                 write!(f, "end_line {end} is before start_line {start}")
             }
             LineRangeError::PastEnd { start, lines: 0 } => {
-                write!(f, "start_line {start} is past the end of the file: it is empty")
+                write!(
+                    f,
+                    "start_line {start} is past the end of the file: it is empty"
+                )
             }
             LineRangeError::PastEnd { start, lines: 1 } => write!(
                 f,
