@@ -141,7 +141,12 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                                 run.id,
                                 run.view,
                                 RunState::Interrupted,
-                                format!("step {} ({}): {why}", index + 1, step.name),
+                                format!(
+                                    "step {} ({}) may or may not have run to completion: {why}; it is idempotent, but its retries ({}) are used up",
+                                    index + 1,
+                                    step.name,
+                                    step.retries
+                                ),
                             )
                             .await?;
                             return Ok(false);
