@@ -3,10 +3,14 @@
 //! (docs/harness.md).
 //!
 //! So far it holds the model providers ([`providers`]): the operator's
-//! `[[model]]` entries spoken to in their own wire formats over HTTP; and
+//! `[[model]]` entries spoken to in their own wire formats over HTTP;
 //! the tools ([`tools`]): what the model may call, each call validated
 //! against its schema and, for a built-in, turned into the action it will
-//! be and the policy requests it is.
+//! be and the policy requests it is; and the transcript ([`transcript`]):
+//! a session's conversation as entries on its run's log that name only
+//! what each turn adds, their contents stored once as blobs, rebuilt after
+//! a crash into the very request the model saw.
 
 pub mod providers;
 pub mod tools;
+pub mod transcript;
