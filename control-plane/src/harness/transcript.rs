@@ -444,8 +444,8 @@ impl Recorder {
     ) -> Result<(ModelRequest, Record), TranscriptError> {
         transcript.check_turn_closed("model_requested")?;
         let messages = transcript.messages();
-        let count = u32::try_from(messages.len())
-            .map_err(|_| TranscriptError::TooLong(messages.len()))?;
+        let count =
+            u32::try_from(messages.len()).map_err(|_| TranscriptError::TooLong(messages.len()))?;
         let request = render(&self.system, &self.tools, messages, self.max_tokens);
         let entry = Entry::ModelRequested {
             turn,
@@ -467,7 +467,12 @@ impl Recorder {
         transcript: &Transcript,
         request_sha256: &str,
     ) -> Result<ModelRequest, TranscriptError> {
-        let request = render(&self.system, &self.tools, transcript.messages(), self.max_tokens);
+        let request = render(
+            &self.system,
+            &self.tools,
+            transcript.messages(),
+            self.max_tokens,
+        );
         let rebuilt = request_hash(&request);
         if rebuilt != request_sha256 {
             return Err(TranscriptError::RequestMismatch {
@@ -582,7 +587,9 @@ fn check_pairing(messages: &[Message]) -> Result<(), String> {
             continue;
         }
         if let Some((at, _)) = open {
-            return Err(format!("message {at} calls tools whose results do not follow it"));
+            return Err(format!(
+                "message {at} calls tools whose results do not follow it"
+            ));
         }
         if let Message::Assistant { tool_calls, .. } = message {
             if !tool_calls.is_empty() {
@@ -591,7 +598,9 @@ fn check_pairing(messages: &[Message]) -> Result<(), String> {
         }
     }
     match open {
-        Some((at, _)) => Err(format!("message {at} calls tools whose results do not follow it")),
+        Some((at, _)) => Err(format!(
+            "message {at} calls tools whose results do not follow it"
+        )),
         None => Ok(()),
     }
 }
@@ -697,7 +706,10 @@ mod tests {
                 name: "read_file".into(),
                 arguments: Arguments::Json(json!({"path": format!("src/file_{turn:04}.rs")})),
             }];
-            self.respond(&response(&format!("Reading file {turn:04} next."), calls.clone()));
+            self.respond(&response(
+                &format!("Reading file {turn:04} next."),
+                calls.clone(),
+            ));
             self.results(&calls, &[0]);
         }
     }
@@ -777,7 +789,11 @@ mod tests {
             let request = s.recorder.rerender(&rebuilt, request_sha256).unwrap();
             assert_eq!(request_hash(&request), *request_sha256, "entry {i}");
             assert_eq!(request.messages.len(), *messages as usize, "entry {i}");
-            assert_eq!(serde_json::to_vec(&request).unwrap(), s.sent[&i], "entry {i}");
+            assert_eq!(
+                serde_json::to_vec(&request).unwrap(),
+                s.sent[&i],
+                "entry {i}"
+            );
         }
         assert_eq!(rebuild(&s.entries, &s.blobs).unwrap(), s.live);
         requests
@@ -826,7 +842,10 @@ mod tests {
         }
         assert_eq!(s.live.messages(), s.shadow);
         let Some(Message::ToolResults(first)) = s.shadow.get(2) else {
-            panic!("the first turn's results are message 2: {:?}", s.shadow.get(2));
+            panic!(
+                "the first turn's results are message 2: {:?}",
+                s.shadow.get(2)
+            );
         };
         let ids: Vec<&str> = first.iter().map(|r| r.call_id.as_str()).collect();
         assert_eq!(ids, ["call_0_0", "call_0_1"]);
@@ -840,7 +859,11 @@ mod tests {
             };
             let rebuilt = rebuild(&s.entries[..=i], &s.blobs).unwrap();
             let request = s.recorder.rerender(&rebuilt, request_sha256).unwrap();
-            assert_eq!(serde_json::to_vec(&request).unwrap(), s.sent[&i], "entry {i}");
+            assert_eq!(
+                serde_json::to_vec(&request).unwrap(),
+                s.sent[&i],
+                "entry {i}"
+            );
         }
     }
 
@@ -895,7 +918,11 @@ mod tests {
         );
         // Twice the turns: twice the entries, four times the requests.
         assert!(growth(&entry_bytes) <= 2.2, "{}", growth(&entry_bytes));
-        assert!(growth(&full_request_bytes) >= 3.5, "{}", growth(&full_request_bytes));
+        assert!(
+            growth(&full_request_bytes) >= 3.5,
+            "{}",
+            growth(&full_request_bytes)
+        );
         // The model's answer and the tool's result: two new blobs a turn,
         // of the same size at turn 200 as at turn 10.
         assert!(new_blobs.iter().all(|&n| n == 2), "{new_blobs:?}");
@@ -922,7 +949,10 @@ mod tests {
             "{orphaning}"
         );
         let too_far = s.recorder.compaction(&s.live, 14, &summary).unwrap_err();
-        assert_eq!(too_far, TranscriptError::CompactionOutOfRange { upto: 14, len: 13 });
+        assert_eq!(
+            too_far,
+            TranscriptError::CompactionOutOfRange { upto: 14, len: 13 }
+        );
         let record = s.recorder.compaction(&s.live, 9, &summary).unwrap();
         s.write(record);
         let tail = s.shadow[9..].to_vec();
@@ -1039,7 +1069,10 @@ mod tests {
         );
 
         // A second result for a call.
-        let first = s.recorder.tool_result(&s.live, &result("call_0_0")).unwrap();
+        let first = s
+            .recorder
+            .tool_result(&s.live, &result("call_0_0"))
+            .unwrap();
         s.write(first.clone());
         assert_eq!(
             s.recorder.tool_result(&s.live, &result("call_0_0")),
@@ -1071,7 +1104,10 @@ mod tests {
             Err(unanswered("model_requested"))
         );
 
-        let second = s.recorder.tool_result(&s.live, &result("call_0_2")).unwrap();
+        let second = s
+            .recorder
+            .tool_result(&s.live, &result("call_0_2"))
+            .unwrap();
         s.write(second);
         s.request(1);
         // Once the results went out, another one is still a duplicate.
@@ -1098,7 +1134,10 @@ mod tests {
         s.respond(&response("Reading.", vec![call(1, 0)]));
         let twice = response("Twice.", vec![call(2, 0), call(2, 0)]);
         let mut after = s.live.clone();
-        let result_record = s.recorder.tool_result(&s.live, &result("call_1_0")).unwrap();
+        let result_record = s
+            .recorder
+            .tool_result(&s.live, &result("call_1_0"))
+            .unwrap();
         result_record.apply_to(&mut after).unwrap();
         assert_eq!(
             s.recorder.model_response(&after, &twice),
