@@ -66,7 +66,7 @@ impl Budgets {
     pub fn within(&self, server_max: &Budgets) -> Result<Budgets, String> {
         let max_cost_usd = match (self.max_cost_usd, server_max.max_cost_usd) {
             (None, server) => server,
-            (Some(asked), server) if asked == 0.0 => server,
+            (Some(0.0), server) => server,
             (Some(asked), _) if !asked.is_finite() || asked < 0.0 => {
                 return Err(format!(
                     "max_cost_usd must be a positive number of USD, got {asked}"
@@ -146,8 +146,8 @@ impl Budgets {
             }
         }
         // A clock that went back counts as no time passed.
-        let elapsed_ms = u64::try_from(now_unix_ms.saturating_sub(spent.started_unix_ms))
-            .unwrap_or(0);
+        let elapsed_ms =
+            u64::try_from(now_unix_ms.saturating_sub(spent.started_unix_ms)).unwrap_or(0);
         if elapsed_ms >= self.max_wall_secs.saturating_mul(1000) {
             return Some(Exceeded::WallTime {
                 max_secs: self.max_wall_secs,
@@ -567,12 +567,24 @@ mod tests {
         };
         // No server cap: the task's own stands, or none.
         let uncapped = Budgets::default();
-        assert_eq!(asking(Some(3.0)).within(&uncapped).unwrap().max_cost_usd, Some(3.0));
+        assert_eq!(
+            asking(Some(3.0)).within(&uncapped).unwrap().max_cost_usd,
+            Some(3.0)
+        );
         assert_eq!(asking(None).within(&uncapped).unwrap().max_cost_usd, None);
         // A server cap: none or zero takes it, less stays, more is refused.
-        assert_eq!(asking(None).within(&capped).unwrap().max_cost_usd, Some(10.0));
-        assert_eq!(asking(Some(0.0)).within(&capped).unwrap().max_cost_usd, Some(10.0));
-        assert_eq!(asking(Some(2.5)).within(&capped).unwrap().max_cost_usd, Some(2.5));
+        assert_eq!(
+            asking(None).within(&capped).unwrap().max_cost_usd,
+            Some(10.0)
+        );
+        assert_eq!(
+            asking(Some(0.0)).within(&capped).unwrap().max_cost_usd,
+            Some(10.0)
+        );
+        assert_eq!(
+            asking(Some(2.5)).within(&capped).unwrap().max_cost_usd,
+            Some(2.5)
+        );
         let err = asking(Some(20.0)).within(&capped).unwrap_err();
         assert!(
             err.contains("max_cost_usd") && err.contains("at most 10"),
@@ -671,7 +683,10 @@ mod tests {
             ]
         );
         // A clock that went back is no time passed.
-        assert_eq!(budgets.exceeded(&Spent::new(start), start - 1_000_000), None);
+        assert_eq!(
+            budgets.exceeded(&Spent::new(start), start - 1_000_000),
+            None
+        );
     }
 
     #[test]
@@ -743,15 +758,26 @@ mod tests {
         assert_eq!(budgets.exceeded(&paid, 0), None);
         paid.add_usage(&usage, usage.cost_usd(&priced));
         assert!((paid.cost_usd - 1.0).abs() < 1e-9, "{}", paid.cost_usd);
-        assert_eq!(budgets.exceeded(&paid, 0).map(|e| e.budget()), Some("max_cost_usd"));
+        assert_eq!(
+            budgets.exceeded(&paid, 0).map(|e| e.budget()),
+            Some("max_cost_usd")
+        );
     }
 
     #[test]
     fn the_same_call_three_times_in_a_row_is_a_loop_whatever_its_key_order() {
         let mut detector = LoopDetector::default();
         assert_eq!(detector.threshold, 3);
-        let first = call("c1", "read_file", r#"{"path":"a.rs","range":{"start":1,"end":9}}"#);
-        let reordered = call("c2", "read_file", r#"{"range":{"end":9,"start":1},"path":"a.rs"}"#);
+        let first = call(
+            "c1",
+            "read_file",
+            r#"{"path":"a.rs","range":{"start":1,"end":9}}"#,
+        );
+        let reordered = call(
+            "c2",
+            "read_file",
+            r#"{"range":{"end":9,"start":1},"path":"a.rs"}"#,
+        );
         let spaced = call(
             "c3",
             "read_file",
@@ -917,7 +943,10 @@ mod tests {
     fn old_large_results_are_cut_and_every_call_keeps_its_result() {
         let big = |c: char| c.to_string().repeat(10_000);
         let mut log = Log::new();
-        let user = log.recorder.user_message(&log.live, "m0", "Look around.").unwrap();
+        let user = log
+            .recorder
+            .user_message(&log.live, "m0", "Look around.")
+            .unwrap();
         log.write(user);
         log.turn(0, &[("a", big('a'))]);
         log.turn(1, &[("b", big('b')), ("c", "small".into())]);
@@ -946,7 +975,10 @@ mod tests {
         assert_eq!(bc[1].content, "small");
 
         // It is a compaction the transcript takes, and a replay rebuilds.
-        let record = log.recorder.compaction(&log.live, upto, &replacement).unwrap();
+        let record = log
+            .recorder
+            .compaction(&log.live, upto, &replacement)
+            .unwrap();
         log.write(record);
         let after = log.live.messages();
         assert_eq!(after.len(), 7);
@@ -1000,7 +1032,11 @@ mod tests {
         assert_eq!(upto, 3);
         let cut = &results_of(&replacement[2])[0];
         assert!(cut.is_error);
-        assert!(cut.content.contains("[… 4900 bytes cut …]"), "{}", cut.content);
+        assert!(
+            cut.content.contains("[… 4900 bytes cut …]"),
+            "{}",
+            cut.content
+        );
     }
 
     #[test]
