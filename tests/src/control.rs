@@ -260,16 +260,8 @@ impl ControlPlane {
         stdin: &[u8],
     ) -> anyhow::Result<Output> {
         use std::io::Write;
-        let mut cmd = Command::new(crate::workspace_binary("bridle", "bridle")?);
-        if let Some(ca) = &self.ca_cert {
-            cmd.env("BRIDLE_CA_CERT", ca);
-        }
-        let mut child = cmd
-            .args(args)
-            .env("BRIDLE_ENDPOINT", &self.endpoint)
-            .env("BRIDLE_TOKEN", token)
-            .env_remove("BRIDLE_TOKEN_FILE")
-            .env_remove("BRIDLE_DATA_DIR")
+        let mut child = self
+            .cli_command(token, args)?
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -285,6 +277,21 @@ impl ControlPlane {
         // Ends even if the CLI read nothing: its end of the pipe is closed.
         let _ = writer.join();
         Ok(out)
+    }
+
+    /// `bridle args…` against this control plane as `token`: its endpoint,
+    /// CA and token in the environment, none of the caller's own.
+    fn cli_command(&self, token: &str, args: &[&str]) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(crate::workspace_binary("bridle", "bridle")?);
+        if let Some(ca) = &self.ca_cert {
+            cmd.env("BRIDLE_CA_CERT", ca);
+        }
+        cmd.args(args)
+            .env("BRIDLE_ENDPOINT", &self.endpoint)
+            .env("BRIDLE_TOKEN", token)
+            .env_remove("BRIDLE_TOKEN_FILE")
+            .env_remove("BRIDLE_DATA_DIR");
+        Ok(cmd)
     }
 
     /// Names of this control plane's containers, as Docker lists them.
@@ -463,4 +470,15 @@ pub async fn create(client: &mut Sandboxes) -> Result<pb::Sandbox, tonic::Status
     )
     .await?;
     Ok(created.into_inner())
+}
+
+/// [`ControlPlane::cli`] without blocking the runtime, so the test's own
+/// tasks (a Watch, a follower) go on meanwhile; stdin empty. Killed, and the
+/// test failed, past [`crate::PATIENCE`].
+pub async fn cli(cp: &ControlPlane, token: &str, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::from(cp.cli_command(token, args).unwrap());
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    crate::bounded(&format!("bridle {}", args.join(" ")), cmd.output())
+        .await
+        .unwrap()
 }

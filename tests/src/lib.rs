@@ -155,6 +155,11 @@ pub async fn within<T>(
     }
 }
 
+/// [`within`] [`PATIENCE`]: the bound of every wait a test makes itself.
+pub async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    within(what, PATIENCE, fut).await
+}
+
 /// [`Command::output`] (stdin empty, stdout and stderr captured) with an
 /// end: once `limit` has passed the process is killed and the answer is an
 /// error of kind `TimedOut` naming the command. An error rather than a

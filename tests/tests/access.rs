@@ -17,6 +17,7 @@ use bridle_proto::sandbox::v1 as agent_pb;
 use bridle_tests::client::{shell, start};
 use bridle_tests::control::{self, Admin, ControlPlane, Runs, Sandboxes};
 use bridle_tests::docker::require_docker;
+use bridle_tests::PATIENCE;
 use prost::Message;
 use prost_types::FileDescriptorSet;
 use tonic::{Code, Status};
@@ -27,14 +28,11 @@ macro_rules! needs_docker {
     };
 }
 
-/// Bound on every wait for a state; only a broken run reaches it.
-const WAIT: Duration = Duration::from_secs(120);
-
 /// The trailer naming the approval a refused unary call created.
 const APPROVAL_ID: &str = "x-bridle-approval-id";
 
 async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
-    bridle_tests::eventually(what, WAIT, check).await
+    bridle_tests::eventually(what, PATIENCE, check).await
 }
 
 // ------------------------------------------------------------ authentication
@@ -146,8 +144,8 @@ async fn wait_until_expired(cp: &ControlPlane, token: &str) {
             return;
         }
         assert!(
-            began.elapsed() < WAIT,
-            "a token with a lifetime of 1 s was still accepted after {WAIT:?}"
+            began.elapsed() < PATIENCE,
+            "a token with a lifetime of 1 s was still accepted after {PATIENCE:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -176,7 +174,7 @@ async fn wait_until_audited(cp: &ControlPlane, token: &str, name: &str) {
             return;
         }
         assert!(
-            began.elapsed() < WAIT,
+            began.elapsed() < PATIENCE,
             "the audit entry of {name}'s call was never committed"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -838,7 +836,7 @@ async fn tenants_cannot_see_or_touch_each_others_runs_or_approvals() {
     .await;
     assert_ne!(bobs.id, run.id);
     assert_eq!(bobs.owner, "bob");
-    let seen = tokio::time::timeout(WAIT, watch.message())
+    let seen = tokio::time::timeout(PATIENCE, watch.message())
         .await
         .expect("bob's watch never showed his own approval")
         .unwrap()
@@ -1004,7 +1002,10 @@ async fn wait_for_run(
         if done(&run) {
             return run;
         }
-        assert!(began.elapsed() < WAIT, "run {id} was never {what}: {run:?}");
+        assert!(
+            began.elapsed() < PATIENCE,
+            "run {id} was never {what}: {run:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

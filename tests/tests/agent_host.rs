@@ -7,108 +7,14 @@
 use std::time::Duration;
 
 use bridle_proto::sandbox::v1 as pb;
-use bridle_tests::client::{self, shell, start};
+use bridle_tests::client::{
+    self, attach, collect, read_file, read_to_end, read_until, restore, run, shell, snapshot,
+    start, start_interactive, write_file,
+};
 use bridle_tests::host::{alive, HostAgent};
+use bridle_tests::{bounded, PATIENCE};
 use bytes::Bytes;
 use tonic::Code;
-
-/// The bound on any one wait: far beyond what a working run needs, so only
-/// a hang reaches it, and then as a failure that says what hung.
-const WAIT: Duration = Duration::from_secs(120);
-
-/// `fut`'s output, or a panic naming `what` once [`WAIT`] has passed.
-async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(out) => out,
-        Err(_) => panic!("{what}: still waiting after {} s", WAIT.as_secs()),
-    }
-}
-
-fn describe(s: &pb::ExecStart) -> String {
-    if s.shell.is_empty() {
-        format!("{:?}", s.argv)
-    } else {
-        format!("sh -c {:?}", s.shell)
-    }
-}
-
-// The client helpers, each bounded by [`WAIT`].
-
-async fn run(c: &mut client::Agent, s: pb::ExecStart) -> anyhow::Result<client::ExecResult> {
-    let what = format!("the exec of {}", describe(&s));
-    bounded(&what, client::run(c, s)).await
-}
-
-async fn start_interactive(
-    c: &mut client::Agent,
-    s: pb::ExecStart,
-) -> anyhow::Result<(
-    tokio::sync::mpsc::Sender<pb::ExecRequest>,
-    tonic::Streaming<pb::ExecEvent>,
-)> {
-    let what = format!("starting {}", describe(&s));
-    bounded(&what, client::start_interactive(c, s)).await
-}
-
-async fn attach(
-    c: &mut client::Agent,
-    exec_id: &str,
-    from_offset: u64,
-) -> anyhow::Result<client::ExecResult> {
-    let what = format!("attaching to exec {exec_id} until it ends");
-    bounded(&what, client::attach(c, exec_id, from_offset)).await
-}
-
-async fn collect(events: tonic::Streaming<pb::ExecEvent>) -> anyhow::Result<client::ExecResult> {
-    bounded("the rest of an exec stream", client::collect(events)).await
-}
-
-async fn read_until(
-    events: &mut tonic::Streaming<pb::ExecEvent>,
-    r: &mut client::ExecResult,
-    done: impl Fn(&client::ExecResult) -> bool,
-) -> anyhow::Result<()> {
-    bounded("an awaited exec event", client::read_until(events, r, done)).await
-}
-
-async fn read_to_end(
-    events: &mut tonic::Streaming<pb::ExecEvent>,
-    r: &mut client::ExecResult,
-) -> anyhow::Result<()> {
-    bounded("the end of an exec stream", client::read_to_end(events, r)).await
-}
-
-async fn read_file(c: &mut client::Agent, path: &str) -> Result<Vec<u8>, tonic::Status> {
-    bounded(&format!("reading {path}"), client::read_file(c, path)).await
-}
-
-async fn write_file(
-    c: &mut client::Agent,
-    header: pb::WriteFileHeader,
-    data: Bytes,
-) -> Result<pb::WriteFileResponse, tonic::Status> {
-    let what = format!("writing {}", header.path);
-    bounded(&what, client::write_file(c, header, data)).await
-}
-
-async fn snapshot(
-    c: &mut client::Agent,
-    req: pb::SnapshotRequest,
-) -> Result<Vec<u8>, tonic::Status> {
-    bounded("a snapshot", client::snapshot(c, req)).await
-}
-
-async fn restore(
-    c: &mut client::Agent,
-    path: &str,
-    archive: Bytes,
-) -> Result<pb::RestoreResponse, tonic::Status> {
-    bounded(
-        &format!("restoring into {path:?}"),
-        client::restore(c, path, archive),
-    )
-    .await
-}
 
 #[tokio::test]
 async fn runs_a_command_and_reports_its_exit() {
@@ -294,7 +200,7 @@ async fn a_client_gone_during_start_leaves_an_exec_that_still_finishes() {
         });
         // Cancel the call the moment the agent has the exec in its table.
         let mut seen_starting = false;
-        let deadline = std::time::Instant::now() + WAIT;
+        let deadline = std::time::Instant::now() + PATIENCE;
         loop {
             let listed = bounded("ListExecs", c.list_execs(pb::ListExecsRequest {}))
                 .await
@@ -599,7 +505,7 @@ async fn output_is_bounded_and_marks_what_was_dropped() {
     .await
     .unwrap();
     drop(events);
-    bridle_tests::eventually("the loud exec has exited", WAIT, async || {
+    bridle_tests::eventually("the loud exec has exited", PATIENCE, async || {
         let list = c
             .list_execs(pb::ListExecsRequest {})
             .await
@@ -1082,7 +988,7 @@ async fn sigterm_stops_running_commands_and_exits_cleanly() {
     let pid = agent.pid() as i32;
     // SAFETY: kill(2) of the agent this test started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    bridle_tests::eventually("the agent exits on SIGTERM", WAIT, async || !alive(pid)).await;
+    bridle_tests::eventually("the agent exits on SIGTERM", PATIENCE, async || !alive(pid)).await;
     // Collects the exit status (the agent is gone: the wait returns at once).
     let status = agent.terminate().unwrap();
     assert!(status.success(), "{status:?}");
@@ -1241,7 +1147,7 @@ async fn killing_its_own_supervisor_does_not_let_a_command_escape() {
             .parse()
             .unwrap();
         // The agent stops strays as soon as it learns the supervisor is gone.
-        let deadline = std::time::Instant::now() + WAIT;
+        let deadline = std::time::Instant::now() + PATIENCE;
         while alive(pid) && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

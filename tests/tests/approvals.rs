@@ -7,53 +7,21 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bridle_proto::control::v1 as pb;
 use bridle_proto::sandbox::v1 as agent_pb;
 use bridle_tests::client::{apply, ExecResult};
+use bridle_tests::control::cli;
 use bridle_tests::control::{create, start_request, Approvals, ControlPlane, Sandboxes};
 use bridle_tests::docker::require_docker;
+use bridle_tests::{bounded, PATIENCE};
 use tonic::Code;
 
 macro_rules! needs_docker {
     () => {
         require_docker(module_path!())
     };
-}
-
-/// The bound on any one wait: far beyond what a slow machine needs, so only
-/// a broken control plane reaches it, and then the test fails saying what
-/// it waited for instead of hanging.
-const WAIT: Duration = Duration::from_secs(120);
-
-/// Awaits `f`; fails the test naming `what` if it has not ended within
-/// [`WAIT`].
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: not done within {} s", WAIT.as_secs()))
-}
-
-/// `bridle args…` against `cp` as `token`; killed, and the test failed, if
-/// it has not ended within [`WAIT`].
-async fn cli(cp: &ControlPlane, token: &str, args: &[&str]) -> std::process::Output {
-    let mut cmd =
-        tokio::process::Command::new(bridle_tests::workspace_binary("bridle", "bridle").unwrap());
-    if let Some(ca) = &cp.ca_cert {
-        cmd.env("BRIDLE_CA_CERT", ca);
-    }
-    cmd.args(args)
-        .env("BRIDLE_ENDPOINT", &cp.endpoint)
-        .env("BRIDLE_TOKEN", token)
-        .env_remove("BRIDLE_TOKEN_FILE")
-        .env_remove("BRIDLE_DATA_DIR")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    bounded(&format!("bridle {}", args.join(" ")), cmd.output())
-        .await
-        .unwrap()
 }
 
 fn shell(cmd: &str) -> agent_pb::ExecStart {
@@ -170,7 +138,7 @@ async fn until_approval(
     what: &str,
     done: impl Fn(&pb::Approval) -> bool,
 ) -> pb::Approval {
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + PATIENCE;
     loop {
         let a = get(c, id).await;
         if done(&a) {
@@ -352,7 +320,7 @@ async fn an_exec_waits_for_another_operator_and_an_approval_is_used_once_for_one
         {
             break;
         }
-        assert!(start.elapsed() < WAIT, "{entries:#?}");
+        assert!(start.elapsed() < PATIENCE, "{entries:#?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let v = bounded("Audit/Verify", audit.verify(pb::VerifyAuditRequest {}))
@@ -418,7 +386,7 @@ async fn an_unanswered_approval_expires_closed_and_policy_forbids_secret_paths()
         if entries.iter().any(|e| e.action == "approval.expired") {
             break;
         }
-        assert!(start.elapsed() < WAIT, "{entries:#?}");
+        assert!(start.elapsed() < PATIENCE, "{entries:#?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(cp);
@@ -634,7 +602,7 @@ async fn a_run_awaiting_approval_survives_kill_9_and_resumes_when_approved() {
     // The run's record: its submission, the decision on each step, its
     // approval requested and approved, and nothing of other runs.
     let auditor = cp.token(pb::Role::Auditor, "audit").await.unwrap();
-    bridle_tests::eventually("the run's audit entries", WAIT, async || {
+    bridle_tests::eventually("the run's audit entries", PATIENCE, async || {
         let of_run = query(
             &cp,
             &auditor,
@@ -735,7 +703,7 @@ async fn until_run(
         if done(&r) {
             return r;
         }
-        assert!(start.elapsed() < WAIT, "{r:?}");
+        assert!(start.elapsed() < PATIENCE, "{r:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

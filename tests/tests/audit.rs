@@ -5,51 +5,19 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bridle_proto::control::v1 as pb;
 use bridle_proto::sandbox::v1 as agent_pb;
+use bridle_tests::control::cli;
 use bridle_tests::control::ControlPlane;
 use bridle_tests::docker::require_docker;
+use bridle_tests::{bounded, PATIENCE};
 
 macro_rules! needs_docker {
     () => {
         require_docker(module_path!())
     };
-}
-
-/// The bound on any one wait: far beyond what a slow machine needs, so only
-/// a broken control plane reaches it, and then the test fails saying what
-/// it waited for instead of hanging.
-const WAIT: Duration = Duration::from_secs(120);
-
-/// Awaits `f`; fails the test naming `what` if it has not ended within
-/// [`WAIT`].
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: not done within {} s", WAIT.as_secs()))
-}
-
-/// `bridle args…` against `cp` as `token`; killed, and the test failed, if
-/// it has not ended within [`WAIT`].
-async fn cli(cp: &ControlPlane, token: &str, args: &[&str]) -> std::process::Output {
-    let mut cmd =
-        tokio::process::Command::new(bridle_tests::workspace_binary("bridle", "bridle").unwrap());
-    if let Some(ca) = &cp.ca_cert {
-        cmd.env("BRIDLE_CA_CERT", ca);
-    }
-    cmd.args(args)
-        .env("BRIDLE_ENDPOINT", &cp.endpoint)
-        .env("BRIDLE_TOKEN", token)
-        .env_remove("BRIDLE_TOKEN_FILE")
-        .env_remove("BRIDLE_DATA_DIR")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    bounded(&format!("bridle {}", args.join(" ")), cmd.output())
-        .await
-        .unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -84,7 +52,10 @@ async fn until_logged(
         if check(&entries) {
             return;
         }
-        assert!(start.elapsed() < WAIT, "not in the audit log: {entries:#?}");
+        assert!(
+            start.elapsed() < PATIENCE,
+            "not in the audit log: {entries:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -419,7 +390,7 @@ async fn policy_sets_are_validated_versioned_kept_and_audited() {
 }
 
 async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
-    bridle_tests::eventually(what, WAIT, check).await
+    bridle_tests::eventually(what, PATIENCE, check).await
 }
 
 /// The policy set in force, as Admin.GetPolicy answers it.
@@ -551,7 +522,7 @@ async fn put_in_force(cp: &ControlPlane, how: &Change<'_>, source: &str) -> u64 
         }
         Change::File(path) => {
             write_whole(path, source);
-            let deadline = Instant::now() + WAIT;
+            let deadline = Instant::now() + PATIENCE;
             loop {
                 let p = bounded("Admin/GetPolicy", admin.get_policy(pb::GetPolicyRequest {}))
                     .await
@@ -586,7 +557,7 @@ fn request_id(metadata: &tonic::metadata::MetadataMap) -> String {
 /// call), once committed (within one group commit of the answer).
 async fn entry_of(cp: &ControlPlane, action: &str, request_id: &str) -> pb::AuditEntry {
     let mut audit = cp.audit(&cp.admin_token).await.unwrap();
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + PATIENCE;
     loop {
         let entries = bounded(
             "Audit/Query",
@@ -614,7 +585,7 @@ async fn entry_of(cp: &ControlPlane, action: &str, request_id: &str) -> pb::Audi
 /// The audit entry of the policy decision on the one step of run `run_id`.
 async fn step_decision_of(cp: &ControlPlane, run_id: &str) -> pb::AuditEntry {
     let mut audit = cp.audit(&cp.admin_token).await.unwrap();
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + PATIENCE;
     loop {
         let entries = bounded(
             "Audit/Query",
@@ -695,7 +666,7 @@ async fn run_one_step(runs: &mut bridle_tests::control::Runs, key: &str) -> pb::
     .await
     .unwrap()
     .into_inner();
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + PATIENCE;
     loop {
         let r = bounded(
             "Runs/Get",
@@ -726,10 +697,7 @@ async fn each_change_decides_the_next_call(cp: &ControlPlane, how: Change<'_>) {
     let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
     let mut sb = cp.sandboxes(&alice).await.unwrap();
     let mut runs = cp.runs(&alice).await.unwrap();
-    let sandbox = bounded("Sandboxes/Create", bridle_tests::control::create(&mut sb))
-        .await
-        .unwrap()
-        .id;
+    let sandbox = bridle_tests::control::create(&mut sb).await.unwrap().id;
 
     // An exec.
     let v = put_in_force(cp, &how, &forbid).await;
@@ -894,9 +862,7 @@ async fn an_audit_log_that_cannot_record_stops_what_would_go_unrecorded() {
     let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
     let auditor = cp.token(pb::Role::Auditor, "audit-team").await.unwrap();
     let mut sb = cp.sandboxes(&alice).await.unwrap();
-    let kept = bounded("Sandboxes/Create", bridle_tests::control::create(&mut sb))
-        .await
-        .unwrap();
+    let kept = bridle_tests::control::create(&mut sb).await.unwrap();
     let mut runs = cp.runs(&alice).await.unwrap();
     // One run holds the only slot with its second step still to be
     // decided; another waits for the slot.
@@ -941,9 +907,7 @@ async fn an_audit_log_that_cannot_record_stops_what_would_go_unrecorded() {
     };
 
     // Before they act: nothing is created, deleted, run or submitted.
-    let s = bounded("Sandboxes/Create", bridle_tests::control::create(&mut sb))
-        .await
-        .unwrap_err();
+    let s = bridle_tests::control::create(&mut sb).await.unwrap_err();
     assert!(unrecordable(&s), "{s:?}");
     let s = bounded("Sandboxes/Delete", sb.delete(gone(&kept.id)))
         .await

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use bridle_proto::control::v1 as pb;
 use bridle_proto::sandbox::v1 as agent_pb;
-use bridle_tests::client::{self, shell, start};
-use bridle_tests::control::{self, ControlPlane, Sandboxes};
+use bridle_tests::client::{self, collect, read_until, shell, start};
+use bridle_tests::control::{self, create, exec, exec_interactive, ControlPlane};
 use bridle_tests::docker::require_docker;
+use bridle_tests::{bounded, PATIENCE};
 use tonic::Code;
 
 macro_rules! needs_docker {
@@ -27,65 +28,7 @@ async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
     bridle_tests::eventually(what, Duration::from_secs(90), check).await
 }
 
-/// The bound on any one wait: far beyond what a working run needs, so only
-/// a hang reaches it, and then as a failure that says what hung.
-const WAIT: Duration = Duration::from_secs(120);
-
-/// `fut`'s output, or a panic naming `what` once [`WAIT`] has passed.
-async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(out) => out,
-        Err(_) => panic!("{what}: still waiting after {} s", WAIT.as_secs()),
-    }
-}
-
-fn describe(s: &agent_pb::ExecStart) -> String {
-    if s.shell.is_empty() {
-        format!("{:?}", s.argv)
-    } else {
-        format!("sh -c {:?}", s.shell)
-    }
-}
-
-// The helpers, each bounded by [`WAIT`].
-
-async fn exec(
-    c: &mut Sandboxes,
-    sandbox_id: &str,
-    s: agent_pb::ExecStart,
-) -> Result<client::ExecResult, tonic::Status> {
-    let what = format!("the exec of {} in {sandbox_id}", describe(&s));
-    bounded(&what, control::exec(c, sandbox_id, s)).await
-}
-
-async fn exec_interactive(
-    c: &mut Sandboxes,
-    sandbox_id: &str,
-    s: agent_pb::ExecStart,
-    detach: bool,
-) -> anyhow::Result<(
-    tokio::sync::mpsc::Sender<pb::ExecRequest>,
-    tonic::Streaming<pb::ExecEvent>,
-)> {
-    let what = format!("starting {} in {sandbox_id}", describe(&s));
-    bounded(&what, control::exec_interactive(c, sandbox_id, s, detach)).await
-}
-
-async fn create(c: &mut Sandboxes) -> Result<pb::Sandbox, tonic::Status> {
-    bounded("creating a sandbox", control::create(c)).await
-}
-
-async fn collect(events: tonic::Streaming<pb::ExecEvent>) -> anyhow::Result<client::ExecResult> {
-    bounded("the rest of an exec stream", client::collect(events)).await
-}
-
-async fn read_until(
-    events: &mut tonic::Streaming<pb::ExecEvent>,
-    r: &mut client::ExecResult,
-    done: impl Fn(&client::ExecResult) -> bool,
-) -> anyhow::Result<()> {
-    bounded("an awaited exec event", client::read_until(events, r, done)).await
-}
+// The helpers, each bounded by [`PATIENCE`].
 
 /// The ids of every sandbox an admin sees.
 async fn listed(cp: &ControlPlane) -> Vec<String> {
@@ -831,7 +774,8 @@ async fn ttl_and_idle_timeout_delete_sandboxes() {
         tokio::spawn(async move {
             let mut execs = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let ran = tokio::time::timeout(WAIT, control::exec(&mut c, &id, start(&["true"])));
+                let ran =
+                    tokio::time::timeout(PATIENCE, control::exec(&mut c, &id, start(&["true"])));
                 match ran.await {
                     Ok(Ok(r)) if r.code() == Some(0) => execs += 1,
                     other => return Err(format!("exec {} in {id}: {other:?}", execs + 1)),

@@ -10,40 +10,15 @@ use std::time::Duration;
 use bridle_proto::control::v1 as pb;
 use bridle_proto::sandbox::v1 as agent_pb;
 use bridle_tests::client::{self, shell};
-use bridle_tests::control::{self, ControlPlane, Sandboxes};
+use bridle_tests::control::{self, create, exec, ControlPlane, Sandboxes};
 use bridle_tests::docker::{require_docker, Sandbox, SandboxOptions};
+use bridle_tests::{bounded, PATIENCE};
 use tonic::Code;
 
 macro_rules! needs_docker {
     () => {
         require_docker(module_path!())
     };
-}
-
-/// The bound on any one wait: far beyond what a working run needs, so only
-/// a hang reaches it, and then as a failure that says what hung.
-const WAIT: Duration = Duration::from_secs(120);
-
-/// `fut`'s output, or a panic naming `what` once [`WAIT`] has passed.
-async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(out) => out,
-        Err(_) => panic!("{what}: still waiting after {} s", WAIT.as_secs()),
-    }
-}
-
-/// [`control::exec`], bounded.
-async fn exec(
-    c: &mut Sandboxes,
-    sandbox_id: &str,
-    s: agent_pb::ExecStart,
-) -> Result<client::ExecResult, tonic::Status> {
-    bounded("an exec", control::exec(c, sandbox_id, s)).await
-}
-
-/// [`control::create`], bounded.
-async fn create(c: &mut Sandboxes) -> Result<pb::Sandbox, tonic::Status> {
-    bounded("creating a sandbox", control::create(c)).await
 }
 
 /// The probe that tries to drive an agent from inside a sandbox.
@@ -85,10 +60,7 @@ async fn upload(
 }
 
 async fn sh(c: &mut Sandboxes, sandbox_id: &str, cmd: &str) -> client::ExecResult {
-    let what = format!("the exec of sh -c {cmd:?}");
-    bounded(&what, control::exec(c, sandbox_id, shell(cmd)))
-        .await
-        .unwrap()
+    exec(c, sandbox_id, shell(cmd)).await.unwrap()
 }
 
 #[tokio::test]
@@ -212,7 +184,7 @@ async fn stop_signals_from_inside_the_sandbox_are_ignored() {
     assert_eq!(got.state, pb::SandboxState::Ready as i32);
     assert_eq!(control::inspect(&id, "{{.State.Running}}"), "true");
     // The agent says so in its log (once for the lot).
-    bridle_tests::eventually("the agent logs what it ignored", WAIT, async || {
+    bridle_tests::eventually("the agent logs what it ignored", PATIENCE, async || {
         let logs = std::process::Command::new("docker")
             .args(["logs", &format!("bridle-{id}")])
             .output()
@@ -327,7 +299,7 @@ async fn an_upload_that_is_not_what_was_announced_changes_nothing() {
     let mut stdin = cli.stdin.take().unwrap();
     std::io::Write::write_all(&mut stdin, &part).unwrap();
     // The window is hit: the agent holds megabytes of it in its temporary file.
-    bridle_tests::eventually("the upload is under way", WAIT, async || {
+    bridle_tests::eventually("the upload is under way", PATIENCE, async || {
         let r = sh(
             &mut c,
             &id,
@@ -341,7 +313,7 @@ async fn an_upload_that_is_not_what_was_announced_changes_nothing() {
     cli.wait().unwrap();
     drop(stdin);
     // The agent removes its temporary file once it sees the call cut off.
-    bridle_tests::eventually("only the old file is left", WAIT, async || {
+    bridle_tests::eventually("only the old file is left", PATIENCE, async || {
         sh(&mut c, &id, "cat data.bin; ls -A").await.stdout_str() == "olddata.bin\n"
     })
     .await;
@@ -452,7 +424,7 @@ async fn a_run_that_fails_writing_its_inputs_releases_its_sandbox() {
     let done = wait_finished(&mut runs, &run.id).await;
     assert_eq!(done.state, pb::RunState::Failed as i32, "{done:?}");
     assert!(done.reason.contains("writing inputs"), "{}", done.reason);
-    bridle_tests::eventually("the run's sandbox is released", WAIT, async || {
+    bridle_tests::eventually("the run's sandbox is released", PATIENCE, async || {
         cp.containers().is_empty()
     })
     .await;
@@ -472,7 +444,7 @@ async fn a_sandbox_whose_agent_stopped_says_so_at_once() {
         .output()
         .unwrap();
     assert!(killed.status.success(), "{killed:?}");
-    bridle_tests::eventually("the sandbox shows it failed", WAIT, async || {
+    bridle_tests::eventually("the sandbox shows it failed", PATIENCE, async || {
         let got = c
             .get(pb::GetSandboxRequest {
                 sandbox_id: id.clone(),
@@ -608,7 +580,7 @@ async fn restart_the_container_mid_step(
     // locked socket directory again and stops; the control plane starts
     // the container afresh when it comes back.
     let id = names[0].trim_start_matches("bridle-");
-    bridle_tests::eventually("the restarted container stops", WAIT, async || {
+    bridle_tests::eventually("the restarted container stops", PATIENCE, async || {
         control::inspect(id, "{{.State.Running}}") == "false"
     })
     .await;
@@ -855,7 +827,7 @@ async fn followers_survive_restarts_and_miss_nothing() {
         Follower::start(&cp, &["runs", "watch", &run.id, "-o", "json"]),
     ];
     // Every follower is following before the first kill.
-    bridle_tests::eventually("every follower printed", WAIT, async || {
+    bridle_tests::eventually("every follower printed", PATIENCE, async || {
         followers.iter().all(|f| f.stdout().contains("out-1"))
     })
     .await;
@@ -866,14 +838,14 @@ async fn followers_survive_restarts_and_miss_nothing() {
     let mut followers = followers;
     for f in &mut followers {
         let mut status = None;
-        bridle_tests::eventually("the follower exits", WAIT, async || {
+        bridle_tests::eventually("the follower exits", PATIENCE, async || {
             status = f.child.try_wait().unwrap();
             status.is_some()
         })
         .await;
         let status = status.unwrap();
         // The output threads have everything once the pipes close.
-        bridle_tests::eventually("the output is read", WAIT, async || {
+        bridle_tests::eventually("the output is read", PATIENCE, async || {
             Arc::strong_count(&f.stdout) == 1
         })
         .await;
@@ -939,7 +911,7 @@ async fn workspace_volumes_are_labelled_and_orphans_swept() {
         .unwrap();
     assert!(made.status.success(), "{made:?}");
     cp.restart().await.unwrap();
-    bridle_tests::eventually("the orphan volume is removed", WAIT, async || {
+    bridle_tests::eventually("the orphan volume is removed", PATIENCE, async || {
         label(ghost).is_empty()
     })
     .await;
@@ -951,7 +923,7 @@ async fn workspace_volumes_are_labelled_and_orphans_swept() {
 }
 
 /// Runs `cmd` to its end, capturing its output; kills it and fails once
-/// [`WAIT`] has passed (an agent that does not refuse serves for ever).
+/// [`PATIENCE`] has passed (an agent that does not refuse serves for ever).
 fn output_within(cmd: &mut std::process::Command) -> std::process::Output {
     use std::process::Stdio;
     let mut child = cmd
@@ -960,14 +932,14 @@ fn output_within(cmd: &mut std::process::Command) -> std::process::Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + WAIT;
+    let deadline = std::time::Instant::now() + PATIENCE;
     while child.try_wait().unwrap().is_none() {
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
             panic!(
                 "{cmd:?} still running after {} s: {}",
-                WAIT.as_secs(),
+                PATIENCE.as_secs(),
                 String::from_utf8_lossy(&out.stderr)
             );
         }

@@ -5,14 +5,15 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::collections::HashMap;
-use std::future::Future;
 
 use sha2::Digest;
 use std::time::{Duration, Instant};
 
 use bridle_proto::control::v1 as pb;
+use bridle_tests::control::cli;
 use bridle_tests::control::ControlPlane;
 use bridle_tests::docker::require_docker;
+use bridle_tests::{bounded, PATIENCE};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -23,19 +24,6 @@ macro_rules! needs_docker {
 }
 
 type Runs = pb::runs_client::RunsClient<InterceptedService<Channel, bridle_tests::control::Bearer>>;
-
-/// The bound on any one wait: far beyond what a slow machine needs, so only
-/// a broken control plane reaches it, and then the test fails saying what
-/// it waited for instead of hanging.
-const WAIT: Duration = Duration::from_secs(120);
-
-/// Awaits `f`; fails the test naming `what` if it has not ended within
-/// [`WAIT`].
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: not done within {} s", WAIT.as_secs()))
-}
 
 async fn runs_client(endpoint: &str, token: &str) -> anyhow::Result<Runs> {
     let ch = Channel::from_shared(endpoint.to_string())?
@@ -93,7 +81,7 @@ async fn logs(c: &mut Runs, run_id: &str, step: u32) -> String {
 
 /// Waits until step `step`'s recorded stdout is `expected`.
 async fn until_output(c: &mut Runs, run_id: &str, step: u32, expected: &str) {
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + PATIENCE;
     loop {
         let got = logs(c, run_id, step).await;
         if got == expected {
@@ -113,7 +101,7 @@ async fn wait_released(cp: &ControlPlane) {
     let start = Instant::now();
     while !cp.containers().is_empty() {
         assert!(
-            start.elapsed() < WAIT,
+            start.elapsed() < PATIENCE,
             "the run's sandbox was not released: {:?}",
             cp.containers()
         );
@@ -173,7 +161,7 @@ async fn sealed_secrets(cp: &ControlPlane, run_id: &str) -> Option<Vec<u8>> {
 /// Waits until the store holds no sealed secrets for `run_id` (they are
 /// deleted just after its sandbox, once `finished` is recorded).
 async fn until_no_sealed_secrets(cp: &ControlPlane, run_id: &str) {
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + PATIENCE;
     while sealed_secrets(cp, run_id).await.is_some() {
         assert!(
             Instant::now() < deadline,
@@ -513,26 +501,6 @@ async fn cancel_stops_the_running_step_and_its_children() {
     wait_released(&cp).await;
 }
 
-/// `bridle args…` against `cp` as `token`; killed, and the test failed, if
-/// it has not ended within [`WAIT`].
-async fn cli(cp: &ControlPlane, token: &str, args: &[&str]) -> std::process::Output {
-    let mut cmd =
-        tokio::process::Command::new(bridle_tests::workspace_binary("bridle", "bridle").unwrap());
-    if let Some(ca) = &cp.ca_cert {
-        cmd.env("BRIDLE_CA_CERT", ca);
-    }
-    cmd.args(args)
-        .env("BRIDLE_ENDPOINT", &cp.endpoint)
-        .env("BRIDLE_TOKEN", token)
-        .env_remove("BRIDLE_TOKEN_FILE")
-        .env_remove("BRIDLE_DATA_DIR")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    bounded(&format!("bridle {}", args.join(" ")), cmd.output())
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn the_cli_runs_a_job_file_and_exits_with_its_code() {
     needs_docker!();
@@ -589,14 +557,14 @@ async fn get_run(c: &mut Runs, run_id: &str) -> pb::Run {
 }
 
 /// Polls the run until `done` holds and answers it; fails naming `what`
-/// (and the run as last seen) after [`WAIT`].
+/// (and the run as last seen) after [`PATIENCE`].
 async fn until_run(
     c: &mut Runs,
     run_id: &str,
     what: &str,
     done: impl Fn(&pb::Run) -> bool,
 ) -> pb::Run {
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + PATIENCE;
     loop {
         let r = get_run(c, run_id).await;
         if done(&r) {
@@ -635,7 +603,7 @@ async fn the_one_running(c: &mut Runs, ids: &[&str]) -> pb::Run {
         if let Some(r) = running.pop() {
             return r;
         }
-        assert!(start.elapsed() < WAIT, "none of {ids:?} started");
+        assert!(start.elapsed() < PATIENCE, "none of {ids:?} started");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

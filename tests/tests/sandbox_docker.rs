@@ -7,9 +7,13 @@
 use std::time::Duration;
 
 use bridle_proto::sandbox::v1 as pb;
-use bridle_tests::client::{self, shell, start};
+use bridle_tests::client::{
+    self, read_file, read_until, restore, run, shell, snapshot, start, start_interactive,
+    write_file,
+};
 use bridle_tests::docker::{require_docker, Sandbox, SandboxOptions};
 use bridle_tests::tarcraft::{self, Entry};
+use bridle_tests::{bounded, PATIENCE};
 use bytes::Bytes;
 use tonic::Code;
 
@@ -17,84 +21,6 @@ macro_rules! needs_docker {
     () => {
         require_docker(module_path!())
     };
-}
-
-/// The bound on any one wait: far beyond what a working run needs, so only
-/// a hang reaches it, and then as a failure that says what hung.
-const WAIT: Duration = Duration::from_secs(120);
-
-/// `fut`'s output, or a panic naming `what` once [`WAIT`] has passed.
-async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(out) => out,
-        Err(_) => panic!("{what}: still waiting after {} s", WAIT.as_secs()),
-    }
-}
-
-fn describe(s: &pb::ExecStart) -> String {
-    if s.shell.is_empty() {
-        format!("{:?}", s.argv)
-    } else {
-        format!("sh -c {:?}", s.shell)
-    }
-}
-
-// The client helpers, each bounded by [`WAIT`].
-
-async fn run(c: &mut client::Agent, s: pb::ExecStart) -> anyhow::Result<client::ExecResult> {
-    let what = format!("the exec of {}", describe(&s));
-    bounded(&what, client::run(c, s)).await
-}
-
-async fn start_interactive(
-    c: &mut client::Agent,
-    s: pb::ExecStart,
-) -> anyhow::Result<(
-    tokio::sync::mpsc::Sender<pb::ExecRequest>,
-    tonic::Streaming<pb::ExecEvent>,
-)> {
-    let what = format!("starting {}", describe(&s));
-    bounded(&what, client::start_interactive(c, s)).await
-}
-
-async fn read_until(
-    events: &mut tonic::Streaming<pb::ExecEvent>,
-    r: &mut client::ExecResult,
-    done: impl Fn(&client::ExecResult) -> bool,
-) -> anyhow::Result<()> {
-    bounded("an awaited exec event", client::read_until(events, r, done)).await
-}
-
-async fn read_file(c: &mut client::Agent, path: &str) -> Result<Vec<u8>, tonic::Status> {
-    bounded(&format!("reading {path}"), client::read_file(c, path)).await
-}
-
-async fn write_file(
-    c: &mut client::Agent,
-    header: pb::WriteFileHeader,
-    data: Bytes,
-) -> Result<pb::WriteFileResponse, tonic::Status> {
-    let what = format!("writing {}", header.path);
-    bounded(&what, client::write_file(c, header, data)).await
-}
-
-async fn snapshot(
-    c: &mut client::Agent,
-    req: pb::SnapshotRequest,
-) -> Result<Vec<u8>, tonic::Status> {
-    bounded("a snapshot", client::snapshot(c, req)).await
-}
-
-async fn restore(
-    c: &mut client::Agent,
-    path: &str,
-    archive: Bytes,
-) -> Result<pb::RestoreResponse, tonic::Status> {
-    bounded(
-        &format!("restoring into {path:?}"),
-        client::restore(c, path, archive),
-    )
-    .await
 }
 
 #[tokio::test]
@@ -165,7 +91,7 @@ async fn a_fork_bomb_is_contained_and_the_agent_stays_healthy() {
     // the kernel reaps it, as the spawner ignores SIGCHLD.)
     bridle_tests::eventually(
         "only the agent's own processes are left",
-        WAIT,
+        PATIENCE,
         async || {
             let r = run(&mut c, start(&["ps", "-o", "pid,comm"])).await.unwrap();
             let comms: Vec<String> = r
