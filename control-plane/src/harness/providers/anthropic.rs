@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 
 use super::{
     in_stream_error, Arguments, Assemble, ErrorDetail, Message, ModelRequest, ModelResponse,
-    ProviderError, StopReason, ToolCall, Usage,
+    ProviderError, SizeCap, StopReason, ToolCall, Usage,
 };
 
 /// The request body: the system prompt top-level, the answer streamed.
@@ -261,9 +261,8 @@ pub(super) struct Answer {
     usage: WireUsage,
     /// `message_stop` came.
     done: bool,
-    /// Bytes of text, ids, names and input so far, at most `limit`.
-    size: usize,
-    limit: usize,
+    /// Bytes of text, ids, names and input so far.
+    size: SizeCap,
 }
 
 impl Answer {
@@ -275,20 +274,8 @@ impl Answer {
             stop_reason: None,
             usage: WireUsage::default(),
             done: false,
-            size: 0,
-            limit,
+            size: SizeCap::new("the answer's text and tool inputs", limit),
         }
-    }
-
-    fn grow(&mut self, bytes: usize) -> Result<(), ProviderError> {
-        self.size = self.size.saturating_add(bytes);
-        if self.size > self.limit {
-            return Err(ProviderError::TooLarge {
-                what: "the answer's text and tool inputs",
-                limit: self.limit,
-            });
-        }
-        Ok(())
     }
 }
 
@@ -317,14 +304,14 @@ impl Assemble for Answer {
             } => {
                 let block = match content_block {
                     StartBlock::Text { text } => {
-                        self.grow(text.len())?;
+                        self.size.grow(text.len())?;
                         if !text.is_empty() {
                             on_text(&text);
                         }
                         Block::Text(text)
                     }
                     StartBlock::ToolUse { id, name, input } => {
-                        self.grow(id.len() + name.len())?;
+                        self.size.grow(id.len() + name.len())?;
                         Block::ToolUse {
                             id,
                             name,
@@ -338,7 +325,7 @@ impl Assemble for Answer {
             }
             StreamEvent::ContentBlockDelta { index, delta } => match delta {
                 BlockDelta::TextDelta { text } => {
-                    self.grow(text.len())?;
+                    self.size.grow(text.len())?;
                     match self.blocks.get_mut(&index) {
                         Some(Block::Text(so_far)) => so_far.push_str(&text),
                         None => {
@@ -355,7 +342,7 @@ impl Assemble for Answer {
                     }
                 }
                 BlockDelta::InputJsonDelta { partial_json } => {
-                    self.grow(partial_json.len())?;
+                    self.size.grow(partial_json.len())?;
                     match self.blocks.get_mut(&index) {
                         Some(Block::ToolUse { json, .. }) => json.push_str(&partial_json),
                         // Input of a block that is not the answer's (a

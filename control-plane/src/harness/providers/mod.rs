@@ -449,6 +449,36 @@ impl Provider {
     }
 }
 
+/// How many bytes of an answer have arrived, against the cap past which the
+/// answer is refused (a provider is outside bridle's trust boundary too).
+#[derive(Debug)]
+pub(super) struct SizeCap {
+    what: &'static str,
+    used: usize,
+    limit: usize,
+}
+
+impl SizeCap {
+    pub(super) fn new(what: &'static str, limit: usize) -> SizeCap {
+        SizeCap {
+            what,
+            used: 0,
+            limit,
+        }
+    }
+
+    pub(super) fn grow(&mut self, bytes: usize) -> Result<(), ProviderError> {
+        self.used = self.used.saturating_add(bytes);
+        if self.used > self.limit {
+            return Err(ProviderError::TooLarge {
+                what: self.what,
+                limit: self.limit,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The answer's token limit: what the request asks, within the model's.
 fn answer_tokens(requested: u32, model_max: u32) -> u32 {
     match requested {

@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 
 use super::{
     in_stream_error, Arguments, Assemble, ErrorDetail, Message, ModelRequest, ModelResponse,
-    ProviderError, StopReason, ToolCall, Usage,
+    ProviderError, SizeCap, StopReason, ToolCall, Usage,
 };
 
 /// The request body: the system prompt as the first message, the answer
@@ -196,9 +196,8 @@ pub(super) struct Answer {
     usage: Option<Usage>,
     /// `[DONE]` came.
     done: bool,
-    /// Bytes of text, ids, names and arguments so far, at most `limit`.
-    size: usize,
-    limit: usize,
+    /// Bytes of text, ids, names and arguments so far.
+    size: SizeCap,
 }
 
 impl Answer {
@@ -212,20 +211,8 @@ impl Answer {
             finish_reason: None,
             usage: None,
             done: false,
-            size: 0,
-            limit,
+            size: SizeCap::new("the answer's text and tool arguments", limit),
         }
-    }
-
-    fn grow(&mut self, bytes: usize) -> Result<(), ProviderError> {
-        self.size = self.size.saturating_add(bytes);
-        if self.size > self.limit {
-            return Err(ProviderError::TooLarge {
-                what: "the answer's text and tool arguments",
-                limit: self.limit,
-            });
-        }
-        Ok(())
     }
 
     fn push_call(&mut self, delta: ToolCallDelta) -> Result<(), ProviderError> {
@@ -242,7 +229,7 @@ impl Answer {
             ),
             None => (String::new(), String::new()),
         };
-        self.grow(id.len() + name.len() + arguments.len())?;
+        self.size.grow(id.len() + name.len() + arguments.len())?;
         // The delta continues the latest call at its index, unless it names
         // another id: some servers send parallel calls all at index 0 and
         // tell them apart only by id.
@@ -314,7 +301,7 @@ impl Assemble for Answer {
                     let Some(text) = text.filter(|text| !text.is_empty()) else {
                         continue;
                     };
-                    self.grow(text.len())?;
+                    self.size.grow(text.len())?;
                     self.text.push_str(&text);
                     self.refused |= refusal;
                     on_text(&text);
