@@ -160,6 +160,28 @@ pub async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -
     within(what, PATIENCE, fut).await
 }
 
+/// Fetches a value (`fetch`, each call bounded too) every 50 ms until
+/// `done` holds of it, and answers it; past [`PATIENCE`] the test fails
+/// naming `what` and the value as last seen.
+pub async fn until<T: std::fmt::Debug>(
+    what: &str,
+    mut fetch: impl AsyncFnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let start = Instant::now();
+    loop {
+        let value = bounded(what, fetch()).await;
+        if done(&value) {
+            return value;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "never happened within {PATIENCE:?}: {what}; last seen: {value:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// [`Command::output`] (stdin empty, stdout and stderr captured) with an
 /// end: once `limit` has passed the process is killed and the answer is an
 /// error of kind `TimedOut` naming the command. An error rather than a

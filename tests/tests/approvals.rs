@@ -138,18 +138,7 @@ async fn until_approval(
     what: &str,
     done: impl Fn(&pb::Approval) -> bool,
 ) -> pb::Approval {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let a = get(c, id).await;
-        if done(&a) {
-            return a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never happened: {what}; the approval: {a:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    bridle_tests::until(what, async || get(c, id).await, done).await
 }
 
 #[tokio::test]
@@ -694,16 +683,11 @@ async fn until_run(
     id: &str,
     done: impl Fn(&pb::Run) -> bool,
 ) -> pb::Run {
-    let start = Instant::now();
-    loop {
-        let r = bounded("Runs/Get", c.get(pb::GetRunRequest { run_id: id.into() }))
+    let get = async || {
+        bounded("Runs/Get", c.get(pb::GetRunRequest { run_id: id.into() }))
             .await
             .unwrap()
-            .into_inner();
-        if done(&r) {
-            return r;
-        }
-        assert!(start.elapsed() < PATIENCE, "{r:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .into_inner()
+    };
+    bridle_tests::until(&format!("run {id}"), get, done).await
 }

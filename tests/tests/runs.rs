@@ -564,18 +564,7 @@ async fn until_run(
     what: &str,
     done: impl Fn(&pb::Run) -> bool,
 ) -> pb::Run {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let r = get_run(c, run_id).await;
-        if done(&r) {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never happened: {what}; the run: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    bridle_tests::until(what, async || get_run(c, run_id).await, done).await
 }
 
 /// Waits until the run has finished and answers it.
