@@ -138,7 +138,7 @@ pub fn action_hash(
     labels.sort();
     // serde_json's Value::Object sorts keys only without `preserve_order`;
     // a BTreeMap sorts them whatever the features.
-    let body: std::collections::BTreeMap<&str, serde_json::Value> = [
+    let mut body: std::collections::BTreeMap<&str, serde_json::Value> = [
         ("token", json!(principal.token_id)),
         ("owner", json!(principal.owner)),
         ("action", json!(action.name())),
@@ -160,13 +160,29 @@ pub fn action_hash(
     ]
     .into_iter()
     .collect();
+    // Pinned only when set, so the hashes of every other action stay as
+    // they were.
+    for (name, value) in [
+        ("tool", &facts.tool),
+        ("arguments", &facts.arguments),
+        ("model", &facts.model),
+        ("provider", &facts.provider),
+    ] {
+        if !value.is_empty() {
+            body.insert(name, json!(value));
+        }
+    }
     let canonical = serde_json::to_string(&body).expect("JSON of strings and numbers");
     hex::encode(sha2::Sha256::digest(canonical.as_bytes()))
 }
 
 /// A one-line account of the action, for the person deciding.
 pub fn summary(action: Action, resource: &Resource, facts: &Facts) -> String {
-    let what = if !facts.command.is_empty() {
+    let what = if !facts.tool.is_empty() {
+        format!("{} {}", facts.tool, facts.arguments)
+    } else if !facts.model.is_empty() {
+        format!("model {} ({})", facts.model, facts.provider)
+    } else if !facts.command.is_empty() {
         facts.command.clone()
     } else if !facts.path.is_empty() {
         facts.path.clone()

@@ -123,6 +123,16 @@ pub trait Agent: Send + Sync + 'static {
         data: Vec<u8>,
         mode: u32,
     ) -> impl Future<Output = Result<(), AgentError>> + Send;
+    /// Reads a file of the workspace whole; a file larger than `max_bytes`
+    /// is an error (its size said), as is one that is not there
+    /// ([`AgentError::NotFound`]) or not a regular file beneath the
+    /// workspace (the agent resolves it beneath the root, never following a
+    /// link out).
+    fn get_file(
+        &self,
+        path: &str,
+        max_bytes: u64,
+    ) -> impl Future<Output = Result<Vec<u8>, AgentError>> + Send;
 }
 
 /// The agent in a sandbox, over its verified channel (`crate::agents`).
@@ -239,6 +249,47 @@ impl Agent for SandboxAgentClient<Channel> {
                     _ => AgentError::Unreachable(s.to_string()),
                 })
         }
+    }
+
+    fn get_file(
+        &self,
+        path: &str,
+        max_bytes: u64,
+    ) -> impl Future<Output = Result<Vec<u8>, AgentError>> + Send {
+        let agent = self.clone();
+        let path = path.to_string();
+        async move { read_whole(agent, &path, max_bytes).await }
+    }
+}
+
+/// Reads a whole file through the agent, refusing one over `max_bytes`.
+async fn read_whole(
+    mut agent: SandboxAgentClient<Channel>,
+    path: &str,
+    max_bytes: u64,
+) -> Result<Vec<u8>, AgentError> {
+    {
+        let request = agent_pb::ReadFileRequest {
+            path: path.to_string(),
+            offset: 0,
+            // One byte more than allowed: reading it says the file is larger.
+            length: max_bytes.saturating_add(1),
+        };
+        let mut chunks = agent
+            .read_file(request)
+            .await
+            .map_err(|s| agent_error(&s))?
+            .into_inner();
+        let mut data = Vec::new();
+        while let Some(chunk) = chunks.message().await.map_err(|s| agent_error(&s))? {
+            data.extend_from_slice(&chunk.data);
+            if data.len() as u64 > max_bytes {
+                return Err(AgentError::Unreachable(format!(
+                    "{path} is larger than {max_bytes} bytes"
+                )));
+            }
+        }
+        Ok(data)
     }
 }
 

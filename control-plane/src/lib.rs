@@ -153,6 +153,10 @@ pub async fn run(
         config.max_running_runs_per_owner,
         sealer,
         guard.clone(),
+        std::sync::Arc::new(
+            harness::Settings::with_models(&config.model)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ),
         stop_rx.clone(),
     );
     runner.release_leftover_sandboxes().await;

@@ -605,6 +605,17 @@ impl Agent for FakeAgent {
             .insert(path.to_string(), (data, mode));
         Ok(())
     }
+
+    async fn get_file(&self, path: &str, max_bytes: u64) -> Result<Vec<u8>, AgentError> {
+        let mut state = self.host.lock();
+        match state.sandbox(&self.sandbox_id)?.files.get(path) {
+            Some((data, _)) if data.len() as u64 > max_bytes => Err(AgentError::Unreachable(
+                format!("{path} is larger than {max_bytes} bytes"),
+            )),
+            Some((data, _)) => Ok(data.clone()),
+            None => Err(AgentError::NotFound(format!("{path}: no such file"))),
+        }
+    }
 }
 
 fn not_found(sandbox_id: &str) -> host::Error {

@@ -36,6 +36,8 @@ fn state_pb(s: RunState) -> pb::RunState {
         RunState::Cancelled => pb::RunState::Cancelled,
         RunState::Interrupted => pb::RunState::Interrupted,
         RunState::AwaitingApproval => pb::RunState::AwaitingApproval,
+        RunState::Idle => pb::RunState::Idle,
+        RunState::AwaitingToolResult => pb::RunState::AwaitingToolResult,
     }
 }
 
@@ -156,23 +158,28 @@ pub fn run_pb(id: &str, v: &RunView, created_unix_ms: i64, finished_unix_ms: i64
 pub fn event_pb(run_id: &str, e: &StoredEvent) -> pb::RunEvent {
     use pb::run_event::Event as P;
     let event = match &e.event {
-        Event::ApprovalRequested { approval_id, step } => {
-            P::ApprovalRequested(pb::RunApprovalRequested {
-                approval_id: approval_id.clone(),
-                step: step.unwrap_or(0),
-                for_network: step.is_none(),
-            })
-        }
+        Event::ApprovalRequested {
+            approval_id,
+            step,
+            call,
+        } => P::ApprovalRequested(pb::RunApprovalRequested {
+            approval_id: approval_id.clone(),
+            step: step.unwrap_or(0),
+            for_network: step.is_none() && call.is_none(),
+            call_id: call.as_ref().map(|c| c.call_id.clone()).unwrap_or_default(),
+        }),
         Event::ApprovalDecided {
             approval_id,
             step,
+            call,
             outcome,
             by,
             reason,
         } => P::ApprovalDecided(pb::RunApprovalDecided {
             approval_id: approval_id.clone(),
             step: step.unwrap_or(0),
-            for_network: step.is_none(),
+            for_network: step.is_none() && call.is_none(),
+            call_id: call.as_ref().map(|c| c.call_id.clone()).unwrap_or_default(),
             outcome: outcome.clone(),
             by: by.clone(),
             reason: reason.clone(),

@@ -65,6 +65,19 @@ pub enum Entry {
 }
 
 impl Entry {
+    /// The blob the entry refers to, if any.
+    pub fn blob_sha256(&self) -> Option<&str> {
+        match self {
+            Entry::User { text_sha256, .. } => Some(text_sha256),
+            Entry::Assistant { message_sha256 } => Some(message_sha256),
+            Entry::ToolResult { content_sha256, .. } => Some(content_sha256),
+            Entry::ModelRequested { .. } => None,
+            Entry::Compacted {
+                replacement_sha256, ..
+            } => Some(replacement_sha256),
+        }
+    }
+
     /// The entry's `kind`, as it is serialized.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -126,6 +139,19 @@ pub enum TranscriptError {
     CompactionBreaksPairing(String),
     #[error("the conversation has {0} messages, more than an entry can count")]
     TooLong(usize),
+}
+
+/// What a conversation needs next ([`Transcript::next`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing has been said yet.
+    UserMessage,
+    /// The model's turn: the last message is the user's or the results.
+    Model,
+    /// Results for the model's calls.
+    ToolResults,
+    /// The model answered without a call: the turn is over.
+    Nothing,
 }
 
 /// The conversation rebuilt from a session's entries.
@@ -235,6 +261,28 @@ impl Transcript {
             messages.push(Message::ToolResults(self.pending_results.clone()));
         }
         messages
+    }
+
+    /// The calls of the model's last answer that have no result yet, in
+    /// the answer's order.
+    pub fn unanswered(&self) -> Vec<ToolCall> {
+        self.open_calls()
+            .iter()
+            .filter(|c| !self.pending_results.iter().any(|r| r.call_id == c.id))
+            .cloned()
+            .collect()
+    }
+
+    /// What the conversation needs next.
+    pub fn next(&self) -> Next {
+        if !self.unanswered().is_empty() {
+            return Next::ToolResults;
+        }
+        match self.messages.last() {
+            Some(Message::Assistant { tool_calls, .. }) if tool_calls.is_empty() => Next::Nothing,
+            Some(_) => Next::Model,
+            None => Next::UserMessage,
+        }
     }
 
     /// The calls awaiting results: those of the last message when it is the

@@ -107,6 +107,12 @@ pub struct Facts {
     pub pids: u64,
     pub run_id: String,
     pub labels: Vec<(String, String)>,
+    /// `tool.call`: the tool's name and its arguments as JSON text.
+    pub tool: String,
+    pub arguments: String,
+    /// `model.call`: the `[[model]]` name and its provider.
+    pub model: String,
+    pub provider: String,
 }
 
 /// The entity type names a request uses, parsed once: parsing a name runs
@@ -190,6 +196,10 @@ impl Names {
                 ("cpu_millis", long(facts.cpu_millis)),
                 ("pids", long(facts.pids)),
                 ("run_id", s(facts.run_id.clone())),
+                ("tool", s(facts.tool.clone())),
+                ("arguments", s(facts.arguments.clone())),
+                ("model", s(facts.model.clone())),
+                ("provider", s(facts.provider.clone())),
                 (
                     "labels",
                     RestrictedExpression::new_set(

@@ -18,6 +18,10 @@ pub enum RunState {
     Interrupted,
     /// Waiting for a human to decide an approval.
     AwaitingApproval,
+    /// An agent session that has answered and waits for a user message.
+    Idle,
+    /// An agent session waiting for its client's result of a client tool.
+    AwaitingToolResult,
 }
 
 impl RunState {
@@ -31,6 +35,8 @@ impl RunState {
             RunState::Cancelled => "cancelled",
             RunState::Interrupted => "interrupted",
             RunState::AwaitingApproval => "awaiting_approval",
+            RunState::Idle => "idle",
+            RunState::AwaitingToolResult => "awaiting_tool_result",
         }
     }
 
@@ -44,6 +50,8 @@ impl RunState {
             "cancelled" => RunState::Cancelled,
             "interrupted" => RunState::Interrupted,
             "awaiting_approval" => RunState::AwaitingApproval,
+            "idle" => RunState::Idle,
+            "awaiting_tool_result" => RunState::AwaitingToolResult,
             _ => return None,
         })
     }
@@ -65,7 +73,7 @@ pub enum Stream {
 
 /// Everything that happens to a run, in the order it happened. Each one is
 /// stored before the action it allows is taken.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 // Externally tagged (`{"step_output": {...}}`): decoding needs no
 // buffering, which matters when a long run is rebuilt from its log.
 #[serde(rename_all = "snake_case")]
@@ -84,12 +92,17 @@ pub enum Event {
     ApprovalRequested {
         approval_id: String,
         step: Option<u32>,
+        /// An agent session's tool call (`step` none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        call: Option<CallGate>,
     },
     /// The approval was decided (or expired); an approved one is used by
     /// the action right after.
     ApprovalDecided {
         approval_id: String,
         step: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        call: Option<CallGate>,
         /// approved, denied or expired.
         outcome: String,
         by: String,
@@ -155,6 +168,212 @@ pub enum Event {
         state: RunState,
         reason: String,
     },
+    // ------------------------------------------------- agent sessions
+    // (docs/harness.md). Contents are blobs; each event names only what is
+    // new, so the log grows with what a turn adds.
+    /// A user message (the blob is its text). `close`: the session ends
+    /// once the model has answered it.
+    UserMessage {
+        message_id: String,
+        text_sha256: String,
+        #[serde(default)]
+        close: bool,
+    },
+    /// Written before a model call. A second one for the same turn means
+    /// the answer to the first was never recorded and the request went out
+    /// again (counted as resent).
+    ModelRequested {
+        turn: u32,
+        request_sha256: String,
+        messages: u32,
+    },
+    /// The model's complete answer (the blob is the assistant message: its
+    /// text and tool calls).
+    ModelResponded {
+        turn: u32,
+        message_sha256: String,
+        stop: String,
+        usage: crate::harness::providers::Usage,
+        /// At the model's prices, in billionths of a USD (none: no prices).
+        #[serde(default)]
+        cost_nano_usd: Option<u64>,
+        #[serde(default)]
+        response_id: String,
+        #[serde(default)]
+        model: String,
+    },
+    /// What became of one tool call before it runs: `allowed` or
+    /// `approved` (it starts next), `client` (it waits for the client's
+    /// result), or `denied`, `not_approved`, `invalid` (its error result
+    /// follows).
+    ToolCallDecided {
+        call_id: String,
+        tool: String,
+        outcome: String,
+        #[serde(default)]
+        reason: String,
+    },
+    /// Written before a sandbox tool acts: a restarted control plane
+    /// re-attaches an exec by `exec_id` and writes a file only with the
+    /// content recorded here (`write_sha256`), never decides it again.
+    ToolStarted {
+        call_id: String,
+        exec_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        write_sha256: Option<String>,
+    },
+    /// A tool call's result as the model reads it (the blob); a result
+    /// larger than the session's cap is stored whole too (`full_sha256`).
+    ToolResult {
+        call_id: String,
+        content_sha256: String,
+        is_error: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        full_sha256: Option<String>,
+        #[serde(default)]
+        full_bytes: u64,
+        /// The client's message id, for a client tool's result.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        message_id: String,
+    },
+    /// Messages `[0, upto)` of the conversation replaced by the blob's.
+    ContextCompacted {
+        upto: u32,
+        replacement_sha256: String,
+        tokens_before: u64,
+        tokens_after: u64,
+    },
+    /// The model answered without calling a tool: the turn's result is its
+    /// last message, and the session is idle.
+    TurnFinished { turn: u32 },
+}
+
+/// Which use of an approval a session's tool call is: the call, and which
+/// of its policy requests (an edit is a read and a write).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallGate {
+    pub call_id: String,
+    pub request: u32,
+}
+
+/// What an approval of a run is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    Network,
+    Step(u32),
+    Call(CallGate),
+}
+
+impl Gate {
+    pub fn of(step: Option<u32>, call: &Option<CallGate>) -> Gate {
+        match (step, call) {
+            (_, Some(c)) => Gate::Call(c.clone()),
+            (Some(s), None) => Gate::Step(s),
+            (None, None) => Gate::Network,
+        }
+    }
+
+    pub fn step(&self) -> Option<u32> {
+        match self {
+            Gate::Step(s) => Some(*s),
+            _ => None,
+        }
+    }
+
+    pub fn call(&self) -> Option<CallGate> {
+        match self {
+            Gate::Call(c) => Some(c.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl Event {
+    /// The conversation entry this event is, for a session's transcript.
+    pub fn transcript_entry(&self) -> Option<crate::harness::transcript::Entry> {
+        use crate::harness::transcript::Entry;
+        Some(match self {
+            Event::UserMessage {
+                message_id,
+                text_sha256,
+                ..
+            } => Entry::User {
+                message_id: message_id.clone(),
+                text_sha256: text_sha256.clone(),
+            },
+            Event::ModelRequested {
+                turn,
+                request_sha256,
+                messages,
+            } => Entry::ModelRequested {
+                turn: *turn,
+                request_sha256: request_sha256.clone(),
+                messages: *messages,
+            },
+            Event::ModelResponded { message_sha256, .. } => Entry::Assistant {
+                message_sha256: message_sha256.clone(),
+            },
+            Event::ToolResult {
+                call_id,
+                content_sha256,
+                is_error,
+                ..
+            } => Entry::ToolResult {
+                call_id: call_id.clone(),
+                content_sha256: content_sha256.clone(),
+                is_error: *is_error,
+            },
+            Event::ContextCompacted {
+                upto,
+                replacement_sha256,
+                ..
+            } => Entry::Compacted {
+                upto: *upto,
+                replacement_sha256: replacement_sha256.clone(),
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// An agent session as its events describe it (beyond its conversation,
+/// which is rebuilt from the same events and their blobs).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionView {
+    /// Model answers recorded.
+    pub responses: u32,
+    /// Model requests recorded, resends included.
+    pub requests: u32,
+    /// Requests recorded again for a turn whose answer was never recorded.
+    pub resent: u32,
+    /// A request recorded with no answer after it: (turn, request hash).
+    pub pending_request: Option<(u32, String)>,
+    pub usage: crate::harness::providers::Usage,
+    pub cost_nano_usd: u64,
+    /// The input tokens of the last answered request.
+    pub last_input_tokens: u64,
+    /// Message ids of user messages and client results recorded.
+    pub message_ids: std::collections::BTreeSet<String>,
+    /// Tool calls of the last answer, by id, as far as they got.
+    pub calls: std::collections::BTreeMap<String, CallView>,
+    /// Tool calls the model made in all.
+    pub tool_calls: u32,
+    /// The blob of the model's last answer.
+    pub last_answer_sha256: String,
+    /// Whether the last answer ended a turn (no tool calls).
+    pub turn_finished: bool,
+    /// The session ends once the model has answered the last message.
+    pub close_requested: bool,
+    pub user_messages: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CallView {
+    pub tool: String,
+    pub outcome: String,
+    pub exec_id: String,
+    pub write_sha256: Option<String>,
+    pub answered: bool,
 }
 
 /// Who submitted a run.
@@ -215,7 +434,7 @@ pub struct Artifact {
 }
 
 /// A run as its events describe it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RunView {
     pub owner: String,
     pub idempotency_key: String,
@@ -230,11 +449,12 @@ pub struct RunView {
     pub artifacts: Vec<Artifact>,
     pub last_seq: u64,
     pub submitted_by: Submitter,
-    /// The approval the run waits for, and for which step (none: the
-    /// network).
-    pub awaiting: Option<(String, Option<u32>)>,
+    /// The approval the run waits for, and what for.
+    pub awaiting: Option<(String, Gate)>,
     /// An approval granted and not yet used by its action.
-    pub approved: Option<(String, Option<u32>)>,
+    pub approved: Option<(String, Gate)>,
+    /// Agent sessions only.
+    pub session: Option<SessionView>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -245,6 +465,8 @@ pub enum FoldError {
     Gap { seq: u64, prev: u64 },
     #[error("event {seq} names step {step}, and the job has {steps}")]
     NoSuchStep { seq: u64, step: u32, steps: usize },
+    #[error("event {seq} is a session's, and the run is a job")]
+    NotASession { seq: u64 },
 }
 
 impl RunView {
@@ -292,6 +514,7 @@ impl RunView {
             submitted_by: by.clone(),
             awaiting: None,
             approved: None,
+            session: job.agent.as_ref().map(|_| SessionView::default()),
         };
         for (seq, event) in events {
             if seq != view.last_seq + 1 {
@@ -338,7 +561,7 @@ impl RunView {
                 self.sandbox_id = Some(sandbox_id.clone());
                 self.agent_boot_id = agent_boot_id.clone();
                 self.state = RunState::Running;
-                if matches!(self.approved, Some((_, None))) {
+                if matches!(self.approved, Some((_, Gate::Network))) {
                     self.approved = None;
                 }
             }
@@ -357,26 +580,31 @@ impl RunView {
                 s.exec_id = exec_id.clone();
                 s.agent_recorded = [0, 0];
                 self.state = RunState::Running;
-                if matches!(self.approved, Some((_, Some(a))) if a == *step) {
+                if matches!(&self.approved, Some((_, Gate::Step(a))) if a == step) {
                     self.approved = None;
                 }
             }
-            Event::ApprovalRequested { approval_id, step } => {
+            Event::ApprovalRequested {
+                approval_id,
+                step,
+                call,
+            } => {
                 if let Some(step) = step {
                     self.step_mut(seq, *step)?;
                 }
-                self.awaiting = Some((approval_id.clone(), *step));
+                self.awaiting = Some((approval_id.clone(), Gate::of(*step, call)));
                 self.state = RunState::AwaitingApproval;
             }
             Event::ApprovalDecided {
                 approval_id,
                 step,
+                call,
                 outcome,
                 ..
             } => {
                 self.awaiting = None;
                 if outcome == "approved" {
-                    self.approved = Some((approval_id.clone(), *step));
+                    self.approved = Some((approval_id.clone(), Gate::of(*step, call)));
                 }
                 self.state = if self.sandbox_id.is_some() {
                     RunState::Running
@@ -445,6 +673,109 @@ impl RunView {
                     }
                 }
             }
+            session_event => return self.apply_session(seq, session_event),
+        }
+        Ok(())
+    }
+
+    fn apply_session(&mut self, seq: u64, event: &Event) -> Result<(), FoldError> {
+        let finished = self.state.is_finished();
+        let Some(s) = self.session.as_mut() else {
+            return Err(FoldError::NotASession { seq });
+        };
+        let mut state = None;
+        match event {
+            Event::UserMessage {
+                message_id, close, ..
+            } => {
+                s.message_ids.insert(message_id.clone());
+                s.close_requested |= *close;
+                s.turn_finished = false;
+                s.user_messages += 1;
+                state = Some(RunState::Running);
+            }
+            Event::ModelRequested {
+                turn,
+                request_sha256,
+                ..
+            } => {
+                if matches!(&s.pending_request, Some((t, _)) if t == turn) {
+                    s.resent += 1;
+                }
+                s.requests += 1;
+                s.pending_request = Some((*turn, request_sha256.clone()));
+                state = Some(RunState::Running);
+            }
+            Event::ModelResponded {
+                message_sha256,
+                usage,
+                cost_nano_usd,
+                ..
+            } => {
+                s.pending_request = None;
+                s.responses += 1;
+                s.usage.input_tokens += usage.input_tokens;
+                s.usage.output_tokens += usage.output_tokens;
+                s.usage.cache_read_input_tokens += usage.cache_read_input_tokens;
+                s.usage.cache_creation_input_tokens += usage.cache_creation_input_tokens;
+                s.cost_nano_usd += cost_nano_usd.unwrap_or(0);
+                s.last_input_tokens = usage.input_tokens;
+                s.last_answer_sha256 = message_sha256.clone();
+                s.calls.clear();
+            }
+            Event::ToolCallDecided {
+                call_id,
+                tool,
+                outcome,
+                ..
+            } => {
+                let call = s.calls.entry(call_id.clone()).or_default();
+                if call.outcome.is_empty() {
+                    s.tool_calls += 1;
+                }
+                call.tool = tool.clone();
+                call.outcome = outcome.clone();
+                if outcome == "client" {
+                    state = Some(RunState::AwaitingToolResult);
+                }
+            }
+            Event::ToolStarted {
+                call_id,
+                exec_id,
+                write_sha256,
+            } => {
+                let call = s.calls.entry(call_id.clone()).or_default();
+                call.exec_id = exec_id.clone();
+                call.write_sha256 = write_sha256.clone();
+                if matches!(&self.approved, Some((_, Gate::Call(c))) if &c.call_id == call_id) {
+                    self.approved = None;
+                }
+            }
+            Event::ToolResult {
+                call_id,
+                message_id,
+                ..
+            } => {
+                s.calls.entry(call_id.clone()).or_default().answered = true;
+                if !message_id.is_empty() {
+                    s.message_ids.insert(message_id.clone());
+                }
+                if matches!(&self.approved, Some((_, Gate::Call(c))) if &c.call_id == call_id) {
+                    self.approved = None;
+                }
+                state = Some(RunState::Running);
+            }
+            Event::ContextCompacted { .. } => {}
+            Event::TurnFinished { .. } => {
+                s.turn_finished = true;
+                state = Some(RunState::Idle);
+            }
+            _ => unreachable!("apply handles every run event"),
+        }
+        if let Some(state) = state {
+            if !finished {
+                self.state = state;
+            }
         }
         Ok(())
     }
@@ -482,6 +813,7 @@ pub(crate) mod tests_support {
                 .collect(),
             artifacts: vec![],
             labels: Default::default(),
+            agent: None,
         }
     }
 }

@@ -15,7 +15,7 @@ pub const MAX_STEPS: usize = 1000;
 /// Bytes of input files a job may carry inline, in total.
 pub const MAX_INPUT_BYTES: usize = 8 << 20;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub image: Option<String>,
     pub from_snapshot: Option<String>,
@@ -32,6 +32,10 @@ pub struct Job {
     pub steps: Vec<Step>,
     pub artifacts: Vec<String>,
     pub labels: BTreeMap<String, String>,
+    /// An agent session's task (then `steps` is empty): the model decides
+    /// what runs (docs/harness.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<crate::harness::task::AgentTask>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +208,7 @@ impl TryFrom<pb::Job> for Submitted {
                 steps,
                 artifacts: j.artifacts,
                 labels: j.labels.into_iter().collect(),
+                agent: None,
             },
             secrets,
             blobs,

@@ -30,7 +30,8 @@ pub const MAX_TIMEOUT_SECS: u32 = 3600;
 const MAX_QUOTED_PATH_BYTES: usize = 200;
 
 /// The tools bridle itself carries out in a session's sandbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Builtin {
     Shell,
     ReadFile,

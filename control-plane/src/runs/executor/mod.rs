@@ -11,6 +11,7 @@
 
 mod artifacts;
 mod provision;
+mod session;
 mod steps;
 #[cfg(test)]
 mod tests;
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, watch, Notify};
 
-use super::events::{Event, RunState, RunView};
+use super::events::{Event, Gate, RunState, RunView};
 use super::redact::Redactor;
 use super::sealed::Sealer;
 use super::store::{EventStore, StoredEvent};
@@ -29,6 +30,7 @@ use crate::guard::{Ask, Cleared, Record, Refused};
 use crate::host::Host;
 
 pub use crate::host::RUN_LABEL;
+pub use session::{SendError, SendInput, TextDelta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -51,6 +53,10 @@ struct Live {
     /// Whether a driver is running the run now ([`Runner::cancel`] waits
     /// for it to end the run, or ends it itself).
     driving: watch::Sender<bool>,
+    /// A session's model text as it streams (not stored).
+    deltas: broadcast::Sender<session::TextDelta>,
+    /// Held while a client's send to the session is checked and recorded.
+    sending: tokio::sync::Mutex<()>,
 }
 
 /// Marks its run as driven while it lives.
@@ -67,6 +73,16 @@ impl Drop for Driving {
     fn drop(&mut self) {
         self.0.driving.send_replace(false);
     }
+}
+
+/// What the guard said of one action of a run.
+enum Decided {
+    /// Go ahead (allowed, or approved and the approval now used).
+    Go,
+    /// Denied, not approved, or not recordable.
+    Refused(Refused),
+    /// The run has ended meanwhile (cancelled).
+    Ended,
 }
 
 /// How long a cancel waits for the run's driver to end the run (it kills
@@ -95,6 +111,8 @@ struct Inner<H: Host, S: EventStore> {
     /// Decides each step (and a run's network) before it happens.
     guard: crate::guard::Guard,
     queue: Mutex<super::queue::Queue>,
+    /// Agent sessions' models and bounds.
+    harness: Arc<crate::harness::Settings>,
     wake: Notify,
     shutdown: watch::Receiver<bool>,
 }
@@ -130,6 +148,7 @@ struct Run<'a> {
 impl<H: Host, S: EventStore> Runner<H, S> {
     /// A runner that starts at most `max_running` runs at once, at most
     /// `max_per_owner` of one owner, owners taking turns.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: S,
         host: H,
@@ -137,6 +156,7 @@ impl<H: Host, S: EventStore> Runner<H, S> {
         max_per_owner: usize,
         sealer: Sealer,
         guard: crate::guard::Guard,
+        harness: Arc<crate::harness::Settings>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let runner = Self {
@@ -147,6 +167,7 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                 sealer,
                 guard,
                 queue: Mutex::new(super::queue::Queue::new(max_running, max_per_owner)),
+                harness,
                 wake: Notify::new(),
                 shutdown,
             }),
@@ -204,6 +225,8 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                     events: broadcast::channel(1024).0,
                     cancel: watch::channel(false).0,
                     driving: watch::channel(false).0,
+                    deltas: broadcast::channel(1024).0,
+                    sending: tokio::sync::Mutex::new(()),
                 })
             })
             .clone()
@@ -457,6 +480,9 @@ impl<H: Host, S: EventStore> Runner<H, S> {
         let Some(sandbox_id) = self.provision(&mut run).await? else {
             return Ok(());
         };
+        if run.view.job.agent.is_some() {
+            return self.run_session(&mut run, &sandbox_id).await;
+        }
         if !self.run_steps(&mut run, &sandbox_id).await? {
             return Ok(());
         }
@@ -491,12 +517,10 @@ impl<H: Host, S: EventStore> Runner<H, S> {
         }
     }
 
-    /// Decides one action of a run (a step's exec, `step` set; or the
-    /// network) through the guard, which records the decision before
-    /// anything acts on it. `require_approval` puts the run in
-    /// `awaiting_approval` until the approval is decided; on a restart it
-    /// waits for the same approval. Ok(true): go ahead; Ok(false): the run
-    /// has ended (denied, not approved, unrecordable, or cancelled meanwhile).
+    /// Decides one action of a job (a step's exec, `step` set; or the
+    /// network) through [`Runner::decide`]. Ok(true): go ahead; Ok(false):
+    /// the run has ended (denied, not approved, unrecordable, or cancelled
+    /// meanwhile).
     async fn clear(
         &self,
         run: &mut Run<'_>,
@@ -505,6 +529,34 @@ impl<H: Host, S: EventStore> Runner<H, S> {
         facts: &crate::policy::Facts,
         step: Option<u32>,
     ) -> Result<bool> {
+        let (gate, what) = match step {
+            Some(i) => (
+                Gate::Step(i),
+                format!("step {} ({})", i + 1, run.view.job.steps[i as usize].name),
+            ),
+            None => (Gate::Network, "the run's network".to_string()),
+        };
+        match self.decide(run, action, resource, facts, gate, &what).await? {
+            Decided::Go => Ok(true),
+            Decided::Ended => Ok(false),
+            Decided::Refused(refused) => self.refused(run.id, run.view, &what, refused).await,
+        }
+    }
+
+    /// Decides one action of a run through the guard, which records the
+    /// decision before anything acts on it. `require_approval` puts the run
+    /// in `awaiting_approval` until the approval is decided; on a restart it
+    /// waits for the same approval, and an approval granted before a crash
+    /// and not yet used is used. `what` names the action for a person.
+    async fn decide(
+        &self,
+        run: &mut Run<'_>,
+        action: crate::policy::Action,
+        resource: &crate::policy::Resource,
+        facts: &crate::policy::Facts,
+        gate: Gate,
+        what: &str,
+    ) -> Result<Decided> {
         let run_id = run.id;
         let principal = Self::submitter(run.view);
         let guard = &self.inner.guard;
@@ -514,50 +566,49 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             resource,
             facts,
         };
-        let what = match step {
-            Some(i) => format!("step {} ({})", i + 1, run.view.job.steps[i as usize].name),
-            None => "the run's network".to_string(),
-        };
-        // One use per step (or network) of this run: a retry after a crash
-        // may claim the same approval again, nothing else can.
-        let used_by = match step {
-            Some(i) => format!("{run_id}-s{i}"),
-            None => format!("{run_id}-network"),
+        // One use per step, network or tool call request of this run: a
+        // retry after a crash may claim the same approval again, nothing
+        // else can.
+        let used_by = match &gate {
+            Gate::Step(i) => format!("{run_id}-s{i}"),
+            Gate::Network => format!("{run_id}-network"),
+            Gate::Call(c) => format!("{run_id}-c{}-{}", c.call_id, c.request),
         };
         // Approved before a crash, not used yet.
-        if let Some((id, s)) = run.view.approved.clone() {
-            if s == step {
-                return match guard.use_approval(&id, ask, &used_by).await {
-                    Ok(_) => Ok(true),
-                    Err(refused) => self.refused(run_id, run.view, &what, refused).await,
-                };
+        if let Some((id, g)) = run.view.approved.clone() {
+            if g == gate {
+                return Ok(match guard.use_approval(&id, ask, &used_by).await {
+                    Ok(_) => Decided::Go,
+                    Err(refused) => Decided::Refused(refused),
+                });
             }
         }
         let approval_id = match run.view.awaiting.clone() {
-            Some((id, s)) if s == step => id,
+            Some((id, g)) if g == gate => id,
             _ => {
                 let record = Record::Run {
                     run_id,
-                    step,
+                    step: gate.step(),
                     request_id: format!("{run_id}:{}", run.view.last_seq + 1),
-                    what: &what,
+                    what,
                 };
                 match guard.clear(&record, ask, None, &used_by).await {
-                    Ok(Cleared::Allowed | Cleared::Approved(_)) => return Ok(true),
+                    Ok(Cleared::Allowed | Cleared::Approved(_)) => return Ok(Decided::Go),
                     Ok(Cleared::Pending(a)) => {
                         self.record(
                             run_id,
                             run.view,
                             Event::ApprovalRequested {
                                 approval_id: a.id.clone(),
-                                step,
+                                step: gate.step(),
+                                call: gate.call(),
                             },
                         )
                         .await?;
                         tracing::info!(run = %run_id, approval = %a.id, "{what} awaits approval");
                         a.id
                     }
-                    Err(refused) => return self.refused(run_id, run.view, &what, refused).await,
+                    Err(refused) => return Ok(Decided::Refused(refused)),
                 }
             }
         };
@@ -566,30 +617,31 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             a = guard.decision(&approval_id) => a,
             _ = run.cancel.changed() => {
                 self.finish_cancelled(run).await?;
-                return Ok(false);
+                return Ok(Decided::Ended);
             }
             _ = stopping.changed() => return Err(Error::Stopping),
         };
         let decided = match decided {
             Ok(a) => a,
-            Err(refused) => return self.refused(run_id, run.view, &what, refused).await,
+            Err(refused) => return Ok(Decided::Refused(refused)),
         };
         self.record(
             run_id,
             run.view,
             Event::ApprovalDecided {
                 approval_id: approval_id.clone(),
-                step,
+                step: gate.step(),
+                call: gate.call(),
                 outcome: decided.state().as_str().to_string(),
                 by: decided.decided_by.clone(),
                 reason: decided.decision_reason.clone(),
             },
         )
         .await?;
-        match guard.go_ahead(&decided, ask, &used_by).await {
-            Ok(_) => Ok(true),
-            Err(refused) => self.refused(run_id, run.view, &what, refused).await,
-        }
+        Ok(match guard.go_ahead(&decided, ask, &used_by).await {
+            Ok(_) => Decided::Go,
+            Err(refused) => Decided::Refused(refused),
+        })
     }
 
     /// Ends a run whose next action the guard refused, saying why.

@@ -28,6 +28,7 @@ struct World {
     /// A runner whose shutdown sender is gone stops at once.
     _shutdown: watch::Sender<bool>,
     stop: watch::Receiver<bool>,
+    harness: std::sync::Arc<crate::harness::Settings>,
 }
 
 impl World {
@@ -62,6 +63,7 @@ impl World {
             guard,
             _shutdown: shutdown,
             stop,
+            harness: Default::default(),
         }
     }
 
@@ -75,6 +77,7 @@ impl World {
             8,
             Sealer::from_key(&SECRETS_KEY),
             self.guard.clone(),
+            self.harness.clone(),
             self.stop.clone(),
         )
     }
