@@ -154,8 +154,7 @@ pub async fn run(
         sealer,
         guard.clone(),
         std::sync::Arc::new(
-            harness::Settings::with_models(&config.model)
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            harness::Settings::with_models(&config.model).map_err(|e| anyhow::anyhow!("{e}"))?,
         ),
         stop_rx.clone(),
     );

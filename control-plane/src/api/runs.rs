@@ -152,7 +152,157 @@ pub fn run_pb(id: &str, v: &RunView, created_unix_ms: i64, finished_unix_ms: i64
             .as_ref()
             .map(|(id, _)| id.clone())
             .unwrap_or_default(),
+        // Filled from the session's blobs by `session_pb`.
+        session: None,
+        agent: job.agent.as_ref().map(|task| {
+            let mut t = crate::harness::task::task_pb(task);
+            t.sandbox = None;
+            t
+        }),
     }
+}
+
+fn usage_pb(u: &crate::harness::providers::Usage, cost_nano_usd: u64) -> pb::Usage {
+    pb::Usage {
+        input_tokens: u.input_tokens,
+        output_tokens: u.output_tokens,
+        cache_read_input_tokens: u.cache_read_input_tokens,
+        cache_creation_input_tokens: u.cache_creation_input_tokens,
+        cost_usd: cost_nano_usd as f64 / 1e9,
+    }
+}
+
+fn calls_pb(calls: &[crate::harness::providers::ToolCall]) -> Vec<pb::ToolCall> {
+    calls
+        .iter()
+        .map(|c| pb::ToolCall {
+            call_id: c.id.clone(),
+            tool: c.name.clone(),
+            arguments_json: c.arguments.to_json_text(),
+        })
+        .collect()
+}
+
+/// A blob the log refers to; a missing one is data loss, said as such.
+async fn blob<S: EventStore>(store: &S, sha256: &str) -> Result<Vec<u8>, Status> {
+    match store.blob(sha256).await {
+        Ok(Some(data)) => Ok(data),
+        Ok(None) => Err(Status::data_loss(format!(
+            "blob {sha256} of the session is missing"
+        ))),
+        Err(e) => Err(run_status(e.into())),
+    }
+}
+
+/// The model's answer stored in blob `sha256`: its text and calls.
+async fn answer<S: EventStore>(
+    store: &S,
+    sha256: &str,
+) -> Result<(String, Vec<crate::harness::providers::ToolCall>), Status> {
+    let data = blob(store, sha256).await?;
+    match serde_json::from_slice(&data) {
+        Ok(crate::harness::providers::Message::Assistant { text, tool_calls }) => {
+            Ok((text, tool_calls))
+        }
+        _ => Err(Status::data_loss(format!(
+            "blob {sha256} is not the model's answer"
+        ))),
+    }
+}
+
+/// A session's state as the API shows it.
+async fn session_pb<S: EventStore>(store: &S, v: &RunView) -> Result<Option<pb::Session>, Status> {
+    let Some(s) = &v.session else {
+        return Ok(None);
+    };
+    let (text, calls) = if s.last_answer_sha256.is_empty() {
+        (String::new(), Vec::new())
+    } else {
+        answer(store, &s.last_answer_sha256).await?
+    };
+    let pending: Vec<_> = calls
+        .into_iter()
+        .filter(|c| {
+            s.calls
+                .get(&c.id)
+                .is_some_and(|k| k.outcome == "client" && !k.answered)
+        })
+        .collect();
+    Ok(Some(pb::Session {
+        turns: s.responses,
+        model_requests: s.requests,
+        model_requests_resent: s.resent,
+        usage: Some(usage_pb(&s.usage, s.cost_nano_usd)),
+        answer: if s.turn_finished { text } else { String::new() },
+        pending_tool_calls: calls_pb(&pending),
+        tool_calls: s.tool_calls,
+        model: v
+            .job
+            .agent
+            .as_ref()
+            .map(|t| t.model.clone())
+            .unwrap_or_default(),
+    }))
+}
+
+/// A stored event as the API shows it, with what a session's events refer
+/// to read from their blobs.
+pub async fn event_pb_full<S: EventStore>(
+    store: &S,
+    run_id: &str,
+    e: &StoredEvent,
+) -> Result<pb::RunEvent, Status> {
+    use pb::run_event::Event as P;
+    let text = |data: Vec<u8>| String::from_utf8_lossy(&data).into_owned();
+    let event = match &e.event {
+        Event::UserMessage {
+            message_id,
+            text_sha256,
+            close,
+        } => P::UserMessage(pb::SessionUserMessage {
+            message_id: message_id.clone(),
+            text: text(blob(store, text_sha256).await?),
+            close: *close,
+        }),
+        Event::ModelResponded {
+            turn,
+            message_sha256,
+            stop,
+            usage,
+            cost_nano_usd,
+            model,
+            ..
+        } => {
+            let (answer_text, calls) = answer(store, message_sha256).await?;
+            P::ModelResponded(pb::ModelResponded {
+                turn: *turn,
+                text: answer_text,
+                tool_calls: calls_pb(&calls),
+                stop_reason: stop.clone(),
+                usage: Some(usage_pb(usage, cost_nano_usd.unwrap_or(0))),
+                model: model.clone(),
+            })
+        }
+        Event::ToolResult {
+            call_id,
+            content_sha256,
+            is_error,
+            full_bytes,
+            ..
+        } => P::ToolResult(pb::SessionToolResult {
+            call_id: call_id.clone(),
+            content: text(blob(store, content_sha256).await?),
+            is_error: *is_error,
+            full_bytes: *full_bytes,
+        }),
+        _ => return Ok(event_pb(run_id, e)),
+    };
+    Ok(pb::RunEvent {
+        run_id: run_id.to_string(),
+        seq: e.seq,
+        unix_ms: e.unix_ms,
+        event: Some(event),
+    })
 }
 
 pub fn event_pb(run_id: &str, e: &StoredEvent) -> pb::RunEvent {
@@ -262,6 +412,77 @@ pub fn event_pb(run_id: &str, e: &StoredEvent) -> pb::RunEvent {
             state: state_pb(*state) as i32,
             reason: reason.clone(),
         }),
+        // Without their blobs (`event_pb_full` reads them).
+        Event::UserMessage {
+            message_id, close, ..
+        } => P::UserMessage(pb::SessionUserMessage {
+            message_id: message_id.clone(),
+            text: String::new(),
+            close: *close,
+        }),
+        Event::ModelRequested {
+            turn,
+            request_sha256,
+            messages,
+        } => P::ModelRequested(pb::ModelRequested {
+            turn: *turn,
+            request_sha256: request_sha256.clone(),
+            messages: *messages,
+            resent: false,
+        }),
+        Event::ModelResponded {
+            turn,
+            stop,
+            usage,
+            cost_nano_usd,
+            model,
+            ..
+        } => P::ModelResponded(pb::ModelResponded {
+            turn: *turn,
+            stop_reason: stop.clone(),
+            usage: Some(usage_pb(usage, cost_nano_usd.unwrap_or(0))),
+            model: model.clone(),
+            ..Default::default()
+        }),
+        Event::ToolCallDecided {
+            call_id,
+            tool,
+            outcome,
+            reason,
+        } => P::ToolCallDecided(pb::ToolCallDecided {
+            call_id: call_id.clone(),
+            tool: tool.clone(),
+            outcome: outcome.clone(),
+            reason: reason.clone(),
+        }),
+        Event::ToolStarted {
+            call_id, exec_id, ..
+        } => P::ToolStarted(pb::ToolStarted {
+            call_id: call_id.clone(),
+            exec_id: exec_id.clone(),
+        }),
+        Event::ToolResult {
+            call_id,
+            is_error,
+            full_bytes,
+            ..
+        } => P::ToolResult(pb::SessionToolResult {
+            call_id: call_id.clone(),
+            content: String::new(),
+            is_error: *is_error,
+            full_bytes: *full_bytes,
+        }),
+        Event::ContextCompacted {
+            upto,
+            tokens_before,
+            tokens_after,
+            ..
+        } => P::ContextCompacted(pb::ContextCompacted {
+            messages: *upto,
+            tokens_before: *tokens_before,
+            tokens_after: *tokens_after,
+        }),
+        Event::TurnFinished { turn } => P::TurnFinished(pb::TurnFinished { turn: *turn }),
     };
     pb::RunEvent {
         run_id: run_id.to_string(),
@@ -292,7 +513,9 @@ impl<R: Runtime> RunsApi<R> {
         } else {
             0
         };
-        Ok(run_pb(run_id, &view, first.unix_ms, finished))
+        let mut run = run_pb(run_id, &view, first.unix_ms, finished);
+        run.session = session_pb(self.runner.store(), &view).await?;
+        Ok(run)
     }
 }
 
@@ -311,11 +534,30 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
                 "idempotency_key is required (1 to 200 characters): the same key returns the same run",
             ));
         }
-        let job = req
-            .job
-            .ok_or_else(|| Status::invalid_argument("job is required"))?;
-        let submitted =
-            Submitted::try_from(job).map_err(|e| Status::invalid_argument(format!("job.{e}")))?;
+        let submitted = match (req.job, req.agent) {
+            (Some(job), None) => Submitted::try_from(job)
+                .map_err(|e| Status::invalid_argument(format!("job.{e}")))?,
+            (None, Some(task)) => {
+                let harness = self.runner.harness();
+                crate::harness::task::validate(
+                    task,
+                    &harness.max_budgets,
+                    &harness.model_names(),
+                    harness.tool_timeout_secs,
+                )
+                .map_err(|e| Status::invalid_argument(format!("agent.{e}")))?
+            }
+            (Some(_), Some(_)) => {
+                return Err(Status::invalid_argument(
+                    "job and agent: send one of them (a job's steps, or an agent task)",
+                ))
+            }
+            (None, None) => {
+                return Err(Status::invalid_argument(
+                    "job or agent is required (a job's steps, or an agent task)",
+                ))
+            }
+        };
         let store = self.runner.store();
         for (sha, data) in &submitted.blobs {
             store
@@ -339,6 +581,33 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
                 },
             )
             .await?;
+        // A session's model is chosen by policy too: a tenant not allowed
+        // the model learns it now, not at its first turn.
+        if let Some(task) = &submitted.job.agent {
+            let provider = self
+                .runner
+                .harness()
+                .providers
+                .get(&task.model)
+                .map(|p| p.config().provider.as_str())
+                .unwrap_or_default();
+            let model_facts = crate::policy::Facts {
+                model: task.model.clone(),
+                provider: provider.to_string(),
+                ..crate::guard::facts::job(&submitted.job, &run_id)
+            };
+            self.guard
+                .screen(
+                    &crate::guard::Record::Call(&note),
+                    crate::guard::Ask {
+                        principal: &principal,
+                        action: crate::policy::Action::ModelCall,
+                        resource: &resource,
+                        facts: &model_facts,
+                    },
+                )
+                .await?;
+        }
         let first = Event::Submitted {
             owner: principal.owner.clone(),
             idempotency_key: key.clone(),
@@ -399,6 +668,9 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
                 Ok(pb::RunState::Failed) => RunState::Failed,
                 Ok(pb::RunState::Cancelled) => RunState::Cancelled,
                 Ok(pb::RunState::Interrupted) => RunState::Interrupted,
+                Ok(pb::RunState::AwaitingApproval) => RunState::AwaitingApproval,
+                Ok(pb::RunState::Idle) => RunState::Idle,
+                Ok(pb::RunState::AwaitingToolResult) => RunState::AwaitingToolResult,
                 _ => {
                     return Err(Status::invalid_argument(format!(
                         "states: {s} is not a RunState"
@@ -451,6 +723,7 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
         self.visible(&principal, &req.run_id).await?;
         // Subscribe before reading the stored events, so nothing falls in between.
         let mut live = self.runner.subscribe(&req.run_id);
+        let mut deltas = self.runner.subscribe_deltas(&req.run_id);
         let store = self.runner.store().clone();
         let run_id = req.run_id.clone();
         let (tx, rx) = mpsc::channel(64);
@@ -464,7 +737,8 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
                         for e in events {
                             finished |= matches!(e.event, Event::Finished { .. });
                             next = e.seq + 1;
-                            if tx.send(Ok(event_pb(&run_id, &e))).await.is_err() {
+                            let shown = event_pb_full(&store, &run_id, &e).await;
+                            if tx.send(shown).await.is_err() {
                                 return;
                             }
                         }
@@ -478,12 +752,37 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
                     return;
                 }
                 loop {
-                    match live.recv().await {
+                    let received = tokio::select! {
+                        biased;
+                        e = live.recv() => e,
+                        d = deltas.recv() => {
+                            // Text as it streams: not stored, seq 0. A
+                            // watcher that lags loses some; the stored
+                            // answer has all of it.
+                            if let Ok(d) = d {
+                                let delta = pb::RunEvent {
+                                    run_id: run_id.clone(),
+                                    seq: 0,
+                                    unix_ms: crate::clock::now_ms(),
+                                    event: Some(pb::run_event::Event::TextDelta(pb::TextDelta {
+                                        turn: d.turn,
+                                        text: d.text,
+                                    })),
+                                };
+                                if tx.send(Ok(delta)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            continue;
+                        }
+                    };
+                    match received {
                         Ok(e) if e.seq < next => continue,
                         Ok(e) if e.seq == next => {
                             finished |= matches!(e.event, Event::Finished { .. });
                             next += 1;
-                            if tx.send(Ok(event_pb(&run_id, &e))).await.is_err() {
+                            let shown = event_pb_full(&store, &run_id, &e).await;
+                            if tx.send(shown).await.is_err() {
                                 return;
                             }
                             if finished {
@@ -517,6 +816,52 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
             .cancel(&req.run_id, &principal.token_id, &reason)
             .await
             .map_err(run_status)?;
+        Ok(Response::new(self.visible(&principal, &req.run_id).await?))
+    }
+
+    async fn send(&self, request: Request<pb::SendRequest>) -> Result<Response<pb::Run>, Status> {
+        use crate::runs::executor::{SendError, SendInput};
+        let principal = super::caller(&request)?;
+        principal.require_write()?;
+        let req = request.into_inner();
+        self.visible(&principal, &req.run_id).await?;
+        let message_id = req.message_id.trim();
+        if message_id.is_empty() || message_id.len() > 200 {
+            return Err(Status::invalid_argument(
+                "message_id is required (1 to 200 characters): the same id is added once",
+            ));
+        }
+        let input = match (req.message.is_empty(), req.tool_result) {
+            (false, None) => SendInput::Message(req.message),
+            (true, Some(r)) => SendInput::ToolResult {
+                call_id: r.call_id,
+                content: r.content,
+                is_error: r.is_error,
+            },
+            (true, None) => SendInput::Nothing,
+            (false, Some(_)) => {
+                return Err(Status::invalid_argument(
+                    "message and tool_result: send one of them",
+                ))
+            }
+        };
+        match self
+            .runner
+            .send(&req.run_id, message_id, input, req.close)
+            .await
+        {
+            Ok(_) => {}
+            Err(SendError::Run(e)) => return Err(run_status(e)),
+            Err(e @ SendError::NotASession(_)) | Err(e @ SendError::Invalid(_)) => {
+                return Err(Status::invalid_argument(e.to_string()))
+            }
+            Err(e @ SendError::UnknownCall { .. }) => {
+                return Err(Status::invalid_argument(e.to_string()))
+            }
+            Err(e @ SendError::Finished { .. }) | Err(e @ SendError::State { .. }) => {
+                return Err(Status::failed_precondition(e.to_string()))
+            }
+        }
         Ok(Response::new(self.visible(&principal, &req.run_id).await?))
     }
 

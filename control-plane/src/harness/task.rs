@@ -241,7 +241,8 @@ mod tests {
             .blobs
             .iter()
             .any(|(sha, data)| sha == &agent.first_message_sha256 && data == b"fix the tests"));
-        let bad: Vec<(fn(&mut pb::AgentTask), &str)> = vec![
+        type Change = fn(&mut pb::AgentTask);
+        let bad: Vec<(Change, &str)> = vec![
             (|t| t.message.clear(), "message"),
             (|t| t.model = "gpt-9".into(), "\"gpt-9\" is not a model"),
             (|t| t.tools.push("rm_rf".into()), "tools[1]"),

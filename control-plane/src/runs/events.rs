@@ -245,7 +245,9 @@ pub enum Event {
     },
     /// The model answered without calling a tool: the turn's result is its
     /// last message, and the session is idle.
-    TurnFinished { turn: u32 },
+    TurnFinished {
+        turn: u32,
+    },
 }
 
 /// Which use of an approval a session's tool call is: the call, and which

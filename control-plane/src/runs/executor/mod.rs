@@ -536,7 +536,10 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             ),
             None => (Gate::Network, "the run's network".to_string()),
         };
-        match self.decide(run, action, resource, facts, gate, &what).await? {
+        match self
+            .decide(run, action, resource, facts, gate, &what)
+            .await?
+        {
             Decided::Go => Ok(true),
             Decided::Ended => Ok(false),
             Decided::Refused(refused) => self.refused(run.id, run.view, &what, refused).await,

@@ -168,7 +168,11 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                     )));
                 }
                 let sha = sha256_hex(text.as_bytes());
-                self.inner.store.put_blob(&sha, text.as_bytes()).await.map_err(Error::from)?;
+                self.inner
+                    .store
+                    .put_blob(&sha, text.as_bytes())
+                    .await
+                    .map_err(Error::from)?;
                 let event = Event::UserMessage {
                     message_id: message_id.into(),
                     text_sha256: sha,
@@ -279,7 +283,9 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                 "model {:?} is not configured on this server any more ([[model]])",
                 task.model
             );
-            return self.finish(run.id, run.view, RunState::Failed, reason).await;
+            return self
+                .finish(run.id, run.view, RunState::Failed, reason)
+                .await;
         };
         let registry = match task.registry(settings.tool_timeout_secs) {
             Ok(r) => r,
@@ -317,7 +323,9 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                 .apply(&entry, &|sha: &str| blobs.get(sha).cloned())
             {
                 let reason = format!("the session's log cannot be replayed: {err}");
-                return self.finish(run.id, run.view, RunState::Interrupted, reason).await;
+                return self
+                    .finish(run.id, run.view, RunState::Interrupted, reason)
+                    .await;
             }
             if let Event::ModelResponded { .. } = e.event {
                 if let Some(Message::Assistant { tool_calls, .. }) =
@@ -330,7 +338,9 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             }
         }
         if let Some(found) = looping {
-            return self.finish(run.id, run.view, RunState::Failed, found.to_string()).await;
+            return self
+                .finish(run.id, run.view, RunState::Failed, found.to_string())
+                .await;
         }
         loop {
             if *run.cancel.borrow() {
@@ -449,7 +459,8 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             .exceeded(&spent, crate::clock::now_ms())
         {
             let reason = format!("budget used up: {over}");
-            self.finish(run.id, run.view, RunState::Failed, reason).await?;
+            self.finish(run.id, run.view, RunState::Failed, reason)
+                .await?;
             return Ok(false);
         }
         let s = run.view.session.clone().unwrap_or_default();
@@ -496,7 +507,11 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                 Ok(request) => request,
                 Err(e) => {
                     tracing::warn!(run = %run.id, "the request sent again is not the one recorded: {e}");
-                    session.recorder.model_request(&session.transcript, turn).map(|(r, _)| r).map_err(|e| self.corrupt(run.id, e))?
+                    session
+                        .recorder
+                        .model_request(&session.transcript, turn)
+                        .map(|(r, _)| r)
+                        .map_err(|e| self.corrupt(run.id, e))?
                 }
             },
             None => session
@@ -553,13 +568,15 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                         "model {}: answered twice with neither text nor a tool call (stop reason {:?})",
                         config.name, r.stop
                     );
-                    self.finish(run.id, run.view, RunState::Failed, reason).await?;
+                    self.finish(run.id, run.view, RunState::Failed, reason)
+                        .await?;
                     return Ok(false);
                 }
                 Ok(r) => break r,
                 Err(e) => {
                     let reason = format!("model {}: {e}", config.name);
-                    self.finish(run.id, run.view, RunState::Failed, reason).await?;
+                    self.finish(run.id, run.view, RunState::Failed, reason)
+                        .await?;
                     return Ok(false);
                 }
             }
@@ -571,7 +588,8 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             Ok(record) => record,
             Err(e) => {
                 let reason = format!("model {}: its answer cannot be used: {e}", config.name);
-                self.finish(run.id, run.view, RunState::Failed, reason).await?;
+                self.finish(run.id, run.view, RunState::Failed, reason)
+                    .await?;
                 return Ok(false);
             }
         };
@@ -713,7 +731,8 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                     "budget used up: the model made more than {} tool calls",
                     budgets.max_tool_calls
                 );
-                self.finish(run.id, run.view, RunState::Failed, reason).await?;
+                self.finish(run.id, run.view, RunState::Failed, reason)
+                    .await?;
                 return Ok(Flow::Ended);
             }
         }
@@ -771,14 +790,7 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                         });
                         let what = format!("tool call {} ({})", call.name, call.id);
                         match self
-                            .decide(
-                                run,
-                                request.action,
-                                &resource,
-                                &request.facts,
-                                gate,
-                                &what,
-                            )
+                            .decide(run, request.action, &resource, &request.facts, gate, &what)
                             .await?
                         {
                             Decided::Go => {}
@@ -808,7 +820,8 @@ impl<H: Host, S: EventStore> Runner<H, S> {
         if let Refused::Unrecorded(_) = refused {
             // Nothing happens that is not on the record: the session stops.
             let reason = format!("tool call {} was not started: {refused}", call.name);
-            self.finish(run.id, run.view, RunState::Failed, reason).await?;
+            self.finish(run.id, run.view, RunState::Failed, reason)
+                .await?;
             return Ok(Flow::Ended);
         }
         let outcome = match refused {
@@ -816,7 +829,8 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             _ => "not_approved",
         };
         let text = format!("refused: {refused}");
-        self.decided(run, call, outcome, refused.to_string()).await?;
+        self.decided(run, call, outcome, refused.to_string())
+            .await?;
         self.answer(run, session, &call.id, text.as_bytes(), true)
             .await
     }
@@ -849,7 +863,15 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                     self.tool_started(run, call, &exec_id, None).await?;
                 }
                 let out = self
-                    .exec_tool(run, sandbox_id, &agent, &exec_id, command, *timeout_secs, started)
+                    .exec_tool(
+                        run,
+                        sandbox_id,
+                        &agent,
+                        &exec_id,
+                        command,
+                        *timeout_secs,
+                        started,
+                    )
                     .await?;
                 match out {
                     None => return Ok(Flow::Ended),
@@ -867,7 +889,15 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                 }
                 let command = Command::Argv(argv.clone());
                 match self
-                    .exec_tool(run, sandbox_id, &agent, &exec_id, &command, *timeout_secs, started)
+                    .exec_tool(
+                        run,
+                        sandbox_id,
+                        &agent,
+                        &exec_id,
+                        &command,
+                        *timeout_secs,
+                        started,
+                    )
                     .await?
                 {
                     None => return Ok(Flow::Ended),
@@ -883,7 +913,15 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                 }
                 let command = Command::Argv(argv.clone());
                 match self
-                    .exec_tool(run, sandbox_id, &agent, &exec_id, &command, *timeout_secs, started)
+                    .exec_tool(
+                        run,
+                        sandbox_id,
+                        &agent,
+                        &exec_id,
+                        &command,
+                        *timeout_secs,
+                        started,
+                    )
                     .await?
                 {
                     None => return Ok(Flow::Ended),
@@ -918,11 +956,11 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                     self.inner.store.put_blob(&sha, content.as_bytes()).await?;
                     self.tool_started(run, call, &exec_id, Some(sha)).await?;
                 }
-                match agent.put_file(path, content.as_bytes().to_vec(), 0o644).await {
-                    Ok(()) => (
-                        format!("wrote {} bytes to {path}", content.len()),
-                        false,
-                    ),
+                match agent
+                    .put_file(path, content.as_bytes().to_vec(), 0o644)
+                    .await
+                {
+                    Ok(()) => (format!("wrote {} bytes to {path}", content.len()), false),
                     Err(e) => (format!("write_file {path}: {}", e.message()), true),
                 }
             }
@@ -1023,8 +1061,7 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                         // one the sandbox had; otherwise unknown.
                         let same = match self.agent_boot_id(sandbox_id).await {
                             Some(boot) => {
-                                !run.view.agent_boot_id.is_empty()
-                                    && boot == run.view.agent_boot_id
+                                !run.view.agent_boot_id.is_empty() && boot == run.view.agent_boot_id
                             }
                             None => false,
                         };
@@ -1052,12 +1089,12 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             };
             let mut out = ExecOutput::default();
             let mut stopping = self.inner.shutdown.clone();
-            let mut silent = false;
+            // Left only when the stream broke off or went silent.
             loop {
                 let message = tokio::select! {
                     m = tokio::time::timeout(std::time::Duration::from_secs(40), events.next()) => match m {
                         Ok(m) => m,
-                        Err(_) => { silent = true; break; }
+                        Err(_) => break,
                     },
                     _ = run.cancel.changed() => {
                         let _ = agent.kill_exec(exec_id).await;
@@ -1092,20 +1129,20 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                         out.spawn_failure = reason;
                         return Ok(Some(out));
                     }
-                    Some(Ok(ExecEvent::Dropped { from_offset, to_offset })) => {
+                    Some(Ok(ExecEvent::Dropped {
+                        from_offset,
+                        to_offset,
+                    })) => {
                         out.push(
                             format!("\n[… {} bytes lost …]\n", to_offset - from_offset).as_bytes(),
                             max,
                         );
                     }
                     Some(Ok(_)) => {}
-                    None | Some(Err(_)) => {
-                        silent = true;
-                        break;
-                    }
+                    None | Some(Err(_)) => break,
                 }
             }
-            if silent && tries < 5 {
+            if tries < 5 {
                 tracing::warn!(run = %run.id, exec_id, "a tool's exec stream broke off; attaching again");
                 continue;
             }
@@ -1211,4 +1248,3 @@ fn canonical_json(value: &serde_json::Value) -> String {
     }
     sorted(value).to_string()
 }
-

@@ -695,3 +695,311 @@ async fn a_crash_between_any_two_events_repeats_no_step_and_changes_no_outcome()
         );
     }
 }
+
+// ------------------------------------------------------------- sessions
+
+mod sessions {
+    use std::sync::Arc;
+
+    use bridle_scripted_model::{Conversation, ScriptedCall, Server, Turn};
+    use serde_json::json;
+
+    use super::*;
+    use crate::config::{ModelConfig, ProviderKind};
+    use crate::harness::task::AgentTask;
+    use crate::harness::tools::builtin::Builtin;
+    use crate::runs::executor::SendInput;
+    use crate::testing::Script as ExecScript;
+
+    /// The scripted conversation every session test plays: the model runs
+    /// `make test` with the shell tool, writes a file, and answers; after a
+    /// second message it answers once more.
+    fn script() -> bridle_scripted_model::Script {
+        let call = |id: &str, name: &str, arguments: serde_json::Value| ScriptedCall {
+            id: id.into(),
+            name: name.into(),
+            arguments,
+            raw_arguments: None,
+        };
+        bridle_scripted_model::Script {
+            conversations: vec![Conversation {
+                name: "fix".into(),
+                first_user_contains: "fix the build".into(),
+                turns: vec![
+                    Turn {
+                        text: "Let me look.".into(),
+                        tool_calls: vec![call("c1", "shell", json!({"command": "make test"}))],
+                        ..Turn::default()
+                    },
+                    Turn {
+                        tool_calls: vec![
+                            call(
+                                "c2",
+                                "write_file",
+                                json!({"path": "notes.txt", "content": "fixed\n"}),
+                            ),
+                            call("c3", "read_file", json!({"path": "notes.txt"})),
+                        ],
+                        ..Turn::default()
+                    },
+                    Turn {
+                        text: "The build is fixed.".into(),
+                        ..Turn::default()
+                    },
+                    Turn {
+                        text: "You are welcome.".into(),
+                        ..Turn::default()
+                    },
+                ],
+            }],
+            api_key: None,
+        }
+    }
+
+    fn settings(server: &Server) -> Arc<crate::harness::Settings> {
+        let config = ModelConfig {
+            name: "scripted".into(),
+            provider: ProviderKind::OpenAi,
+            base_url: format!("{}/v1", server.base_url()),
+            model: "scripted-1".into(),
+            api_key_env: None,
+            api_key_file: None,
+            context_window: 100_000,
+            max_output_tokens: 1_000,
+            price_input_per_mtok: Some(1.0),
+            price_output_per_mtok: Some(2.0),
+            request_timeout_secs: 60,
+            max_retries: 3,
+            retry_min_delay_ms: 10,
+            api_key: None,
+        };
+        Arc::new(crate::harness::Settings::with_models(&[config]).unwrap())
+    }
+
+    fn runner(
+        world: &World,
+        store: &MemEvents,
+        host: &FakeHost,
+        harness: &Arc<crate::harness::Settings>,
+    ) -> Runner<FakeHost, MemEvents> {
+        Runner::new(
+            store.clone(),
+            host.clone(),
+            8,
+            8,
+            Sealer::from_key(&SECRETS_KEY),
+            world.guard.clone(),
+            harness.clone(),
+            world.stop.clone(),
+        )
+    }
+
+    /// Submits the session and scripts its command.
+    async fn submit_session(store: &MemEvents, host: &FakeHost, run_id: &str) {
+        host.script(
+            "make test",
+            ExecScript {
+                output: vec![(Stream::Stdout, b"2 passed\n".to_vec())],
+                ..ExecScript::default()
+            },
+        );
+        let goal = "Please fix the build.";
+        store
+            .put_blob(&sha(goal.as_bytes()), goal.as_bytes())
+            .await
+            .unwrap();
+        let mut job = tests_support::job(0);
+        job.agent = Some(AgentTask {
+            instructions: "You fix builds.".into(),
+            model: "scripted".into(),
+            tools: Builtin::ALL.to_vec(),
+            client_tools: vec![],
+            budgets: Default::default(),
+            loop_threshold: 3,
+            first_message_sha256: sha(goal.as_bytes()),
+        });
+        let first = Event::Submitted {
+            owner: OWNER.into(),
+            idempotency_key: run_id.into(),
+            job: Box::new(job),
+            by: Submitter::default(),
+        };
+        // Now: wall time counts from the submission.
+        store
+            .submit(NewRun {
+                run_id,
+                owner: OWNER,
+                idempotency_key: run_id,
+                first: &first,
+                labels: &BTreeMap::new(),
+                sealed_secrets: None,
+                now: crate::clock::now_ms(),
+            })
+            .await
+            .unwrap();
+    }
+
+    fn kinds(log: &[Event]) -> Vec<String> {
+        log.iter()
+            .map(|e| {
+                let json = serde_json::to_value(e).unwrap();
+                match json {
+                    serde_json::Value::String(s) => s,
+                    serde_json::Value::Object(m) => m.keys().next().unwrap().clone(),
+                    other => other.to_string(),
+                }
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_session_runs_its_tools_once_goes_idle_and_answers_the_next_message() {
+        let world = World::new().await;
+        let server = Server::start(script()).await.unwrap();
+        let harness = settings(&server);
+        let (store, host) = (MemEvents::new(), FakeHost::new());
+        submit_session(&store, &host, "s1").await;
+        let runner = runner(&world, &store, &host, &harness);
+        runner.drive("s1").await.unwrap();
+        let view = runner.view("s1").await.unwrap();
+        assert_eq!(view.state, RunState::Idle, "{:?}", view.reason);
+        let s = view.session.clone().unwrap();
+        assert_eq!((s.responses, s.requests, s.resent), (3, 3, 0));
+        assert_eq!(s.tool_calls, 3);
+        assert!(s.turn_finished);
+        assert!(s.cost_nano_usd > 0, "the model has prices");
+        assert_eq!(host.starts("make test"), 1);
+        let sandbox = view.sandbox_id.clone().unwrap();
+        assert_eq!(
+            host.file(&sandbox, "notes.txt").map(|(d, _)| d),
+            Some(b"fixed\n".to_vec())
+        );
+        let log = store.log("s1");
+        let results: Vec<String> = log
+            .iter()
+            .filter_map(|e| match e {
+                Event::ToolResult { content_sha256, .. } => {
+                    Some(String::from_utf8(store.blob_bytes(content_sha256).unwrap()).unwrap())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            results,
+            [
+                "exit code 0\n2 passed\n",
+                "wrote 6 bytes to notes.txt",
+                "fixed\n"
+            ]
+        );
+        assert_eq!(server.requests("fix"), vec![1, 1, 1, 0]);
+
+        // A message sent twice is added once, and the session answers it.
+        let sent = runner
+            .send("s1", "m2", SendInput::Message("Thanks!".into()), true)
+            .await
+            .unwrap();
+        assert_eq!(sent.state, RunState::Running);
+        let again = runner
+            .send("s1", "m2", SendInput::Message("Thanks!".into()), true)
+            .await
+            .unwrap();
+        assert_eq!(again.session.unwrap().user_messages, 2);
+        // The send scheduled the session: its driver answers and closes it.
+        let view = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let view = runner.view("s1").await.unwrap();
+                if view.state.is_finished() {
+                    return view;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the session ends within a minute");
+        assert_eq!(view.state, RunState::Succeeded, "closed after its answer");
+        assert_eq!(server.requests("fix"), vec![1, 1, 1, 1]);
+        // The request carried the whole conversation, results paired.
+        let (_, last) = server.received().pop().unwrap();
+        let roles: Vec<&str> = last["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                "system",
+                "user",
+                "assistant",
+                "tool",
+                "assistant",
+                "tool",
+                "tool",
+                "assistant",
+                "user"
+            ]
+        );
+    }
+
+    /// Kill the control plane at every append of a session (before the
+    /// write, and after it before it is acted on), restart it: no tool runs
+    /// twice, no answer on the log is asked for again, and the one request
+    /// whose answer was lost is counted as resent.
+    #[tokio::test]
+    async fn a_crash_at_any_append_repeats_no_tool_and_no_recorded_answer() {
+        let world = World::new().await;
+        let base_server = Server::start(script()).await.unwrap();
+        let (store, host) = (MemEvents::new(), FakeHost::new());
+        submit_session(&store, &host, "base").await;
+        runner(&world, &store, &host, &settings(&base_server))
+            .drive("base")
+            .await
+            .unwrap();
+        let baseline = kinds(&store.log("base"));
+        let appends = baseline.len() as u64 - 1;
+        let crashes = (0..appends)
+            .map(|k| (k, CrashPoint::BeforeWrite))
+            .chain((1..=appends).map(|k| (k, CrashPoint::AfterWrite)));
+        for (k, point) in crashes {
+            let case = format!("crash {point:?} after {k} appends");
+            let server = Server::start(script()).await.unwrap();
+            let harness = settings(&server);
+            let (store, host) = (MemEvents::new(), FakeHost::new());
+            submit_session(&store, &host, "s").await;
+            store.crash_after(k, point);
+            let crashed = runner(&world, &store, &host, &harness).drive("s").await;
+            assert!(crashed.is_err(), "{case}: went on without its store");
+            store.recover();
+            let restarted = runner(&world, &store, &host, &harness);
+            restarted.drive("s").await.unwrap();
+            let view = restarted.view("s").await.unwrap();
+            assert_eq!(view.state, RunState::Idle, "{case}: {}", view.reason);
+            assert_eq!(host.starts("make test"), 1, "{case}: the tool ran twice");
+            let s = view.session.unwrap();
+            assert_eq!(s.responses, 3, "{case}");
+            assert!(s.resent <= 1, "{case}: {} resent", s.resent);
+            // Each request that went out was recorded first; a turn is asked
+            // for again only when its answer never reached the log.
+            let log = store.log("s");
+            for (turn, sent) in server.requests("fix").into_iter().enumerate() {
+                let recorded = log
+                    .iter()
+                    .filter(|e| matches!(e, Event::ModelRequested { turn: t, .. } if *t as usize == turn + 1))
+                    .count() as u32;
+                assert!(
+                    sent <= recorded,
+                    "{case}: turn {turn} was asked for {sent} times, recorded {recorded}"
+                );
+                assert!(sent <= 2, "{case}: turn {turn} asked for {sent} times");
+            }
+            let sandbox = view.sandbox_id.unwrap();
+            assert_eq!(
+                host.file(&sandbox, "notes.txt").map(|(d, _)| d),
+                Some(b"fixed\n".to_vec()),
+                "{case}"
+            );
+        }
+    }
+}
