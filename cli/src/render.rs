@@ -770,7 +770,7 @@ impl<'a> RunEventView<'a> {
                 by: &a.by,
                 reason: &a.reason,
             },
-            None => EventView::Unknown {},
+            _ => EventView::Unknown {},
         };
         Self {
             run_id: &ev.run_id,

@@ -70,6 +70,7 @@ pub(crate) async fn submit(
         .submit(pb::SubmitRunRequest {
             idempotency_key: key,
             job,
+            agent: None,
         })
         .await?
         .into_inner();

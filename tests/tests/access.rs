@@ -691,6 +691,7 @@ async fn tenants_cannot_see_or_touch_each_other() {
         .submit(pb::SubmitRunRequest {
             idempotency_key: "audit".into(),
             job: Some(job(vec![step("probe", "true")])),
+            agent: None,
         })
         .await
         .unwrap_err();
@@ -979,6 +980,7 @@ async fn submit(runs: &mut Runs, key: &str, job: pb::Job) -> pb::Run {
     runs.submit(pb::SubmitRunRequest {
         idempotency_key: key.into(),
         job: Some(job),
+        agent: None,
     })
     .await
     .unwrap()

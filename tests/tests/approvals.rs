@@ -667,6 +667,7 @@ async fn submit_until_awaiting(
         runs.submit(pb::SubmitRunRequest {
             idempotency_key: key.into(),
             job: Some(job),
+            agent: None,
         }),
     )
     .await

@@ -819,6 +819,7 @@ fn job(key: &str, steps: Vec<pb::Step>) -> pb::SubmitRunRequest {
             steps,
             ..Default::default()
         }),
+        agent: None,
     }
 }
 

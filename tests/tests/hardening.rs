@@ -350,6 +350,7 @@ async fn submit(runs: &mut control::Runs, key: &str, job: pb::Job) -> pb::Run {
     runs.submit(pb::SubmitRunRequest {
         idempotency_key: key.into(),
         job: Some(job),
+        agent: None,
     })
     .await
     .unwrap()
@@ -509,6 +510,7 @@ async fn out_of_range_and_reserved_values_are_refused() {
                 }],
                 ..Default::default()
             }),
+            agent: None,
         })
         .await
         .map(drop)

@@ -50,6 +50,7 @@ async fn submit(c: &mut Runs, key: &str, job: pb::Job) -> pb::Run {
         c.submit(pb::SubmitRunRequest {
             idempotency_key: key.into(),
             job: Some(job),
+            agent: None,
         }),
     )
     .await
@@ -228,6 +229,7 @@ async fn a_job_runs_with_secrets_redacted_and_the_same_key_returns_the_same_run(
                 }],
                 ..Default::default()
             }),
+            agent: None,
         }),
     )
     .await

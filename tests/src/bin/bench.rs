@@ -704,6 +704,7 @@ async fn job_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
             .submit(cpb::SubmitRunRequest {
                 idempotency_key: format!("bench-{rep}"),
                 job: Some(job.clone()),
+                agent: None,
             })
             .await?
             .into_inner();
