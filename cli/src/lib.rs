@@ -6,8 +6,10 @@
 //!
 //! One module per subcommand; `conn` holds the options they share and the
 //! connection made from them, `render` every view of what the control plane
-//! answers (tables, details, JSON).
+//! answers (tables, details, JSON), `session` how an agent session is
+//! followed (by `agent` and `runs watch`).
 
+mod agent;
 mod approvals;
 mod args;
 mod audit;
@@ -20,6 +22,7 @@ mod policy;
 mod render;
 mod runs;
 mod sandbox;
+mod session;
 mod token;
 
 use std::path::PathBuf;
@@ -69,6 +72,10 @@ enum Command {
     /// Human approvals: list, show, approve or deny (operator), watch.
     #[command(subcommand)]
     Approvals(approvals::ApprovalsCmd),
+    /// Agent sessions: start one with a goal, send it the next message or
+    /// a client tool's result, and follow it.
+    #[command(subcommand)]
+    Agent(agent::AgentCmd),
 }
 
 /// Runs the CLI with the process's arguments and returns its exit code.
@@ -99,9 +106,13 @@ pub fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
-    // A bad job file is reported before anything is contacted.
+    // A bad job file or agent task is reported before anything is contacted.
     let job = match &cli.command {
         Command::Run { file, .. } => Some(runs::read_job_file(file)?),
+        _ => None,
+    };
+    let task = match &cli.command {
+        Command::Agent(agent::AgentCmd::Run(a)) => Some(agent::task_of(a)?),
         _ => None,
     };
     // An export is verified offline, without a control plane.
@@ -121,5 +132,6 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Audit(cmd) => audit::run(&mut c, cmd).await,
         Command::Approvals(cmd) => approvals::run(&mut c, cmd).await,
         Command::Policy(cmd) => policy::run(&mut c, cmd).await,
+        Command::Agent(cmd) => agent::run(&mut c, cmd, task).await,
     }
 }

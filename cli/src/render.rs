@@ -34,6 +34,24 @@ pub(crate) fn print_json_line(view: &impl Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `text` on one line, for a transcript or a table: control characters
+/// (line ends, a terminal's escapes) become spaces, and a text longer than
+/// `max_chars` characters is cut to that many, the last one `…`.
+pub(crate) fn short_line(text: &str, max_chars: usize) -> String {
+    let line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if line.chars().nth(max_chars).is_none() {
+        return line;
+    }
+    let end = line
+        .char_indices()
+        .nth(max_chars.saturating_sub(1))
+        .map_or(0, |(i, _)| i);
+    format!("{}…", &line[..end])
+}
+
 // ---------------------------------------------------------------- names
 
 fn sandbox_state_name(s: i32) -> &'static str {
@@ -63,6 +81,8 @@ pub(crate) fn run_state_name(s: i32) -> &'static str {
         Ok(pb::RunState::Cancelled) => "cancelled",
         Ok(pb::RunState::Interrupted) => "interrupted",
         Ok(pb::RunState::AwaitingApproval) => "awaiting_approval",
+        Ok(pb::RunState::Idle) => "idle",
+        Ok(pb::RunState::AwaitingToolResult) => "awaiting_tool_result",
         _ => "unknown",
     }
 }
@@ -531,6 +551,80 @@ pub(crate) struct RunView<'a> {
     last_seq: u64,
     steps: Vec<StepView<'a>>,
     artifacts: Vec<ArtifactView<'a>>,
+    /// Agent sessions only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<SessionView<'a>>,
+}
+
+/// An agent session's progress, what it used, what it waits for and its
+/// last answer.
+#[derive(Serialize)]
+struct SessionView<'a> {
+    model: &'a str,
+    turns: u32,
+    model_requests: u32,
+    model_requests_resent: u32,
+    tool_calls: u32,
+    usage: UsageView,
+    pending_tool_calls: Vec<ToolCallView<'a>>,
+    answer: &'a str,
+}
+
+#[derive(Serialize, Default)]
+struct UsageView {
+    input_tokens: u64,
+    output_tokens: u64,
+    cache_read_input_tokens: u64,
+    cache_creation_input_tokens: u64,
+    cost_usd: f64,
+}
+
+#[derive(Serialize)]
+struct ToolCallView<'a> {
+    call_id: &'a str,
+    tool: &'a str,
+    arguments_json: &'a str,
+}
+
+impl<'a> From<&'a pb::Session> for SessionView<'a> {
+    fn from(s: &'a pb::Session) -> Self {
+        Self {
+            model: &s.model,
+            turns: s.turns,
+            model_requests: s.model_requests,
+            model_requests_resent: s.model_requests_resent,
+            tool_calls: s.tool_calls,
+            usage: s.usage.as_ref().map(UsageView::from).unwrap_or_default(),
+            pending_tool_calls: s
+                .pending_tool_calls
+                .iter()
+                .map(ToolCallView::from)
+                .collect(),
+            answer: &s.answer,
+        }
+    }
+}
+
+impl From<&pb::Usage> for UsageView {
+    fn from(u: &pb::Usage) -> Self {
+        Self {
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            cache_read_input_tokens: u.cache_read_input_tokens,
+            cache_creation_input_tokens: u.cache_creation_input_tokens,
+            cost_usd: u.cost_usd,
+        }
+    }
+}
+
+impl<'a> From<&'a pb::ToolCall> for ToolCallView<'a> {
+    fn from(c: &'a pb::ToolCall) -> Self {
+        Self {
+            call_id: &c.call_id,
+            tool: &c.tool,
+            arguments_json: &c.arguments_json,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -580,6 +674,7 @@ impl<'a> From<&'a pb::Run> for RunView<'a> {
                 })
                 .collect(),
             artifacts: r.artifacts.iter().map(ArtifactView::from).collect(),
+            session: r.session.as_ref().map(SessionView::from),
         }
     }
 }
@@ -614,7 +709,35 @@ pub(crate) fn run_table(list: &[pb::Run]) {
     }
 }
 
+/// Whether a run is an agent session (submitted with `agent`).
+pub(crate) fn is_session(r: &pb::Run) -> bool {
+    r.agent.is_some() || r.session.is_some()
+}
+
+/// What a session used, as a person reads it; the cost only when the
+/// model has prices configured.
+pub(crate) fn usage_text(u: &pb::Usage) -> String {
+    let cached = if u.cache_read_input_tokens > 0 {
+        format!(" ({} cached)", u.cache_read_input_tokens)
+    } else {
+        String::new()
+    };
+    let cost = if u.cost_usd > 0.0 {
+        format!(", ${:.4}", u.cost_usd)
+    } else {
+        String::new()
+    };
+    format!(
+        "{} input tokens{cached}, {} output tokens{cost}",
+        u.input_tokens, u.output_tokens
+    )
+}
+
 pub(crate) fn run_details(r: &pb::Run) {
+    if is_session(r) {
+        session_details(r);
+        return;
+    }
     println!("id:      {}", r.id);
     println!("state:   {}", run_state_name(r.state));
     if !r.reason.is_empty() {
@@ -631,6 +754,49 @@ pub(crate) fn run_details(r: &pb::Run) {
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "-".into())
         );
+    }
+}
+
+/// An agent session in full: where it stands, what it used, the client
+/// tool calls it waits for, and its last answer (last, as it may be long).
+fn session_details(r: &pb::Run) {
+    let s = r.session.clone().unwrap_or_default();
+    let model = match (&r.agent, s.model.is_empty()) {
+        (Some(task), true) => task.model.as_str(),
+        _ => s.model.as_str(),
+    };
+    println!("id:          {}", r.id);
+    println!("state:       {}", run_state_name(r.state));
+    if !r.reason.is_empty() {
+        println!("reason:      {}", r.reason);
+    }
+    println!("model:       {model}");
+    if !r.sandbox_id.is_empty() {
+        println!("sandbox:     {}", r.sandbox_id);
+    }
+    println!(
+        "turns:       {} ({} model requests, {} sent again after a restart)",
+        s.turns, s.model_requests, s.model_requests_resent
+    );
+    println!("tool calls:  {}", s.tool_calls);
+    println!("usage:       {}", usage_text(&s.usage.unwrap_or_default()));
+    if !r.approval_id.is_empty() {
+        println!(
+            "approval:    {} (bridle approvals show {})",
+            r.approval_id, r.approval_id
+        );
+    }
+    for call in &s.pending_tool_calls {
+        println!(
+            "waiting for: {} {} {}",
+            call.call_id,
+            call.tool,
+            short_line(&call.arguments_json, 200)
+        );
+    }
+    if !s.answer.is_empty() {
+        println!("answer:");
+        println!("{}", s.answer.trim_end_matches('\n'));
     }
 }
 
@@ -698,6 +864,9 @@ enum EventView<'a> {
         approval_id: &'a str,
         step: u32,
         for_network: bool,
+        /// An agent session's tool call.
+        #[serde(skip_serializing_if = "str::is_empty")]
+        call_id: &'a str,
     },
     ApprovalDecided {
         approval_id: &'a str,
@@ -706,6 +875,56 @@ enum EventView<'a> {
         outcome: &'a str,
         by: &'a str,
         reason: &'a str,
+        #[serde(skip_serializing_if = "str::is_empty")]
+        call_id: &'a str,
+    },
+    UserMessage {
+        message_id: &'a str,
+        text: &'a str,
+        close: bool,
+    },
+    ModelRequested {
+        turn: u32,
+        request_sha256: &'a str,
+        messages: u32,
+        resent: bool,
+    },
+    ModelResponded {
+        turn: u32,
+        text: &'a str,
+        tool_calls: Vec<ToolCallView<'a>>,
+        stop_reason: &'a str,
+        usage: Option<UsageView>,
+        model: &'a str,
+    },
+    ToolCallDecided {
+        call_id: &'a str,
+        tool: &'a str,
+        outcome: &'a str,
+        reason: &'a str,
+    },
+    ToolStarted {
+        call_id: &'a str,
+        exec_id: &'a str,
+    },
+    ToolResult {
+        call_id: &'a str,
+        content: &'a str,
+        is_error: bool,
+        full_bytes: u64,
+    },
+    ContextCompacted {
+        messages: u32,
+        tokens_before: u64,
+        tokens_after: u64,
+    },
+    TurnFinished {
+        turn: u32,
+    },
+    /// Not stored: `seq` is 0.
+    TextDelta {
+        turn: u32,
+        text: &'a str,
     },
     Unknown {},
 }
@@ -761,6 +980,7 @@ impl<'a> RunEventView<'a> {
                 approval_id: &a.approval_id,
                 step: a.step,
                 for_network: a.for_network,
+                call_id: &a.call_id,
             },
             Some(E::ApprovalDecided(a)) => EventView::ApprovalDecided {
                 approval_id: &a.approval_id,
@@ -769,6 +989,52 @@ impl<'a> RunEventView<'a> {
                 outcome: &a.outcome,
                 by: &a.by,
                 reason: &a.reason,
+                call_id: &a.call_id,
+            },
+            Some(E::UserMessage(m)) => EventView::UserMessage {
+                message_id: &m.message_id,
+                text: &m.text,
+                close: m.close,
+            },
+            Some(E::ModelRequested(m)) => EventView::ModelRequested {
+                turn: m.turn,
+                request_sha256: &m.request_sha256,
+                messages: m.messages,
+                resent: m.resent,
+            },
+            Some(E::ModelResponded(m)) => EventView::ModelResponded {
+                turn: m.turn,
+                text: &m.text,
+                tool_calls: m.tool_calls.iter().map(ToolCallView::from).collect(),
+                stop_reason: &m.stop_reason,
+                usage: m.usage.as_ref().map(UsageView::from),
+                model: &m.model,
+            },
+            Some(E::ToolCallDecided(d)) => EventView::ToolCallDecided {
+                call_id: &d.call_id,
+                tool: &d.tool,
+                outcome: &d.outcome,
+                reason: &d.reason,
+            },
+            Some(E::ToolStarted(t)) => EventView::ToolStarted {
+                call_id: &t.call_id,
+                exec_id: &t.exec_id,
+            },
+            Some(E::ToolResult(r)) => EventView::ToolResult {
+                call_id: &r.call_id,
+                content: &r.content,
+                is_error: r.is_error,
+                full_bytes: r.full_bytes,
+            },
+            Some(E::ContextCompacted(x)) => EventView::ContextCompacted {
+                messages: x.messages,
+                tokens_before: x.tokens_before,
+                tokens_after: x.tokens_after,
+            },
+            Some(E::TurnFinished(t)) => EventView::TurnFinished { turn: t.turn },
+            Some(E::TextDelta(t)) => EventView::TextDelta {
+                turn: t.turn,
+                text: &t.text,
             },
             _ => EventView::Unknown {},
         };
@@ -844,6 +1110,75 @@ mod tests {
         assert_eq!(
             text,
             "{\"run_id\":\"run-1\",\"seq\":8,\"unix_ms\":1000,\"type\":\"provisioning\"}"
+        );
+    }
+
+    #[test]
+    fn a_session_event_is_one_flat_json_object_too() {
+        let ev = pb::RunEvent {
+            run_id: "run-1".into(),
+            seq: 9,
+            unix_ms: 1000,
+            event: Some(pb::run_event::Event::ModelResponded(pb::ModelResponded {
+                turn: 2,
+                text: "done".into(),
+                tool_calls: vec![pb::ToolCall {
+                    call_id: "c1".into(),
+                    tool: "shell".into(),
+                    arguments_json: "{\"command\":\"ls\"}".into(),
+                }],
+                usage: Some(pb::Usage {
+                    input_tokens: 10,
+                    output_tokens: 3,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+        };
+        let line = serde_json::to_value(RunEventView::new(&ev, None)).unwrap();
+        assert_eq!(line["type"], "model_responded");
+        assert_eq!(line["turn"], 2);
+        assert_eq!(line["text"], "done");
+        assert_eq!(line["tool_calls"][0]["tool"], "shell");
+        assert_eq!(line["usage"]["input_tokens"], 10);
+        // A job's approval carries no call id.
+        let approval = pb::RunEvent {
+            event: Some(pb::run_event::Event::ApprovalRequested(
+                pb::RunApprovalRequested {
+                    approval_id: "a1".into(),
+                    ..Default::default()
+                },
+            )),
+            ..ev
+        };
+        let line = serde_json::to_value(RunEventView::new(&approval, None)).unwrap();
+        assert!(line.get("call_id").is_none(), "{line}");
+    }
+
+    #[test]
+    fn a_long_text_is_cut_to_one_short_line() {
+        assert_eq!(short_line("a\nb", 10), "a b");
+        assert_eq!(short_line("abcdef", 6), "abcdef");
+        assert_eq!(short_line("abcdefg", 6), "abcde…");
+        assert_eq!(short_line("éééé", 3), "éé…");
+    }
+
+    #[test]
+    fn usage_shows_a_cost_only_when_there_is_one() {
+        let u = pb::Usage {
+            input_tokens: 1200,
+            output_tokens: 34,
+            ..Default::default()
+        };
+        assert_eq!(usage_text(&u), "1200 input tokens, 34 output tokens");
+        let u = pb::Usage {
+            cache_read_input_tokens: 1000,
+            cost_usd: 0.01234,
+            ..u
+        };
+        assert_eq!(
+            usage_text(&u),
+            "1200 input tokens (1000 cached), 34 output tokens, $0.0123"
         );
     }
 

@@ -12,6 +12,7 @@ use tonic::Status;
 
 use crate::conn::{Conn, Reconnects};
 use crate::render::{self, print_json, print_json_line, run_state_name, RunEventView, RunView};
+use crate::session::follow_session;
 
 #[derive(Subcommand)]
 pub(crate) enum RunsCmd {
@@ -33,7 +34,9 @@ pub(crate) enum RunsCmd {
         #[arg(long, value_parser = ["stdout", "stderr"])]
         stream: Option<String>,
     },
-    /// Follow a run's progress and output until it ends; exits with its code.
+    /// Follow a run's progress and output until it ends; exits with its
+    /// code. An agent session is followed as `bridle agent run` follows it:
+    /// until it answers (0), waits for a client tool's result (10) or ends.
     Watch {
         id: String,
     },
@@ -86,8 +89,8 @@ pub(crate) async fn submit(
     follow_run(c, &r.id).await
 }
 
-/// 16 random bytes as hex: a key no other submission has.
-fn random_key() -> anyhow::Result<String> {
+/// 16 random bytes as hex: a key no other submission (or message) has.
+pub(crate) fn random_key() -> anyhow::Result<String> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).map_err(|e| anyhow!("the OS random source: {e}"))?;
     Ok(hex::encode(bytes))
@@ -158,7 +161,12 @@ pub(crate) async fn run(c: &mut Conn, cmd: RunsCmd) -> anyhow::Result<u8> {
             }
             out.flush().await?;
         }
-        RunsCmd::Watch { id } => return follow_run(c, &id).await,
+        RunsCmd::Watch { id } => {
+            if render::is_session(&get_run(c, &id).await?) {
+                return follow_session(c, &id, 1, false).await;
+            }
+            return follow_run(c, &id).await;
+        }
         RunsCmd::Cancel { id, reason } => {
             let r = c
                 .runs

@@ -71,3 +71,38 @@ fn a_bad_job_file_is_refused_before_anything_is_contacted() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn a_bad_agent_task_is_refused_before_anything_is_contacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("system.md");
+    let bridle = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_bridle"))
+            .args(args)
+            .env("BRIDLE_TOKEN", "t")
+            // Nobody listens there: the task is refused first.
+            .env("BRIDLE_ENDPOINT", "http://127.0.0.1:9")
+            .env_remove("BRIDLE_TOKEN_FILE")
+            .env("BRIDLE_DATA_DIR", dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = bridle(&[
+        "agent",
+        "run",
+        "--model",
+        "m",
+        "--instructions-file",
+        missing.to_str().unwrap(),
+        "goal",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("system.md"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let out = bridle(&["agent", "run", "--model", "m", "-e", "NOEQUALS", "goal"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    // Nothing to send is a usage error (clap's exit 2).
+    let out = bridle(&["agent", "send", "run-1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
