@@ -1036,7 +1036,7 @@ impl<'a> RunEventView<'a> {
                 turn: t.turn,
                 text: &t.text,
             },
-            _ => EventView::Unknown {},
+            None => EventView::Unknown {},
         };
         Self {
             run_id: &ev.run_id,
