@@ -551,6 +551,9 @@ pub(crate) struct RunView<'a> {
     last_seq: u64,
     steps: Vec<StepView<'a>>,
     artifacts: Vec<ArtifactView<'a>>,
+    /// The approval the run waits for (awaiting_approval).
+    #[serde(skip_serializing_if = "str::is_empty")]
+    approval_id: &'a str,
     /// Agent sessions only.
     #[serde(skip_serializing_if = "Option::is_none")]
     session: Option<SessionView<'a>>,
@@ -674,6 +677,7 @@ impl<'a> From<&'a pb::Run> for RunView<'a> {
                 })
                 .collect(),
             artifacts: r.artifacts.iter().map(ArtifactView::from).collect(),
+            approval_id: &r.approval_id,
             session: r.session.as_ref().map(SessionView::from),
         }
     }

@@ -49,14 +49,18 @@ pub(crate) fn session_exit_code(state: i32) -> u8 {
 /// lines follow), `(error)` when the result is an error, and the size of
 /// the whole result (`full_bytes`; the content's own size when 0).
 pub(crate) fn result_summary(content: &str, is_error: bool, full_bytes: u64) -> String {
-    let mut lines = content.lines().filter(|l| !l.trim().is_empty());
-    let mut shown = match lines.next() {
-        Some(first) => short_line(first.trim_end(), SUMMARY_CHARS),
-        None => "(empty)".to_string(),
+    // The first line (a command's status) and the last (where its output
+    // ended up), each cut short.
+    let lines: Vec<&str> = content.lines().filter(|l| !l.trim().is_empty()).collect();
+    let shown = match lines.as_slice() {
+        [] => "(empty)".to_string(),
+        [only] => short_line(only.trim_end(), SUMMARY_CHARS),
+        [first, .., last] => format!(
+            "{} … {}",
+            short_line(first.trim_end(), SUMMARY_CHARS / 2),
+            short_line(last.trim_end(), SUMMARY_CHARS / 2)
+        ),
     };
-    if lines.next().is_some() && !shown.ends_with('…') {
-        shown.push_str(" …");
-    }
     let error = if is_error { " (error)" } else { "" };
     let bytes = if full_bytes > 0 {
         full_bytes
@@ -533,8 +537,8 @@ mod tests {
     fn a_tool_result_is_summed_up_in_one_line() {
         assert_eq!(result_summary("hello\n", false, 6), "hello (6 B)");
         assert_eq!(
-            result_summary("\n\nfirst\nsecond\n", false, 0),
-            "first … (15 B)"
+            result_summary("\n\nfirst\nmiddle\nlast\n", false, 0),
+            "first … last (20 B)"
         );
         assert_eq!(
             result_summary("no such file", true, 12),
