@@ -662,3 +662,104 @@ async fn bounds_and_provider_failures() {
     );
     assert_eq!(server.requests("refused"), vec![1], "a 400 is not retried");
 }
+
+/// Chaos: at least 20 SIGKILLs of the control plane at random moments
+/// during a 30-turn session whose every turn runs a tool. Each tool call
+/// appends its number to a file: every number is there once, in order. The
+/// server's counters: no turn was asked for more often than the log shows
+/// it was requested, so no answer already on the log was asked for again.
+/// The log, watched from the start, has no gap.
+#[tokio::test]
+async fn chaos_twenty_kills_in_a_thirty_turn_session_repeat_nothing() {
+    needs_docker!();
+    const TURNS: usize = 30;
+    let goal = "Count to thirty, one call each.";
+    let mut turns: Vec<Turn> = (0..TURNS)
+        .map(|i| Turn {
+            delay_ms: 100,
+            tool_calls: vec![shell(
+                &format!("c{i}"),
+                &format!("echo {i} >> calls.log; sleep 0.1"),
+            )],
+            ..Turn::default()
+        })
+        .collect();
+    turns.push(says("Counted."));
+    let script = Script {
+        conversations: vec![conversation("count", goal, turns)],
+        api_key: None,
+    };
+    let (server, mut cp) = start(script, "openai").await;
+    let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
+    let mut runs = cp.runs(&alice).await.unwrap();
+    let run = submit(&mut runs, "count", task(goal)).await;
+    // A seed printed, so a failure can be replayed.
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("chaos seed {seed}");
+    let mut kills = 0;
+    let mut kills_mid_session = 0;
+    loop {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let pause = std::time::Duration::from_millis(seed % 500);
+        tokio::time::sleep(pause).await;
+        let now = get(&mut runs, &run.id).await;
+        assert!(
+            now.state != pb::RunState::Failed as i32
+                && now.state != pb::RunState::Interrupted as i32,
+            "the session ended: {}",
+            now.reason
+        );
+        let idle = now.state == pb::RunState::Idle as i32;
+        if idle && kills >= 20 {
+            break;
+        }
+        cp.restart().await.unwrap();
+        kills += 1;
+        kills_mid_session += usize::from(!idle);
+        runs = cp.runs(&alice).await.unwrap();
+    }
+    eprintln!("{kills} kills, {kills_mid_session} while the session worked");
+    assert!(
+        kills_mid_session >= 10,
+        "too few kills landed mid-session: {kills_mid_session}"
+    );
+    let idle = until_state(&mut runs, &run.id, &[pb::RunState::Idle]).await;
+    let session = idle.session.clone().unwrap();
+    assert_eq!(session.answer, "Counted.");
+    assert_eq!(session.turns as usize, TURNS + 1);
+    let expected: String = (0..TURNS).map(|i| format!("{i}\n")).collect();
+    assert_eq!(
+        sandbox_file(&cp, &idle.sandbox_id, "calls.log")
+            .await
+            .unwrap(),
+        expected,
+        "a tool ran twice, or never"
+    );
+    let events = stored_events(&mut runs, &run.id, idle.last_seq).await;
+    let sent = server.requests("count");
+    for (turn, &n) in sent.iter().enumerate() {
+        let recorded = events
+            .iter()
+            .filter(|e| {
+                matches!(&e.event, Some(pb::run_event::Event::ModelRequested(r)) if r.turn as usize == turn + 1)
+            })
+            .count() as u32;
+        assert!(n >= 1, "turn {turn} never asked for");
+        assert!(
+            n <= recorded,
+            "turn {turn} was asked for {n} times, its request recorded {recorded} times: \
+             an answer on the log was asked for again"
+        );
+    }
+    let resent: u32 = sent.iter().map(|n| n - 1).sum();
+    assert!(
+        resent <= session.model_requests_resent,
+        "{sent:?} {session:?}"
+    );
+}

@@ -2,7 +2,7 @@
 //! one run against one warm container; then the control plane and runs,
 //! end to end through the real binaries.
 //!
-//!     cargo run --release -p bridle-tests --bin bench [-- --json PATH --quick --only agent|control|runs]
+//!     cargo run --release -p bridle-tests --bin bench [-- --json PATH --quick --only agent|control|runs|harness]
 //!
 //! Prints a table and writes JSON with every figure, the Docker baseline it
 //! is compared with, the ratio and the target. The server's internals
@@ -169,6 +169,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if only.is_empty() || only == "runs" {
         job_rows(&mut rows, quick).await?;
+    }
+    if only.is_empty() || only == "harness" {
+        harness_rows(&mut rows, quick).await?;
     }
 
     println!(
@@ -760,4 +763,373 @@ async fn job_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     row.met = row.ratio.map(|r| r > 1.0);
     rows.push(row);
     Ok(())
+}
+
+/// A scripted turn calling the shell tool with `command`.
+fn shell_turn(id: String, command: String) -> bridle_scripted_model::Turn {
+    bridle_scripted_model::Turn {
+        tool_calls: vec![bridle_scripted_model::ScriptedCall {
+            id,
+            name: "shell".into(),
+            arguments: serde_json::json!({ "command": command }),
+            raw_arguments: None,
+        }],
+        ..Default::default()
+    }
+}
+
+/// A conversation of `turns` shell calls (`true`, each with its own
+/// comment so that no two are alike) and a last answer.
+fn true_calls(name: &str, goal: &str, turns: usize) -> bridle_scripted_model::Conversation {
+    let mut script: Vec<_> = (0..turns)
+        .map(|i| shell_turn(format!("c{i}"), format!("true # {i}")))
+        .collect();
+    script.push(bridle_scripted_model::Turn {
+        text: "done".into(),
+        ..Default::default()
+    });
+    bridle_scripted_model::Conversation {
+        name: name.into(),
+        first_user_contains: goal.into(),
+        turns: script,
+    }
+}
+
+/// Submits a session of the shell tool alone, as `runs`' token.
+async fn submit_session(
+    runs: &mut bridle_tests::control::Runs,
+    key: &str,
+    goal: &str,
+) -> anyhow::Result<String> {
+    use bridle_proto::control::v1 as cpb;
+    let run = runs
+        .submit(cpb::SubmitRunRequest {
+            idempotency_key: key.into(),
+            job: None,
+            agent: Some(cpb::AgentTask {
+                message: goal.into(),
+                model: "scripted".into(),
+                tools: vec!["shell".into()],
+                budgets: Some(cpb::Budgets {
+                    max_iterations: 1000,
+                    max_tool_calls: 1000,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner();
+    Ok(run.id)
+}
+
+/// Waits until every session in `ids` is idle (failing on one that ended).
+async fn until_idle(
+    runs: &mut bridle_tests::control::Runs,
+    ids: &[String],
+    limit: Duration,
+) -> anyhow::Result<()> {
+    use bridle_proto::control::v1 as cpb;
+    let start = Instant::now();
+    let mut left: Vec<String> = ids.to_vec();
+    while !left.is_empty() {
+        anyhow::ensure!(start.elapsed() < limit, "sessions still not idle: {left:?}");
+        let mut still = Vec::new();
+        for id in left {
+            let r = runs
+                .get(cpb::GetRunRequest { run_id: id.clone() })
+                .await?
+                .into_inner();
+            if r.state == cpb::RunState::Idle as i32 {
+                continue;
+            }
+            anyhow::ensure!(r.finished_unix_ms == 0, "session {id} ended: {}", r.reason);
+            still.push(id);
+        }
+        left = still;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// A session's stored events.
+async fn session_events(
+    runs: &mut bridle_tests::control::Runs,
+    id: &str,
+) -> anyhow::Result<Vec<bridle_proto::control::v1::RunEvent>> {
+    use bridle_proto::control::v1 as cpb;
+    let last = runs
+        .get(cpb::GetRunRequest { run_id: id.into() })
+        .await?
+        .into_inner()
+        .last_seq;
+    let mut watch = runs
+        .watch(cpb::WatchRunRequest {
+            run_id: id.into(),
+            from_seq: 1,
+        })
+        .await?
+        .into_inner();
+    let mut events = Vec::new();
+    while (events.len() as u64) < last {
+        let ev = watch.message().await?.context("the watch ended early")?;
+        if ev.seq != 0 {
+            events.push(ev);
+        }
+    }
+    Ok(events)
+}
+
+/// Per loop iteration of a session (from one model request to the next):
+/// (the whole iteration, the harness's part of it — the iteration less the
+/// model's answer and the tool's run), in ms from the events' timestamps.
+fn iterations(events: &[bridle_proto::control::v1::RunEvent]) -> Vec<(f64, f64)> {
+    use bridle_proto::control::v1::run_event::Event as E;
+    let at = |pick: &dyn Fn(&E) -> bool| -> Vec<i64> {
+        events
+            .iter()
+            .filter(|e| e.event.as_ref().is_some_and(pick))
+            .map(|e| e.unix_ms)
+            .collect()
+    };
+    let requested = at(&|e| matches!(e, E::ModelRequested(_)));
+    let responded = at(&|e| matches!(e, E::ModelResponded(_)));
+    let started = at(&|e| matches!(e, E::ToolStarted(_)));
+    let results = at(&|e| matches!(e, E::ToolResult(_)));
+    let mut out = Vec::new();
+    for k in 0..requested.len().saturating_sub(1) {
+        if k >= started.len() || k >= results.len() || k >= responded.len() {
+            break;
+        }
+        let whole = (requested[k + 1] - requested[k]) as f64;
+        let model = (responded[k] - requested[k]) as f64;
+        let tool = (results[k] - started[k]) as f64;
+        out.push((whole, (whole - model - tool).max(0.0)));
+    }
+    out
+}
+
+fn p(values: &mut [f64], q: f64) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    values[((values.len() - 1) as f64 * q).round() as usize]
+}
+
+/// The harness: what the loop adds per iteration, 100 sessions at once, and
+/// how the log grows over a 200-turn conversation, each against the
+/// scripted model server answering at once.
+async fn harness_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
+    use bridle_tests::control::ControlPlane;
+
+    let (turns, sessions, session_turns, long) = if quick {
+        (30, 20, 5, 60)
+    } else {
+        (100, 100, 5, 200)
+    };
+    let mut conversations = vec![
+        true_calls("overhead", "bench overhead", turns),
+        bridle_scripted_model::Conversation {
+            name: "long".into(),
+            first_user_contains: "bench long".into(),
+            turns: {
+                let mut t: Vec<_> = (0..long)
+                    .map(|i| shell_turn(format!("l{i}"), format!("echo line {i}")))
+                    .collect();
+                t.push(bridle_scripted_model::Turn {
+                    text: "done".into(),
+                    ..Default::default()
+                });
+                t
+            },
+        },
+    ];
+    for i in 0..sessions {
+        conversations.push(true_calls(
+            &format!("many{i}"),
+            &format!("bench many {i} "),
+            session_turns,
+        ));
+    }
+    let server = bridle_scripted_model::Server::start(bridle_scripted_model::Script {
+        conversations,
+        api_key: None,
+    })
+    .await?;
+    let model = format!(
+        "model=[{{ name = \"scripted\", provider = \"openai\", base_url = \"{}/v1\", \
+         context_window = 10000000, max_output_tokens = 1000 }}]",
+        server.base_url()
+    );
+    eprintln!("bench: a control plane with the scripted model server...");
+    let cp = ControlPlane::start(&[
+        &model,
+        &format!("max_running_runs={sessions}"),
+        &format!("max_running_runs_per_owner={sessions}"),
+        "sandbox.max_per_owner=0",
+        "docker.max_concurrent_creates=16",
+    ])
+    .await?;
+    let mut runs = cp.runs(&cp.admin_token).await?;
+
+    // One session, `turns` iterations of a `true` tool.
+    let id = submit_session(&mut runs, "overhead", "bench overhead").await?;
+    until_idle(
+        &mut runs,
+        std::slice::from_ref(&id),
+        Duration::from_secs(600),
+    )
+    .await?;
+    let events = session_events(&mut runs, &id).await?;
+    let mut own: Vec<f64> = iterations(&events).into_iter().map(|(_, o)| o).collect();
+    let mut whole: Vec<f64> = iterations(&events).into_iter().map(|(w, _)| w).collect();
+    let own_p50 = p(&mut own, 0.5);
+    rows.push(report(
+        "harness per iteration p50 (less model, tool)",
+        own_p50,
+        "ms",
+        "<= 3 ms, every event durable (1 ms resolution)",
+        Some(own_p50 <= 3.0),
+    ));
+    rows.push(report(
+        "  whole iteration p50 (`true` tool)",
+        p(&mut whole, 0.5),
+        "ms",
+        "report",
+        None,
+    ));
+
+    // Many sessions at once.
+    let t = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..sessions {
+        ids.push(
+            submit_session(&mut runs, &format!("many{i}"), &format!("bench many {i} ")).await?,
+        );
+    }
+    until_idle(&mut runs, &ids, Duration::from_secs(900)).await?;
+    let elapsed = t.elapsed();
+    let mut all = Vec::new();
+    for id in &ids {
+        all.extend(
+            iterations(&session_events(&mut runs, id).await?)
+                .into_iter()
+                .map(|(w, _)| w),
+        );
+    }
+    let total_iterations = sessions * (session_turns + 1);
+    rows.push(report(
+        &format!("{sessions} sessions at once: iterations/s"),
+        total_iterations as f64 / elapsed.as_secs_f64(),
+        "/s",
+        "report (sandbox creation included)",
+        None,
+    ));
+    rows.push(report(
+        &format!("{sessions} sessions at once: iteration p99"),
+        p(&mut all, 0.99),
+        "ms",
+        "report",
+        None,
+    ));
+
+    // The log over a long conversation: the bytes each turn adds (events
+    // and the blobs they bring), turn `long` against turn 10; the baseline
+    // is storing each request whole, as histories that re-send the
+    // conversation do.
+    let id = submit_session(&mut runs, "long", "bench long").await?;
+    until_idle(
+        &mut runs,
+        std::slice::from_ref(&id),
+        Duration::from_secs(900),
+    )
+    .await?;
+    let per_turn = log_bytes_per_turn(&cp.data_dir().join("bridle.db"), &id).await?;
+    let at = |t: usize| *per_turn.get(&t).unwrap_or(&0) as f64;
+    let ratio = at(long) / at(10).max(1.0);
+    let whole_request = server
+        .received()
+        .iter()
+        .filter(|(_, body)| body.to_string().contains("bench long"))
+        .map(|(_, body)| body.to_string().len())
+        .max()
+        .unwrap_or(0);
+    rows.push(Row {
+        name: format!("log bytes, turn {long} / turn 10"),
+        bridle: ratio,
+        docker: None,
+        unit: "x",
+        ratio: None,
+        target: "<= 1.5 (flat)".into(),
+        met: Some(ratio <= 1.5),
+    });
+    rows.push(Row {
+        name: format!("log bytes of turn {long}"),
+        bridle: at(long),
+        docker: Some(whole_request as f64),
+        unit: "B",
+        ratio: Some(whole_request as f64 / at(long).max(1.0)),
+        target: "baseline: the whole request stored".into(),
+        met: None,
+    });
+    drop(cp);
+    Ok(())
+}
+
+/// Bytes each turn of session `run_id` added to the store: its events'
+/// bodies and the blobs first referred to by them, by turn (a turn starts
+/// at its `model_requested`).
+async fn log_bytes_per_turn(
+    db: &std::path::Path,
+    run_id: &str,
+) -> anyhow::Result<std::collections::BTreeMap<usize, usize>> {
+    use sqlx::Row as _;
+    let url = format!("sqlite://{}?mode=ro", db.display());
+    let pool = sqlx::SqlitePool::connect(&url).await?;
+    let events = sqlx::query("SELECT body FROM run_events WHERE run_id = ? ORDER BY seq")
+        .bind(run_id)
+        .fetch_all(&pool)
+        .await?;
+    let sizes: std::collections::HashMap<String, i64> =
+        sqlx::query("SELECT sha256, size FROM blobs")
+            .fetch_all(&pool)
+            .await?
+            .into_iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
+            .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut per_turn = std::collections::BTreeMap::new();
+    let mut turn = 0usize;
+    for row in events {
+        let body: String = row.get(0);
+        let value: serde_json::Value = serde_json::from_str(&body)?;
+        if let Some(t) = value.get("model_requested").and_then(|r| r.get("turn")) {
+            turn = t.as_u64().unwrap_or(0) as usize;
+        }
+        let mut bytes = body.len();
+        let mut shas = Vec::new();
+        collect_shas(&value, &mut shas);
+        for sha in shas {
+            if seen.insert(sha.clone()) {
+                bytes += *sizes.get(&sha).unwrap_or(&0) as usize;
+            }
+        }
+        *per_turn.entry(turn).or_insert(0) += bytes;
+    }
+    pool.close().await;
+    Ok(per_turn)
+}
+
+/// Every string in a field whose name ends in `sha256`.
+fn collect_shas(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match v {
+                    serde_json::Value::String(s) if k.ends_with("sha256") => out.push(s.clone()),
+                    other => collect_shas(other, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_shas(v, out)),
+        _ => {}
+    }
 }
