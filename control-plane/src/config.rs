@@ -65,6 +65,34 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Models agent sessions may use, picked by name (`[[model]]`).
     pub model: Vec<ModelConfig>,
+    /// Bounds on agent sessions.
+    pub harness: HarnessConfig,
+}
+
+/// Bounds on every agent session (`[harness]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HarnessConfig {
+    /// The most a session may spend (`[harness.max]`: max_iterations,
+    /// max_input_tokens, max_output_tokens, max_wall_secs, max_tool_calls,
+    /// max_cost_usd); a task's zero budgets take these, larger ones are
+    /// refused.
+    pub max: crate::harness::limits::Budgets,
+    /// How long a shell call may run when it does not say (seconds).
+    pub tool_timeout_secs: u32,
+    /// A tool result longer than this (bytes) is stored whole and shown to
+    /// the model as its head and tail.
+    pub max_result_bytes: usize,
+}
+
+impl Default for HarnessConfig {
+    fn default() -> Self {
+        Self {
+            max: crate::harness::limits::Budgets::default(),
+            tool_timeout_secs: 600,
+            max_result_bytes: 16 << 10,
+        }
+    }
 }
 
 /// The audit log.
@@ -437,6 +465,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             audit: AuditConfig::default(),
             model: Vec::new(),
+            harness: HarnessConfig::default(),
         }
     }
 }
@@ -602,6 +631,7 @@ impl Config {
             "sandbox",
             "tls",
             "audit",
+            "harness",
         ]
     }
 
@@ -662,6 +692,36 @@ impl Config {
         if self.sweep_interval_secs == 0 {
             return Err(Error::Invalid(
                 "sweep_interval_secs must be at least 1".into(),
+            ));
+        }
+        let h = &self.harness;
+        if !(1..=crate::harness::tools::builtin::MAX_TIMEOUT_SECS).contains(&h.tool_timeout_secs) {
+            return Err(Error::Invalid(format!(
+                "harness.tool_timeout_secs must be 1 to {}, got {}",
+                crate::harness::tools::builtin::MAX_TIMEOUT_SECS,
+                h.tool_timeout_secs
+            )));
+        }
+        if h.max_result_bytes < 1024 {
+            return Err(Error::Invalid(format!(
+                "harness.max_result_bytes must be at least 1024, got {}",
+                h.max_result_bytes
+            )));
+        }
+        let m = &h.max;
+        if m.max_iterations == 0
+            || m.max_input_tokens == 0
+            || m.max_output_tokens == 0
+            || m.max_wall_secs == 0
+            || m.max_tool_calls == 0
+        {
+            return Err(Error::Invalid(
+                "harness.max: every maximum must be at least 1".into(),
+            ));
+        }
+        if m.max_cost_usd.is_some_and(|c| !c.is_finite() || c <= 0.0) {
+            return Err(Error::Invalid(
+                "harness.max.max_cost_usd must be a positive number of USD".into(),
             ));
         }
         let mut model_names = std::collections::HashSet::new();

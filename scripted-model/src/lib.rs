@@ -73,6 +73,14 @@ pub struct Conversation {
     pub first_user_contains: String,
     /// Turn i answers a request whose messages hold i assistant messages.
     pub turns: Vec<Turn>,
+    /// Set: a request is matched to the turn after the one whose tool calls
+    /// include the last call of the request's last assistant message
+    /// (turn 0 when there is no assistant message; by the count of
+    /// assistant messages when no turn has that call). For clients that
+    /// compact a conversation, which leaves fewer assistant messages in
+    /// it: give every call of the script its own id.
+    #[serde(default)]
+    pub turn_by_last_call: bool,
 }
 
 /// One scripted answer, possibly preceded by scripted failures.
@@ -397,7 +405,14 @@ async fn respond(
         let message = "script: no conversation matches the first user message";
         return error_response(provider, StatusCode::BAD_REQUEST, None, message);
     };
-    let turn_index = assistant_messages(&request);
+    let turn_index = match last_call_id(&request) {
+        Some(id) if conversation.turn_by_last_call => conversation
+            .turns
+            .iter()
+            .position(|t| t.tool_calls.iter().any(|c| c.id == id))
+            .map_or_else(|| assistant_messages(&request), |j| j + 1),
+        _ => assistant_messages(&request),
+    };
     let attempt = shared.count(&conversation.name, turn_index);
     let Some(turn) = conversation.turns.get(turn_index) else {
         let message = format!(
@@ -479,6 +494,35 @@ fn first_user_text(request: &Value) -> String {
             .join("\n"),
         _ => String::new(),
     }
+}
+
+/// The id of the last tool call of the request's last assistant message
+/// (OpenAI `tool_calls[].id`, Anthropic `tool_use` blocks' `id`).
+fn last_call_id(request: &Value) -> Option<String> {
+    let messages = request.get("messages")?.as_array()?;
+    let last = messages
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))?;
+    let openai = last
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .and_then(|calls| calls.last())
+        .and_then(|c| c.get("id"));
+    let anthropic = last
+        .get("content")
+        .and_then(Value::as_array)
+        .and_then(|blocks| {
+            blocks
+                .iter()
+                .rev()
+                .find(|b| b.get("type").and_then(Value::as_str) == Some("tool_use"))
+        })
+        .and_then(|b| b.get("id"));
+    openai
+        .or(anthropic)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
 }
 
 /// The turn a request asks for: how many assistant messages it holds.
@@ -890,6 +934,7 @@ mod tests {
             conversations: vec![Conversation {
                 name: "a".to_owned(),
                 first_user_contains: "x".to_owned(),
+                turn_by_last_call: false,
                 turns: vec![turn],
             }],
             api_key: None,

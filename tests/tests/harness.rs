@@ -53,6 +53,7 @@ fn conversation(name: &str, goal: &str, turns: Vec<Turn>) -> Conversation {
     Conversation {
         name: name.into(),
         first_user_contains: goal.into(),
+        turn_by_last_call: false,
         turns,
     }
 }

@@ -55,6 +55,15 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// The server's settings: its models and `[harness]`.
+    pub fn from_config(config: &crate::config::Config) -> Result<Self, providers::ProviderError> {
+        let mut settings = Settings::with_models(&config.model)?;
+        settings.max_budgets = config.harness.max.clone();
+        settings.tool_timeout_secs = config.harness.tool_timeout_secs;
+        settings.max_result_bytes = config.harness.max_result_bytes;
+        Ok(settings)
+    }
+
     /// The defaults with the configured models.
     pub fn with_models(models: &[ModelConfig]) -> Result<Self, providers::ProviderError> {
         let mut settings = Settings::default();

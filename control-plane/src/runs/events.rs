@@ -367,6 +367,9 @@ pub struct SessionView {
     /// The session ends once the model has answered the last message.
     pub close_requested: bool,
     pub user_messages: u32,
+    /// A compaction was recorded since the last answer (the next request
+    /// goes out without compacting again).
+    pub compacted: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -724,6 +727,7 @@ impl RunView {
                 s.last_input_tokens = usage.input_tokens;
                 s.last_answer_sha256 = message_sha256.clone();
                 s.calls.clear();
+                s.compacted = false;
             }
             Event::ToolCallDecided {
                 call_id,
@@ -767,7 +771,7 @@ impl RunView {
                 }
                 state = Some(RunState::Running);
             }
-            Event::ContextCompacted { .. } => {}
+            Event::ContextCompacted { .. } => s.compacted = true,
             Event::TurnFinished { .. } => {
                 s.turn_finished = true;
                 state = Some(RunState::Idle);

@@ -791,6 +791,7 @@ fn true_calls(name: &str, goal: &str, turns: usize) -> bridle_scripted_model::Co
     bridle_scripted_model::Conversation {
         name: name.into(),
         first_user_contains: goal.into(),
+        turn_by_last_call: false,
         turns: script,
     }
 }
@@ -930,6 +931,7 @@ async fn harness_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
         bridle_scripted_model::Conversation {
             name: "long".into(),
             first_user_contains: "bench long".into(),
+            turn_by_last_call: false,
             turns: {
                 let mut t: Vec<_> = (0..long)
                     .map(|i| shell_turn(format!("l{i}"), format!("echo line {i}")))
@@ -966,6 +968,8 @@ async fn harness_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
         &format!("max_running_runs_per_owner={sessions}"),
         "sandbox.max_per_owner=0",
         "docker.max_concurrent_creates=16",
+        "harness.max.max_iterations=1000",
+        "harness.max.max_tool_calls=1000",
     ])
     .await?;
     let mut runs = cp.runs(&cp.admin_token).await?;

@@ -53,6 +53,7 @@ fn conversation(name: &str, first_user_contains: &str, turns: Vec<Turn>) -> Conv
     Conversation {
         name: name.into(),
         first_user_contains: first_user_contains.into(),
+        turn_by_last_call: false,
         turns,
     }
 }

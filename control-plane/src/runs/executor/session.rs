@@ -464,13 +464,16 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             return Ok(false);
         }
         let s = run.view.session.clone().unwrap_or_default();
-        if s.pending_request.is_none()
-            && limits::needs_compaction(s.last_input_tokens, session.provider.config())
-        {
-            self.compact(run, session).await?;
-        }
         // Every model call is a policy request, as the session's submitter.
         let turn = s.responses + 1;
+        if s.pending_request.is_none()
+            && !s.compacted
+            && limits::needs_compaction(s.last_input_tokens, session.provider.config())
+            && !self.compact(run, session, turn).await?
+        {
+            return Ok(false);
+        }
+        let s = run.view.session.clone().unwrap_or_default();
         let config = session.provider.config().clone();
         let resource = facts::run(run.id, &run.view.owner);
         let model_facts = crate::policy::Facts {
@@ -623,25 +626,153 @@ impl<H: Host, S: EventStore> Runner<H, S> {
         Ok(true)
     }
 
-    /// The first stage of compaction: old tool outputs cut to head and
-    /// tail, recorded as a compaction.
-    async fn compact(&self, run: &mut Run<'_>, session: &mut Session) -> Result<()> {
+    /// Compaction, before a model call whose conversation nears the
+    /// model's context window: first old tool outputs are cut to head and
+    /// tail; if the conversation is still too long, its older turns are
+    /// summarised by a model call. Each stage is recorded as a compaction.
+    /// Ok(false): the session has ended.
+    async fn compact(&self, run: &mut Run<'_>, session: &mut Session, turn: u32) -> Result<bool> {
         let messages = session.transcript.messages();
-        let before = limits::estimate_tokens(&messages);
         let keep_last = 4;
         let per_result = (self.inner.harness.max_result_bytes / 8).max(256);
-        let Some((upto, replacement)) =
+        if let Some((upto, replacement)) =
             limits::elide_old_tool_outputs(&messages, keep_last, per_result)
+        {
+            self.record_compaction(run, session, upto, replacement)
+                .await?;
+        }
+        let config = session.provider.config().clone();
+        let messages = session.transcript.messages();
+        let overhead = (session.task.instructions.len()
+            + serde_json::to_vec(&session.registry.specs()).map_or(0, |j| j.len()))
+            as u64
+            / 4;
+        let estimate = limits::estimate_tokens(&messages) + overhead;
+        if !limits::needs_compaction(estimate, &config) {
+            return Ok(true);
+        }
+        // The tail kept starts with one of the model's answers, so that the
+        // summary (a user message) and it alternate, and every call in it
+        // keeps its results.
+        let answers: Vec<usize> = (1..messages.len())
+            .filter(|&i| matches!(messages[i], Message::Assistant { .. }))
+            .collect();
+        // The newest answer that leaves `keep_last` messages from it on, or
+        // (a short conversation of long messages) the newest there is.
+        let Some(upto) = answers
+            .iter()
+            .rev()
+            .find(|&&i| messages.len() - i >= keep_last)
+            .or(answers.last())
+            .copied()
         else {
-            tracing::info!(run = %run.id, "the conversation nears the context window and has nothing left to elide");
-            return Ok(());
+            tracing::warn!(run = %run.id, "the conversation nears the context window and cannot be compacted further");
+            return Ok(true);
         };
+        let what = format!(
+            "model call {turn} ({}): a summary for compaction",
+            config.name
+        );
+        let resource = facts::run(run.id, &run.view.owner);
+        let model_facts = crate::policy::Facts {
+            model: config.name.clone(),
+            provider: config.provider.as_str().to_string(),
+            ..facts::job(&run.view.job, run.id)
+        };
+        let gate = Gate::Call(CallGate {
+            call_id: format!("summary.{turn}"),
+            request: 0,
+        });
+        match self
+            .decide(
+                run,
+                crate::policy::Action::ModelCall,
+                &resource,
+                &model_facts,
+                gate,
+                &what,
+            )
+            .await?
+        {
+            Decided::Go => {}
+            Decided::Ended => return Ok(false),
+            Decided::Refused(refused) => {
+                self.refused(run.id, run.view, &what, refused).await?;
+                return Ok(false);
+            }
+        }
+        let old = &messages[..upto];
+        let budget_bytes = (config.context_window as usize).saturating_mul(2);
+        let request = crate::harness::providers::ModelRequest {
+            system: SUMMARY_INSTRUCTIONS.into(),
+            messages: vec![Message::User(format!(
+                "{SUMMARY_MARKER}\n{}",
+                conversation_text(old, budget_bytes)
+            ))],
+            tools: Vec::new(),
+            max_tokens: config.max_output_tokens.min(2048),
+        };
+        let mut stopping = self.inner.shutdown.clone();
+        let mut quiet = |_: &str| {};
+        let answer = tokio::select! {
+            a = session.provider.call(&request, &mut quiet) => a,
+            _ = run.cancel.changed() => {
+                self.finish_cancelled(run).await?;
+                return Ok(false);
+            }
+            _ = stopping.changed() => return Err(Error::Stopping),
+        };
+        let summary = match answer {
+            Ok(r) if !r.text.trim().is_empty() => r.text,
+            Ok(_) => {
+                tracing::warn!(run = %run.id, "the summary for compaction came back empty; going on without it");
+                return Ok(true);
+            }
+            Err(e) => {
+                let reason = format!("model {}: summarising for compaction: {e}", config.name);
+                self.finish(run.id, run.view, RunState::Failed, reason)
+                    .await?;
+                return Ok(false);
+            }
+        };
+        let goal = old
+            .iter()
+            .find_map(|m| match m {
+                Message::User(text) => Some(text.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let replacement = vec![Message::User(format!(
+            "{goal}\n\n[Earlier turns of this session were summarised to stay within the \
+             model's context window:]\n{summary}"
+        ))];
+        let upto = u32::try_from(upto).map_err(|_| {
+            self.corrupt(
+                run.id,
+                crate::harness::transcript::TranscriptError::TooLong(upto),
+            )
+        })?;
+        self.record_compaction(run, session, upto, replacement)
+            .await?;
+        Ok(true)
+    }
+
+    /// Records messages `[0, upto)` replaced by `replacement`.
+    async fn record_compaction(
+        &self,
+        run: &mut Run<'_>,
+        session: &mut Session,
+        upto: u32,
+        replacement: Vec<Message>,
+    ) -> Result<()> {
+        let messages = session.transcript.messages();
+        let before = limits::estimate_tokens(&messages);
         let record = session
             .recorder
             .compaction(&session.transcript, upto, &replacement)
             .map_err(|e| self.corrupt(run.id, e))?;
         self.put_blobs(&record).await?;
-        let mut after_messages = replacement.clone();
+        let mut after_messages = replacement;
         after_messages.extend(messages[upto as usize..].iter().cloned());
         let after = limits::estimate_tokens(&after_messages);
         let event = Event::ContextCompacted {
@@ -1151,6 +1282,53 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             )));
         }
     }
+}
+
+/// The system prompt of a summary for compaction.
+const SUMMARY_INSTRUCTIONS: &str =
+    "You summarise the earlier part of a conversation between a user and \
+an AI agent that works with tools, so that the agent can go on with the work without it. Keep the \
+goal, what was decided, which files were changed, which commands ran and what came of them, and \
+what is left to do. Be brief and exact; leave out pleasantries.";
+
+/// The first line of a summary request's message (a scripted server tells
+/// summary requests apart by it).
+pub const SUMMARY_MARKER: &str = "[conversation to summarise]";
+
+/// `messages` as text for a summary request, cut in the middle past
+/// `max_bytes`.
+fn conversation_text(messages: &[Message], max_bytes: usize) -> String {
+    let mut text = String::new();
+    for m in messages {
+        match m {
+            Message::User(t) => text.push_str(&format!("USER: {t}\n\n")),
+            Message::Assistant {
+                text: t,
+                tool_calls,
+            } => {
+                if !t.is_empty() {
+                    text.push_str(&format!("AGENT: {t}\n"));
+                }
+                for c in tool_calls {
+                    text.push_str(&format!(
+                        "AGENT CALLS {} {}\n",
+                        c.name,
+                        c.arguments.to_json_text()
+                    ));
+                }
+                text.push('\n');
+            }
+            Message::ToolResults(results) => {
+                for r in results {
+                    let (content, _) = text::cap_head_tail(r.content.as_bytes(), 2000);
+                    let error = if r.is_error { " (error)" } else { "" };
+                    text.push_str(&format!("RESULT{error}: {content}\n"));
+                }
+                text.push('\n');
+            }
+        }
+    }
+    text::cap_head_tail(text.as_bytes(), max_bytes).0
 }
 
 /// What a tool's command did.

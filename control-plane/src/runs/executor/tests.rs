@@ -725,6 +725,7 @@ mod sessions {
             conversations: vec![Conversation {
                 name: "fix".into(),
                 first_user_contains: "fix the build".into(),
+                turn_by_last_call: false,
                 turns: vec![
                     Turn {
                         text: "Let me look.".into(),
@@ -757,6 +758,10 @@ mod sessions {
     }
 
     fn settings(server: &Server) -> Arc<crate::harness::Settings> {
+        settings_with_window(server, 100_000)
+    }
+
+    fn settings_with_window(server: &Server, context_window: u64) -> Arc<crate::harness::Settings> {
         let config = ModelConfig {
             name: "scripted".into(),
             provider: ProviderKind::OpenAi,
@@ -764,8 +769,8 @@ mod sessions {
             model: "scripted-1".into(),
             api_key_env: None,
             api_key_file: None,
-            context_window: 100_000,
-            max_output_tokens: 1_000,
+            context_window,
+            max_output_tokens: 200,
             price_input_per_mtok: Some(1.0),
             price_output_per_mtok: Some(2.0),
             request_timeout_secs: 60,
@@ -1001,5 +1006,136 @@ mod sessions {
                 "{case}"
             );
         }
+    }
+
+    /// A 200-turn session in a 4,000-token window: the conversation is
+    /// compacted (tool outputs cut, older turns summarised by a model
+    /// call) each time it nears the window, no request exceeds the window,
+    /// and the session still finishes. The log, replayed, rebuilds it.
+    #[tokio::test]
+    async fn compaction_keeps_a_200_turn_session_within_its_window() {
+        const TURNS: usize = 200;
+        const WINDOW: u64 = 4_000;
+        let world = World::new().await;
+        let goal = "Please count in the build.";
+        let mut turns: Vec<Turn> = (0..TURNS)
+            .map(|i| Turn {
+                tool_calls: vec![ScriptedCall {
+                    id: format!("n{i}"),
+                    name: "shell".into(),
+                    arguments: json!({"command": format!("seq {i}")}),
+                    raw_arguments: None,
+                }],
+                ..Turn::default()
+            })
+            .collect();
+        turns.push(Turn {
+            text: "Counted to 200.".into(),
+            ..Turn::default()
+        });
+        let server = Server::start(bridle_scripted_model::Script {
+            conversations: vec![
+                // Summary requests first: they quote the goal too.
+                Conversation {
+                    name: "summaries".into(),
+                    first_user_contains: crate::runs::executor::session::SUMMARY_MARKER.into(),
+                    turn_by_last_call: false,
+                    turns: vec![Turn {
+                        text: "The agent has been counting with seq; it goes on.".into(),
+                        ..Turn::default()
+                    }],
+                },
+                Conversation {
+                    name: "count".into(),
+                    first_user_contains: "count in the build".into(),
+                    turn_by_last_call: true,
+                    turns,
+                },
+            ],
+            api_key: None,
+        })
+        .await
+        .unwrap();
+        let harness = settings_with_window(&server, WINDOW);
+        let (store, host) = (MemEvents::new(), FakeHost::new());
+        // Each command prints a few hundred bytes.
+        for i in 0..TURNS {
+            host.script(
+                &format!("seq {i}"),
+                ExecScript {
+                    output: vec![(Stream::Stdout, format!("{i} ").repeat(40).into_bytes())],
+                    ..ExecScript::default()
+                },
+            );
+        }
+        store
+            .put_blob(&sha(goal.as_bytes()), goal.as_bytes())
+            .await
+            .unwrap();
+        let mut job = tests_support::job(0);
+        job.agent = Some(AgentTask {
+            instructions: "You count.".into(),
+            model: "scripted".into(),
+            tools: vec![Builtin::Shell],
+            client_tools: vec![],
+            budgets: crate::harness::limits::Budgets {
+                max_iterations: 500,
+                max_tool_calls: 500,
+                max_input_tokens: 100_000_000,
+                ..Default::default()
+            },
+            loop_threshold: 3,
+            first_message_sha256: sha(goal.as_bytes()),
+        });
+        let first = Event::Submitted {
+            owner: OWNER.into(),
+            idempotency_key: "c".into(),
+            job: Box::new(job),
+            by: Submitter::default(),
+        };
+        store
+            .submit(NewRun {
+                run_id: "c",
+                owner: OWNER,
+                idempotency_key: "c",
+                first: &first,
+                labels: &BTreeMap::new(),
+                sealed_secrets: None,
+                now: crate::clock::now_ms(),
+            })
+            .await
+            .unwrap();
+        let first_driver = runner(&world, &store, &host, &harness);
+        first_driver.drive("c").await.unwrap();
+        let view = first_driver.view("c").await.unwrap();
+        assert_eq!(view.state, RunState::Idle, "{}", view.reason);
+        let s = view.session.unwrap();
+        assert_eq!(s.responses as usize, TURNS + 1);
+        let log = store.log("c");
+        let compactions = log
+            .iter()
+            .filter(|e| matches!(e, Event::ContextCompacted { .. }))
+            .count();
+        assert!(compactions >= 2, "{compactions} compactions");
+        let summaries: u32 = server.requests("summaries").iter().sum();
+        assert!(summaries >= 1, "older turns were never summarised");
+        for e in &log {
+            if let Event::ModelResponded { usage, .. } = e {
+                assert!(
+                    usage.input_tokens + 200 <= WINDOW,
+                    "a request of {} tokens in a window of {WINDOW}",
+                    usage.input_tokens
+                );
+            }
+        }
+        // Every command ran once, in order.
+        for i in 0..TURNS {
+            assert_eq!(host.starts(&format!("seq {i}")), 1, "seq {i}");
+        }
+        // A driver started again on the finished log replays it whole and
+        // has nothing left to do.
+        let again = runner(&world, &store, &host, &harness);
+        again.drive("c").await.unwrap();
+        assert_eq!(store.log("c").len(), log.len());
     }
 }
