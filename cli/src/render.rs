@@ -925,6 +925,9 @@ enum EventView<'a> {
     TurnFinished {
         turn: u32,
     },
+    CloseRequested {
+        message_id: &'a str,
+    },
     /// Not stored: `seq` is 0.
     TextDelta {
         turn: u32,
@@ -1036,6 +1039,9 @@ impl<'a> RunEventView<'a> {
                 tokens_after: x.tokens_after,
             },
             Some(E::TurnFinished(t)) => EventView::TurnFinished { turn: t.turn },
+            Some(E::CloseRequested(c)) => EventView::CloseRequested {
+                message_id: &c.message_id,
+            },
             Some(E::TextDelta(t)) => EventView::TextDelta {
                 turn: t.turn,
                 text: &t.text,

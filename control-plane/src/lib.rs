@@ -154,7 +154,7 @@ pub async fn run(
         sealer,
         guard.clone(),
         std::sync::Arc::new(
-            harness::Settings::with_models(&config.model).map_err(|e| anyhow::anyhow!("{e}"))?,
+            harness::Settings::from_config(&config).map_err(|e| anyhow::anyhow!("{e}"))?,
         ),
         stop_rx.clone(),
     );

@@ -460,11 +460,36 @@ async fn an_injected_instruction_cannot_make_a_denied_action_happen() {
         })
         .collect();
     assert_eq!(decided, ["allowed", "denied"]);
-    // The secret never reached the model.
+    // The secret never reached the model, the log, or any stored event or
+    // blob (the sealed secrets are encrypted).
     for (_, body) in server.received() {
         assert!(!body.to_string().contains("s3cr3t-value-42"), "{body}");
     }
     assert!(!cp.log().contains("s3cr3t-value-42"));
+    let db = cp.data_dir().join("bridle.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", db.display()))
+        .await
+        .unwrap();
+    use sqlx::Row as _;
+    for (table, column) in [
+        ("run_events", "body"),
+        ("blobs", "data"),
+        ("audit_log", "body"),
+        ("approvals", "summary"),
+    ] {
+        let rows = sqlx::query(&format!("SELECT CAST({column} AS BLOB) FROM {table}"))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        for row in rows {
+            let data: Vec<u8> = row.get(0);
+            assert!(
+                !String::from_utf8_lossy(&data).contains("s3cr3t-value-42"),
+                "the secret is stored in {table}"
+            );
+        }
+    }
+    pool.close().await;
 }
 
 /// A client tool pauses the session until its client answers; the same

@@ -483,6 +483,9 @@ pub fn event_pb(run_id: &str, e: &StoredEvent) -> pb::RunEvent {
             tokens_after: *tokens_after,
         }),
         Event::TurnFinished { turn } => P::TurnFinished(pb::TurnFinished { turn: *turn }),
+        Event::CloseRequested { message_id } => P::CloseRequested(pb::SessionCloseRequested {
+            message_id: message_id.clone(),
+        }),
     };
     pb::RunEvent {
         run_id: run_id.to_string(),

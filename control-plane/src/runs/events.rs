@@ -248,6 +248,11 @@ pub enum Event {
     TurnFinished {
         turn: u32,
     },
+    /// The client closed an idle session: its driver collects its artifacts
+    /// and ends it (succeeded).
+    CloseRequested {
+        message_id: String,
+    },
 }
 
 /// Which use of an approval a session's tool call is: the call, and which
@@ -775,6 +780,11 @@ impl RunView {
             Event::TurnFinished { .. } => {
                 s.turn_finished = true;
                 state = Some(RunState::Idle);
+            }
+            Event::CloseRequested { message_id } => {
+                s.message_ids.insert(message_id.clone());
+                s.close_requested = true;
+                state = Some(RunState::Running);
             }
             _ => unreachable!("apply handles every run event"),
         }

@@ -221,15 +221,11 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                         what: "it can be closed without a message once it is idle; cancel it to end it now",
                     });
                 }
-                self.finish(
-                    run_id,
-                    &mut view,
-                    RunState::Succeeded,
-                    "closed by its client".into(),
-                )
-                .await?;
-                self.release(run_id, &view).await;
-                return Ok(view);
+                // Its driver collects the artifacts and ends it.
+                let event = Event::CloseRequested {
+                    message_id: message_id.into(),
+                };
+                self.record(run_id, &mut view, event).await?;
             }
         }
         self.schedule(&view.owner, run_id);
@@ -375,6 +371,10 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                             .await?;
                     }
                     if s.close_requested {
+                        // As a job ends: its artifacts collected, then done.
+                        if !self.collect_artifacts(run, sandbox_id).await? {
+                            return Ok(());
+                        }
                         return self
                             .finish(
                                 run.id,

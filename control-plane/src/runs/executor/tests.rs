@@ -1005,6 +1005,25 @@ mod sessions {
                 Some(b"fixed\n".to_vec()),
                 "{case}"
             );
+            // A request sent again is byte for byte the one sent before the
+            // crash: the conversation rebuilt from the log is what the model
+            // saw.
+            let mut by_turn: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+            for (_, body) in server.received() {
+                let answers = body["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|m| m["role"] == "assistant")
+                    .count();
+                by_turn.entry(answers).or_default().push(body.to_string());
+            }
+            for (turn, bodies) in by_turn {
+                assert!(
+                    bodies.windows(2).all(|w| w[0] == w[1]),
+                    "{case}: turn {turn} was sent again differently"
+                );
+            }
         }
     }
 
