@@ -215,7 +215,13 @@ async fn session_pb<S: EventStore>(store: &S, v: &RunView) -> Result<Option<pb::
     let Some(s) = &v.session else {
         return Ok(None);
     };
-    let (text, calls) = if s.last_answer_sha256.is_empty() {
+    // The answer's blob is read only when something of it is shown: its
+    // text once the turn is over, its calls while the client owes results.
+    let owes = s
+        .calls
+        .values()
+        .any(|c| c.outcome == "client" && !c.answered);
+    let (text, calls) = if s.last_answer_sha256.is_empty() || !(s.turn_finished || owes) {
         (String::new(), Vec::new())
     } else {
         answer(store, &s.last_answer_sha256).await?
@@ -827,12 +833,33 @@ impl<R: Runtime> pb::runs_server::Runs for RunsApi<R> {
         let principal = super::caller(&request)?;
         principal.require_write()?;
         let req = request.into_inner();
-        self.visible(&principal, &req.run_id).await?;
+        let run = self.visible(&principal, &req.run_id).await?;
+        // Only the token that submitted the session speaks in it (and an
+        // admin): another principal of the owner could otherwise steer the
+        // model into asking what it then approves itself.
+        let submitter = self
+            .runner
+            .view(&req.run_id)
+            .await
+            .map_err(run_status)?
+            .submitted_by
+            .token_id;
+        if principal.token_id != submitter && principal.role != crate::auth::Role::Admin {
+            return Err(Status::permission_denied(format!(
+                "only the token that submitted session {} sends to it",
+                run.id
+            )));
+        }
         let message_id = req.message_id.trim();
         if message_id.is_empty() || message_id.len() > 200 {
             return Err(Status::invalid_argument(
                 "message_id is required (1 to 200 characters): the same id is added once",
             ));
+        }
+        if message_id == crate::harness::task::FIRST_MESSAGE_ID {
+            return Err(Status::invalid_argument(format!(
+                "message_id {message_id:?} is the session's first message; choose another"
+            )));
         }
         let input = match (req.message.is_empty(), req.tool_result) {
             (false, None) => SendInput::Message(req.message),

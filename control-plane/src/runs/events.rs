@@ -242,6 +242,11 @@ pub enum Event {
         replacement_sha256: String,
         tokens_before: u64,
         tokens_after: u64,
+        /// What the summary call used, when the model summarised.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage: Option<crate::harness::providers::Usage>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cost_nano_usd: Option<u64>,
     },
     /// The model answered without calling a tool: the turn's result is its
     /// last message, and the session is idle.
@@ -375,6 +380,16 @@ pub struct SessionView {
     /// A compaction was recorded since the last answer (the next request
     /// goes out without compacting again).
     pub compacted: bool,
+}
+
+impl SessionView {
+    fn add_usage(&mut self, usage: &crate::harness::providers::Usage, cost_nano_usd: Option<u64>) {
+        self.usage.input_tokens += usage.input_tokens;
+        self.usage.output_tokens += usage.output_tokens;
+        self.usage.cache_read_input_tokens += usage.cache_read_input_tokens;
+        self.usage.cache_creation_input_tokens += usage.cache_creation_input_tokens;
+        self.cost_nano_usd += cost_nano_usd.unwrap_or(0);
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -724,12 +739,13 @@ impl RunView {
             } => {
                 s.pending_request = None;
                 s.responses += 1;
-                s.usage.input_tokens += usage.input_tokens;
-                s.usage.output_tokens += usage.output_tokens;
-                s.usage.cache_read_input_tokens += usage.cache_read_input_tokens;
-                s.usage.cache_creation_input_tokens += usage.cache_creation_input_tokens;
-                s.cost_nano_usd += cost_nano_usd.unwrap_or(0);
+                s.add_usage(usage, *cost_nano_usd);
                 s.last_input_tokens = usage.input_tokens;
+                // The model call's approval, if it had one, is used.
+                if matches!(&self.approved, Some((_, Gate::Call(c))) if c.call_id.starts_with('#'))
+                {
+                    self.approved = None;
+                }
                 s.last_answer_sha256 = message_sha256.clone();
                 s.calls.clear();
                 s.compacted = false;
@@ -776,7 +792,20 @@ impl RunView {
                 }
                 state = Some(RunState::Running);
             }
-            Event::ContextCompacted { .. } => s.compacted = true,
+            Event::ContextCompacted {
+                usage,
+                cost_nano_usd,
+                ..
+            } => {
+                s.compacted = true;
+                if let Some(u) = usage {
+                    s.add_usage(u, *cost_nano_usd);
+                }
+                if matches!(&self.approved, Some((_, Gate::Call(c))) if c.call_id.starts_with('#'))
+                {
+                    self.approved = None;
+                }
+            }
             Event::TurnFinished { .. } => {
                 s.turn_finished = true;
                 state = Some(RunState::Idle);

@@ -18,12 +18,20 @@ pub enum EditError {
     NotFound,
     #[error("old_string matches {0} times; give more context or set replace_all")]
     Ambiguous(usize),
+    #[error("the edited file would be {0} bytes, more than the {max} an edit may make", max = MAX_EDITED_BYTES)]
+    TooLarge(usize),
 }
+
+/// The largest file an edit may produce (the file tools read no more).
+pub const MAX_EDITED_BYTES: usize = 8 << 20;
 
 /// `original` with `old` replaced by `new`. `old` must occur exactly once,
 /// or, with `replace_all`, at least once (every occurrence is replaced).
 /// Overlapping occurrences count: `aa` occurs twice in `aaa`, so replacing
-/// it there is ambiguous.
+/// it there is ambiguous. An edit whose result would pass
+/// [`MAX_EDITED_BYTES`] is refused before it is made. Linear in the sizes
+/// of the file and the strings, whatever they hold (they are the model's
+/// and the sandbox's).
 pub fn edit(original: &str, old: &str, new: &str, replace_all: bool) -> Result<String, EditError> {
     if old.is_empty() {
         return Err(EditError::EmptyOld);
@@ -31,23 +39,42 @@ pub fn edit(original: &str, old: &str, new: &str, replace_all: bool) -> Result<S
     if old == new {
         return Err(EditError::Unchanged);
     }
-    match occurrences(original, old) {
-        0 => Err(EditError::NotFound),
-        1 => Ok(original.replacen(old, new, 1)),
-        _ if replace_all => Ok(original.replace(old, new)),
-        n => Err(EditError::Ambiguous(n)),
+    // Non-overlapping matches: one linear search.
+    let matches = original.matches(old).count();
+    if matches == 0 {
+        return Err(EditError::NotFound);
     }
+    if !replace_all {
+        // Overlapping ones too, but at most two of them are looked for.
+        let n = matches.max(occurrences_up_to(original, old, 2));
+        if n > 1 {
+            return Err(EditError::Ambiguous(n));
+        }
+    }
+    let replaced = if replace_all { matches } else { 1 };
+    let size = original.len() - replaced * old.len() + replaced * new.len();
+    if size > MAX_EDITED_BYTES {
+        return Err(EditError::TooLarge(size));
+    }
+    Ok(if replace_all {
+        original.replace(old, new)
+    } else {
+        original.replacen(old, new, 1)
+    })
 }
 
 /// How many times `needle` (not empty) occurs in `haystack`, overlapping
-/// occurrences included.
-fn occurrences(haystack: &str, needle: &str) -> usize {
+/// occurrences included, counting no further than `cap`.
+fn occurrences_up_to(haystack: &str, needle: &str, cap: usize) -> usize {
     // The next search starts one character into the last match, which is a
     // character boundary of `haystack` because the match starts with it.
     let step = needle.chars().next().map_or(1, char::len_utf8);
     let mut count = 0;
     let mut from = 0;
-    while let Some(at) = haystack.get(from..).and_then(|rest| rest.find(needle)) {
+    while count < cap {
+        let Some(at) = haystack.get(from..).and_then(|rest| rest.find(needle)) else {
+            break;
+        };
         count += 1;
         from += at + step;
     }
@@ -246,6 +273,19 @@ mod tests {
     #[test]
     fn an_edit_that_changes_nothing_is_refused() {
         assert_eq!(edit("abc", "b", "b", false), Err(EditError::Unchanged));
+        // An edit that would grow the file past the cap is refused before
+        // anything is built (a million `a`s, each made a kilobyte).
+        let big = "a".repeat(1 << 20);
+        let huge = "b".repeat(1 << 10);
+        assert!(matches!(
+            edit(&big, "a", &huge, true),
+            Err(EditError::TooLarge(n)) if n == (1 << 30)
+        ));
+        // Ambiguity is found without counting every overlapping match.
+        assert_eq!(
+            edit(&big, &"a".repeat(1 << 19), "x", false),
+            Err(EditError::Ambiguous(2))
+        );
         assert_eq!(edit("abc", "", "x", true), Err(EditError::EmptyOld));
     }
 

@@ -63,9 +63,14 @@ struct Live {
 struct Driving(Arc<Live>);
 
 impl Driving {
-    fn new(live: Arc<Live>) -> Self {
-        live.driving.send_replace(true);
-        Self(live)
+    /// The run's driving, unless another driver has it.
+    fn claim(live: Arc<Live>) -> Option<Self> {
+        let claimed = live.driving.send_if_modified(|driven| {
+            let free = !*driven;
+            *driven = true;
+            free
+        });
+        claimed.then_some(Self(live))
     }
 }
 
@@ -416,8 +421,23 @@ impl<H: Host, S: EventStore> Runner<H, S> {
     /// says it is. Safe to call on any run at any time, once at a time (the
     /// queue sees to that; tests may call it directly).
     pub async fn drive(&self, run_id: &str) -> Result<()> {
-        // A cancel waits for this driver to end the run, while it drives.
-        let _driving = Driving::new(self.live(run_id));
+        // One driver at a time. A cancel waits for this driver to end the
+        // run, while it drives.
+        let live = self.live(run_id);
+        let Some(_driving) = Driving::claim(live.clone()) else {
+            // Another driver has it (a session sent a message while its
+            // driver was winding down): this run is driven again once that
+            // one is done, so nothing sent meanwhile is left waiting.
+            let view = self.view(run_id).await?;
+            let (runner, run_id) = (self.clone(), run_id.to_string());
+            let mut driving = live.driving.subscribe();
+            tokio::spawn(async move {
+                if driving.wait_for(|d| !*d).await.is_ok() {
+                    runner.schedule(&view.owner, &run_id);
+                }
+            });
+            return Ok(());
+        };
         let mut view = self.view(run_id).await?;
         if view.state.is_finished() {
             return Ok(());

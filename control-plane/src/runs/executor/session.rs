@@ -99,6 +99,8 @@ struct Session {
     transcript: Transcript,
     loops: LoopDetector,
     started_unix_ms: i64,
+    /// The usage of a summary call, recorded with its compaction.
+    pending_usage: Option<(crate::harness::providers::Usage, Option<f64>)>,
 }
 
 /// The exec id of a session's tool call: the reserved prefix (no client can
@@ -306,6 +308,7 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             recorder,
             transcript: Transcript::default(),
             started_unix_ms,
+            pending_usage: None,
         };
         // The conversation, rebuilt from the log exactly as it was seen.
         let mut looping = None;
@@ -482,7 +485,8 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             ..facts::job(&run.view.job, run.id)
         };
         let gate = Gate::Call(CallGate {
-            call_id: format!("model.{turn}.{}", s.requests),
+            // `#` is never in a model's call id (`bad_call_id`).
+            call_id: format!("#model.{turn}.{}", s.requests),
             request: 0,
         });
         let what = format!("model call {turn} ({})", config.name);
@@ -584,6 +588,25 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                 }
             }
         };
+        if response.tool_calls.len() > MAX_CALLS_PER_ANSWER {
+            let reason = format!(
+                "model {}: its answer makes {} tool calls, more than the {MAX_CALLS_PER_ANSWER} one answer may make",
+                config.name,
+                response.tool_calls.len()
+            );
+            self.finish(run.id, run.view, RunState::Failed, reason)
+                .await?;
+            return Ok(false);
+        }
+        if let Some(why) = response.tool_calls.iter().find_map(|c| bad_call_id(&c.id)) {
+            let reason = format!(
+                "model {}: its answer has a call id that cannot be used: {why}",
+                config.name
+            );
+            self.finish(run.id, run.view, RunState::Failed, reason)
+                .await?;
+            return Ok(false);
+        }
         let record = match session
             .recorder
             .model_response(&session.transcript, &response)
@@ -680,7 +703,7 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             ..facts::job(&run.view.job, run.id)
         };
         let gate = Gate::Call(CallGate {
-            call_id: format!("summary.{turn}"),
+            call_id: format!("#summary.{turn}"),
             request: 0,
         });
         match self
@@ -723,7 +746,10 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             _ = stopping.changed() => return Err(Error::Stopping),
         };
         let summary = match answer {
-            Ok(r) if !r.text.trim().is_empty() => r.text,
+            Ok(r) if !r.text.trim().is_empty() => {
+                session.pending_usage = Some((r.usage, r.usage.cost_usd(&config)));
+                r.text
+            }
             Ok(_) => {
                 tracing::warn!(run = %run.id, "the summary for compaction came back empty; going on without it");
                 return Ok(true);
@@ -775,6 +801,7 @@ impl<H: Host, S: EventStore> Runner<H, S> {
         let mut after_messages = replacement;
         after_messages.extend(messages[upto as usize..].iter().cloned());
         let after = limits::estimate_tokens(&after_messages);
+        let (usage, cost) = session.pending_usage.take().unzip();
         let event = Event::ContextCompacted {
             upto,
             replacement_sha256: record
@@ -784,6 +811,8 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                 .to_string(),
             tokens_before: before,
             tokens_after: after,
+            usage,
+            cost_nano_usd: cost.flatten().map(|usd| (usd * 1e9).round() as u64),
         };
         self.record_conversation(run, session, event).await
     }
@@ -840,20 +869,9 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             .as_ref()
             .and_then(|s| s.calls.get(&call.id).cloned())
             .unwrap_or_default();
-        let valid = match session.registry.validate(call) {
-            Ok(valid) => valid,
-            Err(e) => {
-                if known.outcome.is_empty() {
-                    self.decided(run, call, "invalid", e.to_string()).await?;
-                }
-                let result = e.to_result(&call.id);
-                return self
-                    .answer(run, session, &call.id, result.content.as_bytes(), true)
-                    .await;
-            }
-        };
         if known.outcome.is_empty() {
-            // A new call counts against the budget before it is decided.
+            // A new call, valid or not, counts against the budget before
+            // it is decided.
             let mut spent = Self::spent(run, session);
             spent.tool_calls += 1;
             let budgets = &session.task.budgets;
@@ -867,6 +885,18 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                 return Ok(Flow::Ended);
             }
         }
+        let valid = match session.registry.validate(call) {
+            Ok(valid) => valid,
+            Err(e) => {
+                if known.outcome.is_empty() {
+                    self.decided(run, call, "invalid", e.to_string()).await?;
+                }
+                let result = e.to_result(&call.id);
+                return self
+                    .answer(run, session, &call.id, result.content.as_bytes(), true)
+                    .await;
+            }
+        };
         match valid {
             Valid::Client {
                 call_id,
@@ -1067,8 +1097,8 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                 if !started {
                     self.tool_started(run, call, &exec_id, None).await?;
                 }
-                match agent.get_file(path, max_file).await {
-                    Err(e) => (format!("read_file {path}: {}", e.message()), true),
+                match file_io(agent.get_file(path, max_file)).await {
+                    Err(e) => (format!("read_file {path}: {e}"), true),
                     Ok(data) => {
                         let text = String::from_utf8_lossy(&data).into_owned();
                         match lines {
@@ -1087,12 +1117,9 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                     self.inner.store.put_blob(&sha, content.as_bytes()).await?;
                     self.tool_started(run, call, &exec_id, Some(sha)).await?;
                 }
-                match agent
-                    .put_file(path, content.as_bytes().to_vec(), 0o644)
-                    .await
-                {
+                match file_io(agent.put_file(path, content.as_bytes().to_vec(), 0o644)).await {
                     Ok(()) => (format!("wrote {} bytes to {path}", content.len()), false),
-                    Err(e) => (format!("write_file {path}: {}", e.message()), true),
+                    Err(e) => (format!("write_file {path}: {e}"), true),
                 }
             }
             Action::EditFile {
@@ -1108,13 +1135,22 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                         Some(data) => Ok(data),
                         None => Err(format!("edit_file {path}: the recorded edit is missing")),
                     },
-                    _ => match agent.get_file(path, max_file).await {
-                        Err(e) => Err(format!("edit_file {path}: {}", e.message())),
+                    _ => match file_io(agent.get_file(path, max_file)).await {
+                        Err(e) => Err(format!("edit_file {path}: {e}")),
                         Ok(data) => {
                             let original = String::from_utf8_lossy(&data).into_owned();
-                            match text::edit(&original, old_string, new_string, *replace_all) {
-                                Ok(edited) => Ok(edited.into_bytes()),
-                                Err(e) => Err(format!("edit_file {path}: {e}")),
+                            let (old, new, all) =
+                                (old_string.clone(), new_string.clone(), *replace_all);
+                            // Off the async workers: a file and strings of
+                            // megabytes each.
+                            let edited = tokio::task::spawn_blocking(move || {
+                                text::edit(&original, &old, &new, all)
+                            })
+                            .await;
+                            match edited {
+                                Ok(Ok(edited)) => Ok(edited.into_bytes()),
+                                Ok(Err(e)) => Err(format!("edit_file {path}: {e}")),
+                                Err(e) => Err(format!("edit_file {path}: the edit failed: {e}")),
                             }
                         }
                     },
@@ -1128,9 +1164,9 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                             self.tool_started(run, call, &exec_id, Some(sha)).await?;
                         }
                         let size = data.len();
-                        match agent.put_file(path, data, 0o644).await {
+                        match file_io(agent.put_file(path, data, 0o644)).await {
                             Ok(()) => (format!("edited {path} ({size} bytes)"), false),
-                            Err(e) => (format!("edit_file {path}: {}", e.message()), true),
+                            Err(e) => (format!("edit_file {path}: {e}"), true),
                         }
                     }
                 }
@@ -1237,7 +1273,7 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                 match message {
                     Some(Ok(ExecEvent::Output { offset, data, .. })) => {
                         // A re-attach replays from 0: bytes already read are skipped.
-                        let end = offset + data.len() as u64;
+                        let end = offset.saturating_add(data.len() as u64);
                         if end <= out.read {
                             continue;
                         }
@@ -1265,7 +1301,11 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                         to_offset,
                     })) => {
                         out.push(
-                            format!("\n[… {} bytes lost …]\n", to_offset - from_offset).as_bytes(),
+                            format!(
+                                "\n[… {} bytes lost …]\n",
+                                to_offset.saturating_sub(from_offset)
+                            )
+                            .as_bytes(),
                             max,
                         );
                     }
@@ -1282,6 +1322,40 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             )));
         }
     }
+}
+
+/// How long one file operation of a tool may take.
+const FILE_IO: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A file operation of a tool, bounded by [`FILE_IO`]; the error is what
+/// the model is told.
+async fn file_io<T>(
+    op: impl std::future::Future<Output = std::result::Result<T, AgentError>>,
+) -> std::result::Result<T, String> {
+    match tokio::time::timeout(FILE_IO, op).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.message().to_string()),
+        Err(_) => Err(format!(
+            "the sandbox did not answer within {} s",
+            FILE_IO.as_secs()
+        )),
+    }
+}
+
+/// The most tool calls one answer of the model may make.
+pub const MAX_CALLS_PER_ANSWER: usize = 128;
+
+/// Why a call id the model chose cannot be used, if it cannot: ids go into
+/// events, audit entries and logs, so they are short and plain.
+fn bad_call_id(id: &str) -> Option<String> {
+    let ok = (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
+    (!ok).then(|| {
+        let (shown, _) = text::cap_head_tail(id.as_bytes(), 80);
+        format!("{shown:?} (a call id is 1 to 64 of A-Z, a-z, 0-9, _ - . :)")
+    })
 }
 
 /// The system prompt of a summary for compaction.
