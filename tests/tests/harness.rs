@@ -526,6 +526,19 @@ async fn a_client_tool_round_trip_is_idempotent_by_message_id() {
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].tool, "ask_user");
     assert_eq!(pending[0].call_id, "q1");
+    // Another token of the same owner cannot speak in the session (it could
+    // steer the model into asking what it then approves itself).
+    let colleague = cp.token(pb::Role::Operator, "alice").await.unwrap();
+    let mut theirs = cp.runs(&colleague).await.unwrap();
+    let evil = pb::ToolResultInput {
+        call_id: "q1".into(),
+        content: "Evil".into(),
+        is_error: false,
+    };
+    let steered = send(&mut theirs, &run.id, "x1", "", Some(evil), false)
+        .await
+        .unwrap_err();
+    assert_eq!(steered.code(), Code::PermissionDenied, "{steered:?}");
     // A user message now is refused: the session waits for a result.
     let early = send(&mut runs, &run.id, "m0", "hello?", None, false)
         .await
