@@ -802,3 +802,88 @@ async fn chaos_twenty_kills_in_a_thirty_turn_session_repeat_nothing() {
         "{sent:?} {session:?}"
     );
 }
+
+/// Compaction end to end: a 200-turn session in a 6,000-token window is
+/// compacted whenever it nears the window (old outputs cut, older turns
+/// summarised by a model call), no request passes the window, every command
+/// runs once, and the session finishes.
+#[tokio::test]
+async fn compaction_keeps_a_200_turn_session_within_the_window() {
+    needs_docker!();
+    const TURNS: usize = 200;
+    const WINDOW: u64 = 6_000;
+    let goal = "Log two hundred lines.";
+    let mut turns: Vec<Turn> = (0..TURNS)
+        .map(|i| {
+            calls(vec![shell(
+                &format!("n{i}"),
+                &format!("echo {i} >> lines.log; seq {i} {}", i + 60),
+            )])
+        })
+        .collect();
+    turns.push(says("Logged."));
+    let mut count = conversation("lines", goal, turns);
+    count.turn_by_last_call = true;
+    let summaries = conversation(
+        "summaries",
+        "[conversation to summarise]",
+        vec![says(
+            "The agent logs one line per call and goes on counting.",
+        )],
+    );
+    let script = Script {
+        conversations: vec![summaries, count],
+        api_key: None,
+    };
+    let server = Server::start(script).await.unwrap();
+    let set = model_set(&server, "anthropic").replace(
+        "context_window = 100000",
+        &format!("context_window = {WINDOW}"),
+    );
+    let cp = ControlPlane::start(&[
+        &set,
+        "harness.max.max_iterations=500",
+        "harness.max.max_tool_calls=500",
+    ])
+    .await
+    .unwrap();
+    let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
+    let mut runs = cp.runs(&alice).await.unwrap();
+    let mut t = task(goal);
+    t.tools = vec!["shell".into()];
+    let run = submit(&mut runs, "lines", t).await;
+    let idle = until_state(
+        &mut runs,
+        &run.id,
+        &[pb::RunState::Idle, pb::RunState::Failed],
+    )
+    .await;
+    assert_eq!(idle.state, pb::RunState::Idle as i32, "{}", idle.reason);
+    assert_eq!(idle.session.clone().unwrap().answer, "Logged.");
+    let expected: String = (0..TURNS).map(|i| format!("{i}\n")).collect();
+    assert_eq!(
+        sandbox_file(&cp, &idle.sandbox_id, "lines.log")
+            .await
+            .unwrap(),
+        expected
+    );
+    let events = stored_events(&mut runs, &run.id, idle.last_seq).await;
+    let compactions = events
+        .iter()
+        .filter(|e| matches!(e.event, Some(pb::run_event::Event::ContextCompacted(_))))
+        .count();
+    assert!(compactions >= 2, "{compactions} compactions");
+    assert!(
+        server.requests("summaries")[0] >= 1,
+        "nothing was summarised"
+    );
+    for e in &events {
+        if let Some(pb::run_event::Event::ModelResponded(r)) = &e.event {
+            let input = r.usage.unwrap().input_tokens;
+            assert!(
+                input + 1000 <= WINDOW,
+                "a request of {input} tokens in a window of {WINDOW}"
+            );
+        }
+    }
+}
