@@ -102,9 +102,9 @@ pub(crate) async fn run(c: &mut Conn, cmd: RunsCmd) -> anyhow::Result<u8> {
         RunsCmd::List { states, limit } => {
             let mut wanted = Vec::new();
             for s in &states {
-                let st = (1..=7)
+                let st = (1..=10)
                     .find(|i| run_state_name(*i) == s.as_str())
-                    .ok_or_else(|| anyhow!("--state {s:?}: one of queued, provisioning, running, succeeded, failed, cancelled, interrupted"))?;
+                    .ok_or_else(|| anyhow!("--state {s:?}: one of queued, provisioning, running, succeeded, failed, cancelled, interrupted, awaiting_approval, idle, awaiting_tool_result"))?;
                 wanted.push(st);
             }
             let list = c

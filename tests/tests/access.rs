@@ -462,6 +462,17 @@ async fn call_every_rpc(cp: &ControlPlane, token: &str) -> Answers {
             .map(drop),
         ),
         (
+            "Runs/Send",
+            r.send(pb::SendRequest {
+                run_id: rid(),
+                message_id: "m1".into(),
+                message: "hello".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        ),
+        (
             "Audit/Query",
             au.query(pb::QueryAuditRequest::default()).await.map(drop),
         ),
@@ -795,7 +806,7 @@ async fn tenants_cannot_see_or_touch_each_others_runs_or_approvals() {
     // Every way bob could reach alice's run answers as for a run that does
     // not exist.
     let missing = "run-0000000000000000";
-    for rpc in ["Get", "Watch", "Cancel", "Logs"] {
+    for rpc in ["Get", "Watch", "Cancel", "Logs", "Send"] {
         let theirs = call_on_run(&mut bob_runs, rpc, &run.id).await;
         let none = call_on_run(&mut bob_runs, rpc, missing).await;
         let rpc = format!("Runs/{rpc}");
@@ -1052,6 +1063,15 @@ async fn call_on_run(runs: &mut Runs, rpc: &str, run_id: &str) -> Result<(), Sta
         "Logs" => runs
             .logs(pb::LogsRequest {
                 run_id,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "Send" => runs
+            .send(pb::SendRequest {
+                run_id,
+                message_id: "not-mine".into(),
+                message: "do something else".into(),
                 ..Default::default()
             })
             .await

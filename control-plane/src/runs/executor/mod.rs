@@ -43,6 +43,10 @@ pub enum Error {
     /// The control plane is stopping: the run stays where its log says.
     #[error("shutting down")]
     Stopping,
+    /// A session's conversation would no longer pair calls and results
+    /// (or its log does not replay): it cannot go on.
+    #[error("run {0}: {1}")]
+    Conversation(String, String),
 }
 
 type Result<T> = std::result::Result<T, Error>;

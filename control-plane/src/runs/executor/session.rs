@@ -269,6 +269,19 @@ impl<H: Host, S: EventStore> Runner<H, S> {
     /// Drives a session from where its log stands until it waits (idle,
     /// or for its client) or ends.
     pub(super) async fn run_session(&self, run: &mut Run<'_>, sandbox_id: &str) -> Result<()> {
+        match self.session_loop(run, sandbox_id).await {
+            // A conversation that cannot go on ends the session, saying why
+            // (rather than leave it running with nothing driving it).
+            Err(Error::Conversation(_, why)) => {
+                let reason = format!("the session's conversation cannot go on: {why}");
+                self.finish(run.id, run.view, RunState::Interrupted, reason)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn session_loop(&self, run: &mut Run<'_>, sandbox_id: &str) -> Result<()> {
         let task = run
             .view
             .job
@@ -421,9 +434,9 @@ impl<H: Host, S: EventStore> Runner<H, S> {
         let mut next = session.transcript.clone();
         if let Err(e) = next.apply(&entry, &|sha: &str| blobs.get(sha).cloned()) {
             tracing::error!(run = %run.id, "refusing to record {}: {e}", entry.kind());
-            return Err(Error::Fold(
+            return Err(Error::Conversation(
                 run.id.into(),
-                crate::runs::events::FoldError::NotASession { seq: 0 },
+                format!("refusing to record {}: {e}", entry.kind()),
             ));
         }
         self.record(run.id, run.view, event).await?;
@@ -819,10 +832,7 @@ impl<H: Host, S: EventStore> Runner<H, S> {
 
     fn corrupt(&self, run_id: &str, e: crate::harness::transcript::TranscriptError) -> Error {
         tracing::error!(run = %run_id, "the session's conversation is inconsistent: {e}");
-        Error::Fold(
-            run_id.into(),
-            crate::runs::events::FoldError::NotASession { seq: 0 },
-        )
+        Error::Conversation(run_id.into(), e.to_string())
     }
 
     /// Records a call's result and folds it into the transcript.
