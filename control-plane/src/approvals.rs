@@ -167,10 +167,17 @@ pub fn action_hash(
         ("arguments", &facts.arguments),
         ("model", &facts.model),
         ("provider", &facts.provider),
+        ("host", &facts.host),
+        ("scheme", &facts.scheme),
+        ("sni", &facts.sni),
+        ("address", &facts.address),
     ] {
         if !value.is_empty() {
             body.insert(name, json!(value));
         }
+    }
+    if facts.port != 0 {
+        body.insert("port", json!(facts.port));
     }
     let canonical = serde_json::to_string(&body).expect("JSON of strings and numbers");
     hex::encode(sha2::Sha256::digest(canonical.as_bytes()))

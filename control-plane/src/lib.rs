@@ -13,6 +13,7 @@ pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod egress;
 pub mod guard;
 pub mod harness;
 pub mod host;

@@ -297,6 +297,82 @@ mod tests {
     use crate::policy::slicing::PINNED;
     use crate::policy::vocabulary::{ResourceKind, DEFAULT_POLICIES};
 
+    /// The example egress allowlist validates with the default set, and
+    /// allows exactly what it says: a lookup and an HTTPS connection to a
+    /// listed index, for the sandbox's own owner; nothing else, never a
+    /// private address, and nothing at all under the default set alone.
+    #[test]
+    fn the_egress_example_allows_package_indexes_and_nothing_else() {
+        const EXAMPLE: &str = include_str!("../../../deploy/policies/egress-package-indexes.cedar");
+        let alice = who(Role::Submitter, "alice");
+        let connect = |host: &str, port: u64, sni: &str| Facts {
+            host: host.into(),
+            port,
+            scheme: "connect".into(),
+            sni: sni.into(),
+            address: "151.101.0.223".into(),
+            address_class: "public".into(),
+            ..Facts::default()
+        };
+        let resolve = |host: &str| Facts {
+            host: host.into(),
+            scheme: "dns".into(),
+            ..Facts::default()
+        };
+        let bare = Engine::new(DEFAULT_POLICIES, 1).unwrap();
+        let with = Engine::new(&format!("{DEFAULT_POLICIES}\n{EXAMPLE}"), 2).unwrap();
+        let decide = |engine: &Engine, action: Action, facts: &Facts, owner: &str| {
+            engine
+                .decide(&alice, action, &sandbox(owner), facts)
+                .decision
+        };
+        let pypi = connect("pypi.org", 443, "pypi.org");
+        assert_eq!(
+            decide(&bare, Action::NetworkConnect, &pypi, "alice"),
+            Decision::Deny
+        );
+        assert_eq!(
+            decide(&bare, Action::NetworkResolve, &resolve("pypi.org"), "alice"),
+            Decision::Deny
+        );
+        assert_eq!(
+            decide(&with, Action::NetworkConnect, &pypi, "alice"),
+            Decision::Allow
+        );
+        assert_eq!(
+            decide(&with, Action::NetworkResolve, &resolve("pypi.org"), "alice"),
+            Decision::Allow
+        );
+        for (what, facts, owner) in [
+            (
+                "another host",
+                connect("evil.org", 443, "evil.org"),
+                "alice",
+            ),
+            ("another port", connect("pypi.org", 22, ""), "alice"),
+            (
+                "another server name",
+                connect("pypi.org", 443, "evil.org"),
+                "alice",
+            ),
+            ("another owner's sandbox", pypi.clone(), "bob"),
+        ] {
+            assert_eq!(
+                decide(&with, Action::NetworkConnect, &facts, owner),
+                Decision::Deny,
+                "{what}"
+            );
+        }
+        assert_eq!(
+            decide(&with, Action::NetworkConnectPrivate, &pypi, "alice"),
+            Decision::Deny
+        );
+        assert_eq!(
+            decide(&with, Action::NetworkResolve, &resolve("evil.org"), "alice"),
+            Decision::Deny
+        );
+    }
+
     fn who(role: Role, owner: &str) -> Principal {
         Principal {
             token_id: format!("t-{owner}-{}", role.as_str()),

@@ -24,6 +24,14 @@ pub enum Action {
     FileRemove,
     Snapshot,
     Network,
+    /// One connection out of an `egress` sandbox (docs/network.md).
+    NetworkConnect,
+    /// A connection whose address is not public (private, loopback,
+    /// link-local, metadata): asked on its own, so only a rule naming this
+    /// action allows it.
+    NetworkConnectPrivate,
+    /// A DNS lookup of an `egress` sandbox.
+    NetworkResolve,
     RunSubmit,
     ModelCall,
     ToolCall,
@@ -32,7 +40,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 12] = [
+    pub const ALL: [Action; 15] = [
         Action::SandboxCreate,
         Action::Exec,
         Action::FileRead,
@@ -40,6 +48,9 @@ impl Action {
         Action::FileRemove,
         Action::Snapshot,
         Action::Network,
+        Action::NetworkConnect,
+        Action::NetworkConnectPrivate,
+        Action::NetworkResolve,
         Action::RunSubmit,
         Action::ModelCall,
         Action::ToolCall,
@@ -56,6 +67,9 @@ impl Action {
             Action::FileRemove => "file.remove",
             Action::Snapshot => "snapshot",
             Action::Network => "network",
+            Action::NetworkConnect => "network.connect",
+            Action::NetworkConnectPrivate => "network.connect_private",
+            Action::NetworkResolve => "network.resolve",
             Action::RunSubmit => "run.submit",
             Action::ModelCall => "model.call",
             Action::ToolCall => "tool.call",
@@ -113,6 +127,18 @@ pub struct Facts {
     /// `model.call`: the `[[model]]` name and its provider.
     pub model: String,
     pub provider: String,
+    /// `network.connect*` and `network.resolve`: where a connection goes
+    /// (the name asked for, lower case), its port (0 for a lookup), how
+    /// (`http`, `connect`, `dns`), the TLS server name it then asked for,
+    /// the address the name resolved to, and that address's class
+    /// (`public`, `private`, `loopback`, `link_local`, `metadata`,
+    /// `unroutable`).
+    pub host: String,
+    pub port: u64,
+    pub scheme: String,
+    pub sni: String,
+    pub address: String,
+    pub address_class: String,
 }
 
 /// The entity type names a request uses, parsed once: parsing a name runs
@@ -200,6 +226,12 @@ impl Names {
                 ("arguments", s(facts.arguments.clone())),
                 ("model", s(facts.model.clone())),
                 ("provider", s(facts.provider.clone())),
+                ("host", s(facts.host.clone())),
+                ("port", long(facts.port)),
+                ("scheme", s(facts.scheme.clone())),
+                ("sni", s(facts.sni.clone())),
+                ("address", s(facts.address.clone())),
+                ("address_class", s(facts.address_class.clone())),
                 (
                     "labels",
                     RestrictedExpression::new_set(
