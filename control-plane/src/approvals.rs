@@ -185,7 +185,14 @@ pub fn action_hash(
 
 /// A one-line account of the action, for the person deciding.
 pub fn summary(action: Action, resource: &Resource, facts: &Facts) -> String {
-    let what = if !facts.tool.is_empty() {
+    let what = if !facts.host.is_empty() {
+        let address = if facts.address.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} address {})", facts.address_class, facts.address)
+        };
+        format!("{} {}:{}{address}", facts.scheme, facts.host, facts.port)
+    } else if !facts.tool.is_empty() {
         format!("{} {}", facts.tool, facts.arguments)
     } else if !facts.model.is_empty() {
         format!("model {} ({})", facts.model, facts.provider)

@@ -15,5 +15,6 @@
 
 pub mod address;
 pub mod dns;
+pub mod proxy;
 pub mod sni;
 pub mod target;

@@ -71,11 +71,9 @@ pub fn server_name(buf: &[u8]) -> Hello {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
+pub(crate) mod tests_support {
     /// A TLS 1.2-style ClientHello record with `name` as its SNI (or none).
-    fn client_hello(name: Option<&str>) -> Vec<u8> {
+    pub fn client_hello(name: Option<&str>) -> Vec<u8> {
         let mut ext = Vec::new();
         if let Some(name) = name {
             let n = name.as_bytes();
@@ -102,6 +100,12 @@ mod tests {
         record.extend_from_slice(&handshake);
         record
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::client_hello;
+    use super::*;
 
     #[test]
     fn the_server_name_is_read_from_a_client_hello() {

@@ -124,8 +124,17 @@ pub fn parse(buf: &[u8]) -> Result<Target, HeadError> {
     let mut saw_host = false;
     for h in req.headers.iter() {
         let name = h.name;
-        if name.eq_ignore_ascii_case("proxy-authorization")
-            || name.eq_ignore_ascii_case("proxy-connection")
+        // The proxy's own headers, and the connection's: each request is a
+        // connection of its own (decided on its own), so it is closed after
+        // the answer.
+        if [
+            "proxy-authorization",
+            "proxy-connection",
+            "connection",
+            "keep-alive",
+        ]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
         {
             continue;
         }
@@ -153,7 +162,7 @@ pub fn parse(buf: &[u8]) -> Result<Target, HeadError> {
         };
         forward.push_str(&format!("Host: {shown}\r\n"));
     }
-    forward.push_str("\r\n");
+    forward.push_str("Connection: close\r\n\r\n");
     Ok(Target {
         scheme: Scheme::Http,
         host,
@@ -239,14 +248,14 @@ mod tests {
         assert_eq!((t.host.as_str(), t.port), ("example.com", 8080));
         assert_eq!(
             String::from_utf8(t.forward_head).unwrap(),
-            "GET /simple/?q=1 HTTP/1.1\r\nHost: example.com:8080\r\nAccept: */*\r\n\r\n"
+            "GET /simple/?q=1 HTTP/1.1\r\nHost: example.com:8080\r\nAccept: */*\r\nConnection: close\r\n\r\n"
         );
         assert_eq!(t.rest, b"body");
         let bare = parse(b"GET http://example.com?x HTTP/1.0\r\n\r\n").unwrap();
         assert_eq!(bare.port, 80);
         assert_eq!(
             String::from_utf8(bare.forward_head).unwrap(),
-            "GET /?x HTTP/1.0\r\nHost: example.com\r\n\r\n"
+            "GET /?x HTTP/1.0\r\nHost: example.com\r\nConnection: close\r\n\r\n"
         );
     }
 

@@ -58,13 +58,24 @@ pub enum Record<'a> {
         /// What is decided, for a person: "step 2 (build)".
         what: &'a str,
     },
+    /// As an entry of its own, durable before the connection it allows is
+    /// made: a sandbox's egress (a connection, a DNS lookup).
+    Egress {
+        sandbox_id: &'a str,
+        /// The entry's request id (the sandbox and its connection number).
+        request_id: String,
+        /// What is decided, for a person: "CONNECT pypi.org:443".
+        what: &'a str,
+    },
 }
 
 impl Record<'_> {
     fn request_id(&self) -> String {
         match self {
             Record::Call(note) => note.request_id(),
-            Record::Run { request_id, .. } => request_id.clone(),
+            Record::Run { request_id, .. } | Record::Egress { request_id, .. } => {
+                request_id.clone()
+            }
         }
     }
 }
@@ -215,31 +226,57 @@ impl Guard {
                 what,
                 ..
             } => {
-                let entry = crate::audit::Entry {
-                    unix_ms: crate::clock::now_ms(),
-                    request_id: request_id.clone(),
-                    token_id: ask.principal.token_id.clone(),
-                    principal: ask.principal.name.clone(),
-                    role: ask.principal.role.as_str().to_string(),
-                    owner: ask.principal.owner.clone(),
-                    action: format!("run/{}", ask.action.name()),
-                    resource: ask.resource.id.clone(),
-                    decision: verdict.decision.as_str().to_string(),
-                    policy_version: verdict.policy_version,
-                    outcome: format!("{run_id} {what}: {}", verdict.reason),
-                    ..Default::default()
-                };
-                // Nothing happens that is not on the record.
-                if let Err(e) = self.audit.append(entry).await {
-                    tracing::error!(run = %run_id, "audit: {e:#}");
-                    return Err(Refused::Unrecorded(format!("{e:#}")));
-                }
+                let action = format!("run/{}", ask.action.name());
+                self.own_entry(&ask, &verdict, action, run_id, request_id, what)
+                    .await?
+            }
+            Record::Egress {
+                sandbox_id,
+                request_id,
+                what,
+            } => {
+                let action = format!("egress/{}", ask.action.name());
+                self.own_entry(&ask, &verdict, action, sandbox_id, request_id, what)
+                    .await?
             }
         }
         if verdict.decision == Decision::Deny {
             return Err(Refused::denied(ask.action, ask.resource, &verdict));
         }
         Ok(verdict)
+    }
+
+    /// Writes the decision on work the control plane does on its own (a
+    /// run's step, a sandbox's connection) as an entry of its own, durable
+    /// before the work starts: nothing happens that is not on the record.
+    async fn own_entry(
+        &self,
+        ask: &Ask<'_>,
+        verdict: &Verdict,
+        action: String,
+        subject: &str,
+        request_id: &str,
+        what: &str,
+    ) -> Result<(), Refused> {
+        let entry = crate::audit::Entry {
+            unix_ms: crate::clock::now_ms(),
+            request_id: request_id.to_string(),
+            token_id: ask.principal.token_id.clone(),
+            principal: ask.principal.name.clone(),
+            role: ask.principal.role.as_str().to_string(),
+            owner: ask.principal.owner.clone(),
+            action,
+            resource: ask.resource.id.clone(),
+            decision: verdict.decision.as_str().to_string(),
+            policy_version: verdict.policy_version,
+            outcome: format!("{subject} {what}: {}", verdict.reason),
+            ..Default::default()
+        };
+        if let Err(e) = self.audit.append(entry).await {
+            tracing::error!(subject, "audit: {e:#}");
+            return Err(Refused::Unrecorded(format!("{e:#}")));
+        }
+        Ok(())
     }
 
     /// Decides `ask`; a denial is the error. `require_approval` uses the
@@ -264,7 +301,7 @@ impl Guard {
         }
         let run = match record {
             Record::Run { run_id, step, .. } => Some((*run_id, step.unwrap_or(0))),
-            Record::Call(_) => None,
+            Record::Call(_) | Record::Egress { .. } => None,
         };
         let a = self
             .approvals

@@ -1,0 +1,741 @@
+//! The egress proxy: one connection of a sandbox, from its first byte to
+//! its close. The head is read within a deadline and a size bound (a client
+//! that trickles it — slowloris — is dropped), the name is resolved once by
+//! the control plane and the address it gets is the one connected to (a
+//! name that resolves elsewhere later changes nothing), policy decides
+//! (`network.connect`, or `network.connect_private` for an address that is
+//! not public), the decision is on the audit log before the connection is
+//! made, and a tunnel to port 443 must then say, in its ClientHello, the
+//! name it was allowed for. What the sandbox is refused, it is told in a
+//! 403 whose body names the policy.
+//!
+//! The connection comes from anywhere that reads and writes bytes: the
+//! sandbox's relay in production, an in-memory pipe in the tests.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::address::{self, Class};
+use super::sni::{self, Hello};
+use super::target::{self, HeadError, Scheme, Target};
+use crate::auth::{Principal, Role};
+use crate::guard::{Ask, Cleared, Guard, Record, Refused};
+use crate::policy::{Action, Facts, Resource, ResourceKind};
+
+/// Resolves a name to the addresses a connection may use.
+pub type Resolve =
+    Arc<dyn Fn(String, u16) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> + Send + Sync>;
+
+/// The host's resolver.
+pub fn system_resolver() -> Resolve {
+    Arc::new(|host, port| {
+        Box::pin(async move {
+            Ok(tokio::net::lookup_host((host.as_str(), port))
+                .await?
+                .collect())
+        })
+    })
+}
+
+#[derive(Clone)]
+pub struct Settings {
+    /// The whole head must be in within this.
+    pub head_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// How long a connection waits for an approval before it is refused.
+    pub approval_wait: Duration,
+    /// Networks taken as public (a lab's or a test suite's network that
+    /// stands in for the internet); none in production.
+    pub treat_as_public: Vec<(IpAddr, u8)>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            head_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            approval_wait: Duration::from_secs(120),
+            treat_as_public: Vec::new(),
+        }
+    }
+}
+
+/// Whose connection it is.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    pub sandbox_id: String,
+    pub owner: String,
+    /// Numbers the sandbox's connections for the audit log.
+    pub connection: u64,
+}
+
+/// How a connection ended, for the record.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub host: String,
+    pub port: u16,
+    pub scheme: String,
+    pub address: String,
+    pub sni: String,
+    /// `allow`, `deny`, `require_approval` or empty (refused before policy).
+    pub decision: String,
+    /// Bytes from the sandbox out, and back in.
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub duration_ms: u64,
+    /// Empty when it ran to its end; else why it was refused or broke.
+    pub error: String,
+}
+
+pub struct Proxy {
+    guard: Guard,
+    resolve: Resolve,
+    settings: Settings,
+}
+
+impl Proxy {
+    pub fn new(guard: Guard, resolve: Resolve, settings: Settings) -> Self {
+        Proxy {
+            guard,
+            resolve,
+            settings,
+        }
+    }
+
+    /// Serves one connection of `origin`'s sandbox and answers how it ended
+    /// (its decision is on the audit log already; the caller records the
+    /// outcome).
+    pub async fn serve<S>(&self, origin: &Origin, mut client: S) -> Outcome
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let started = Instant::now();
+        let mut outcome = Outcome::default();
+        if let Err(e) = self.run(origin, &mut client, &mut outcome).await {
+            outcome.error = e;
+        }
+        let _ = client.shutdown().await;
+        outcome.duration_ms = started.elapsed().as_millis() as u64;
+        outcome
+    }
+
+    async fn run<S>(
+        &self,
+        origin: &Origin,
+        client: &mut S,
+        outcome: &mut Outcome,
+    ) -> Result<(), String>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let target = match read_head(client, self.settings.head_timeout).await {
+            Ok(target) => target,
+            Err(HeadError::Partial) => {
+                return Err(format!(
+                    "the request head did not arrive within {} s",
+                    self.settings.head_timeout.as_secs()
+                ))
+            }
+            Err(e) => {
+                answer(client, e.status(), &e.to_string()).await;
+                return Err(e.to_string());
+            }
+        };
+        outcome.host = target.host.clone();
+        outcome.port = target.port;
+        outcome.scheme = target.scheme.as_str().to_string();
+        let addr = match self.address(&target).await {
+            Ok(addr) => addr,
+            Err(why) => {
+                answer(client, 502, &why).await;
+                return Err(why);
+            }
+        };
+        outcome.address = addr.ip().to_string();
+        let class = self.class(addr.ip());
+        let action = match class {
+            Class::Public => Action::NetworkConnect,
+            _ => Action::NetworkConnectPrivate,
+        };
+        let facts = Facts {
+            host: target.host.clone(),
+            port: u64::from(target.port),
+            scheme: target.scheme.as_str().to_string(),
+            address: addr.ip().to_string(),
+            address_class: class.as_str().to_string(),
+            ..Facts::default()
+        };
+        let what = match target.scheme {
+            Scheme::Connect => format!("CONNECT {}:{} ({addr})", target.host, target.port),
+            Scheme::Http => format!("HTTP {}:{} ({addr})", target.host, target.port),
+        };
+        match self.decide(origin, action, &facts, &what).await {
+            Ok(decision) => outcome.decision = decision,
+            Err((decision, why)) => {
+                outcome.decision = decision;
+                answer(client, 403, &why).await;
+                return Err(why);
+            }
+        }
+        let upstream =
+            tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
+                .await
+                .map_err(|_| format!("connecting to {addr} timed out"))
+                .and_then(|r| r.map_err(|e| format!("connecting to {addr}: {e}")));
+        let mut upstream = match upstream {
+            Ok(s) => s,
+            Err(why) => {
+                answer(client, 502, &why).await;
+                return Err(why);
+            }
+        };
+        let mut first = target.rest.clone();
+        match target.scheme {
+            Scheme::Connect => {
+                client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .map_err(|e| format!("answering the client: {e}"))?;
+                if target.port == 443 {
+                    let sni = self.client_hello(client, &mut first).await?;
+                    if !sni.is_empty() && sni != target.host {
+                        outcome.sni = sni.clone();
+                        let why = format!(
+                            "the TLS server name {sni:?} is not the host the tunnel was allowed for ({})",
+                            target.host
+                        );
+                        return Err(why);
+                    }
+                    outcome.sni = sni;
+                }
+            }
+            Scheme::Http => {
+                upstream
+                    .write_all(&target.forward_head)
+                    .await
+                    .map_err(|e| format!("sending the request on: {e}"))?;
+            }
+        }
+        if !first.is_empty() {
+            upstream
+                .write_all(&first)
+                .await
+                .map_err(|e| format!("sending on: {e}"))?;
+            outcome.bytes_out += first.len() as u64;
+        }
+        match tokio::io::copy_bidirectional(client, &mut upstream).await {
+            Ok((out, back)) => {
+                outcome.bytes_out += out;
+                outcome.bytes_in += back;
+                Ok(())
+            }
+            Err(e) => Err(format!("the connection broke: {e}")),
+        }
+    }
+
+    /// The address to connect to: the host itself if it is one, else the
+    /// first the resolver gives (connected to as it is, never resolved
+    /// again).
+    async fn address(&self, target: &Target) -> Result<SocketAddr, String> {
+        let literal = target.host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = literal.parse::<IpAddr>() {
+            return Ok(SocketAddr::new(ip, target.port));
+        }
+        let found = tokio::time::timeout(
+            self.settings.connect_timeout,
+            (self.resolve)(target.host.clone(), target.port),
+        )
+        .await
+        .map_err(|_| format!("resolving {} timed out", target.host))?
+        .map_err(|e| format!("{} does not resolve: {e}", target.host))?;
+        found
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("{} has no address", target.host))
+    }
+
+    fn class(&self, ip: IpAddr) -> Class {
+        if self
+            .settings
+            .treat_as_public
+            .iter()
+            .any(|(net, bits)| in_network(ip, *net, *bits))
+        {
+            return Class::Public;
+        }
+        address::classify(ip)
+    }
+
+    /// The decision, through the guard, as the sandbox's owner; Ok with the
+    /// decision when the connection may go ahead, Err with the decision and
+    /// what the sandbox is told otherwise. An approval is waited for within
+    /// `approval_wait`.
+    async fn decide(
+        &self,
+        origin: &Origin,
+        action: Action,
+        facts: &Facts,
+        what: &str,
+    ) -> Result<String, (String, String)> {
+        let principal = Principal {
+            token_id: format!("sandbox:{}", origin.sandbox_id),
+            name: format!("sandbox {}", origin.sandbox_id),
+            role: Role::Submitter,
+            owner: origin.owner.clone(),
+        };
+        let resource = Resource {
+            kind: ResourceKind::Sandbox,
+            id: origin.sandbox_id.clone(),
+            owner: origin.owner.clone(),
+        };
+        let ask = Ask {
+            principal: &principal,
+            action,
+            resource: &resource,
+            facts,
+        };
+        let record = Record::Egress {
+            sandbox_id: &origin.sandbox_id,
+            request_id: format!("{}:c{}", origin.sandbox_id, origin.connection),
+            what,
+        };
+        let used_by = format!("{}-c{}", origin.sandbox_id, origin.connection);
+        let refused = |decision: &str, r: Refused| {
+            (decision.to_string(), format!("bridle: {what} refused: {r}"))
+        };
+        match self.guard.clear(&record, ask, None, &used_by).await {
+            Ok(Cleared::Allowed | Cleared::Approved(_)) => Ok("allow".into()),
+            Ok(Cleared::Pending(approval)) => {
+                let decided = tokio::time::timeout(
+                    self.settings.approval_wait,
+                    self.guard.decision(&approval.id),
+                )
+                .await;
+                let decided = match decided {
+                    Err(_) => {
+                        return Err((
+                            "require_approval".into(),
+                            format!(
+                                "bridle: {what} waits for approval {} (not decided within {} s)",
+                                approval.id,
+                                self.settings.approval_wait.as_secs()
+                            ),
+                        ))
+                    }
+                    Ok(Err(r)) => return Err(refused("require_approval", r)),
+                    Ok(Ok(a)) => a,
+                };
+                match self.guard.go_ahead(&decided, ask, &used_by).await {
+                    Ok(_) => Ok("require_approval".into()),
+                    Err(r) => Err(refused("require_approval", r)),
+                }
+            }
+            Err(r @ Refused::Denied { .. }) => Err(refused("deny", r)),
+            Err(r) => Err(refused("", r)),
+        }
+    }
+
+    /// The server name of the tunnel's ClientHello (empty: none), reading
+    /// it into `first` (sent on afterwards) within the head's deadline.
+    async fn client_hello<S>(&self, client: &mut S, first: &mut Vec<u8>) -> Result<String, String>
+    where
+        S: AsyncRead + Unpin,
+    {
+        let deadline = tokio::time::Instant::now() + self.settings.head_timeout;
+        loop {
+            match sni::server_name(first) {
+                Hello::Server(name) => return Ok(name),
+                Hello::NoName => return Ok(String::new()),
+                Hello::NotTls => {
+                    return Err("a tunnel to port 443 did not begin with a TLS ClientHello".into())
+                }
+                Hello::Partial => {}
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, client.read(&mut chunk))
+                .await
+                .map_err(|_| "the TLS ClientHello did not arrive in time".to_string())?
+                .map_err(|e| format!("reading the ClientHello: {e}"))?;
+            if n == 0 {
+                return Err("the client closed before its ClientHello".into());
+            }
+            first.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// Reads a request head within `limit`, bounded by [`target::MAX_HEAD_BYTES`].
+async fn read_head<S: AsyncRead + Unpin>(
+    client: &mut S,
+    limit: Duration,
+) -> Result<Target, HeadError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        match target::parse(&buf) {
+            Err(HeadError::Partial) => {}
+            other => return other,
+        }
+        let mut chunk = [0u8; 4096];
+        let n = match tokio::time::timeout_at(deadline, client.read(&mut chunk)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) | Err(_) => return Err(HeadError::Partial),
+        };
+        if n == 0 {
+            return Err(HeadError::Partial);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Tells the client why, in a short HTTP answer (best effort: it may be
+/// gone).
+async fn answer<S: AsyncWrite + Unpin>(client: &mut S, status: u16, why: &str) {
+    let reason = match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        431 => "Request Header Fields Too Large",
+        _ => "Bad Gateway",
+    };
+    let body = format!("{why}\n");
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = client.write_all(head.as_bytes()).await;
+    let _ = client.write_all(body.as_bytes()).await;
+}
+
+fn in_network(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(ip), IpAddr::V4(net)) => {
+            let bits = u32::from(bits.min(32));
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits)
+            };
+            u32::from(ip) & mask == u32::from(net) & mask
+        }
+        (IpAddr::V6(ip), IpAddr::V6(net)) => {
+            let bits = u32::from(bits.min(128));
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
+            u128::from(ip) & mask == u128::from(net) & mask
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::approvals::State;
+
+    /// What the tests' policy allows: `allowed.test`, and `held.test` after
+    /// an operator's approval; nothing else.
+    const POLICY: &str = r#"
+@id("test-allowed")
+permit (principal, action == Bridle::Action::"network.connect", resource)
+when { resource.owner == principal.owner && context.host == "allowed.test" };
+
+@id("test-held")
+@approval("a human looks first")
+permit (principal, action == Bridle::Action::"network.connect", resource)
+when { resource.owner == principal.owner && context.host == "held.test" };
+"#;
+
+    struct World {
+        _dir: tempfile::TempDir,
+        guard: Guard,
+    }
+
+    async fn world() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::Store::open(&dir.path().join("bridle.db"))
+            .await
+            .unwrap();
+        let audit = crate::audit::AuditLog::open(
+            db.pool().clone(),
+            ed25519_dalek::SigningKey::from_bytes(&[9; 32]),
+        )
+        .await
+        .unwrap();
+        let policies = crate::policy::Policies::load(db.pool().clone())
+            .await
+            .unwrap();
+        let source = format!("{}\n{POLICY}", crate::policy::DEFAULT_POLICIES);
+        policies.change(&source, "test", 0).await.unwrap();
+        let guard = Guard {
+            policies,
+            approvals: crate::approvals::Approvals::new(
+                db.pool().clone(),
+                audit.clone(),
+                Duration::from_secs(60),
+                None,
+            ),
+            audit,
+        };
+        World { _dir: dir, guard }
+    }
+
+    /// Every name resolves to `upstream`.
+    fn resolver(upstream: SocketAddr) -> Resolve {
+        Arc::new(move |_host, _port| Box::pin(async move { Ok(vec![upstream]) }))
+    }
+
+    fn proxy(world: &World, upstream: SocketAddr, loopback_is_public: bool) -> Arc<Proxy> {
+        let settings = Settings {
+            head_timeout: Duration::from_millis(500),
+            treat_as_public: if loopback_is_public {
+                vec![("127.0.0.0".parse().unwrap(), 8)]
+            } else {
+                Vec::new()
+            },
+            ..Settings::default()
+        };
+        Arc::new(Proxy::new(
+            world.guard.clone(),
+            resolver(upstream),
+            settings,
+        ))
+    }
+
+    fn origin() -> Origin {
+        Origin {
+            sandbox_id: "sb-1".into(),
+            owner: "alice".into(),
+            connection: 1,
+        }
+    }
+
+    /// An upstream that answers one HTTP request (keeping its head) or, when
+    /// `echo`, sends back what it gets.
+    async fn upstream(echo: bool) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = conn.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        if echo {
+                            let _ = conn.write_all(&buf[..n]).await;
+                        } else if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let _ = conn
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+                                .await;
+                            break;
+                        }
+                    }
+                    let _ = tx.send(got);
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    /// Sends `request` through the proxy and reads the answer to its end.
+    async fn through(proxy: &Arc<Proxy>, request: &[u8]) -> (String, Outcome) {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let serving = {
+            let proxy = proxy.clone();
+            tokio::spawn(async move { proxy.serve(&origin(), server).await })
+        };
+        client.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut answer));
+        read.await.expect("the proxy answers").unwrap();
+        // The answer is whole: the client closes, as an HTTP client does
+        // after `Connection: close`.
+        drop(client);
+        let outcome = tokio::time::timeout(Duration::from_secs(30), serving)
+            .await
+            .expect("the proxy ends the connection")
+            .unwrap();
+        (String::from_utf8_lossy(&answer).into_owned(), outcome)
+    }
+
+    #[tokio::test]
+    async fn plain_http_to_an_allowed_host_goes_through_in_origin_form() {
+        let world = world().await;
+        let (addr, mut heads) = upstream(false).await;
+        let proxy = proxy(&world, addr, true);
+        let (answer, outcome) = through(
+            &proxy,
+            b"GET http://allowed.test/simple/ HTTP/1.1\r\nHost: allowed.test\r\n\
+              Proxy-Authorization: Basic c2VjcmV0\r\n\r\n",
+        )
+        .await;
+        assert!(answer.ends_with("hello"), "{answer}");
+        assert_eq!(outcome.decision, "allow");
+        assert_eq!(outcome.error, "");
+        assert_eq!(outcome.bytes_in, answer.len() as u64);
+        let head = String::from_utf8(heads.recv().await.unwrap()).unwrap();
+        assert!(head.starts_with("GET /simple/ HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains("Connection: close"), "{head}");
+        assert!(
+            !head.contains("c2VjcmV0"),
+            "the proxy's credentials are not passed on"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_host_policy_does_not_allow_gets_a_403_naming_the_policy() {
+        let world = world().await;
+        let (addr, _) = upstream(false).await;
+        let proxy = proxy(&world, addr, true);
+        let (answer, outcome) = through(&proxy, b"CONNECT evil.test:443 HTTP/1.1\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+        assert!(answer.contains("policy denies network.connect"), "{answer}");
+        assert_eq!(outcome.decision, "deny");
+    }
+
+    #[tokio::test]
+    async fn an_allowed_name_that_resolves_to_a_private_address_is_refused() {
+        let world = world().await;
+        let (addr, _) = upstream(false).await;
+        // Loopback is what it is here: `allowed.test` resolving to it is
+        // the rebinding case.
+        let proxy = proxy(&world, addr, false);
+        let (answer, outcome) = through(&proxy, b"GET http://allowed.test/ HTTP/1.1\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+        assert!(answer.contains("network.connect_private"), "{answer}");
+        assert_eq!(outcome.address, "127.0.0.1");
+        // So is an address literal of the metadata service, allowed or not.
+        let (answer, _) = through(
+            &proxy,
+            b"GET http://169.254.169.254/latest/ HTTP/1.1\r\n\r\n",
+        )
+        .await;
+        assert!(answer.contains("network.connect_private"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_to_443_must_name_its_host_in_the_client_hello() {
+        let world = world().await;
+        let (addr, _) = upstream(true).await;
+        let proxy = proxy(&world, addr, true);
+        let hello = super::super::sni::tests_support::client_hello(Some("allowed.test"));
+        let mut request = b"CONNECT allowed.test:443 HTTP/1.1\r\n\r\n".to_vec();
+        request.extend_from_slice(&hello);
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let serving = {
+            let proxy = proxy.clone();
+            tokio::spawn(async move { proxy.serve(&origin(), server).await })
+        };
+        client.write_all(&request).await.unwrap();
+        let established = b"HTTP/1.1 200 Connection established\r\n\r\n";
+        let mut got = vec![0u8; established.len() + hello.len()];
+        tokio::time::timeout(Duration::from_secs(30), client.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got[..established.len()], established);
+        assert_eq!(
+            &got[established.len()..],
+            &hello[..],
+            "the hello reached the host"
+        );
+        drop(client);
+        let outcome = serving.await.unwrap();
+        assert_eq!(outcome.sni, "allowed.test");
+        assert_eq!(outcome.bytes_out, hello.len() as u64);
+
+        // Another name in the hello: the tunnel is closed, nothing sent on.
+        let fronted = super::super::sni::tests_support::client_hello(Some("evil.test"));
+        let mut request = b"CONNECT allowed.test:443 HTTP/1.1\r\n\r\n".to_vec();
+        request.extend_from_slice(&fronted);
+        let (answer, outcome) = through(&proxy, &request).await;
+        assert_eq!(answer, "HTTP/1.1 200 Connection established\r\n\r\n");
+        assert!(outcome.error.contains("TLS server name"), "{outcome:?}");
+        assert_eq!(outcome.bytes_out, 0);
+    }
+
+    #[tokio::test]
+    async fn a_head_that_trickles_in_is_dropped() {
+        let world = world().await;
+        let (addr, _) = upstream(false).await;
+        let proxy = proxy(&world, addr, true);
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let serving = {
+            let proxy = proxy.clone();
+            tokio::spawn(async move { proxy.serve(&origin(), server).await })
+        };
+        client
+            .write_all(b"GET http://allowed.test/ HTTP/1.1\r\nX-Slow: ")
+            .await
+            .unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(30), serving)
+            .await
+            .expect("the proxy gives up on a slow head")
+            .unwrap();
+        assert!(outcome.error.contains("did not arrive"), "{outcome:?}");
+        assert_eq!(outcome.decision, "", "nothing was decided");
+    }
+
+    #[tokio::test]
+    async fn a_held_host_waits_for_an_operator_then_goes_through() {
+        let world = world().await;
+        let (addr, _) = upstream(false).await;
+        let proxy = proxy(&world, addr, true);
+        let approvals = world.guard.approvals.clone();
+        let approver = tokio::spawn(async move {
+            let operator = Principal {
+                token_id: "t-ops".into(),
+                name: "ops".into(),
+                role: Role::Operator,
+                owner: "ops".into(),
+            };
+            for _ in 0..3000 {
+                let pending = approvals
+                    .list(&[State::Pending], "", None, 10, 0)
+                    .await
+                    .unwrap();
+                if let Some(a) = pending.first() {
+                    approvals
+                        .decide(&a.id, &operator, true, "the mirror is fine", "req-1")
+                        .await
+                        .unwrap();
+                    return a.summary.clone();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("no approval was asked for");
+        });
+        let (answer, outcome) = through(&proxy, b"GET http://held.test/ HTTP/1.1\r\n\r\n").await;
+        let summary = approver.await.unwrap();
+        assert!(summary.contains("held.test"), "{summary}");
+        assert!(answer.ends_with("hello"), "{answer}");
+        assert_eq!(outcome.decision, "require_approval");
+    }
+
+    #[tokio::test]
+    async fn garbage_is_a_400() {
+        let world = world().await;
+        let (addr, _) = upstream(false).await;
+        let proxy = proxy(&world, addr, true);
+        let (answer, outcome) = through(&proxy, b"\x16\x03\x01\x00\x10hello there\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+        assert!(!outcome.error.is_empty());
+    }
+}
