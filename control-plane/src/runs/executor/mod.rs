@@ -275,11 +275,17 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             {
                 Ok(()) => {
                     *view = folded;
+                    let finished = matches!(event, Event::Finished { .. });
                     let _ = self.live(run_id).events.send(StoredEvent {
                         seq,
                         unix_ms: now,
                         event,
                     });
+                    if finished {
+                        // Nothing more will be sent: watchers have their
+                        // receivers, and a later one reads the store.
+                        self.inner.live.lock().expect("lock").remove(run_id);
+                    }
                     return Ok(());
                 }
                 Err(super::store::Error::Conflict { .. }) if tries < 5 => {

@@ -1264,7 +1264,17 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                     ))))
                 }
             };
-            let mut out = ExecOutput::default();
+            let mut out = ExecOutput {
+                guard: run
+                    .secrets
+                    .values
+                    .values()
+                    .map(String::len)
+                    .max()
+                    .unwrap_or(0)
+                    .saturating_sub(1),
+                ..ExecOutput::default()
+            };
             let mut stopping = self.inner.shutdown.clone();
             // Left only when the stream broke off or went silent.
             loop {
@@ -1423,6 +1433,9 @@ struct ExecOutput {
     /// Bytes cut from the middle, after the first `head` bytes.
     cut: usize,
     head: usize,
+    /// The longest secret of the run less one: bytes on each side of a cut
+    /// left out too.
+    guard: usize,
     /// The agent offset read to.
     read: u64,
     exit_code: Option<i32>,
@@ -1458,11 +1471,16 @@ impl ExecOutput {
         if self.cut == 0 {
             return String::from_utf8_lossy(&self.output).into_owned();
         }
+        // A secret the cut went through would leave a piece on each side
+        // that no redaction matches: as many bytes as a secret could leave
+        // there go too.
+        let head_end = self.head.saturating_sub(self.guard);
+        let tail_start = (self.head + self.guard).min(self.output.len());
         format!(
             "{}{}{}",
-            String::from_utf8_lossy(&self.output[..self.head]),
-            text::cut_marker(self.cut),
-            String::from_utf8_lossy(&self.output[self.head..])
+            String::from_utf8_lossy(&self.output[..head_end]),
+            text::cut_marker(self.cut + (tail_start - head_end)),
+            String::from_utf8_lossy(&self.output[tail_start..])
         )
     }
 
@@ -1509,4 +1527,36 @@ fn canonical_json(value: &serde_json::Value) -> String {
         }
     }
     sorted(value).to_string()
+}
+
+#[cfg(test)]
+mod output_tests {
+    use super::ExecOutput;
+
+    /// A secret that the middle cut goes through leaves no piece of itself.
+    #[test]
+    fn a_cut_through_a_secret_leaves_none_of_it() {
+        let secret = "s3cr3t-value-42";
+        let mut out = ExecOutput {
+            guard: secret.len() - 1,
+            ..ExecOutput::default()
+        };
+        let max = 64;
+        // The head ends in the secret's first half, the tail begins in its
+        // second.
+        let mut data = "a".repeat(max / 2 - 7).into_bytes();
+        data.extend_from_slice(secret.as_bytes());
+        data.extend_from_slice("b".repeat(400).as_bytes());
+        out.push(&data[..200], max);
+        out.push(&data[200..], max);
+        let text = out.output_text();
+        for piece in secret.as_bytes().windows(4) {
+            let piece = std::str::from_utf8(piece).unwrap();
+            assert!(
+                !text.contains(piece),
+                "{piece:?} of the secret is in {text:?}"
+            );
+        }
+        assert!(text.contains("bytes cut"), "{text}");
+    }
 }
