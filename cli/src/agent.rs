@@ -156,6 +156,7 @@ fn build_task(a: &RunArgs, instructions: String) -> anyhow::Result<pb::AgentTask
     });
     let network = match a.network.as_deref() {
         Some("bridge") => pb::NetworkMode::Bridge,
+        Some("egress") => pb::NetworkMode::Egress,
         Some(_) => pb::NetworkMode::None,
         None => pb::NetworkMode::Unspecified,
     };

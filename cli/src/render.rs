@@ -67,6 +67,7 @@ fn sandbox_state_name(s: i32) -> &'static str {
 fn network_name(n: i32) -> &'static str {
     match pb::NetworkMode::try_from(n) {
         Ok(pb::NetworkMode::Bridge) => "bridge",
+        Ok(pb::NetworkMode::Egress) => "egress",
         _ => "none",
     }
 }

@@ -106,6 +106,7 @@ pub(crate) async fn run(c: &mut Conn, cmd: SandboxCmd) -> anyhow::Result<u8> {
         SandboxCmd::Create(a) => {
             let network = match a.network.as_deref() {
                 Some("bridge") => pb::NetworkMode::Bridge,
+                Some("egress") => pb::NetworkMode::Egress,
                 Some(_) => pb::NetworkMode::None,
                 None => pb::NetworkMode::Unspecified,
             };

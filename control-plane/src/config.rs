@@ -67,6 +67,41 @@ pub struct Config {
     pub model: Vec<ModelConfig>,
     /// Bounds on agent sessions.
     pub harness: HarnessConfig,
+    /// `egress` sandboxes' proxy (docs/network.md).
+    pub egress: EgressConfig,
+}
+
+/// The egress proxy (`[egress]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EgressConfig {
+    /// Networks (`address/bits`) taken as public: a lab's or a test suite's
+    /// network that stands in for the internet. Empty in production.
+    pub treat_as_public: Vec<String>,
+    /// Names the proxy resolves to these addresses instead of asking DNS
+    /// (pinned hosts, test servers).
+    pub hosts: std::collections::BTreeMap<String, String>,
+}
+
+impl EgressConfig {
+    /// `treat_as_public` parsed.
+    pub fn public_networks(&self) -> Result<Vec<(std::net::IpAddr, u8)>, Error> {
+        self.treat_as_public
+            .iter()
+            .map(|n| {
+                let bad =
+                    || Error::Invalid(format!("egress.treat_as_public: {n:?} is not address/bits"));
+                let (addr, bits) = n.split_once('/').ok_or_else(bad)?;
+                let addr: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+                let bits: u8 = bits.parse().map_err(|_| bad())?;
+                let max = if addr.is_ipv4() { 32 } else { 128 };
+                if bits > max {
+                    return Err(bad());
+                }
+                Ok((addr, bits))
+            })
+            .collect()
+    }
 }
 
 /// Bounds on every agent session (`[harness]`).
@@ -466,6 +501,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             model: Vec::new(),
             harness: HarnessConfig::default(),
+            egress: EgressConfig::default(),
         }
     }
 }
@@ -632,6 +668,7 @@ impl Config {
             "tls",
             "audit",
             "harness",
+            "egress",
         ]
     }
 
@@ -693,6 +730,14 @@ impl Config {
             return Err(Error::Invalid(
                 "sweep_interval_secs must be at least 1".into(),
             ));
+        }
+        self.egress.public_networks()?;
+        for (name, addr) in &self.egress.hosts {
+            if addr.parse::<std::net::IpAddr>().is_err() {
+                return Err(Error::Invalid(format!(
+                    "egress.hosts.{name}: {addr:?} is not an IP address"
+                )));
+            }
         }
         let h = &self.harness;
         if !(1..=crate::harness::tools::builtin::MAX_TIMEOUT_SECS).contains(&h.tool_timeout_secs) {

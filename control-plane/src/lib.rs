@@ -160,6 +160,35 @@ pub async fn run(
         stop_rx.clone(),
     );
     runner.release_leftover_sandboxes().await;
+    // Egress sandboxes' connections: each carried from the sandbox's relay
+    // to the proxy, decided by policy, made from here.
+    let egress_proxy = {
+        let hosts: std::collections::HashMap<String, std::net::IpAddr> = config
+            .egress
+            .hosts
+            .iter()
+            .filter_map(|(name, addr)| Some((name.to_ascii_lowercase(), addr.parse().ok()?)))
+            .collect();
+        let system = egress::proxy::system_resolver();
+        let resolve: egress::proxy::Resolve =
+            std::sync::Arc::new(move |host: String, port| match hosts.get(&host) {
+                Some(ip) => {
+                    let found = vec![std::net::SocketAddr::new(*ip, port)];
+                    Box::pin(async move { Ok(found) })
+                }
+                None => system(host, port),
+            });
+        let settings = egress::proxy::Settings {
+            treat_as_public: config.egress.public_networks()?,
+            ..Default::default()
+        };
+        std::sync::Arc::new(egress::proxy::Proxy::new(guard.clone(), resolve, settings))
+    };
+    tokio::spawn(egress::relay::follow_all(
+        sandboxes.clone(),
+        egress_proxy,
+        stop_rx.clone(),
+    ));
     // Every run the log says is unfinished continues where it stands, in the
     // order they were submitted.
     for id in runs::store::EventStore::unfinished(runner.store()).await? {

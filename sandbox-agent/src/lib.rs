@@ -5,6 +5,7 @@
 //! here so tests can start the server on a socket of their own.
 
 pub mod cgroup;
+pub mod egress;
 pub mod exec;
 pub mod fs;
 pub mod peers;
@@ -69,6 +70,10 @@ pub struct Config {
     /// Concurrent gRPC streams per connection.
     #[arg(long, env = "BRIDLE_AGENT_MAX_STREAMS", default_value_t = 256)]
     pub max_streams: u32,
+    /// An `egress` sandbox's relay: listen here (the sandbox's loopback) and
+    /// hand each connection to the control plane (`EgressAccepted`).
+    #[arg(long, env = "BRIDLE_AGENT_EGRESS_PROXY")]
+    pub egress_proxy: Option<SocketAddr>,
     /// The identity key (see [`peers`]); never a flag, since any process can
     /// read PID 1's command line. Set by [`Config::take_key_from_env`].
     #[arg(skip)]
@@ -174,6 +179,14 @@ pub async fn run(
         started,
         boot_id,
         keepalive: Duration::from_secs(config.keepalive_secs.max(1)),
+        egress: match config.egress_proxy {
+            Some(addr) => Some(
+                egress::Relay::start(addr)
+                    .await
+                    .with_context(|| format!("listening for egress on {addr}"))?,
+            ),
+            None => None,
+        },
     };
 
     let (health, health_svc) = tonic_health::server::health_reporter();

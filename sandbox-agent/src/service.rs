@@ -23,6 +23,8 @@ type ChunkStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Bytes per streamed message for files and snapshots.
 const STREAM_CHUNK: usize = 1 << 20;
+/// Bytes of an egress connection per message.
+const EGRESS_CHUNK: usize = 64 << 10;
 /// Output bytes per event when replaying or following an exec.
 const OUTPUT_BATCH: usize = 256 * 1024;
 
@@ -34,6 +36,18 @@ pub struct AgentService {
     /// See `InfoResponse.boot_id`.
     pub boot_id: String,
     pub keepalive: Duration,
+    /// The egress relay, in an `egress` sandbox.
+    pub egress: Option<crate::egress::Relay>,
+}
+
+impl AgentService {
+    fn relay(&self) -> Result<crate::egress::Relay, Status> {
+        self.egress.clone().ok_or_else(|| {
+            Status::failed_precondition(
+                "this sandbox has no egress relay (its network is not `egress`)",
+            )
+        })
+    }
 }
 
 pub fn fs_status(e: fs::Error) -> Status {
@@ -787,6 +801,106 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
             entries: stats.entries,
             bytes: stats.bytes,
         }))
+    }
+
+    type EgressAcceptedStream = ChunkStream<pb::EgressAccept>;
+
+    async fn egress_accepted(
+        &self,
+        _: Request<pb::EgressAcceptedRequest>,
+    ) -> Result<Response<Self::EgressAcceptedStream>, Status> {
+        let relay = self.relay()?;
+        let (waiting, mut accepted) = relay.follow();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut sent = std::collections::HashSet::new();
+            for connection in waiting {
+                sent.insert(connection);
+                if tx.send(Ok(pb::EgressAccept { connection })).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let connection = match accepted.recv().await {
+                    Ok(c) => c,
+                    // Fell behind: what waits is listed again.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        let (waiting, fresh) = relay.follow();
+                        accepted = fresh;
+                        for connection in waiting {
+                            if sent.insert(connection)
+                                && tx.send(Ok(pb::EgressAccept { connection })).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if sent.insert(connection)
+                    && tx.send(Ok(pb::EgressAccept { connection })).await.is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type EgressConnectionStream = ChunkStream<pb::EgressChunk>;
+
+    async fn egress_connection(
+        &self,
+        request: Request<Streaming<pb::EgressChunk>>,
+    ) -> Result<Response<Self::EgressConnectionStream>, Status> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let relay = self.relay()?;
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the first message names the connection"))?;
+        let id = first.connection;
+        let conn = relay
+            .take(id)
+            .ok_or_else(|| Status::not_found(format!("no accepted connection {id} is waiting")))?;
+        let (mut from_command, mut to_command) = conn.into_split();
+        tokio::spawn(async move {
+            let mut chunk = first;
+            loop {
+                if !chunk.data.is_empty() && to_command.write_all(&chunk.data).await.is_err() {
+                    break;
+                }
+                if chunk.eof {
+                    break;
+                }
+                match inbound.message().await {
+                    Ok(Some(next)) => chunk = next,
+                    _ => break,
+                }
+            }
+            let _ = to_command.shutdown().await;
+        });
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; EGRESS_CHUNK];
+            loop {
+                let (data, eof) = match from_command.read(&mut buf).await {
+                    Ok(0) | Err(_) => (Bytes::new(), true),
+                    Ok(n) => (Bytes::copy_from_slice(&buf[..n]), false),
+                };
+                let chunk = pb::EgressChunk {
+                    connection: id,
+                    data,
+                    eof,
+                };
+                if tx.send(Ok(chunk)).await.is_err() || eof {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn info(

@@ -69,6 +69,7 @@ pub fn run_pb(id: &str, v: &RunView, created_unix_ms: i64, finished_unix_ms: i64
                 None => pb::NetworkMode::Unspecified,
                 Some(Network::None) => pb::NetworkMode::None,
                 Some(Network::Bridge) => pb::NetworkMode::Bridge,
+                Some(Network::Egress) => pb::NetworkMode::Egress,
             } as i32,
             env: job.env.clone().into_iter().collect(),
             secrets: job

@@ -40,6 +40,7 @@ impl TryFrom<pb::CreateSandboxRequest> for CreateRequest {
             Ok(pb::NetworkMode::Unspecified) => None,
             Ok(pb::NetworkMode::None) => Some(Network::None),
             Ok(pb::NetworkMode::Bridge) => Some(Network::Bridge),
+            Ok(pb::NetworkMode::Egress) => Some(Network::Egress),
             Err(_) => {
                 return Err(Status::invalid_argument(format!(
                     "network {} is not a NetworkMode",
@@ -98,6 +99,7 @@ pub fn sandbox_pb(r: SandboxRecord) -> pb::Sandbox {
         network: match r.spec.network {
             Network::None => pb::NetworkMode::None,
             Network::Bridge => pb::NetworkMode::Bridge,
+            Network::Egress => pb::NetworkMode::Egress,
         } as i32,
         env: r.spec.env.into_iter().collect(),
         labels: r.spec.labels.into_iter().collect(),
@@ -173,7 +175,9 @@ impl<R: Runtime> SandboxesApi<R> {
             facts: &facts,
         };
         authorize(&self.guard, &note, request.metadata(), ask).await?;
-        if spec.network != Network::None {
+        // Egress is decided connection by connection; only the bridge is
+        // a whole network at once.
+        if spec.network == Network::Bridge {
             ask.action = Action::Network;
             authorize(&self.guard, &note, request.metadata(), ask).await?;
         }

@@ -16,5 +16,6 @@
 pub mod address;
 pub mod dns;
 pub mod proxy;
+pub mod relay;
 pub mod sni;
 pub mod target;

@@ -238,6 +238,44 @@ impl Proxy {
         }
     }
 
+    /// Puts how a connection ended on the audit log (its decision is there
+    /// already): where it went, the bytes each way, how long, and why it
+    /// ended early if it did.
+    pub async fn record(&self, origin: &Origin, outcome: &Outcome) {
+        let target = if outcome.host.is_empty() {
+            "no request".to_string()
+        } else {
+            format!(
+                "{} {}:{} ({})",
+                outcome.scheme, outcome.host, outcome.port, outcome.address
+            )
+        };
+        let how = if outcome.error.is_empty() {
+            "closed".to_string()
+        } else {
+            format!("ended: {}", outcome.error)
+        };
+        let entry = crate::audit::Entry {
+            unix_ms: crate::clock::now_ms(),
+            request_id: format!("{}:c{}", origin.sandbox_id, origin.connection),
+            token_id: format!("sandbox:{}", origin.sandbox_id),
+            principal: format!("sandbox {}", origin.sandbox_id),
+            role: Role::Submitter.as_str().to_string(),
+            owner: origin.owner.clone(),
+            action: "egress/connection".into(),
+            resource: origin.sandbox_id.clone(),
+            decision: outcome.decision.clone(),
+            outcome: format!(
+                "{target}: {how}; {} bytes out, {} in, {} ms",
+                outcome.bytes_out, outcome.bytes_in, outcome.duration_ms
+            ),
+            ..Default::default()
+        };
+        if let Err(e) = self.guard.audit.append(entry).await {
+            tracing::error!(sandbox = %origin.sandbox_id, "audit: {e:#}");
+        }
+    }
+
     /// The address to connect to: the host itself if it is one, else the
     /// first the resolver gives (connected to as it is, never resolved
     /// again).

@@ -131,6 +131,7 @@ impl TryFrom<pb::Job> for Submitted {
             Ok(pb::NetworkMode::Unspecified) => None,
             Ok(pb::NetworkMode::None) => Some(Network::None),
             Ok(pb::NetworkMode::Bridge) => Some(Network::Bridge),
+            Ok(pb::NetworkMode::Egress) => Some(Network::Egress),
             Err(_) => return Err(format!("network: {} is not a NetworkMode", j.network)),
         };
         crate::sandboxes::check_client_labels(j.labels.keys())?;

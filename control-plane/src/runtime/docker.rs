@@ -16,7 +16,7 @@ use bollard::query_parameters::{
 };
 use futures::StreamExt;
 
-use super::{ContainerSpec, ContainerStatus, Error, Exit, Network, Runtime};
+use super::{ContainerSpec, ContainerStatus, Error, Exit, Network, Runtime, EGRESS_PROXY};
 use crate::config::DockerConfig;
 
 // All three are in `config::OWN_DOCKER_LABELS`, which `docker.labels` may
@@ -182,7 +182,7 @@ impl Runtime for Docker {
             }),
             network_mode: Some(
                 match spec.network {
-                    Network::None => "none",
+                    Network::None | Network::Egress => "none",
                     Network::Bridge => "bridge",
                 }
                 .into(),
@@ -194,15 +194,28 @@ impl Runtime for Docker {
             user: Some(spec.user.clone()),
             entrypoint,
             cmd: Some(Vec::new()),
-            env: Some(vec![
-                "BRIDLE_AGENT_SOCKET=/run/bridle/agent.sock".into(),
-                "BRIDLE_AGENT_WORKSPACE=/workspace".into(),
-                // Read and dropped from its environment by the agent at start.
-                format!("{}={}", "BRIDLE_AGENT_KEY", spec.agent_key),
-            ]),
+            env: Some({
+                let mut env = vec![
+                    "BRIDLE_AGENT_SOCKET=/run/bridle/agent.sock".to_string(),
+                    "BRIDLE_AGENT_WORKSPACE=/workspace".into(),
+                    // Read and dropped from its environment by the agent at start.
+                    format!("{}={}", "BRIDLE_AGENT_KEY", spec.agent_key),
+                ];
+                if spec.network == Network::Egress {
+                    env.push(format!("BRIDLE_AGENT_EGRESS_PROXY={EGRESS_PROXY}"));
+                    // What ordinary tools read (curl, pip, git, npm, wget).
+                    let proxy = format!("http://{EGRESS_PROXY}");
+                    for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+                        env.push(format!("{name}={proxy}"));
+                    }
+                    env.push("NO_PROXY=localhost,127.0.0.1,::1".into());
+                    env.push("no_proxy=localhost,127.0.0.1,::1".into());
+                }
+                env
+            }),
             working_dir: Some("/workspace".into()),
             labels: Some(labels),
-            network_disabled: Some(spec.network == Network::None),
+            network_disabled: Some(spec.network != Network::Bridge),
             host_config: Some(host_config),
             ..Default::default()
         };

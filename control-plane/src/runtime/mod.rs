@@ -20,6 +20,9 @@ pub enum Error {
     Docker(String),
 }
 
+/// Where an `egress` sandbox's relay listens, on its own loopback.
+pub const EGRESS_PROXY: &str = "127.0.0.1:3128";
+
 /// The network a sandbox's container is attached to. Part of a sandbox's
 /// stored spec (`sandboxes::Spec`), so its serialized form is kept stable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +30,9 @@ pub enum Error {
 pub enum Network {
     None,
     Bridge,
+    /// No interface but loopback; a relay there hands each connection to
+    /// the control plane's egress proxy (docs/network.md).
+    Egress,
 }
 
 impl Network {
@@ -34,6 +40,7 @@ impl Network {
         match self {
             Network::None => "none",
             Network::Bridge => "bridge",
+            Network::Egress => "egress",
         }
     }
 }
@@ -44,6 +51,7 @@ impl FromStr for Network {
         match s {
             "none" => Ok(Network::None),
             "bridge" => Ok(Network::Bridge),
+            "egress" => Ok(Network::Egress),
             other => Err(format!("unknown network {other:?} (none, bridge)")),
         }
     }

@@ -225,7 +225,7 @@ impl<R: Runtime> Sandboxes<R> {
                 d.max_disk_bytes,
             )?;
         }
-        if spec.network != Network::None && !d.allow_network {
+        if spec.network == Network::Bridge && !d.allow_network {
             return Err(Error::FailedPrecondition(
                 "this server does not allow sandboxes with a network (sandbox.allow_network)"
                     .into(),

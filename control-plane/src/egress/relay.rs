@@ -1,0 +1,152 @@
+//! Carries an `egress` sandbox's connections from its agent's relay to the
+//! proxy: the agent announces each connection a command opened on the
+//! sandbox's loopback (`EgressAccepted`), and each is carried over its own
+//! stream (`EgressConnection`) into [`Proxy::serve`], which decides and
+//! connects. [`follow_all`] keeps one follower per running egress sandbox,
+//! across restarts of the control plane and of the agent.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bridle_proto::sandbox::v1 as agent_pb;
+use bridle_proto::sandbox::v1::sandbox_agent_client::SandboxAgentClient;
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use super::proxy::{Origin, Proxy};
+use crate::auth::{Principal, Role};
+use crate::runtime::{Network, Runtime};
+use crate::sandboxes::Sandboxes;
+
+/// How often running sandboxes are looked over for one without a follower.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+/// Bytes of a connection per message to the agent.
+const CHUNK: usize = 64 << 10;
+
+/// Keeps a follower on every running `egress` sandbox until `stop`.
+pub async fn follow_all<R: Runtime>(
+    sandboxes: Sandboxes<R>,
+    proxy: Arc<Proxy>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let following: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let system = Principal {
+        token_id: "system".into(),
+        name: "control plane".into(),
+        role: Role::Admin,
+        owner: String::new(),
+    };
+    loop {
+        if let Ok(all) = sandboxes.list(&system, &Default::default()).await {
+            for sb in all {
+                if sb.spec.network != Network::Egress
+                    || !following.lock().expect("lock").insert(sb.id.clone())
+                {
+                    continue;
+                }
+                let agent = sandboxes.agent(&sb.id);
+                let proxy = proxy.clone();
+                let following = following.clone();
+                let owner = sb.owner.clone().unwrap_or_default();
+                tokio::spawn(async move {
+                    if let Err(e) = follow(agent, proxy, &sb.id, &owner).await {
+                        tracing::debug!(sandbox = %sb.id, "egress relay: {e}");
+                    }
+                    following.lock().expect("lock").remove(&sb.id);
+                });
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LOOK_EVERY) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Follows one sandbox's relay until its agent goes away.
+async fn follow(
+    mut agent: SandboxAgentClient<Channel>,
+    proxy: Arc<Proxy>,
+    sandbox_id: &str,
+    owner: &str,
+) -> Result<(), tonic::Status> {
+    let mut accepted = agent
+        .egress_accepted(agent_pb::EgressAcceptedRequest {})
+        .await?
+        .into_inner();
+    while let Some(a) = accepted.message().await? {
+        let origin = Origin {
+            sandbox_id: sandbox_id.to_string(),
+            owner: owner.to_string(),
+            connection: a.connection,
+        };
+        let (agent, proxy) = (agent.clone(), proxy.clone());
+        tokio::spawn(async move {
+            if let Err(e) = carry(agent, &proxy, &origin).await {
+                tracing::debug!(sandbox = %origin.sandbox_id, connection = origin.connection, "egress connection: {e}");
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Carries one connection: bytes from the command into the proxy and back.
+async fn carry(
+    mut agent: SandboxAgentClient<Channel>,
+    proxy: &Proxy,
+    origin: &Origin,
+) -> Result<(), tonic::Status> {
+    let connection = origin.connection;
+    let (to_agent, rx) = mpsc::channel::<agent_pb::EgressChunk>(16);
+    // The first message names the connection.
+    let _ = to_agent
+        .send(agent_pb::EgressChunk {
+            connection,
+            data: Bytes::new(),
+            eof: false,
+        })
+        .await;
+    let mut from_agent = agent
+        .egress_connection(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let (proxy_side, relay_side) = tokio::io::duplex(4 * CHUNK);
+    let (mut from_proxy, mut to_proxy) = tokio::io::split(relay_side);
+    // The command's bytes, into the proxy.
+    tokio::spawn(async move {
+        while let Ok(Some(chunk)) = from_agent.message().await {
+            if !chunk.data.is_empty() && to_proxy.write_all(&chunk.data).await.is_err() {
+                break;
+            }
+            if chunk.eof {
+                break;
+            }
+        }
+        let _ = to_proxy.shutdown().await;
+    });
+    // The proxy's bytes, back to the command.
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let (data, eof) = match from_proxy.read(&mut buf).await {
+                Ok(0) | Err(_) => (Bytes::new(), true),
+                Ok(n) => (Bytes::copy_from_slice(&buf[..n]), false),
+            };
+            let chunk = agent_pb::EgressChunk {
+                connection,
+                data,
+                eof,
+            };
+            if to_agent.send(chunk).await.is_err() || eof {
+                return;
+            }
+        }
+    });
+    let outcome = proxy.serve(origin, proxy_side).await;
+    proxy.record(origin, &outcome).await;
+    Ok(())
+}

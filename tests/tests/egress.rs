@@ -1,0 +1,170 @@
+//! Egress end to end (first slice): an `egress` sandbox has no network but
+//! its loopback relay; what it reaches through the proxy is decided by
+//! policy on each connection, made from the host, and on the audit log.
+//! The upstream is a test server on this host's loopback, taken as public
+//! for the test (`egress.treat_as_public`), its names pinned
+//! (`egress.hosts`): no outside address is ever used.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use bridle_proto::control::v1 as pb;
+use bridle_tests::client::shell;
+use bridle_tests::control::{cli, exec, ControlPlane};
+use bridle_tests::docker::require_docker;
+use bridle_tests::{bounded, eventually, PATIENCE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+macro_rules! needs_docker {
+    () => {
+        require_docker(module_path!())
+    };
+}
+
+/// What the test's policy adds to the defaults: connections to
+/// `allowed.test`, nothing else.
+const ALLOW: &str = r#"
+@id("test-egress-allowed")
+permit (principal, action == Bridle::Action::"network.connect", resource)
+when { resource.owner == principal.owner && context.host == "allowed.test" };
+"#;
+
+/// An HTTP server on the host's loopback that answers every request with
+/// `hello from upstream`; its port.
+async fn upstream() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let body = "hello from upstream\n";
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
+    needs_docker!();
+    let port = upstream().await;
+    let cp = ControlPlane::start(&[
+        r#"egress.treat_as_public=["127.0.0.0/8"]"#,
+        r#"egress.hosts={ "allowed.test" = "127.0.0.1", "evil.test" = "127.0.0.1" }"#,
+    ])
+    .await
+    .unwrap();
+    let defaults =
+        std::fs::read_to_string(bridle_tests::repo_root().join("deploy/policies/default.cedar"))
+            .unwrap();
+    let mut admin = cp.admin(&cp.admin_token).await.unwrap();
+    bounded(
+        "Admin/SetPolicy",
+        admin.set_policy(pb::SetPolicyRequest {
+            source: format!("{defaults}\n{ALLOW}"),
+            expected_version: 0,
+        }),
+    )
+    .await
+    .unwrap();
+    let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
+    let mut sandboxes = cp.sandboxes(&alice).await.unwrap();
+    let sb = bounded(
+        "Sandboxes/Create",
+        sandboxes.create(pb::CreateSandboxRequest {
+            network: pb::NetworkMode::Egress as i32,
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(sb.network, pb::NetworkMode::Egress as i32);
+
+    // An allowed host, through the proxy the environment names. The
+    // relay is followed within a second of the sandbox being up.
+    let url = format!("http://allowed.test:{port}/simple/");
+    let mut fetched = None;
+    eventually("the allowed host through the proxy", PATIENCE, async || {
+        let r = exec(&mut sandboxes, &sb.id, shell(&format!("wget -q -O- {url}")))
+            .await
+            .unwrap();
+        let ok = r.code() == Some(0);
+        fetched = Some(r);
+        ok
+    })
+    .await;
+    assert_eq!(fetched.unwrap().stdout_str(), "hello from upstream\n");
+
+    // A host policy does not allow: refused with a 403 naming the policy.
+    let denied = exec(
+        &mut sandboxes,
+        &sb.id,
+        shell(&format!("wget -O- http://evil.test:{port}/ 2>&1")),
+    )
+    .await
+    .unwrap();
+    assert_ne!(denied.code(), Some(0));
+    assert!(
+        denied.stdout_str().contains("403"),
+        "{}",
+        denied.stdout_str()
+    );
+
+    // Around the proxy there is nothing: no interface but loopback.
+    let direct = exec(
+        &mut sandboxes,
+        &sb.id,
+        shell("nc -w 2 1.1.1.1 53 </dev/null; echo exit=$?; cat /proc/net/dev"),
+    )
+    .await
+    .unwrap();
+    let out = direct.stdout_str();
+    assert!(!out.contains("exit=0"), "{out}");
+    assert!(!out.contains("eth0"), "{out}");
+    // The proxy's settings are in the environment, the control plane's
+    // address and key are not.
+    let env = exec(&mut sandboxes, &sb.id, shell("env")).await.unwrap();
+    let env = env.stdout_str();
+    assert!(env.contains("HTTPS_PROXY=http://127.0.0.1:3128"), "{env}");
+    assert!(!env.contains("BRIDLE_AGENT"), "{env}");
+
+    // Each decision, and each connection's end, is on the audit log.
+    let auditor = cp.token(pb::Role::Auditor, "audit").await.unwrap();
+    eventually("the egress audit entries", PATIENCE, async || {
+        let out = cli(
+            &cp,
+            &auditor,
+            &["audit", "query", "--action", "egress/", "-o", "json"],
+        )
+        .await;
+        let entries: Vec<serde_json::Value> =
+            serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let has = |action: &str, decision: &str, text: &str| {
+            entries.iter().any(|e| {
+                e["action"] == action
+                    && e["decision"] == decision
+                    && e["outcome"].as_str().unwrap_or_default().contains(text)
+            })
+        };
+        has("egress/network.connect", "allow", "allowed.test")
+            && has("egress/network.connect", "deny", "evil.test")
+            && has("egress/connection", "allow", "bytes out")
+    })
+    .await;
+}
