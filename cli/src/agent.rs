@@ -80,7 +80,7 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "IMAGE")]
     image: Option<String>,
     /// The sandbox's network (default: none).
-    #[arg(long, value_parser = ["none", "bridge"])]
+    #[arg(long, value_parser = ["none", "bridge", "egress"])]
     network: Option<String>,
     /// Environment for the commands the tools run (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]

@@ -49,6 +49,14 @@ pub(crate) enum SandboxCmd {
     RmSnapshot {
         id: String,
     },
+    /// An egress sandbox's connections: each decision (network.connect)
+    /// and each connection's end, with bytes and duration, from the audit
+    /// log (auditors and admins).
+    NetLog {
+        id: String,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
     /// A new sandbox with a copy of this one's workspace; prints its id.
     Fork {
         id: String,
@@ -84,7 +92,7 @@ pub(crate) struct CreateArgs {
     /// applies).
     #[arg(long, value_parser = parse_size)]
     disk: Option<u64>,
-    #[arg(long, value_parser = ["none", "bridge"])]
+    #[arg(long, value_parser = ["none", "bridge", "egress"])]
     network: Option<String>,
     /// Environment for every exec (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
@@ -198,6 +206,28 @@ pub(crate) async fn run(c: &mut Conn, cmd: SandboxCmd) -> anyhow::Result<u8> {
             c.sandboxes
                 .delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: id })
                 .await?;
+        }
+        SandboxCmd::NetLog { id, limit } => {
+            let r = c
+                .audit
+                .query(pb::QueryAuditRequest {
+                    action: "egress/".into(),
+                    resource: id,
+                    page_size: limit,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            if c.json {
+                print_json(
+                    &r.entries
+                        .iter()
+                        .map(render::AuditEntryView::from)
+                        .collect::<Vec<_>>(),
+                );
+            } else {
+                render::audit_table(&r.entries);
+            }
         }
         SandboxCmd::Fork { id, ttl } => {
             let s = c

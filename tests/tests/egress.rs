@@ -65,7 +65,7 @@ async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
     let port = upstream().await;
     let cp = ControlPlane::start(&[
         r#"egress.treat_as_public=["127.0.0.0/8"]"#,
-        r#"egress.hosts={ "allowed.test" = "127.0.0.1", "evil.test" = "127.0.0.1" }"#,
+        r#"egress.hosts={ "allowed.test" = "127.0.0.1", "evil.test" = "127.0.0.1", "internal.test" = "10.0.0.5" }"#,
     ])
     .await
     .unwrap();
@@ -126,6 +126,27 @@ async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
         denied.stdout_str()
     );
 
+    // Private addresses are their own action, which no rule here allows:
+    // the metadata service, and a name that resolves into a private range.
+    for url in [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://internal.test/",
+    ] {
+        let refused = exec(
+            &mut sandboxes,
+            &sb.id,
+            shell(&format!("wget -O- {url} 2>&1")),
+        )
+        .await
+        .unwrap();
+        assert_ne!(refused.code(), Some(0), "{url}");
+        assert!(
+            refused.stdout_str().contains("403"),
+            "{url}: {}",
+            refused.stdout_str()
+        );
+    }
+
     // Around the proxy there is nothing: no interface but loopback.
     let direct = exec(
         &mut sandboxes,
@@ -164,7 +185,16 @@ async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
         };
         has("egress/network.connect", "allow", "allowed.test")
             && has("egress/network.connect", "deny", "evil.test")
+            && has("egress/network.connect_private", "deny", "169.254.169.254")
+            && has("egress/network.connect_private", "deny", "internal.test")
             && has("egress/connection", "allow", "bytes out")
     })
     .await;
+    // The same, by sandbox.
+    let log = cli(&cp, &auditor, &["sandbox", "net-log", &sb.id]).await;
+    let log = String::from_utf8_lossy(&log.stdout);
+    assert!(
+        log.contains("allowed.test") && log.contains("evil.test"),
+        "{log}"
+    );
 }
