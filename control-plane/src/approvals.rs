@@ -360,6 +360,11 @@ impl Approvals {
         if a.requested_by_token == by.token_id {
             return Err(Refusal::SelfDecision(id.into()));
         }
+        // A sandbox's own connections (egress) are asked for by the sandbox
+        // on its owner's behalf: nobody acting for that owner decides them.
+        if a.requested_by_token.starts_with("sandbox:") && by.owner == a.owner {
+            return Err(Refusal::SelfDecision(id.into()));
+        }
         let state = if approve {
             State::Approved
         } else {

@@ -167,17 +167,23 @@ pub async fn run(
             .egress
             .hosts
             .iter()
-            .filter_map(|(name, addr)| Some((name.to_ascii_lowercase(), addr.parse().ok()?)))
+            .filter_map(|(name, addr)| {
+                Some((
+                    name.trim_end_matches('.').to_ascii_lowercase(),
+                    addr.parse().ok()?,
+                ))
+            })
             .collect();
         let system = egress::proxy::system_resolver();
-        let resolve: egress::proxy::Resolve =
-            std::sync::Arc::new(move |host: String, port| match hosts.get(&host) {
+        let resolve: egress::proxy::Resolve = std::sync::Arc::new(move |host: String, port| {
+            match hosts.get(host.trim_end_matches('.')) {
                 Some(ip) => {
                     let found = vec![std::net::SocketAddr::new(*ip, port)];
                     Box::pin(async move { Ok(found) })
                 }
                 None => system(host, port),
-            });
+            }
+        });
         let settings = egress::proxy::Settings {
             treat_as_public: config.egress.public_networks()?,
             ..Default::default()

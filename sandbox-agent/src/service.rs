@@ -866,24 +866,8 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
             .take(id)
             .ok_or_else(|| Status::not_found(format!("no accepted connection {id} is waiting")))?;
         let (mut from_command, mut to_command) = conn.into_split();
-        tokio::spawn(async move {
-            let mut chunk = first;
-            loop {
-                if !chunk.data.is_empty() && to_command.write_all(&chunk.data).await.is_err() {
-                    break;
-                }
-                if chunk.eof {
-                    break;
-                }
-                match inbound.message().await {
-                    Ok(Some(next)) => chunk = next,
-                    _ => break,
-                }
-            }
-            let _ = to_command.shutdown().await;
-        });
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
+        let reading = tokio::spawn(async move {
             let mut buf = vec![0u8; EGRESS_CHUNK];
             loop {
                 let (data, eof) = match from_command.read(&mut buf).await {
@@ -899,6 +883,26 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
                     return;
                 }
             }
+        });
+        tokio::spawn(async move {
+            let mut chunk = first;
+            loop {
+                if !chunk.data.is_empty() && to_command.write_all(&chunk.data).await.is_err() {
+                    break;
+                }
+                if chunk.eof {
+                    break;
+                }
+                match inbound.message().await {
+                    Ok(Some(next)) => chunk = next,
+                    _ => break,
+                }
+            }
+            let _ = to_command.shutdown().await;
+            // The control plane is done with the connection (it reads no
+            // more once it has said all it will): it is closed whole,
+            // whatever the command does with its end.
+            reading.abort();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

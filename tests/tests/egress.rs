@@ -23,6 +23,10 @@ macro_rules! needs_docker {
 /// What the test's policy adds to the defaults: connections to
 /// `allowed.test`, nothing else.
 const ALLOW: &str = r#"
+@id("test-egress-resolve")
+permit (principal, action == Bridle::Action::"network.resolve", resource)
+when { resource.owner == principal.owner && context.host like "*.test" };
+
 @id("test-egress-allowed")
 permit (principal, action == Bridle::Action::"network.connect", resource)
 when { resource.owner == principal.owner && context.host == "allowed.test" };

@@ -27,6 +27,13 @@ use crate::auth::{Principal, Role};
 use crate::guard::{Ask, Cleared, Guard, Record, Refused};
 use crate::policy::{Action, Facts, Resource, ResourceKind};
 
+/// Why a connection goes no further, and what the client is told.
+struct Refusal {
+    status: u16,
+    decision: String,
+    why: String,
+}
+
 /// Resolves a name to the addresses a connection may use.
 pub type Resolve =
     Arc<dyn Fn(String, u16) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> + Send + Sync>;
@@ -137,8 +144,8 @@ impl Proxy {
             Ok(target) => target,
             Err(HeadError::Partial) => {
                 return Err(format!(
-                    "the request head did not arrive within {} s",
-                    self.settings.head_timeout.as_secs()
+                    "no whole request head within {:?} (or the client closed first)",
+                    self.settings.head_timeout
                 ))
             }
             Err(e) => {
@@ -149,11 +156,12 @@ impl Proxy {
         outcome.host = target.host.clone();
         outcome.port = target.port;
         outcome.scheme = target.scheme.as_str().to_string();
-        let addr = match self.address(&target).await {
+        let addr = match self.address(origin, &target).await {
             Ok(addr) => addr,
-            Err(why) => {
-                answer(client, 502, &why).await;
-                return Err(why);
+            Err(refusal) => {
+                outcome.decision = refusal.decision;
+                answer(client, refusal.status, &refusal.why).await;
+                return Err(refusal.why);
             }
         };
         outcome.address = addr.ip().to_string();
@@ -203,7 +211,12 @@ impl Proxy {
                     .map_err(|e| format!("answering the client: {e}"))?;
                 if target.port == 443 {
                     let sni = self.client_hello(client, &mut first).await?;
-                    if !sni.is_empty() && sni != target.host {
+                    if sni.is_empty() {
+                        return Err(
+                            "a tunnel to port 443 must name its server in its ClientHello".into(),
+                        );
+                    }
+                    if sni != target.host {
                         outcome.sni = sni.clone();
                         let why = format!(
                             "the TLS server name {sni:?} is not the host the tunnel was allowed for ({})",
@@ -278,23 +291,52 @@ impl Proxy {
 
     /// The address to connect to: the host itself if it is one, else the
     /// first the resolver gives (connected to as it is, never resolved
-    /// again).
-    async fn address(&self, target: &Target) -> Result<SocketAddr, String> {
+    /// again). A name is looked up only once `network.resolve` allowed it
+    /// (and it passed the resolver's checks): a lookup reaches the name's
+    /// server, so looking up a denied name would still carry its labels out.
+    async fn address(&self, origin: &Origin, target: &Target) -> Result<SocketAddr, Refusal> {
         let literal = target.host.trim_start_matches('[').trim_end_matches(']');
         if let Ok(ip) = literal.parse::<IpAddr>() {
             return Ok(SocketAddr::new(ip, target.port));
         }
+        let name = super::dns::check(&target.host).map_err(|e| Refusal {
+            status: 403,
+            decision: String::new(),
+            why: format!("bridle: the name {:?} is refused: {e}", target.host),
+        })?;
+        let facts = Facts {
+            host: name.clone(),
+            scheme: "dns".into(),
+            ..Facts::default()
+        };
+        let what = format!("resolve {name}");
+        if let Err((decision, why)) = self
+            .decide(origin, Action::NetworkResolve, &facts, &what)
+            .await
+        {
+            return Err(Refusal {
+                status: 403,
+                decision,
+                why,
+            });
+        }
+        let bad_gateway = |why: String| Refusal {
+            status: 502,
+            decision: "allow".into(),
+            why,
+        };
+        // Fully qualified: no search domain is tried.
         let found = tokio::time::timeout(
             self.settings.connect_timeout,
-            (self.resolve)(target.host.clone(), target.port),
+            (self.resolve)(format!("{name}."), target.port),
         )
         .await
-        .map_err(|_| format!("resolving {} timed out", target.host))?
-        .map_err(|e| format!("{} does not resolve: {e}", target.host))?;
+        .map_err(|_| bad_gateway(format!("resolving {name} timed out")))?
+        .map_err(|e| bad_gateway(format!("{name} does not resolve: {e}")))?;
         found
             .into_iter()
             .next()
-            .ok_or_else(|| format!("{} has no address", target.host))
+            .ok_or_else(|| bad_gateway(format!("{name} has no address")))
     }
 
     fn class(&self, ip: IpAddr) -> Class {
@@ -392,6 +434,12 @@ impl Proxy {
                 Hello::NotTls => {
                     return Err("a tunnel to port 443 did not begin with a TLS ClientHello".into())
                 }
+                Hello::Ech => {
+                    return Err(
+                        "a tunnel to port 443 uses Encrypted Client Hello, which hides the server it is for"
+                            .into(),
+                    )
+                }
                 Hello::Partial => {}
             }
             let mut chunk = [0u8; 4096];
@@ -485,6 +533,10 @@ mod tests {
     /// What the tests' policy allows: `allowed.test`, and `held.test` after
     /// an operator's approval; nothing else.
     const POLICY: &str = r#"
+@id("test-resolve")
+permit (principal, action == Bridle::Action::"network.resolve", resource)
+when { resource.owner == principal.owner && context.host like "*.test" };
+
 @id("test-allowed")
 permit (principal, action == Bridle::Action::"network.connect", resource)
 when { resource.owner == principal.owner && context.host == "allowed.test" };
@@ -727,7 +779,10 @@ when { resource.owner == principal.owner && context.host == "held.test" };
             .await
             .expect("the proxy gives up on a slow head")
             .unwrap();
-        assert!(outcome.error.contains("did not arrive"), "{outcome:?}");
+        assert!(
+            outcome.error.contains("no whole request head"),
+            "{outcome:?}"
+        );
         assert_eq!(outcome.decision, "", "nothing was decided");
     }
 
@@ -765,6 +820,35 @@ when { resource.owner == principal.owner && context.host == "held.test" };
         assert!(summary.contains("held.test"), "{summary}");
         assert!(answer.ends_with("hello"), "{answer}");
         assert_eq!(outcome.decision, "require_approval");
+    }
+
+    /// A name is looked up only once policy let it be resolved, and never
+    /// when it looks like data: a lookup alone reaches the name's server.
+    #[tokio::test]
+    async fn a_name_is_not_looked_up_before_policy_lets_it_be() {
+        let world = world().await;
+        let lookups = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = lookups.clone();
+        let resolve: Resolve = Arc::new(move |_host, _port| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move { Ok(vec!["127.0.0.1:9".parse().unwrap()]) })
+        });
+        let proxy = Arc::new(Proxy::new(
+            world.guard.clone(),
+            resolve,
+            Settings::default(),
+        ));
+        let (answer, outcome) = through(&proxy, b"GET http://nope.example/ HTTP/1.1\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+        assert!(answer.contains("network.resolve"), "{answer}");
+        assert_eq!(outcome.decision, "deny");
+        let (answer, _) = through(
+            &proxy,
+            b"CONNECT mzxw6ytboi4dgnzzhe2tkmbt.allowed.test:443 HTTP/1.1\r\n\r\n",
+        )
+        .await;
+        assert!(answer.contains("looks like data"), "{answer}");
+        assert_eq!(lookups.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
     #[tokio::test]

@@ -26,6 +26,9 @@ use crate::sandboxes::Sandboxes;
 const LOOK_EVERY: Duration = Duration::from_secs(1);
 /// Bytes of a connection per message to the agent.
 const CHUNK: usize = 64 << 10;
+/// Connections of one sandbox carried at once; more wait in its agent (which
+/// keeps 256 and closes the rest).
+const MAX_CONNECTIONS: usize = 64;
 
 /// Keeps a follower on every running `egress` sandbox until `stop`.
 pub async fn follow_all<R: Runtime>(
@@ -44,6 +47,7 @@ pub async fn follow_all<R: Runtime>(
         if let Ok(all) = sandboxes.list(&system, &Default::default()).await {
             for sb in all {
                 if sb.spec.network != Network::Egress
+                    || sb.state != crate::sandboxes::SandboxState::Ready
                     || !following.lock().expect("lock").insert(sb.id.clone())
                 {
                     continue;
@@ -78,17 +82,24 @@ async fn follow(
         .egress_accepted(agent_pb::EgressAcceptedRequest {})
         .await?
         .into_inner();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     while let Some(a) = accepted.message().await? {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        // The agent's number says which connection to carry; the record's
+        // is the control plane's own (the agent's restarts from 1).
         let origin = Origin {
             sandbox_id: sandbox_id.to_string(),
             owner: owner.to_string(),
-            connection: a.connection,
+            connection: u64::from_str_radix(&crate::ids::random_hex(8), 16).unwrap_or(0),
         };
         let (agent, proxy) = (agent.clone(), proxy.clone());
         tokio::spawn(async move {
-            if let Err(e) = carry(agent, &proxy, &origin).await {
+            if let Err(e) = carry(agent, &proxy, &origin, a.connection).await {
                 tracing::debug!(sandbox = %origin.sandbox_id, connection = origin.connection, "egress connection: {e}");
             }
+            drop(slot);
         });
     }
     Ok(())
@@ -99,8 +110,8 @@ async fn carry(
     mut agent: SandboxAgentClient<Channel>,
     proxy: &Proxy,
     origin: &Origin,
+    connection: u64,
 ) -> Result<(), tonic::Status> {
-    let connection = origin.connection;
     let (to_agent, rx) = mpsc::channel::<agent_pb::EgressChunk>(16);
     // The first message names the connection.
     let _ = to_agent
@@ -117,7 +128,7 @@ async fn carry(
     let (proxy_side, relay_side) = tokio::io::duplex(4 * CHUNK);
     let (mut from_proxy, mut to_proxy) = tokio::io::split(relay_side);
     // The command's bytes, into the proxy.
-    tokio::spawn(async move {
+    let inbound = tokio::spawn(async move {
         while let Ok(Some(chunk)) = from_agent.message().await {
             if !chunk.data.is_empty() && to_proxy.write_all(&chunk.data).await.is_err() {
                 break;
@@ -129,7 +140,7 @@ async fn carry(
         let _ = to_proxy.shutdown().await;
     });
     // The proxy's bytes, back to the command.
-    tokio::spawn(async move {
+    let outbound = tokio::spawn(async move {
         let mut buf = vec![0u8; CHUNK];
         loop {
             let (data, eof) = match from_proxy.read(&mut buf).await {
@@ -147,6 +158,23 @@ async fn carry(
         }
     });
     let outcome = proxy.serve(origin, proxy_side).await;
-    proxy.record(origin, &outcome).await;
+    // What the proxy said is sent on first; then the stream to the agent
+    // ends (not when the command closes its socket), so a command cannot
+    // hold the agent's streams.
+    let _ = tokio::time::timeout(Duration::from_secs(5), outbound).await;
+    // The agent closes the command's socket once it has it all, which ends
+    // its side; an agent that does not is cut off.
+    let abort = inbound.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(5), inbound)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
+    // A connection that never sent a request is not worth an entry (a
+    // command could open and close them in a loop).
+    if !outcome.host.is_empty() {
+        proxy.record(origin, &outcome).await;
+    }
     Ok(())
 }

@@ -22,6 +22,9 @@ pub enum Hello {
     NoName,
     /// Not a TLS ClientHello.
     NotTls,
+    /// A ClientHello with Encrypted Client Hello: the name that matters is
+    /// hidden, so the tunnel cannot be checked.
+    Ech,
 }
 
 /// The most bytes a first record can take.
@@ -53,6 +56,12 @@ pub fn server_name(buf: &[u8]) -> Hello {
     let Ok((_, extensions)) = parse_tls_extensions(ext) else {
         return Hello::NotTls;
     };
+    if extensions
+        .iter()
+        .any(|e| matches!(e, TlsExtension::Unknown(t, _) if t.0 == 0xfe0d))
+    {
+        return Hello::Ech;
+    }
     for extension in extensions {
         if let TlsExtension::SNI(names) = extension {
             for (kind, name) in names {
@@ -119,6 +128,27 @@ mod tests {
         for cut in 0..hello.len() {
             assert_eq!(server_name(&hello[..cut]), Hello::Partial, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn encrypted_client_hello_is_told_apart() {
+        let mut hello = client_hello(Some("allowed.test"));
+        // An ECH extension (0xfe0d) appended: the lengths grow with it.
+        let ech = [0xfe, 0x0d, 0x00, 0x02, 0x00, 0x00];
+        hello.extend_from_slice(&ech);
+        let grow = |at: usize, width: usize, by: usize, hello: &mut Vec<u8>| {
+            let mut n = 0usize;
+            for b in &hello[at..at + width] {
+                n = n << 8 | usize::from(*b);
+            }
+            let bytes = (n + by).to_be_bytes();
+            hello[at..at + width].copy_from_slice(&bytes[bytes.len() - width..]);
+        };
+        grow(3, 2, ech.len(), &mut hello); // record
+        grow(6, 3, ech.len(), &mut hello); // handshake
+        let ext_len_at = hello.len() - ech.len() - (3 + "allowed.test".len() + 2 + 2 + 2) - 2;
+        grow(ext_len_at, 2, ech.len(), &mut hello); // extensions
+        assert_eq!(server_name(&hello), Hello::Ech);
     }
 
     #[test]

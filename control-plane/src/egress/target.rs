@@ -143,8 +143,10 @@ pub fn parse(buf: &[u8]) -> Result<Target, HeadError> {
         if name.eq_ignore_ascii_case("host") {
             let (h_host, h_port) = authority(value.trim(), Some(80))?;
             if h_host != host || h_port != port {
+                let (shown, _) =
+                    super::super::harness::tools::text::cap_head_tail(value.as_bytes(), 200);
                 return Err(HeadError::Bad(format!(
-                    "the Host header ({value}) names another host than the URL ({host}:{port})"
+                    "the Host header ({shown:?}) names another host than the URL ({host}:{port})"
                 )));
             }
             saw_host = true;
@@ -181,7 +183,10 @@ fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
 /// `host:port` (or `[v6]:port`); without a port, `default` (none: the
 /// port is required).
 fn authority(s: &str, default: Option<u16>) -> Result<(String, u16), HeadError> {
-    let bad = |why: &str| HeadError::Bad(format!("{s:?}: {why}"));
+    let bad = |why: &str| {
+        let (shown, _) = crate::harness::tools::text::cap_head_tail(s.as_bytes(), 200);
+        HeadError::Bad(format!("{shown:?}: {why}"))
+    };
     let (host, port) = if let Some(v6) = s.strip_prefix('[') {
         let (addr, after) = v6
             .split_once(']')
