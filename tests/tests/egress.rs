@@ -1,9 +1,9 @@
 //! Egress end to end (first slice): an `egress` sandbox has no network but
 //! its loopback relay; what it reaches through the proxy is decided by
 //! policy on each connection, made from the host, and on the audit log.
-//! The upstream is a test server on this host's loopback, taken as public
-//! for the test (`egress.treat_as_public`), its names pinned
-//! (`egress.hosts`): no outside address is ever used.
+//! The upstream is a test server in a container on a Docker network the
+//! test makes, standing in for the internet (`egress.treat_as_public` names
+//! its subnet, `egress.hosts` its names): no outside address is ever used.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -12,7 +12,6 @@ use bridle_tests::client::shell;
 use bridle_tests::control::{cli, exec, ControlPlane};
 use bridle_tests::docker::require_docker;
 use bridle_tests::{bounded, eventually, PATIENCE};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 macro_rules! needs_docker {
     () => {
@@ -32,47 +31,101 @@ permit (principal, action == Bridle::Action::"network.connect", resource)
 when { resource.owner == principal.owner && context.host == "allowed.test" };
 "#;
 
-/// An HTTP server on the host's loopback that answers every request with
-/// `hello from upstream`; its port.
-async fn upstream() -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = conn.read(&mut buf).await {
-                    if n == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                    if got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                let body = "hello from upstream\n";
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = conn.write_all(answer.as_bytes()).await;
-            });
+/// A web server (busybox httpd) in a container on a network of its own,
+/// serving `/simple/` as `hello from upstream`; removed with its network
+/// when dropped (and swept by label if the test dies first).
+struct Upstream {
+    container: String,
+    network: String,
+    ip: String,
+    subnet: String,
+}
+
+fn docker(args: &[&str]) -> String {
+    let mut cmd = std::process::Command::new("docker");
+    cmd.args(args);
+    let out = bridle_tests::output_within(&mut cmd, PATIENCE).unwrap();
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl Upstream {
+    fn start() -> Upstream {
+        let image = bridle_tests::docker::ensure_image().unwrap();
+        let labels = bridle_tests::sweep::label_args();
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let network = format!("bridle-egress-test-{}", std::process::id());
+        let mut create = vec!["network", "create"];
+        create.extend(&labels);
+        create.push(&network);
+        docker(&create);
+        let subnet = docker(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{(index .IPAM.Config 0).Subnet}}",
+            &network,
+        ]);
+        let mut run = vec![
+            "run",
+            "-d",
+            "--network",
+            &network,
+            "--entrypoint",
+            "/bin/busybox",
+        ];
+        run.extend(&labels);
+        run.extend([
+            image.as_str(),
+            "sh",
+            "-c",
+            "mkdir -p /tmp/www/simple && echo hello from upstream > /tmp/www/simple/index.html \
+             && exec busybox httpd -f -p 8080 -h /tmp/www",
+        ]);
+        let container = docker(&run);
+        let ip = docker(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &container,
+        ]);
+        Upstream {
+            container,
+            network,
+            ip,
+            subnet,
         }
-    });
-    port
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        for args in [
+            vec!["rm", "-f", self.container.as_str()],
+            vec!["network", "rm", self.network.as_str()],
+        ] {
+            let mut cmd = std::process::Command::new("docker");
+            cmd.args(&args);
+            let _ = bridle_tests::output_within(&mut cmd, PATIENCE);
+        }
+    }
 }
 
 #[tokio::test]
 async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
     needs_docker!();
-    let port = upstream().await;
-    let cp = ControlPlane::start(&[
-        r#"egress.treat_as_public=["127.0.0.0/8"]"#,
-        r#"egress.hosts={ "allowed.test" = "127.0.0.1", "evil.test" = "127.0.0.1", "internal.test" = "10.0.0.5" }"#,
-    ])
-    .await
-    .unwrap();
+    let upstream = Upstream::start();
+    let port = 8080;
+    let public = format!("egress.treat_as_public=[{:?}]", upstream.subnet);
+    let hosts = format!(
+        r#"egress.hosts={{ "allowed.test" = {ip:?}, "evil.test" = {ip:?}, "internal.test" = "10.0.0.5" }}"#,
+        ip = upstream.ip
+    );
+    let cp = ControlPlane::start(&[&public, &hosts]).await.unwrap();
     let defaults =
         std::fs::read_to_string(bridle_tests::repo_root().join("deploy/policies/default.cedar"))
             .unwrap();

@@ -56,8 +56,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// How long a connection waits for an approval before it is refused.
     pub approval_wait: Duration,
-    /// Networks taken as public (a lab's or a test suite's network that
-    /// stands in for the internet); none in production.
+    /// Private networks taken as public (a lab's or a test suite's network
+    /// that stands in for the internet); none in production.
     pub treat_as_public: Vec<(IpAddr, u8)>,
 }
 
@@ -339,16 +339,20 @@ impl Proxy {
             .ok_or_else(|| bad_gateway(format!("{name} has no address")))
     }
 
+    /// The address's class; a private address in a network configured as
+    /// public is public. Only private ranges can be: loopback, link-local
+    /// and the metadata address stay what they are whatever the config says.
     fn class(&self, ip: IpAddr) -> Class {
-        if self
+        let class = address::classify(ip);
+        let listed = self
             .settings
             .treat_as_public
             .iter()
-            .any(|(net, bits)| in_network(ip, *net, *bits))
-        {
+            .any(|(net, bits)| in_network(ip, *net, *bits));
+        if class == Class::Private && listed {
             return Class::Public;
         }
-        address::classify(ip)
+        class
     }
 
     /// The decision, through the guard, as the sandbox's owner; Ok with the
@@ -541,7 +545,22 @@ when { resource.owner == principal.owner && context.host like "*.test" };
 permit (principal, action == Bridle::Action::"network.connect", resource)
 when { resource.owner == principal.owner && context.host == "allowed.test" };
 
+@id("test-loopback")
+permit (principal, action == Bridle::Action::"network.connect_private", resource)
+when {
+  resource.owner == principal.owner && context.address_class == "loopback" &&
+  (context.host == "allowed.test" || context.host == "127.0.0.1")
+};
+
 @id("test-held")
+@approval("a human looks first")
+permit (principal, action == Bridle::Action::"network.connect_private", resource)
+when {
+  resource.owner == principal.owner && context.address_class == "loopback" &&
+  context.host == "held.test"
+};
+
+@id("test-held-public")
 @approval("a human looks first")
 permit (principal, action == Bridle::Action::"network.connect", resource)
 when { resource.owner == principal.owner && context.host == "held.test" };
@@ -586,21 +605,20 @@ when { resource.owner == principal.owner && context.host == "held.test" };
         Arc::new(move |_host, _port| Box::pin(async move { Ok(vec![upstream]) }))
     }
 
-    fn proxy(world: &World, upstream: SocketAddr, loopback_is_public: bool) -> Arc<Proxy> {
+    /// A proxy whose every name resolves to `upstream` (on this host's
+    /// loopback: the tests' policy allows `network.connect_private` to it
+    /// for the test hosts).
+    fn proxy(world: &World, upstream: SocketAddr) -> Arc<Proxy> {
+        proxy_with(world, resolver(upstream), Vec::new())
+    }
+
+    fn proxy_with(world: &World, resolve: Resolve, public: Vec<(IpAddr, u8)>) -> Arc<Proxy> {
         let settings = Settings {
             head_timeout: Duration::from_millis(500),
-            treat_as_public: if loopback_is_public {
-                vec![("127.0.0.0".parse().unwrap(), 8)]
-            } else {
-                Vec::new()
-            },
+            treat_as_public: public,
             ..Settings::default()
         };
-        Arc::new(Proxy::new(
-            world.guard.clone(),
-            resolver(upstream),
-            settings,
-        ))
+        Arc::new(Proxy::new(world.guard.clone(), resolve, settings))
     }
 
     fn origin() -> Origin {
@@ -669,7 +687,7 @@ when { resource.owner == principal.owner && context.host == "held.test" };
     async fn plain_http_to_an_allowed_host_goes_through_in_origin_form() {
         let world = world().await;
         let (addr, mut heads) = upstream(false).await;
-        let proxy = proxy(&world, addr, true);
+        let proxy = proxy(&world, addr);
         let (answer, outcome) = through(
             &proxy,
             b"GET http://allowed.test/simple/ HTTP/1.1\r\nHost: allowed.test\r\n\
@@ -693,7 +711,7 @@ when { resource.owner == principal.owner && context.host == "held.test" };
     async fn a_host_policy_does_not_allow_gets_a_403_naming_the_policy() {
         let world = world().await;
         let (addr, _) = upstream(false).await;
-        let proxy = proxy(&world, addr, true);
+        let proxy = proxy(&world, addr);
         let (answer, outcome) = through(&proxy, b"CONNECT evil.test:443 HTTP/1.1\r\n\r\n").await;
         assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
         assert!(answer.contains("policy denies network.connect"), "{answer}");
@@ -703,28 +721,41 @@ when { resource.owner == principal.owner && context.host == "held.test" };
     #[tokio::test]
     async fn an_allowed_name_that_resolves_to_a_private_address_is_refused() {
         let world = world().await;
-        let (addr, _) = upstream(false).await;
-        // Loopback is what it is here: `allowed.test` resolving to it is
-        // the rebinding case.
-        let proxy = proxy(&world, addr, false);
+        // `allowed.test` resolving into 10/8 is the rebinding case: its
+        // connection is `network.connect_private`, which only loopback has
+        // here; configuring 169.254/16 as public lifts nothing but private
+        // ranges, so the metadata address stays refused.
+        let private: SocketAddr = "10.0.0.5:80".parse().unwrap();
+        let public = vec![("169.254.0.0".parse().unwrap(), 16)];
+        let proxy = proxy_with(&world, resolver(private), public);
         let (answer, outcome) = through(&proxy, b"GET http://allowed.test/ HTTP/1.1\r\n\r\n").await;
         assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
         assert!(answer.contains("network.connect_private"), "{answer}");
-        assert_eq!(outcome.address, "127.0.0.1");
-        // So is an address literal of the metadata service, allowed or not.
+        assert_eq!(outcome.address, "10.0.0.5");
         let (answer, _) = through(
             &proxy,
             b"GET http://169.254.169.254/latest/ HTTP/1.1\r\n\r\n",
         )
         .await;
         assert!(answer.contains("network.connect_private"), "{answer}");
+        // A private network configured as public is public.
+        let lifted = proxy_with(
+            &world,
+            resolver(private),
+            vec![("10.0.0.0".parse().unwrap(), 8)],
+        );
+        let (answer, _) = through(&lifted, b"GET http://evil.test/ HTTP/1.1\r\n\r\n").await;
+        assert!(
+            answer.contains("policy denies network.connect on"),
+            "{answer}"
+        );
     }
 
     #[tokio::test]
     async fn a_tunnel_to_443_must_name_its_host_in_the_client_hello() {
         let world = world().await;
         let (addr, _) = upstream(true).await;
-        let proxy = proxy(&world, addr, true);
+        let proxy = proxy(&world, addr);
         let hello = super::super::sni::tests_support::client_hello(Some("allowed.test"));
         let mut request = b"CONNECT allowed.test:443 HTTP/1.1\r\n\r\n".to_vec();
         request.extend_from_slice(&hello);
@@ -765,7 +796,7 @@ when { resource.owner == principal.owner && context.host == "held.test" };
     async fn a_head_that_trickles_in_is_dropped() {
         let world = world().await;
         let (addr, _) = upstream(false).await;
-        let proxy = proxy(&world, addr, true);
+        let proxy = proxy(&world, addr);
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let serving = {
             let proxy = proxy.clone();
@@ -790,7 +821,7 @@ when { resource.owner == principal.owner && context.host == "held.test" };
     async fn a_held_host_waits_for_an_operator_then_goes_through() {
         let world = world().await;
         let (addr, _) = upstream(false).await;
-        let proxy = proxy(&world, addr, true);
+        let proxy = proxy(&world, addr);
         let approvals = world.guard.approvals.clone();
         let approver = tokio::spawn(async move {
             let operator = Principal {
@@ -855,7 +886,7 @@ when { resource.owner == principal.owner && context.host == "held.test" };
     async fn garbage_is_a_400() {
         let world = world().await;
         let (addr, _) = upstream(false).await;
-        let proxy = proxy(&world, addr, true);
+        let proxy = proxy(&world, addr);
         let (answer, outcome) = through(&proxy, b"\x16\x03\x01\x00\x10hello there\r\n\r\n").await;
         assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
         assert!(!outcome.error.is_empty());
