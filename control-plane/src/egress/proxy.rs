@@ -56,6 +56,9 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// How long a connection waits for an approval before it is refused.
     pub approval_wait: Duration,
+    /// A connection that moves no byte either way for this long is closed
+    /// (a command cannot hold the proxy's resources by doing nothing).
+    pub idle_timeout: Duration,
     /// Private networks taken as public (a lab's or a test suite's network
     /// that stands in for the internet); none in production.
     pub treat_as_public: Vec<(IpAddr, u8)>,
@@ -67,6 +70,7 @@ impl Default for Settings {
             head_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             approval_wait: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(300),
             treat_as_public: Vec::new(),
         }
     }
@@ -241,14 +245,17 @@ impl Proxy {
                 .map_err(|e| format!("sending on: {e}"))?;
             outcome.bytes_out += first.len() as u64;
         }
-        match tokio::io::copy_bidirectional(client, &mut upstream).await {
-            Ok((out, back)) => {
-                outcome.bytes_out += out;
-                outcome.bytes_in += back;
-                Ok(())
-            }
-            Err(e) => Err(format!("the connection broke: {e}")),
-        }
+        let mut moved = (0, 0);
+        let result = pipe(
+            client,
+            &mut upstream,
+            self.settings.idle_timeout,
+            &mut moved,
+        )
+        .await;
+        outcome.bytes_out += moved.0;
+        outcome.bytes_in += moved.1;
+        result
     }
 
     /// Puts how a connection ended on the audit log (its decision is there
@@ -457,6 +464,60 @@ impl Proxy {
             first.extend_from_slice(&chunk[..n]);
         }
     }
+}
+
+/// Copies both ways between the client and the upstream until both have
+/// closed, counting the bytes each way in `moved` (out, in); an error when
+/// the connection breaks or moves nothing for `idle`.
+async fn pipe<A, B>(
+    client: &mut A,
+    upstream: &mut B,
+    idle: Duration,
+    moved: &mut (u64, u64),
+) -> Result<(), String>
+where
+    A: AsyncRead + AsyncWrite + Unpin + Send,
+    B: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut client_in, mut client_out) = tokio::io::split(client);
+    let (mut upstream_in, mut upstream_out) = tokio::io::split(upstream);
+    let mut out_buf = vec![0u8; 64 << 10];
+    let mut in_buf = vec![0u8; 64 << 10];
+    let (mut client_done, mut upstream_done) = (false, false);
+    while !(client_done && upstream_done) {
+        tokio::select! {
+            r = client_in.read(&mut out_buf), if !client_done => match r {
+                Ok(0) | Err(_) => {
+                    client_done = true;
+                    let _ = upstream_out.shutdown().await;
+                }
+                Ok(n) => {
+                    upstream_out
+                        .write_all(&out_buf[..n])
+                        .await
+                        .map_err(|e| format!("the connection broke: {e}"))?;
+                    moved.0 += n as u64;
+                }
+            },
+            r = upstream_in.read(&mut in_buf), if !upstream_done => match r {
+                Ok(0) | Err(_) => {
+                    upstream_done = true;
+                    let _ = client_out.shutdown().await;
+                }
+                Ok(n) => {
+                    client_out
+                        .write_all(&in_buf[..n])
+                        .await
+                        .map_err(|e| format!("the connection broke: {e}"))?;
+                    moved.1 += n as u64;
+                }
+            },
+            _ = tokio::time::sleep(idle) => {
+                return Err(format!("closed after {idle:?} without a byte either way"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads a request head within `limit`, bounded by [`target::MAX_HEAD_BYTES`].
@@ -880,6 +941,38 @@ when { resource.owner == principal.owner && context.host == "held.test" };
         .await;
         assert!(answer.contains("looks like data"), "{answer}");
         assert_eq!(lookups.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    /// A tunnel that moves nothing is closed after the idle time.
+    #[tokio::test]
+    async fn an_idle_tunnel_is_closed() {
+        let world = world().await;
+        let (addr, _) = upstream(true).await;
+        let settings = Settings {
+            idle_timeout: Duration::from_millis(300),
+            ..Settings::default()
+        };
+        let proxy = Arc::new(Proxy::new(world.guard.clone(), resolver(addr), settings));
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let serving = {
+            let proxy = proxy.clone();
+            tokio::spawn(async move { proxy.serve(&origin(), server).await })
+        };
+        client
+            .write_all(b"CONNECT allowed.test:8443 HTTP/1.1\r\n\r\nping")
+            .await
+            .unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(30), serving)
+            .await
+            .expect("an idle tunnel is closed")
+            .unwrap();
+        assert!(outcome.error.contains("without a byte"), "{outcome:?}");
+        assert_eq!(
+            (outcome.bytes_out, outcome.bytes_in),
+            (4, 4),
+            "ping went and came back"
+        );
+        drop(client);
     }
 
     #[tokio::test]
