@@ -158,6 +158,44 @@ impl Dial {
     }
 }
 
+/// A follower of a run's stored events, which can go on from where it got.
+pub(crate) trait Follower {
+    /// The first stored event not yet printed.
+    fn next_seq(&self) -> u64;
+    /// What is followed, for stderr ("run ID", "session ID").
+    fn what(&self) -> String;
+    /// Follows until the end it waits for, and answers its exit code; an
+    /// error when the stream broke off.
+    async fn attempt(&mut self, c: &mut Conn) -> anyhow::Result<u8>;
+}
+
+/// Runs `follower` to its end. When the control plane goes away (a
+/// restart, a broken connection), dials again ([`Reconnects`]) and follows
+/// on from the first event not yet printed, so nothing shows twice or is
+/// lost.
+pub(crate) async fn follow_resuming(
+    c: &mut Conn,
+    follower: &mut impl Follower,
+) -> anyhow::Result<u8> {
+    let mut reconnects = Reconnects::new();
+    loop {
+        let from = follower.next_seq();
+        let failure = match follower.attempt(c).await {
+            Ok(code) => return Ok(code),
+            Err(e) => e,
+        };
+        if follower.next_seq() > from {
+            reconnects.progressed();
+        }
+        let again = format!(
+            "following {} again from event {}",
+            follower.what(),
+            follower.next_seq()
+        );
+        reconnects.redial(c, failure, &again).await?;
+    }
+}
+
 /// How a follower tries again after losing the control plane: waits that
 /// double from 200 ms to 5 s, until 5 minutes pass without an event.
 ///

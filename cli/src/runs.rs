@@ -10,7 +10,7 @@ use clap::Subcommand;
 use tokio::io::AsyncWriteExt;
 use tonic::Status;
 
-use crate::conn::{Conn, Reconnects};
+use crate::conn::Conn;
 use crate::render::{self, print_json, print_json_line, run_state_name, RunEventView, RunView};
 use crate::session::follow_session;
 
@@ -187,20 +187,7 @@ pub(crate) async fn run(c: &mut Conn, cmd: RunsCmd) -> anyhow::Result<u8> {
 /// control plane goes away (a restart, a broken connection), follows again
 /// from the first event not yet printed, so nothing shows twice or is lost.
 pub(crate) async fn follow_run(c: &mut Conn, id: &str) -> anyhow::Result<u8> {
-    let mut follower = RunFollower::new(id, c.json);
-    let mut reconnects = Reconnects::new();
-    loop {
-        let from = follower.next_seq;
-        let failure = match follower.follow(c).await {
-            Ok(code) => return Ok(code),
-            Err(e) => e,
-        };
-        if follower.next_seq > from {
-            reconnects.progressed();
-        }
-        let again = format!("following run {id} again from event {}", follower.next_seq);
-        reconnects.redial(c, failure, &again).await?;
-    }
+    crate::conn::follow_resuming(c, &mut RunFollower::new(id, c.json)).await
 }
 
 /// The exit code a finished run stands for: 0 succeeded, the failing step's
@@ -238,6 +225,20 @@ struct RunFollower {
     held: HashMap<(u32, i32), Vec<u8>>,
 }
 
+impl crate::conn::Follower for RunFollower {
+    fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    fn what(&self) -> String {
+        format!("run {}", self.id)
+    }
+
+    async fn attempt(&mut self, c: &mut Conn) -> anyhow::Result<u8> {
+        self.follow_once(c).await
+    }
+}
+
 impl RunFollower {
     fn new(id: &str, json: bool) -> Self {
         Self {
@@ -252,7 +253,7 @@ impl RunFollower {
 
     /// One attempt: watches from `next_seq` until the run finishes
     /// (answering its exit code) or the stream fails.
-    async fn follow(&mut self, c: &mut Conn) -> anyhow::Result<u8> {
+    async fn follow_once(&mut self, c: &mut Conn) -> anyhow::Result<u8> {
         if self.step_names.is_none() {
             let job = get_run(c, &self.id).await?.job;
             self.step_names = Some(

@@ -14,7 +14,7 @@ use std::io::IsTerminal;
 use bridle_client::control as pb;
 use tonic::Status;
 
-use crate::conn::{Conn, Reconnects};
+use crate::conn::Conn;
 use crate::render::{
     print_json_line, print_line, run_state_name, short_line, usage_text, RunEventView,
 };
@@ -133,22 +133,7 @@ pub(crate) async fn follow_session(
     closing: bool,
 ) -> anyhow::Result<u8> {
     let mut follower = SessionFollower::new(id, c.json, from_seq, closing);
-    let mut reconnects = Reconnects::new();
-    loop {
-        let from = follower.next_seq;
-        let failure = match follower.follow(c).await {
-            Ok(code) => return Ok(code),
-            Err(e) => e,
-        };
-        if follower.next_seq > from {
-            reconnects.progressed();
-        }
-        let again = format!(
-            "following session {id} again from event {}",
-            follower.next_seq
-        );
-        reconnects.redial(c, failure, &again).await?;
-    }
+    crate::conn::follow_resuming(c, &mut follower).await
 }
 
 /// How far a session's follower got, so that following again over a new
@@ -176,6 +161,20 @@ struct SessionFollower {
     mid_line: bool,
 }
 
+impl crate::conn::Follower for SessionFollower {
+    fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    fn what(&self) -> String {
+        format!("session {}", self.id)
+    }
+
+    async fn attempt(&mut self, c: &mut Conn) -> anyhow::Result<u8> {
+        self.follow_once(c).await
+    }
+}
+
 impl SessionFollower {
     fn new(id: &str, json: bool, from_seq: u64, closing: bool) -> Self {
         Self {
@@ -194,7 +193,7 @@ impl SessionFollower {
 
     /// One attempt: watches from `next_seq` until the session waits or
     /// ends (answering the exit code) or the stream fails.
-    async fn follow(&mut self, c: &mut Conn) -> anyhow::Result<u8> {
+    async fn follow_once(&mut self, c: &mut Conn) -> anyhow::Result<u8> {
         let run = get_run(c, &self.id).await?;
         self.caught_up_at = run.last_seq;
         // Where the run stands now is where the follow ends, once the

@@ -1054,35 +1054,16 @@ impl<H: Host, S: EventStore> Runner<H, S> {
             }
             | Action::FindFiles {
                 argv, timeout_secs, ..
-            } => {
-                if !started {
-                    self.tool_started(run, call, &exec_id, None).await?;
-                }
-                let command = Command::Argv(argv.clone());
-                match self
-                    .exec_tool(
-                        run,
-                        sandbox_id,
-                        &agent,
-                        &exec_id,
-                        &command,
-                        *timeout_secs,
-                        started,
-                    )
-                    .await?
-                {
-                    None => return Ok(Flow::Ended),
-                    Some(out) if out.failed() => (out.describe(), true),
-                    Some(out) => (out.output_text(), false),
-                }
             }
-            Action::SearchFiles {
+            | Action::SearchFiles {
                 argv, timeout_secs, ..
             } => {
                 if !started {
                     self.tool_started(run, call, &exec_id, None).await?;
                 }
                 let command = Command::Argv(argv.clone());
+                // grep (and find -exec grep) say "no match" with status 1.
+                let search = matches!(action, Action::SearchFiles { .. });
                 match self
                     .exec_tool(
                         run,
@@ -1096,7 +1077,7 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                     .await?
                 {
                     None => return Ok(Flow::Ended),
-                    Some(out) if out.exit_code == Some(1) && out.output.is_empty() => {
+                    Some(out) if search && out.exit_code == Some(1) && out.output.is_empty() => {
                         ("no matches".to_string(), false)
                     }
                     Some(out) if out.failed() => (out.describe(), true),
