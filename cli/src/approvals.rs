@@ -29,6 +29,10 @@ pub(crate) enum ApprovalsCmd {
         approval_id: String,
         #[arg(long)]
         reason: String,
+        /// Also approve the sandbox's later connections to the same host
+        /// and port, for the sandbox's life (egress approvals only).
+        #[arg(long)]
+        remember: bool,
     },
     /// Deny (operator; never your own request).
     Deny {
@@ -88,6 +92,7 @@ pub(crate) async fn run(c: &mut Conn, cmd: ApprovalsCmd) -> anyhow::Result<u8> {
         ApprovalsCmd::Approve {
             approval_id,
             reason,
+            ..
         }
         | ApprovalsCmd::Deny {
             approval_id,
@@ -99,11 +104,12 @@ pub(crate) async fn run(c: &mut Conn, cmd: ApprovalsCmd) -> anyhow::Result<u8> {
         ApprovalsCmd::Approve {
             approval_id,
             reason,
-        } => decide(c, approval_id, true, reason).await,
+            remember,
+        } => decide(c, approval_id, true, reason, remember).await,
         ApprovalsCmd::Deny {
             approval_id,
             reason,
-        } => decide(c, approval_id, false, reason).await,
+        } => decide(c, approval_id, false, reason, false).await,
         ApprovalsCmd::Watch => watch_approvals(c).await,
     }
 }
@@ -113,6 +119,7 @@ async fn decide(
     approval_id: String,
     approve: bool,
     reason: String,
+    remember: bool,
 ) -> anyhow::Result<u8> {
     let a = c
         .approvals
@@ -120,6 +127,7 @@ async fn decide(
             approval_id,
             approve,
             reason,
+            remember,
         })
         .await?
         .into_inner();

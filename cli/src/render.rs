@@ -461,6 +461,9 @@ pub(crate) struct ApprovalView<'a> {
     decision_reason: &'a str,
     decided_unix_ms: i64,
     used: bool,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    scope: &'a str,
+    remember: bool,
 }
 
 impl<'a> From<&'a pb::Approval> for ApprovalView<'a> {
@@ -486,6 +489,8 @@ impl<'a> From<&'a pb::Approval> for ApprovalView<'a> {
             decision_reason: &a.decision_reason,
             decided_unix_ms: a.decided_unix_ms,
             used: a.used,
+            scope: &a.scope,
+            remember: a.remember,
         }
     }
 }

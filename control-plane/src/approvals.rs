@@ -68,6 +68,12 @@ pub struct Approval {
     pub decision_reason: String,
     pub decided_unix_ms: i64,
     pub used_by: String,
+    /// What the approval covers beyond its one action when it is
+    /// remembered (a sandbox's connections to one host and port); empty:
+    /// it cannot be.
+    pub scope: String,
+    /// The approver chose to let later actions in `scope` go ahead.
+    pub remember: bool,
 }
 
 /// The stored state column, read into a [`State`].
@@ -96,6 +102,8 @@ pub struct Request<'a> {
     /// The run and step it holds up, if any.
     pub run: Option<(&'a str, u32)>,
     pub request_id: &'a str,
+    /// What it would cover if remembered (empty: it cannot be).
+    pub scope: &'a str,
 }
 
 /// Why an approval could not be decided or used.
@@ -109,6 +117,8 @@ pub enum Refusal {
     SelfDecision(String),
     #[error("a reason is required")]
     NoReason,
+    #[error("approval {0} cannot be remembered: only a sandbox's network connections can")]
+    NotRememberable(String),
     #[error("approval {id} is {state}; only an approved approval can be used")]
     NotApproved { id: String, state: &'static str },
     #[error("approval {0} was granted for a different action (another command, path, resource or principal)")]
@@ -219,7 +229,8 @@ pub struct Approvals {
 
 const COLUMNS: &str = "id, state, requested_by_token, requested_by, owner, action, resource, \
     summary, run_id, step, action_sha256, policy, policy_reason, policy_version, \
-    created_unix_ms, expires_unix_ms, decided_by, decision_reason, decided_unix_ms, used_by";
+    created_unix_ms, expires_unix_ms, decided_by, decision_reason, decided_unix_ms, used_by, \
+    scope, remember";
 
 impl Approvals {
     pub fn new(pool: SqlitePool, audit: AuditLog, ttl: Duration, webhook: Option<String>) -> Self {
@@ -265,10 +276,12 @@ impl Approvals {
             decision_reason: String::new(),
             decided_unix_ms: 0,
             used_by: String::new(),
+            scope: r.scope.to_string(),
+            remember: false,
         };
         sqlx::query(&format!(
             "INSERT INTO approvals ({COLUMNS}) VALUES {}",
-            crate::store::placeholders(1, 20)
+            crate::store::placeholders(1, 22)
         ))
         .bind(&a.id)
         .bind(State::Pending.as_str())
@@ -290,6 +303,8 @@ impl Approvals {
         .bind("")
         .bind(0i64)
         .bind("")
+        .bind(&a.scope)
+        .bind(false)
         .execute(&self.pool)
         .await?;
         self.audit_event(
@@ -350,6 +365,22 @@ impl Approvals {
         reason: &str,
         request_id: &str,
     ) -> Result<Approval, Refusal> {
+        self.decide_remembering(id, by, approve, reason, request_id, false)
+            .await
+    }
+
+    /// [`Approvals::decide`], and when `remember`, the approval also lets
+    /// later actions in its scope go ahead (an egress sandbox's connections
+    /// to the same host and port, for the sandbox's life).
+    pub async fn decide_remembering(
+        &self,
+        id: &str,
+        by: &Principal,
+        approve: bool,
+        reason: &str,
+        request_id: &str,
+        remember: bool,
+    ) -> Result<Approval, Refusal> {
         if reason.trim().is_empty() {
             return Err(Refusal::NoReason);
         }
@@ -357,6 +388,9 @@ impl Approvals {
             .get(id)
             .await?
             .ok_or_else(|| Refusal::NotFound(id.into()))?;
+        if remember && approve && a.scope.is_empty() {
+            return Err(Refusal::NotRememberable(id.into()));
+        }
         if a.requested_by_token == by.token_id {
             return Err(Refusal::SelfDecision(id.into()));
         }
@@ -372,14 +406,15 @@ impl Approvals {
         };
         let now = crate::clock::now_ms();
         let changed = sqlx::query(
-            "UPDATE approvals SET state = $1, decided_by = $2, decision_reason = $3, decided_unix_ms = $4 \
-             WHERE id = $5 AND state = 'pending' AND expires_unix_ms > $4",
+            "UPDATE approvals SET state = $1, decided_by = $2, decision_reason = $3, decided_unix_ms = $4, \
+             remember = $6 WHERE id = $5 AND state = 'pending' AND expires_unix_ms > $4",
         )
         .bind(state.as_str())
         .bind(&by.name)
         .bind(reason)
         .bind(now)
         .bind(id)
+        .bind(remember && approve)
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -399,17 +434,43 @@ impl Approvals {
             .get(id)
             .await?
             .ok_or_else(|| Refusal::NotFound(id.into()))?;
+        let said = if a.remember {
+            format!("{reason} (remembered: {})", a.scope)
+        } else {
+            reason.to_string()
+        };
         self.audit_event(
             &a,
             &format!("approval.{}", state.as_str()),
             by,
             request_id,
-            reason,
+            &said,
         )
         .await;
         tracing::info!(approval = %id, state = state.as_str(), by = %by.name, "approval decided");
         self.notify(&a);
         Ok(a)
+    }
+
+    /// The approved, remembered approval of `resource` whose scope is
+    /// `scope`, if there is one: it lets the action go ahead without asking
+    /// again.
+    pub async fn remembered(
+        &self,
+        resource: &str,
+        scope: &str,
+    ) -> Result<Option<Approval>, sqlx::Error> {
+        if scope.is_empty() {
+            return Ok(None);
+        }
+        sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM approvals WHERE resource = $1 AND scope = $2 \
+             AND remember = 1 AND state = 'approved' ORDER BY decided_unix_ms LIMIT 1"
+        ))
+        .bind(resource)
+        .bind(scope)
+        .fetch_optional(&self.pool)
+        .await
     }
 
     /// Uses an approved approval for the action hashed as `sha`, once:
@@ -484,6 +545,44 @@ impl Approvals {
         }
     }
 
+    /// Expires pending approval `id` now: what waited for it has given up
+    /// (an egress connection that could not wait any longer), so nobody
+    /// approves something that no longer waits.
+    pub async fn give_up(&self, id: &str, why: &str) -> Result<(), sqlx::Error> {
+        self.expire(id, crate::clock::now_ms(), why).await
+    }
+
+    /// Expires `id` if it is still pending, on the record and to watchers.
+    async fn expire(&self, id: &str, now: i64, why: &str) -> Result<(), sqlx::Error> {
+        let changed = sqlx::query(
+            "UPDATE approvals SET state = 'expired', decided_unix_ms = $1 \
+             WHERE id = $2 AND state = 'pending'",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            return Ok(());
+        }
+        let a: Approval = sqlx::query_as(&format!("SELECT {COLUMNS} FROM approvals WHERE id = $1"))
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+        let system = Principal {
+            token_id: "system".into(),
+            name: "control plane".into(),
+            role: crate::auth::Role::Admin,
+            owner: String::new(),
+        };
+        self.audit_event(&a, "approval.expired", &system, "", why)
+            .await;
+        tracing::info!(approval = %id, "approval expired: {why}");
+        self.notify(&a);
+        Ok(())
+    }
+
     /// Marks every pending approval past its time `expired`, each on the
     /// audit log.
     pub async fn expire_due(&self) -> Result<(), sqlx::Error> {
@@ -495,39 +594,7 @@ impl Approvals {
         .fetch_all(&self.pool)
         .await?;
         for (id,) in due {
-            let changed = sqlx::query(
-                "UPDATE approvals SET state = 'expired', decided_unix_ms = $1 \
-                 WHERE id = $2 AND state = 'pending'",
-            )
-            .bind(now)
-            .bind(&id)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-            if changed == 0 {
-                continue;
-            }
-            let a: Approval =
-                sqlx::query_as(&format!("SELECT {COLUMNS} FROM approvals WHERE id = $1"))
-                    .bind(&id)
-                    .fetch_one(&self.pool)
-                    .await?;
-            let system = Principal {
-                token_id: "system".into(),
-                name: "control plane".into(),
-                role: crate::auth::Role::Admin,
-                owner: String::new(),
-            };
-            self.audit_event(
-                &a,
-                "approval.expired",
-                &system,
-                "",
-                "nobody decided in time",
-            )
-            .await;
-            tracing::info!(approval = %id, "approval expired");
-            self.notify(&a);
+            self.expire(&id, now, "nobody decided in time").await?;
         }
         Ok(())
     }

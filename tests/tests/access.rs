@@ -500,6 +500,7 @@ async fn call_every_rpc(cp: &ControlPlane, token: &str) -> Answers {
                 approval_id: aid(),
                 approve: true,
                 reason: "let me in".into(),
+                remember: false,
             })
             .await
             .map(drop),
@@ -1112,6 +1113,7 @@ async fn decide(approvals: &mut control::Approvals, id: &str) -> Result<(), Stat
             approval_id: id.into(),
             approve: true,
             reason: "looks fine to me".into(),
+            remember: false,
         })
         .await
         .map(drop)

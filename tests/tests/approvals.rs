@@ -113,6 +113,7 @@ async fn decide(
             approval_id: id.into(),
             approve,
             reason: reason.into(),
+            remember: false,
         }),
     )
     .await
@@ -185,6 +186,23 @@ async fn an_exec_waits_for_another_operator_and_an_approval_is_used_once_for_one
     assert_eq!(no_reason.code(), Code::InvalidArgument);
     let outsider = decide(&mut am, &id, true, "sure").await.unwrap_err();
     assert_eq!(outsider.code(), Code::PermissionDenied);
+    // Only a sandbox's connections can be remembered, never an exec.
+    let remembered = bounded(
+        "Approvals/Decide",
+        a2.decide(pb::DecideApprovalRequest {
+            approval_id: id.clone(),
+            approve: true,
+            reason: "every push".into(),
+            remember: true,
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(remembered.code(), Code::InvalidArgument, "{remembered:?}");
+    assert!(
+        remembered.message().contains("cannot be remembered"),
+        "{remembered:?}"
+    );
     let unseen = bounded(
         "Approvals/Get",
         am.get(pb::GetApprovalRequest {

@@ -354,6 +354,7 @@ async fn an_approved_call_runs_once_across_kill_9_and_covers_only_its_arguments(
             approval_id: first.clone(),
             approve: true,
             reason: "release day".into(),
+            remember: false,
         }),
     )
     .await
@@ -371,6 +372,7 @@ async fn an_approved_call_runs_once_across_kill_9_and_covers_only_its_arguments(
             approval_id: again.approval_id.clone(),
             approve: false,
             reason: "not that branch".into(),
+            remember: false,
         }),
     )
     .await

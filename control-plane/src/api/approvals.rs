@@ -65,6 +65,8 @@ pub fn approval_pb(a: Approval) -> pb::Approval {
         decision_reason: a.decision_reason,
         decided_unix_ms: a.decided_unix_ms,
         used: !a.used_by.is_empty(),
+        scope: a.scope,
+        remember: a.remember,
     }
 }
 
@@ -186,12 +188,13 @@ impl pb::approvals_server::Approvals for ApprovalsApi {
         let decided = self
             .guard
             .approvals
-            .decide(
+            .decide_remembering(
                 &req.approval_id,
                 &principal,
                 req.approve,
                 req.reason.trim(),
                 &note.get().request_id,
+                req.remember,
             )
             .await
             .map_err(status::approval)?;

@@ -81,7 +81,7 @@ pub async fn authorize(
         )
         .await?
     {
-        Cleared::Allowed | Cleared::Approved(_) => Ok(()),
+        Cleared::Allowed | Cleared::Approved(_) | Cleared::Remembered(_) => Ok(()),
         Cleared::Pending(a) => Err(status::pending(&a)),
     }
 }

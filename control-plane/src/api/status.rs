@@ -35,7 +35,7 @@ impl From<Refused> for Status {
 pub fn approval(r: Refusal) -> Status {
     match r {
         Refusal::NotFound(_) => Status::not_found(r.to_string()),
-        Refusal::NoReason => Status::invalid_argument(r.to_string()),
+        Refusal::NoReason | Refusal::NotRememberable(_) => Status::invalid_argument(r.to_string()),
         Refusal::NotPending { .. }
         | Refusal::NotApproved { .. }
         | Refusal::Used(_)

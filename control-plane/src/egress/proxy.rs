@@ -95,6 +95,8 @@ pub struct Outcome {
     pub sni: String,
     /// `allow`, `deny`, `require_approval` or empty (refused before policy).
     pub decision: String,
+    /// The approval the connection went ahead on, if it needed one.
+    pub approval: String,
     /// Bytes from the sandbox out, and back in.
     pub bytes_out: u64,
     pub bytes_in: u64,
@@ -187,7 +189,10 @@ impl Proxy {
             Scheme::Http => format!("HTTP {}:{} ({addr})", target.host, target.port),
         };
         match self.decide(origin, action, &facts, &what).await {
-            Ok(decision) => outcome.decision = decision,
+            Ok((decision, approval)) => {
+                outcome.decision = decision;
+                outcome.approval = approval;
+            }
             Err((decision, why)) => {
                 outcome.decision = decision;
                 answer(client, 403, &why).await;
@@ -270,11 +275,14 @@ impl Proxy {
                 outcome.scheme, outcome.host, outcome.port, outcome.address
             )
         };
-        let how = if outcome.error.is_empty() {
+        let mut how = if outcome.error.is_empty() {
             "closed".to_string()
         } else {
             format!("ended: {}", outcome.error)
         };
+        if !outcome.approval.is_empty() {
+            how = format!("approval {}; {how}", outcome.approval);
+        }
         let entry = crate::audit::Entry {
             unix_ms: crate::clock::now_ms(),
             request_id: format!("{}:c{}", origin.sandbox_id, origin.connection),
@@ -363,16 +371,18 @@ impl Proxy {
     }
 
     /// The decision, through the guard, as the sandbox's owner; Ok with the
-    /// decision when the connection may go ahead, Err with the decision and
-    /// what the sandbox is told otherwise. An approval is waited for within
-    /// `approval_wait`.
+    /// decision (and the approval that let it go ahead, if one did) when the
+    /// connection may go ahead, Err with the decision and what the sandbox
+    /// is told otherwise. An approval is waited for within `approval_wait`;
+    /// an approval remembered for the sandbox's host and port is used
+    /// without asking again.
     async fn decide(
         &self,
         origin: &Origin,
         action: Action,
         facts: &Facts,
         what: &str,
-    ) -> Result<String, (String, String)> {
+    ) -> Result<(String, String), (String, String)> {
         let principal = Principal {
             token_id: format!("sandbox:{}", origin.sandbox_id),
             name: format!("sandbox {}", origin.sandbox_id),
@@ -390,17 +400,25 @@ impl Proxy {
             resource: &resource,
             facts,
         };
+        let scope = match action {
+            Action::NetworkResolve => format!("{} {}", action.name(), facts.host),
+            _ => format!("{} {}:{}", action.name(), facts.host, facts.port),
+        };
         let record = Record::Egress {
             sandbox_id: &origin.sandbox_id,
             request_id: format!("{}:c{}", origin.sandbox_id, origin.connection),
             what,
+            scope: &scope,
         };
         let used_by = format!("{}-c{}", origin.sandbox_id, origin.connection);
         let refused = |decision: &str, r: Refused| {
             (decision.to_string(), format!("bridle: {what} refused: {r}"))
         };
         match self.guard.clear(&record, ask, None, &used_by).await {
-            Ok(Cleared::Allowed | Cleared::Approved(_)) => Ok("allow".into()),
+            Ok(Cleared::Allowed | Cleared::Approved(_)) => Ok(("allow".into(), String::new())),
+            Ok(Cleared::Remembered(a)) => {
+                Ok(("require_approval".into(), format!("{} (remembered)", a.id)))
+            }
             Ok(Cleared::Pending(approval)) => {
                 let decided = tokio::time::timeout(
                     self.settings.approval_wait,
@@ -409,6 +427,11 @@ impl Proxy {
                 .await;
                 let decided = match decided {
                     Err(_) => {
+                        // Nobody may approve a connection that is gone.
+                        let why = "the connection that asked for it stopped waiting";
+                        if let Err(e) = self.guard.approvals.give_up(&approval.id, why).await {
+                            tracing::warn!(approval = %approval.id, "expiring: {e}");
+                        }
                         return Err((
                             "require_approval".into(),
                             format!(
@@ -416,13 +439,13 @@ impl Proxy {
                                 approval.id,
                                 self.settings.approval_wait.as_secs()
                             ),
-                        ))
+                        ));
                     }
                     Ok(Err(r)) => return Err(refused("require_approval", r)),
                     Ok(Ok(a)) => a,
                 };
                 match self.guard.go_ahead(&decided, ask, &used_by).await {
-                    Ok(_) => Ok("require_approval".into()),
+                    Ok(a) => Ok(("require_approval".into(), a.id)),
                     Err(r) => Err(refused("require_approval", r)),
                 }
             }
@@ -725,10 +748,15 @@ when { resource.owner == principal.owner && context.host == "held.test" };
 
     /// Sends `request` through the proxy and reads the answer to its end.
     async fn through(proxy: &Arc<Proxy>, request: &[u8]) -> (String, Outcome) {
+        through_as(proxy, origin(), request).await
+    }
+
+    /// [`through`], for the connection `origin`.
+    async fn through_as(proxy: &Arc<Proxy>, origin: Origin, request: &[u8]) -> (String, Outcome) {
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let serving = {
             let proxy = proxy.clone();
-            tokio::spawn(async move { proxy.serve(&origin(), server).await })
+            tokio::spawn(async move { proxy.serve(&origin, server).await })
         };
         client.write_all(request).await.unwrap();
         let mut answer = Vec::new();
@@ -912,6 +940,91 @@ when { resource.owner == principal.owner && context.host == "held.test" };
         assert!(summary.contains("held.test"), "{summary}");
         assert!(answer.ends_with("hello"), "{answer}");
         assert_eq!(outcome.decision, "require_approval");
+    }
+
+    /// An approver who remembers an approval lets the sandbox's later
+    /// connections to the same host and port through without asking again
+    /// (each still decided and recorded); another port, or another
+    /// sandbox, is asked for anew, and an approval nobody decided before
+    /// the connection gave up expires with it.
+    #[tokio::test]
+    async fn a_remembered_approval_covers_its_sandbox_host_and_port_only() {
+        let world = world().await;
+        let (addr, _) = upstream(false).await;
+        let settings = Settings {
+            head_timeout: Duration::from_millis(500),
+            approval_wait: Duration::from_millis(300),
+            ..Settings::default()
+        };
+        let waiting = Arc::new(Proxy::new(world.guard.clone(), resolver(addr), settings));
+        let proxy = proxy(&world, addr);
+        let approvals = world.guard.approvals.clone();
+        let operator = Principal {
+            token_id: "t-ops".into(),
+            name: "ops".into(),
+            role: Role::Operator,
+            owner: "ops".into(),
+        };
+        let approver = {
+            let (approvals, operator) = (approvals.clone(), operator.clone());
+            tokio::spawn(async move {
+                for _ in 0..3000 {
+                    let pending = approvals
+                        .list(&[State::Pending], "", None, 10, 0)
+                        .await
+                        .unwrap();
+                    if let Some(a) = pending.first() {
+                        return approvals
+                            .decide_remembering(&a.id, &operator, true, "our mirror", "req-1", true)
+                            .await
+                            .unwrap();
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                panic!("no approval was asked for");
+            })
+        };
+        let request = b"GET http://held.test/ HTTP/1.1\r\n\r\n";
+        let (answer, first) = through(&proxy, request).await;
+        let remembered = approver.await.unwrap();
+        assert!(answer.ends_with("hello"), "{answer}");
+        assert_eq!(remembered.scope, "network.connect_private held.test:80");
+        assert!(remembered.remember);
+        assert_eq!(first.approval, remembered.id);
+
+        // The same sandbox, host and port: through at once, on the record.
+        let (answer, again) = through(&waiting, request).await;
+        assert!(answer.ends_with("hello"), "{answer}");
+        assert_eq!(again.decision, "require_approval");
+        assert_eq!(again.approval, format!("{} (remembered)", remembered.id));
+
+        // Another port, and another sandbox: asked for again; nobody
+        // answers, so the connection is refused and its approval expires.
+        let other = Origin {
+            sandbox_id: "sb-2".into(),
+            ..origin()
+        };
+        for (origin, request) in [
+            (
+                origin(),
+                &b"GET http://held.test:8080/ HTTP/1.1\r\n\r\n"[..],
+            ),
+            (other, &request[..]),
+        ] {
+            let (answer, outcome) = through_as(&waiting, origin, request).await;
+            assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+            assert!(answer.contains("waits for approval"), "{answer}");
+            assert_eq!(outcome.approval, "");
+        }
+        let all = approvals.list(&[], "", None, 10, 0).await.unwrap();
+        assert_eq!(all.len(), 3, "{all:?}");
+        let expired: Vec<_> = all.iter().filter(|a| a.state() == State::Expired).collect();
+        assert_eq!(expired.len(), 2, "{all:?}");
+        // An expired approval cannot be approved afterwards.
+        let late = approvals
+            .decide(&expired[0].id, &operator, true, "too late", "req-2")
+            .await;
+        assert!(late.is_err());
     }
 
     /// A name is looked up only once policy let it be resolved, and never

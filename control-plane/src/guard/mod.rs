@@ -66,6 +66,10 @@ pub enum Record<'a> {
         request_id: String,
         /// What is decided, for a person: "CONNECT pypi.org:443".
         what: &'a str,
+        /// What an approval of it covers when the approver remembers it
+        /// ("network.connect pypi.org:443"): an approved, remembered
+        /// approval of the same sandbox and scope lets it go ahead.
+        scope: &'a str,
     },
 }
 
@@ -88,6 +92,10 @@ pub enum Cleared {
     Approved(Approval),
     /// It needs this new approval first.
     Pending(Approval),
+    /// An approver let every action in its scope go ahead (an egress
+    /// sandbox's connections to one host and port): this one is recorded
+    /// and goes ahead without asking again.
+    Remembered(Approval),
 }
 
 /// Why an action does not go ahead. Each says so in a sentence a person can
@@ -234,6 +242,7 @@ impl Guard {
                 sandbox_id,
                 request_id,
                 what,
+                ..
             } => {
                 let action = format!("egress/{}", ask.action.name());
                 self.own_entry(&ask, &verdict, action, sandbox_id, request_id, what)
@@ -299,10 +308,19 @@ impl Guard {
                 .await
                 .map(Cleared::Approved);
         }
-        let run = match record {
-            Record::Run { run_id, step, .. } => Some((*run_id, step.unwrap_or(0))),
-            Record::Call(_) | Record::Egress { .. } => None,
+        let (run, scope) = match record {
+            Record::Run { run_id, step, .. } => (Some((*run_id, step.unwrap_or(0))), ""),
+            Record::Call(_) => (None, ""),
+            Record::Egress { scope, .. } => (None, *scope),
         };
+        if let Some(a) = self
+            .approvals
+            .remembered(&ask.resource.id, scope)
+            .await
+            .map_err(approvals::Refusal::Store)?
+        {
+            return Ok(Cleared::Remembered(a));
+        }
         let a = self
             .approvals
             .request(approvals::Request {
@@ -313,6 +331,7 @@ impl Guard {
                 verdict: &verdict,
                 run,
                 request_id: &record.request_id(),
+                scope,
             })
             .await
             .map_err(approvals::Refusal::Store)?;

@@ -626,7 +626,9 @@ impl<H: Host, S: EventStore> Runner<H, S> {
                     what,
                 };
                 match guard.clear(&record, ask, None, &used_by).await {
-                    Ok(Cleared::Allowed | Cleared::Approved(_)) => return Ok(Decided::Go),
+                    Ok(Cleared::Allowed | Cleared::Approved(_) | Cleared::Remembered(_)) => {
+                        return Ok(Decided::Go)
+                    }
                     Ok(Cleared::Pending(a)) => {
                         self.record(
                             run_id,
