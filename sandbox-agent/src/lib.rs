@@ -74,6 +74,10 @@ pub struct Config {
     /// hand each connection to the control plane (`EgressAccepted`).
     #[arg(long, env = "BRIDLE_AGENT_EGRESS_PROXY")]
     pub egress_proxy: Option<SocketAddr>,
+    /// With `egress_proxy`: also answer DNS queries (UDP) here, each handed
+    /// to the control plane like a connection.
+    #[arg(long, env = "BRIDLE_AGENT_EGRESS_DNS")]
+    pub egress_dns: Option<SocketAddr>,
     /// The identity key (see [`peers`]); never a flag, since any process can
     /// read PID 1's command line. Set by [`Config::take_key_from_env`].
     #[arg(skip)]
@@ -181,7 +185,7 @@ pub async fn run(
         keepalive: Duration::from_secs(config.keepalive_secs.max(1)),
         egress: match config.egress_proxy {
             Some(addr) => Some(
-                egress::Relay::start(addr)
+                egress::Relay::start(addr, config.egress_dns)
                     .await
                     .with_context(|| format!("listening for egress on {addr}"))?,
             ),

@@ -50,6 +50,41 @@ impl AgentService {
     }
 }
 
+/// Carries one DNS query of the relay: its bytes to the control plane (one
+/// message, then done), and the answer it sends back (at most 64 KiB, until
+/// its `eof`) to the command that asked, as one datagram.
+fn answer_query(
+    id: u64,
+    query: Vec<u8>,
+    from: std::net::SocketAddr,
+    socket: std::sync::Arc<tokio::net::UdpSocket>,
+    mut inbound: Streaming<pb::EgressChunk>,
+) -> ChunkStream<pb::EgressChunk> {
+    let (tx, rx) = mpsc::channel(1);
+    let _ = tx.try_send(Ok(pb::EgressChunk {
+        connection: id,
+        data: Bytes::from(query),
+        eof: true,
+    }));
+    tokio::spawn(async move {
+        let mut answer = Vec::new();
+        while let Ok(Some(chunk)) = inbound.message().await {
+            if answer.len() + chunk.data.len() > 64 << 10 {
+                return;
+            }
+            answer.extend_from_slice(&chunk.data);
+            if chunk.eof {
+                break;
+            }
+        }
+        if !answer.is_empty() {
+            let _ = socket.send_to(&answer, from).await;
+        }
+        drop(tx);
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
 pub fn fs_status(e: fs::Error) -> Status {
     use fs::Error as E;
     let msg = e.to_string();
@@ -813,24 +848,26 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
         let (waiting, mut accepted) = relay.follow();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
+            let announce = |a: crate::egress::Accepted| pb::EgressAccept {
+                connection: a.id,
+                dns: a.dns,
+            };
             let mut sent = std::collections::HashSet::new();
-            for connection in waiting {
-                sent.insert(connection);
-                if tx.send(Ok(pb::EgressAccept { connection })).await.is_err() {
+            for a in waiting {
+                sent.insert(a.id);
+                if tx.send(Ok(announce(a))).await.is_err() {
                     return;
                 }
             }
             loop {
-                let connection = match accepted.recv().await {
-                    Ok(c) => c,
+                let a = match accepted.recv().await {
+                    Ok(a) => a,
                     // Fell behind: what waits is listed again.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         let (waiting, fresh) = relay.follow();
                         accepted = fresh;
-                        for connection in waiting {
-                            if sent.insert(connection)
-                                && tx.send(Ok(pb::EgressAccept { connection })).await.is_err()
-                            {
+                        for a in waiting {
+                            if sent.insert(a.id) && tx.send(Ok(announce(a))).await.is_err() {
                                 return;
                             }
                         }
@@ -838,9 +875,7 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
-                if sent.insert(connection)
-                    && tx.send(Ok(pb::EgressAccept { connection })).await.is_err()
-                {
+                if sent.insert(a.id) && tx.send(Ok(announce(a))).await.is_err() {
                     return;
                 }
             }
@@ -862,9 +897,23 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
             .await?
             .ok_or_else(|| Status::invalid_argument("the first message names the connection"))?;
         let id = first.connection;
-        let conn = relay
-            .take(id)
-            .ok_or_else(|| Status::not_found(format!("no accepted connection {id} is waiting")))?;
+        let conn = match relay.take(id) {
+            None => {
+                return Err(Status::not_found(format!(
+                    "no accepted connection {id} is waiting"
+                )))
+            }
+            Some(crate::egress::Waiting::Dns {
+                query,
+                from,
+                socket,
+            }) => {
+                return Ok(Response::new(answer_query(
+                    id, query, from, socket, inbound,
+                )))
+            }
+            Some(crate::egress::Waiting::Tcp(conn)) => conn,
+        };
         let (mut from_command, mut to_command) = conn.into_split();
         let (tx, rx) = mpsc::channel(16);
         let reading = tokio::spawn(async move {

@@ -17,5 +17,6 @@ pub mod address;
 pub mod dns;
 pub mod proxy;
 pub mod relay;
+pub mod resolver;
 pub mod sni;
 pub mod target;

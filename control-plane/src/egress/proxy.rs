@@ -106,9 +106,9 @@ pub struct Outcome {
 }
 
 pub struct Proxy {
-    guard: Guard,
-    resolve: Resolve,
-    settings: Settings,
+    pub(super) guard: Guard,
+    pub(super) resolve: Resolve,
+    pub(super) settings: Settings,
 }
 
 impl Proxy {
@@ -1025,6 +1025,130 @@ when { resource.owner == principal.owner && context.host == "held.test" };
             .decide(&expired[0].id, &operator, true, "too late", "req-2")
             .await;
         assert!(late.is_err());
+    }
+
+    /// A DNS query for `name`, of `kind`, as a sandbox's resolver library
+    /// sends it.
+    fn dns_query(id: u16, name: &str, kind: hickory_proto::rr::RecordType) -> Vec<u8> {
+        use hickory_proto::op::{Message, Query};
+        use hickory_proto::rr::Name;
+        let mut m = Message::new();
+        m.set_id(id).set_recursion_desired(true);
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), kind));
+        m.to_vec().unwrap()
+    }
+
+    /// The sandbox's resolver answers a name policy allows with what the
+    /// host resolves, and every other name with NXDOMAIN without looking
+    /// it up (an exfiltration-shaped label, a name policy denies); other
+    /// record types get no records; each answer is on the audit log.
+    #[tokio::test]
+    async fn the_resolver_answers_only_names_policy_allows() {
+        use hickory_proto::op::{Message, ResponseCode};
+        use hickory_proto::rr::{RData, RecordType};
+        let world = world().await;
+        let lookups = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = lookups.clone();
+        let resolve: Resolve = Arc::new(move |host, _port| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(host, "allowed.test.", "looked up fully qualified");
+            Box::pin(async move {
+                Ok(vec![
+                    "203.0.113.7:0".parse().unwrap(),
+                    "[2001:db8::7]:0".parse().unwrap(),
+                    "203.0.113.7:0".parse().unwrap(),
+                ])
+            })
+        });
+        let proxy = Proxy::new(world.guard.clone(), resolve, Settings::default());
+        let ask = |id, name: &str, kind| {
+            let proxy = &proxy;
+            let query = dns_query(id, name, kind);
+            async move {
+                let answer = proxy.answer_dns(&origin(), &query).await.unwrap();
+                Message::from_vec(&answer).unwrap()
+            }
+        };
+        let allowed = ask(7, "allowed.test.", RecordType::A).await;
+        assert_eq!(allowed.id(), 7);
+        assert_eq!(allowed.response_code(), ResponseCode::NoError);
+        let found: Vec<_> = allowed.answers().iter().map(|r| r.data().clone()).collect();
+        assert_eq!(
+            found,
+            vec![RData::A(
+                "203.0.113.7".parse::<std::net::Ipv4Addr>().unwrap().into()
+            )]
+        );
+        let six = ask(8, "allowed.test.", RecordType::AAAA).await;
+        assert_eq!(six.answers().len(), 1);
+        assert_eq!(lookups.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+        // Refused without a lookup: a name policy denies, a label carrying
+        // data; a TXT record of an allowed name has no records.
+        for name in ["nope.example.", "mzxw6ytboi4dgnzzhe2tkmbt.allowed.test."] {
+            let refused = ask(9, name, RecordType::A).await;
+            assert_eq!(refused.response_code(), ResponseCode::NXDomain, "{name}");
+            assert!(refused.answers().is_empty());
+        }
+        let txt = ask(10, "allowed.test.", RecordType::TXT).await;
+        assert_eq!(txt.response_code(), ResponseCode::NoError);
+        assert!(txt.answers().is_empty());
+        assert_eq!(lookups.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+        // Not a DNS message: no answer; two questions: FORMERR.
+        assert!(proxy
+            .answer_dns(&origin(), b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .is_none());
+        let mut two = Message::from_vec(&dns_query(11, "allowed.test.", RecordType::A)).unwrap();
+        two.add_query(hickory_proto::op::Query::query(
+            hickory_proto::rr::Name::from_ascii("nope.example.").unwrap(),
+            RecordType::A,
+        ));
+        let answer = proxy
+            .answer_dns(&origin(), &two.to_vec().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            Message::from_vec(&answer).unwrap().response_code(),
+            ResponseCode::FormErr
+        );
+
+        // Each answer on the record, with the decision.
+        let (entries, _) = world
+            .guard
+            .audit
+            .entries_after(0, 0, 0, 1000)
+            .await
+            .unwrap();
+        let dns: Vec<String> = entries
+            .iter()
+            .filter(|(e, _)| e.action == "egress/dns")
+            .map(|(e, _)| format!("{} {}", e.decision, e.outcome))
+            .collect();
+        assert_eq!(dns.len(), 5, "{dns:#?}");
+        assert_eq!(dns[0], "allow A allowed.test: NOERROR 203.0.113.7");
+        assert_eq!(dns[1], "allow AAAA allowed.test: NOERROR 2001:db8::7");
+        assert!(
+            dns[2].starts_with("deny A nope.example: NXDOMAIN"),
+            "{}",
+            dns[2]
+        );
+        assert!(
+            dns[3].starts_with(
+                " A mzxw6ytboi4dgnzzhe2tkmbt.allowed.test: NXDOMAIN (the name is refused"
+            ),
+            "{}",
+            dns[3]
+        );
+        let decided = entries
+            .iter()
+            .filter(|(e, _)| e.action == "egress/network.resolve")
+            .count();
+        assert_eq!(
+            decided, 4,
+            "each name that reached policy was decided on the record"
+        );
     }
 
     /// A name is looked up only once policy let it be resolved, and never

@@ -29,6 +29,8 @@ const CHUNK: usize = 64 << 10;
 /// Connections of one sandbox carried at once; more wait in its agent (which
 /// keeps 256 and closes the rest).
 const MAX_CONNECTIONS: usize = 64;
+/// A DNS query is at most this long.
+const MAX_QUERY: usize = 4096;
 
 /// Keeps a follower on every running `egress` sandbox until `stop`.
 pub async fn follow_all<R: Runtime>(
@@ -96,12 +98,57 @@ async fn follow(
         };
         let (agent, proxy) = (agent.clone(), proxy.clone());
         tokio::spawn(async move {
-            if let Err(e) = carry(agent, &proxy, &origin, a.connection).await {
+            let carried = if a.dns {
+                answer(agent, &proxy, &origin, a.connection).await
+            } else {
+                carry(agent, &proxy, &origin, a.connection).await
+            };
+            if let Err(e) = carried {
                 tracing::debug!(sandbox = %origin.sandbox_id, connection = origin.connection, "egress connection: {e}");
             }
             drop(slot);
         });
     }
+    Ok(())
+}
+
+/// Answers one DNS query: its bytes (one message from the agent, at most
+/// [`MAX_QUERY`]), and the answer back as one message.
+async fn answer(
+    mut agent: SandboxAgentClient<Channel>,
+    proxy: &Proxy,
+    origin: &Origin,
+    connection: u64,
+) -> Result<(), tonic::Status> {
+    let (to_agent, rx) = mpsc::channel::<agent_pb::EgressChunk>(2);
+    let _ = to_agent
+        .send(agent_pb::EgressChunk {
+            connection,
+            data: Bytes::new(),
+            eof: false,
+        })
+        .await;
+    let mut from_agent = agent
+        .egress_connection(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let query = tokio::time::timeout(Duration::from_secs(5), from_agent.message())
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("the query did not come"))??
+        .ok_or_else(|| tonic::Status::aborted("the agent sent no query"))?;
+    if query.data.len() > MAX_QUERY {
+        return Err(tonic::Status::invalid_argument("the query is too long"));
+    }
+    let Some(answer) = proxy.answer_dns(origin, &query.data).await else {
+        return Ok(());
+    };
+    let _ = to_agent
+        .send(agent_pb::EgressChunk {
+            connection,
+            data: answer.into(),
+            eof: true,
+        })
+        .await;
     Ok(())
 }
 

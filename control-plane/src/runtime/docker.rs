@@ -16,7 +16,9 @@ use bollard::query_parameters::{
 };
 use futures::StreamExt;
 
-use super::{ContainerSpec, ContainerStatus, Error, Exit, Network, Runtime, EGRESS_PROXY};
+use super::{
+    ContainerSpec, ContainerStatus, Error, Exit, Network, Runtime, EGRESS_DNS, EGRESS_PROXY,
+};
 use crate::config::DockerConfig;
 
 // All three are in `config::OWN_DOCKER_LABELS`, which `docker.labels` may
@@ -180,6 +182,16 @@ impl Runtime for Docker {
                     ("max-file".to_string(), "2".to_string()),
                 ])),
             }),
+            // An egress sandbox's resolver is its agent's relay, on port 53
+            // of its own loopback (which its unprivileged agent may bind
+            // only when the namespace's unprivileged ports start there).
+            dns: (spec.network == Network::Egress).then(|| vec!["127.0.0.1".to_string()]),
+            sysctls: (spec.network == Network::Egress).then(|| {
+                HashMap::from([(
+                    "net.ipv4.ip_unprivileged_port_start".to_string(),
+                    "53".to_string(),
+                )])
+            }),
             network_mode: Some(
                 match spec.network {
                     Network::None | Network::Egress => "none",
@@ -203,6 +215,7 @@ impl Runtime for Docker {
                 ];
                 if spec.network == Network::Egress {
                     env.push(format!("BRIDLE_AGENT_EGRESS_PROXY={EGRESS_PROXY}"));
+                    env.push(format!("BRIDLE_AGENT_EGRESS_DNS={EGRESS_DNS}"));
                     // What ordinary tools read (curl, pip, git, npm, wget).
                     let proxy = format!("http://{EGRESS_PROXY}");
                     for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {

@@ -22,6 +22,9 @@ pub enum Error {
 
 /// Where an `egress` sandbox's relay listens, on its own loopback.
 pub const EGRESS_PROXY: &str = "127.0.0.1:3128";
+/// Where an `egress` sandbox's agent answers DNS queries (its
+/// `/etc/resolv.conf` names it).
+pub const EGRESS_DNS: &str = "127.0.0.1:53";
 
 /// The network a sandbox's container is attached to. Part of a sandbox's
 /// stored spec (`sandboxes::Spec`), so its serialized form is kept stable.
