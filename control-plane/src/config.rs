@@ -81,9 +81,76 @@ pub struct EgressConfig {
     /// Names the proxy resolves to these addresses instead of asking DNS
     /// (pinned hosts, test servers).
     pub hosts: std::collections::BTreeMap<String, String>,
+    /// Credentials the proxy adds to a host's requests, so that commands
+    /// use a service without ever reading its secret (`[[egress.credentials]]`).
+    pub credentials: Vec<EgressCredential>,
+}
+
+/// A header the proxy sets on every plain-HTTP request to `host` (and
+/// `port`, when given), its value read at start from the environment
+/// variable `value_env` or the file `value_file`. What a command sent in
+/// that header is replaced. HTTPS requests cannot be given one: their
+/// headers are encrypted between the command and the server.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EgressCredential {
+    pub host: String,
+    pub port: Option<u16>,
+    pub header: String,
+    pub value_env: String,
+    pub value_file: String,
 }
 
 impl EgressConfig {
+    /// `credentials` with their values read (from the environment or the
+    /// file each names) and checked.
+    pub fn credentials(&self) -> Result<Vec<crate::egress::proxy::Credential>, Error> {
+        self.credentials
+            .iter()
+            .map(|c| {
+                let at = format!("egress.credentials for {:?}", c.host);
+                let host = c.host.trim_end_matches('.').to_ascii_lowercase();
+                if host.is_empty() {
+                    return Err(Error::Invalid(format!("{at}: host is required")));
+                }
+                let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+                if c.header.is_empty() || !c.header.bytes().all(token) {
+                    return Err(Error::Invalid(format!(
+                        "{at}: header {:?} is not a header name",
+                        c.header
+                    )));
+                }
+                let value = match (c.value_env.is_empty(), c.value_file.is_empty()) {
+                    (false, true) => std::env::var(&c.value_env).map_err(|_| {
+                        Error::Invalid(format!("{at}: the variable {} is not set", c.value_env))
+                    })?,
+                    (true, false) => std::fs::read_to_string(&c.value_file)
+                        .map_err(|e| {
+                            Error::Invalid(format!("{at}: reading {}: {e}", c.value_file))
+                        })?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string(),
+                    _ => {
+                        return Err(Error::Invalid(format!(
+                            "{at}: set one of value_env and value_file"
+                        )))
+                    }
+                };
+                if value.is_empty() || value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                    return Err(Error::Invalid(format!(
+                        "{at}: the value is empty or has a line break"
+                    )));
+                }
+                Ok(crate::egress::proxy::Credential {
+                    host,
+                    port: c.port,
+                    header: c.header.clone(),
+                    value,
+                })
+            })
+            .collect()
+    }
+
     /// `treat_as_public` parsed.
     pub fn public_networks(&self) -> Result<Vec<(std::net::IpAddr, u8)>, Error> {
         self.treat_as_public
@@ -732,6 +799,7 @@ impl Config {
             ));
         }
         self.egress.public_networks()?;
+        self.egress.credentials()?;
         for (name, addr) in &self.egress.hosts {
             if addr.parse::<std::net::IpAddr>().is_err() {
                 return Err(Error::Invalid(format!(

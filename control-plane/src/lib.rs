@@ -186,6 +186,7 @@ pub async fn run(
         });
         let settings = egress::proxy::Settings {
             treat_as_public: config.egress.public_networks()?,
+            credentials: config.egress.credentials()?,
             ..Default::default()
         };
         std::sync::Arc::new(egress::proxy::Proxy::new(guard.clone(), resolve, settings))

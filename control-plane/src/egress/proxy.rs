@@ -62,6 +62,30 @@ pub struct Settings {
     /// Private networks taken as public (a lab's or a test suite's network
     /// that stands in for the internet); none in production.
     pub treat_as_public: Vec<(IpAddr, u8)>,
+    /// Headers added to plain-HTTP requests to a host (`[[egress.credentials]]`).
+    pub credentials: Vec<Credential>,
+}
+
+/// A header the proxy sets on a host's plain-HTTP requests: the sandbox
+/// uses the service without ever holding the secret.
+#[derive(Clone)]
+pub struct Credential {
+    /// Lower case, without a trailing dot.
+    pub host: String,
+    /// None: any port.
+    pub port: Option<u16>,
+    pub header: String,
+    pub value: String,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Credential({} {:?} {}: ***)",
+            self.host, self.port, self.header
+        )
+    }
 }
 
 impl Default for Settings {
@@ -72,6 +96,7 @@ impl Default for Settings {
             approval_wait: Duration::from_secs(120),
             idle_timeout: Duration::from_secs(300),
             treat_as_public: Vec::new(),
+            credentials: Vec::new(),
         }
     }
 }
@@ -97,6 +122,8 @@ pub struct Outcome {
     pub decision: String,
     /// The approval the connection went ahead on, if it needed one.
     pub approval: String,
+    /// The header of the credential the proxy added, if it added one.
+    pub credential: String,
     /// Bytes from the sandbox out, and back in.
     pub bytes_out: u64,
     pub bytes_in: u64,
@@ -237,8 +264,20 @@ impl Proxy {
                 }
             }
             Scheme::Http => {
+                let credential = self
+                    .settings
+                    .credentials
+                    .iter()
+                    .find(|c| c.host == target.host && c.port.is_none_or(|p| p == target.port));
+                let head = match credential {
+                    Some(c) => {
+                        outcome.credential = c.header.clone();
+                        target::with_header(&target.forward_head, &c.header, &c.value)
+                    }
+                    None => target.forward_head.clone(),
+                };
                 upstream
-                    .write_all(&target.forward_head)
+                    .write_all(&head)
                     .await
                     .map_err(|e| format!("sending the request on: {e}"))?;
             }
@@ -282,6 +321,9 @@ impl Proxy {
         };
         if !outcome.approval.is_empty() {
             how = format!("approval {}; {how}", outcome.approval);
+        }
+        if !outcome.credential.is_empty() {
+            how = format!("credential {} added; {how}", outcome.credential);
         }
         let entry = crate::audit::Entry {
             unix_ms: crate::clock::now_ms(),
@@ -940,6 +982,73 @@ when { resource.owner == principal.owner && context.host == "held.test" };
         assert!(summary.contains("held.test"), "{summary}");
         assert!(answer.ends_with("hello"), "{answer}");
         assert_eq!(outcome.decision, "require_approval");
+    }
+
+    /// A credential configured for a host is added to its plain-HTTP
+    /// requests by the proxy (the sandbox never holds it); what the command
+    /// sent in that header is replaced, and other hosts never get it.
+    #[tokio::test]
+    async fn the_proxy_adds_a_hosts_credential_and_only_to_that_host() {
+        let world = world().await;
+        let (addr, mut heads) = upstream(false).await;
+        let settings = Settings {
+            credentials: vec![Credential {
+                host: "allowed.test".into(),
+                port: None,
+                header: "Authorization".into(),
+                value: "Bearer s3cr3t-token".into(),
+            }],
+            ..Settings::default()
+        };
+        let proxy = Arc::new(Proxy::new(world.guard.clone(), resolver(addr), settings));
+        let (answer, outcome) = through(
+            &proxy,
+            b"GET http://allowed.test/repo HTTP/1.1\r\nauthorization: Bearer forged\r\n\r\n",
+        )
+        .await;
+        assert!(answer.ends_with("hello"), "{answer}");
+        assert_eq!(outcome.credential, "Authorization");
+        assert!(!answer.contains("s3cr3t"), "{answer}");
+        let head = tokio::time::timeout(Duration::from_secs(30), heads.recv())
+            .await
+            .expect("the upstream got the request")
+            .unwrap();
+        let head = String::from_utf8(head).unwrap();
+        assert!(
+            head.contains("\r\nAuthorization: Bearer s3cr3t-token\r\n\r\n"),
+            "{head}"
+        );
+        assert!(!head.contains("forged"), "{head}");
+        assert!(head.starts_with("GET /repo HTTP/1.1\r\n"), "{head}");
+
+        // The held host is not the credential's: it never gets it.
+        let settings = Settings {
+            credentials: proxy.settings.credentials.clone(),
+            ..Settings::default()
+        };
+        let other = Arc::new(Proxy::new(world.guard.clone(), resolver(addr), settings));
+        let request = format!("GET http://127.0.0.1:{}/ HTTP/1.1\r\n\r\n", addr.port());
+        let (answer, outcome) = through(&other, request.as_bytes()).await;
+        assert!(answer.ends_with("hello"), "{answer}");
+        assert_eq!(outcome.credential, "");
+        let head = tokio::time::timeout(Duration::from_secs(30), heads.recv())
+            .await
+            .expect("the upstream got the request")
+            .unwrap();
+        let head = String::from_utf8(head).unwrap();
+        assert!(!head.contains("s3cr3t"), "{head}");
+        let (entries, _) = world
+            .guard
+            .audit
+            .entries_after(0, 0, 0, 1000)
+            .await
+            .unwrap();
+        assert!(
+            entries
+                .iter()
+                .all(|(e, _)| !format!("{e:?}").contains("s3cr3t")),
+            "the value is never on the record"
+        );
     }
 
     /// An approver who remembers an approval lets the sandbox's later

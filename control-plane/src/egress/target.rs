@@ -174,6 +174,28 @@ pub fn parse(buf: &[u8]) -> Result<Target, HeadError> {
     })
 }
 
+/// `head` (a request head ending with its empty line) with header `name`
+/// set to `value`: every field of that name the client sent is dropped, and
+/// the one line added before the empty line. `value` has no line break (the
+/// config refuses one).
+pub fn with_header(head: &[u8], name: &str, value: &str) -> Vec<u8> {
+    let text = String::from_utf8_lossy(head);
+    let mut lines: Vec<&str> = text
+        .trim_end_matches("\r\n")
+        .split("\r\n")
+        .filter(|line| {
+            !line
+                .split_once(':')
+                .is_some_and(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        })
+        .collect();
+    let added = format!("{name}: {value}");
+    lines.push(&added);
+    let mut out = lines.join("\r\n");
+    out.push_str("\r\n\r\n");
+    out.into_bytes()
+}
+
 fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     let head = s.get(..prefix.len())?;
     head.eq_ignore_ascii_case(prefix)
