@@ -29,7 +29,18 @@ when { resource.owner == principal.owner && context.host like "*.test" };
 @id("test-egress-allowed")
 permit (principal, action == Bridle::Action::"network.connect", resource)
 when { resource.owner == principal.owner && context.host == "allowed.test" };
+
+@id("test-egress-held")
+@approval("a person looks at new hosts first")
+permit (principal, action == Bridle::Action::"network.connect", resource)
+when { resource.owner == principal.owner && context.host == "held.test" };
 "#;
+
+/// What the upstream wants for `/private/` (busybox httpd's basic auth),
+/// and what the proxy adds for `allowed.test` from its config: the sandbox
+/// never holds it.
+const UPSTREAM_USER: &str = "alice:s3cret-upstream";
+const UPSTREAM_AUTH: &str = "Basic YWxpY2U6czNjcmV0LXVwc3RyZWFt";
 
 /// A web server (busybox httpd) in a container on a network of its own,
 /// serving `/simple/` as `hello from upstream`; removed with its network
@@ -79,13 +90,14 @@ impl Upstream {
             "/bin/busybox",
         ];
         run.extend(&labels);
-        run.extend([
-            image.as_str(),
-            "sh",
-            "-c",
-            "mkdir -p /tmp/www/simple && echo hello from upstream > /tmp/www/simple/index.html \
-             && exec busybox httpd -f -p 8080 -h /tmp/www",
-        ]);
+        let serve = format!(
+            "mkdir -p /tmp/www/simple /tmp/www/private \
+             && echo hello from upstream > /tmp/www/simple/index.html \
+             && echo the private page > /tmp/www/private/index.html \
+             && echo /private:{UPSTREAM_USER} > /tmp/httpd.conf \
+             && exec busybox httpd -f -p 8080 -h /tmp/www -c /tmp/httpd.conf"
+        );
+        run.extend([image.as_str(), "sh", "-c", &serve]);
         let container = docker(&run);
         let ip = docker(&[
             "inspect",
@@ -122,10 +134,19 @@ async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
     let port = 8080;
     let public = format!("egress.treat_as_public=[{:?}]", upstream.subnet);
     let hosts = format!(
-        r#"egress.hosts={{ "allowed.test" = {ip:?}, "evil.test" = {ip:?}, "internal.test" = "10.0.0.5" }}"#,
+        r#"egress.hosts={{ "allowed.test" = {ip:?}, "evil.test" = {ip:?}, "held.test" = {ip:?}, "internal.test" = "10.0.0.5" }}"#,
         ip = upstream.ip
     );
-    let cp = ControlPlane::start(&[&public, &hosts]).await.unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let auth_file = secrets.path().join("upstream-auth");
+    std::fs::write(&auth_file, format!("{UPSTREAM_AUTH}\n")).unwrap();
+    let credentials = format!(
+        r#"egress.credentials=[{{ host = "allowed.test", header = "Authorization", value_file = {:?} }}]"#,
+        auth_file.display().to_string()
+    );
+    let cp = ControlPlane::start(&[&public, &hosts, &credentials])
+        .await
+        .unwrap();
     let defaults =
         std::fs::read_to_string(bridle_tests::repo_root().join("deploy/policies/default.cedar"))
             .unwrap();
@@ -167,6 +188,150 @@ async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
     })
     .await;
     assert_eq!(fetched.unwrap().stdout_str(), "hello from upstream\n");
+
+    // The private page needs the upstream's credential, which the proxy
+    // adds: the sandbox uses it without ever holding it.
+    let private = exec(
+        &mut sandboxes,
+        &sb.id,
+        shell(&format!("wget -q -O- http://allowed.test:{port}/private/")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(private.stdout_str(), "the private page\n", "{private:?}");
+    let looked = exec(
+        &mut sandboxes,
+        &sb.id,
+        shell("env; cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline; ls -la /workspace /tmp /run/bridle; true"),
+    )
+    .await
+    .unwrap();
+    let seen = format!("{}{}", looked.stdout_str(), looked.stderr_str());
+    assert!(
+        !seen.contains("YWxpY2U6") && !seen.contains("s3cret"),
+        "{seen}"
+    );
+
+    // The sandbox's resolver: names policy lets be resolved are answered
+    // (what the host resolves), others are NXDOMAIN, data-shaped labels
+    // are refused, and an outside resolver is unreachable.
+    let found = exec(&mut sandboxes, &sb.id, shell("nslookup allowed.test"))
+        .await
+        .unwrap();
+    assert_eq!(found.code(), Some(0), "{found:?}");
+    assert!(found.stdout_str().contains(&upstream.ip), "{found:?}");
+    for name in [
+        "nope.example",
+        "mzxw6ytboi4dgnzzhe2tkmbtgq4dsmrzgiztcnzr.allowed.test",
+    ] {
+        let refused = exec(
+            &mut sandboxes,
+            &sb.id,
+            shell(&format!("nslookup {name} 2>&1")),
+        )
+        .await
+        .unwrap();
+        let out = refused.stdout_str();
+        assert!(
+            out.contains("NXDOMAIN") && !out.contains(&upstream.ip),
+            "{name}: {out}"
+        );
+    }
+    let outside = exec(
+        &mut sandboxes,
+        &sb.id,
+        shell("timeout 5 nslookup allowed.test 8.8.8.8 2>&1; echo exit=$?"),
+    )
+    .await
+    .unwrap();
+    assert!(!outside.stdout_str().contains("exit=0"), "{outside:?}");
+    assert!(!outside.stdout_str().contains(&upstream.ip), "{outside:?}");
+
+    // A host held for approval waits for an operator (never the sandbox's
+    // owner), who lets it through and remembers it: the next connection
+    // to that host goes ahead without asking again.
+    let ops = cp.token(pb::Role::Operator, "ops").await.unwrap();
+    let mut approvals = cp.approvals(&ops).await.unwrap();
+    let held_url = format!("http://held.test:{port}/simple/");
+    let waiting = {
+        let mut sandboxes = cp.sandboxes(&alice).await.unwrap();
+        let (id, url) = (sb.id.clone(), held_url.clone());
+        tokio::spawn(async move {
+            exec(&mut sandboxes, &id, shell(&format!("wget -q -O- {url}")))
+                .await
+                .unwrap()
+        })
+    };
+    let pending = bridle_tests::until(
+        "the held connection's approval",
+        async || {
+            bounded(
+                "Approvals/List",
+                approvals.list(pb::ListApprovalsRequest {
+                    states: vec![pb::ApprovalState::Pending as i32],
+                    ..Default::default()
+                }),
+            )
+            .await
+            .unwrap()
+            .into_inner()
+            .approvals
+        },
+        |pending| !pending.is_empty(),
+    )
+    .await;
+    let held = &pending[0];
+    assert_eq!(held.scope, format!("network.connect held.test:{port}"));
+    let mut own = cp.approvals(&alice).await.unwrap();
+    let refused = bounded(
+        "Approvals/Decide",
+        own.decide(pb::DecideApprovalRequest {
+            approval_id: held.id.clone(),
+            approve: true,
+            reason: "my own sandbox".into(),
+            remember: false,
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let out = cli(
+        &cp,
+        &ops,
+        &[
+            "approvals",
+            "approve",
+            &held.id,
+            "--reason",
+            "our mirror",
+            "--remember",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let waited = waiting.await.unwrap();
+    assert_eq!(waited.stdout_str(), "hello from upstream\n", "{waited:?}");
+    let again = exec(
+        &mut sandboxes,
+        &sb.id,
+        shell(&format!("wget -q -O- {held_url}")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.stdout_str(), "hello from upstream\n", "{again:?}");
+    let all = bounded(
+        "Approvals/List",
+        approvals.list(pb::ListApprovalsRequest::default()),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+    .approvals;
+    assert_eq!(
+        all.len(),
+        1,
+        "the remembered approval covered the second: {all:?}"
+    );
 
     // A host policy does not allow: refused with a 403 naming the policy.
     let denied = exec(
@@ -245,8 +410,29 @@ async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
             && has("egress/network.connect_private", "deny", "169.254.169.254")
             && has("egress/network.connect_private", "deny", "internal.test")
             && has("egress/connection", "allow", "bytes out")
+            && has(
+                "egress/connection",
+                "allow",
+                "credential Authorization added",
+            )
+            && has("egress/connection", "require_approval", "(remembered)")
+            && has(
+                "egress/dns",
+                "allow",
+                &format!("A allowed.test: NOERROR {}", upstream.ip),
+            )
+            && has("egress/dns", "deny", "nope.example: NXDOMAIN")
+            && has("egress/dns", "", "NXDOMAIN (the name is refused")
     })
     .await;
+    // The credential's value is never on the record.
+    let everything = cli(&cp, &auditor, &["audit", "query", "-o", "json"]).await;
+    assert!(everything.status.success());
+    let everything = String::from_utf8_lossy(&everything.stdout);
+    assert!(
+        !everything.contains("YWxpY2U6"),
+        "the credential is on the record"
+    );
     // The same, by sandbox.
     let log = cli(&cp, &auditor, &["sandbox", "net-log", &sb.id]).await;
     let log = String::from_utf8_lossy(&log.stdout);

@@ -149,6 +149,13 @@ async fn answer(
             eof: true,
         })
         .await;
+    // Held open until the agent has it (its side ends once the answer is
+    // sent on): dropping the call first would cancel it with the answer
+    // still on the way.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = from_agent.message().await {}
+    })
+    .await;
     Ok(())
 }
 
