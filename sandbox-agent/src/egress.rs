@@ -17,7 +17,7 @@ use tokio::sync::broadcast;
 
 /// Connections and queries accepted and not yet taken by the control plane,
 /// at most.
-pub const MAX_PENDING: usize = 256;
+pub const MAX_PENDING: usize = 1024;
 /// An accepted connection nobody takes within this is closed.
 pub const PENDING_FOR: Duration = Duration::from_secs(60);
 /// A DNS query over UDP is at most this long (larger datagrams are cut, and

@@ -438,6 +438,37 @@ pub async fn exec(
     .await
 }
 
+/// Writes `data` to `path` in a sandbox's workspace, with `mode`, through
+/// the control plane.
+pub async fn put_file(
+    client: &mut Sandboxes,
+    sandbox_id: &str,
+    path: &str,
+    mode: u32,
+    data: &[u8],
+) -> Result<(), tonic::Status> {
+    let mut msgs = vec![pb::WriteFileRequest {
+        request: Some(pb::write_file_request::Request::Header(
+            pb::WriteFileHeader {
+                sandbox_id: sandbox_id.into(),
+                file: Some(bridle_proto::sandbox::v1::WriteFileHeader {
+                    path: path.into(),
+                    mode,
+                    ..Default::default()
+                }),
+            },
+        )),
+    }];
+    msgs.extend(data.chunks(1 << 20).map(|d| pb::WriteFileRequest {
+        request: Some(pb::write_file_request::Request::Data(
+            bytes::Bytes::copy_from_slice(d),
+        )),
+    }));
+    let what = format!("writing {path} in {sandbox_id}");
+    crate::bounded(&what, client.write_file(futures::stream::iter(msgs))).await?;
+    Ok(())
+}
+
 /// Starts a command through the control plane and hands back the request
 /// sender and the event stream.
 pub async fn exec_interactive(

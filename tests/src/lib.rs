@@ -17,6 +17,7 @@ pub mod docker;
 pub mod host;
 pub mod sweep;
 pub mod tarcraft;
+pub mod upstream;
 
 use std::io::Read;
 use std::path::PathBuf;

@@ -16,7 +16,7 @@
 //!   container or on another machine that share the Docker daemon are not
 //!   in this `/proc`, and would all look gone.
 //!
-//! The temporary directories the tests make (`bridle-cp-*`, `bridle-host-*`,
+//! The temporary directories the tests make (`bridle-cp-*`, `bridle-host-*`, `bridle-upstream-*`,
 //! `bridle-sock-*`) hold the same two values in a file at their top,
 //! [`MARKER`].
 //!
@@ -55,7 +55,12 @@ pub const SCOPE_LABEL: &str = "bridle.test.scope";
 /// then its scope's.
 pub const MARKER: &str = "bridle-test-owner";
 /// How the names of the temporary directories the tests make start.
-pub const TEMP_PREFIXES: [&str; 3] = ["bridle-cp-", "bridle-host-", "bridle-sock-"];
+pub const TEMP_PREFIXES: [&str; 4] = [
+    "bridle-cp-",
+    "bridle-host-",
+    "bridle-sock-",
+    "bridle-upstream-",
+];
 /// How the tags of the images [`crate::docker::ensure_image`] builds start.
 pub const TEST_IMAGE_PREFIX: &str = "bridle-sandbox:test-";
 

@@ -9,8 +9,9 @@
 
 use bridle_proto::control::v1 as pb;
 use bridle_tests::client::shell;
-use bridle_tests::control::{cli, exec, ControlPlane};
+use bridle_tests::control::{cli, exec, put_file, ControlPlane};
 use bridle_tests::docker::require_docker;
+use bridle_tests::upstream::{Upstream, TLS_NAME, UPSTREAM_AUTH};
 use bridle_tests::{bounded, eventually, PATIENCE};
 
 macro_rules! needs_docker {
@@ -28,7 +29,10 @@ when { resource.owner == principal.owner && context.host like "*.test" };
 
 @id("test-egress-allowed")
 permit (principal, action == Bridle::Action::"network.connect", resource)
-when { resource.owner == principal.owner && context.host == "allowed.test" };
+when {
+  resource.owner == principal.owner &&
+  (context.host == "allowed.test" || context.host == "secure.test")
+};
 
 @id("test-egress-held")
 @approval("a person looks at new hosts first")
@@ -36,106 +40,22 @@ permit (principal, action == Bridle::Action::"network.connect", resource)
 when { resource.owner == principal.owner && context.host == "held.test" };
 "#;
 
-/// What the upstream wants for `/private/` (busybox httpd's basic auth),
-/// and what the proxy adds for `allowed.test` from its config: the sandbox
-/// never holds it.
-const UPSTREAM_USER: &str = "alice:s3cret-upstream";
-const UPSTREAM_AUTH: &str = "Basic YWxpY2U6czNjcmV0LXVwc3RyZWFt";
-
-/// A web server (busybox httpd) in a container on a network of its own,
-/// serving `/simple/` as `hello from upstream`; removed with its network
-/// when dropped (and swept by label if the test dies first).
-struct Upstream {
-    container: String,
-    network: String,
-    ip: String,
-    subnet: String,
-}
-
-fn docker(args: &[&str]) -> String {
-    let mut cmd = std::process::Command::new("docker");
-    cmd.args(args);
-    let out = bridle_tests::output_within(&mut cmd, PATIENCE).unwrap();
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-impl Upstream {
-    fn start() -> Upstream {
-        let image = bridle_tests::docker::ensure_image().unwrap();
-        let labels = bridle_tests::sweep::label_args();
-        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-        let network = format!("bridle-egress-test-{}", std::process::id());
-        let mut create = vec!["network", "create"];
-        create.extend(&labels);
-        create.push(&network);
-        docker(&create);
-        let subnet = docker(&[
-            "network",
-            "inspect",
-            "-f",
-            "{{(index .IPAM.Config 0).Subnet}}",
-            &network,
-        ]);
-        let mut run = vec![
-            "run",
-            "-d",
-            "--network",
-            &network,
-            "--entrypoint",
-            "/bin/busybox",
-        ];
-        run.extend(&labels);
-        let serve = format!(
-            "mkdir -p /tmp/www/simple /tmp/www/private \
-             && echo hello from upstream > /tmp/www/simple/index.html \
-             && echo the private page > /tmp/www/private/index.html \
-             && echo /private:{UPSTREAM_USER} > /tmp/httpd.conf \
-             && exec busybox httpd -f -p 8080 -h /tmp/www -c /tmp/httpd.conf"
-        );
-        run.extend([image.as_str(), "sh", "-c", &serve]);
-        let container = docker(&run);
-        let ip = docker(&[
-            "inspect",
-            "-f",
-            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-            &container,
-        ]);
-        Upstream {
-            container,
-            network,
-            ip,
-            subnet,
-        }
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        for args in [
-            vec!["rm", "-f", self.container.as_str()],
-            vec!["network", "rm", self.network.as_str()],
-        ] {
-            let mut cmd = std::process::Command::new("docker");
-            cmd.args(&args);
-            let _ = bridle_tests::output_within(&mut cmd, PATIENCE);
-        }
-    }
+/// The peer that runs in the sandbox (an HTTPS client, a flood, a
+/// slowloris).
+fn peer() -> Vec<u8> {
+    std::fs::read(bridle_tests::workspace_binary("bridle-tests", "egress-peer").unwrap()).unwrap()
 }
 
 #[tokio::test]
 async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
     needs_docker!();
-    let upstream = Upstream::start();
+    let upstream = Upstream::start().unwrap();
     let port = 8080;
     let public = format!("egress.treat_as_public=[{:?}]", upstream.subnet);
     let hosts = format!(
-        r#"egress.hosts={{ "allowed.test" = {ip:?}, "evil.test" = {ip:?}, "held.test" = {ip:?}, "internal.test" = "10.0.0.5" }}"#,
-        ip = upstream.ip
+        r#"egress.hosts={{ "allowed.test" = {ip:?}, "evil.test" = {ip:?}, "held.test" = {ip:?}, "internal.test" = "10.0.0.5", {TLS_NAME:?} = {tls:?} }}"#,
+        ip = upstream.web_ip,
+        tls = upstream.tls_ip,
     );
     let secrets = tempfile::tempdir().unwrap();
     let auth_file = secrets.path().join("upstream-auth");
@@ -189,6 +109,43 @@ async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
     .await;
     assert_eq!(fetched.unwrap().stdout_str(), "hello from upstream\n");
 
+    // HTTPS as a package manager does it: an ordinary client taking the
+    // proxy from the environment, a CONNECT, the TLS server name read by
+    // the proxy and matching the host, the server's certificate checked
+    // end to end (the proxy never sees inside).
+    put_file(&mut sandboxes, &sb.id, "peer", 0o755, &peer())
+        .await
+        .unwrap();
+    put_file(
+        &mut sandboxes,
+        &sb.id,
+        "upstream-ca.crt",
+        0o644,
+        upstream.ca_pem.as_bytes(),
+    )
+    .await
+    .unwrap();
+    let https = exec(
+        &mut sandboxes,
+        &sb.id,
+        shell(&format!(
+            "./peer fetch https://{TLS_NAME}/simple/ upstream-ca.crt"
+        )),
+    )
+    .await
+    .unwrap();
+    assert_eq!(https.stdout_str(), "hello over tls\n", "{https:?}");
+    // Without the CA the client refuses the server: nothing in between
+    // could have answered for it.
+    let untrusted = exec(
+        &mut sandboxes,
+        &sb.id,
+        shell(&format!("./peer fetch https://{TLS_NAME}/simple/")),
+    )
+    .await
+    .unwrap();
+    assert_ne!(untrusted.code(), Some(0), "{untrusted:?}");
+
     // The private page needs the upstream's credential, which the proxy
     // adds: the sandbox uses it without ever holding it.
     let private = exec(
@@ -219,7 +176,7 @@ async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
         .await
         .unwrap();
     assert_eq!(found.code(), Some(0), "{found:?}");
-    assert!(found.stdout_str().contains(&upstream.ip), "{found:?}");
+    assert!(found.stdout_str().contains(&upstream.web_ip), "{found:?}");
     for name in [
         "nope.example",
         "mzxw6ytboi4dgnzzhe2tkmbtgq4dsmrzgiztcnzr.allowed.test",
@@ -233,7 +190,7 @@ async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
         .unwrap();
         let out = refused.stdout_str();
         assert!(
-            out.contains("NXDOMAIN") && !out.contains(&upstream.ip),
+            out.contains("NXDOMAIN") && !out.contains(&upstream.web_ip),
             "{name}: {out}"
         );
     }
@@ -245,7 +202,10 @@ async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
     .await
     .unwrap();
     assert!(!outside.stdout_str().contains("exit=0"), "{outside:?}");
-    assert!(!outside.stdout_str().contains(&upstream.ip), "{outside:?}");
+    assert!(
+        !outside.stdout_str().contains(&upstream.web_ip),
+        "{outside:?}"
+    );
 
     // A host held for approval waits for an operator (never the sandbox's
     // owner), who lets it through and remembers it: the next connection
@@ -410,6 +370,7 @@ async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
             && has("egress/network.connect_private", "deny", "169.254.169.254")
             && has("egress/network.connect_private", "deny", "internal.test")
             && has("egress/connection", "allow", "bytes out")
+            && has("egress/connection", "allow", "connect secure.test:443")
             && has(
                 "egress/connection",
                 "allow",
@@ -419,7 +380,7 @@ async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
             && has(
                 "egress/dns",
                 "allow",
-                &format!("A allowed.test: NOERROR {}", upstream.ip),
+                &format!("A allowed.test: NOERROR {}", upstream.web_ip),
             )
             && has("egress/dns", "deny", "nope.example: NXDOMAIN")
             && has("egress/dns", "", "NXDOMAIN (the name is refused")
@@ -440,4 +401,91 @@ async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
         log.contains("allowed.test") && log.contains("evil.test"),
         "{log}"
     );
+}
+
+/// A thousand connections at once from one sandbox are all served (at most
+/// 64 carried at a time, the rest waiting in its agent), a client that
+/// trickles its request head is dropped, and meanwhile the proxy serves
+/// the sandbox's other requests.
+#[tokio::test]
+async fn the_proxy_serves_a_thousand_connections_at_once_and_drops_a_slowloris() {
+    needs_docker!();
+    let upstream = Upstream::start().unwrap();
+    let public = format!("egress.treat_as_public=[{:?}]", upstream.subnet);
+    let hosts = format!(
+        r#"egress.hosts={{ "allowed.test" = {:?} }}"#,
+        upstream.web_ip
+    );
+    let cp = ControlPlane::start(&[&public, &hosts]).await.unwrap();
+    let defaults =
+        std::fs::read_to_string(bridle_tests::repo_root().join("deploy/policies/default.cedar"))
+            .unwrap();
+    let mut admin = cp.admin(&cp.admin_token).await.unwrap();
+    bounded(
+        "Admin/SetPolicy",
+        admin.set_policy(pb::SetPolicyRequest {
+            source: format!("{defaults}\n{ALLOW}"),
+            expected_version: 0,
+        }),
+    )
+    .await
+    .unwrap();
+    let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
+    let mut sandboxes = cp.sandboxes(&alice).await.unwrap();
+    let sb = bounded(
+        "Sandboxes/Create",
+        sandboxes.create(pb::CreateSandboxRequest {
+            network: pb::NetworkMode::Egress as i32,
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    put_file(&mut sandboxes, &sb.id, "peer", 0o755, &peer())
+        .await
+        .unwrap();
+    let url = "http://allowed.test:8080/simple/";
+    eventually("the relay is followed", PATIENCE, async || {
+        let r = exec(&mut sandboxes, &sb.id, shell(&format!("wget -q -O- {url}")))
+            .await
+            .unwrap();
+        r.code() == Some(0)
+    })
+    .await;
+
+    // The slowloris first, in the background; then the flood.
+    let slow = {
+        let mut sandboxes = cp.sandboxes(&alice).await.unwrap();
+        let id = sb.id.clone();
+        tokio::spawn(async move {
+            exec(
+                &mut sandboxes,
+                &id,
+                shell("./peer slowloris 127.0.0.1:3128"),
+            )
+            .await
+            .unwrap()
+        })
+    };
+    let flood = exec(
+        &mut sandboxes,
+        &sb.id,
+        shell(&format!("./peer flood 127.0.0.1:3128 1000 {url}")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        flood.stdout_str(),
+        "ok=1000 other=0 nothing=0\n",
+        "{flood:?}"
+    );
+    let slow = slow.await.unwrap();
+    let out = slow.stdout_str();
+    assert!(out.starts_with("closed_after_s="), "{slow:?}");
+    // Still serving.
+    let after = exec(&mut sandboxes, &sb.id, shell(&format!("wget -q -O- {url}")))
+        .await
+        .unwrap();
+    assert_eq!(after.stdout_str(), "hello from upstream\n", "{after:?}");
 }

@@ -27,7 +27,7 @@ const LOOK_EVERY: Duration = Duration::from_secs(1);
 /// Bytes of a connection per message to the agent.
 const CHUNK: usize = 64 << 10;
 /// Connections of one sandbox carried at once; more wait in its agent (which
-/// keeps 256 and closes the rest).
+/// keeps 1,024 and closes the rest).
 const MAX_CONNECTIONS: usize = 64;
 /// A DNS query is at most this long.
 const MAX_QUERY: usize = 4096;
