@@ -2,7 +2,7 @@
 //! one run against one warm container; then the control plane and runs,
 //! end to end through the real binaries.
 //!
-//!     cargo run --release -p bridle-tests --bin bench [-- --json PATH --quick --only agent|control|runs|harness]
+//!     cargo run --release -p bridle-tests --bin bench [-- --json PATH --quick --only agent|control|runs|harness|egress]
 //!
 //! Prints a table and writes JSON with every figure, the Docker baseline it
 //! is compared with, the ratio and the target. The server's internals
@@ -172,6 +172,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if only.is_empty() || only == "harness" {
         harness_rows(&mut rows, quick).await?;
+    }
+    if only.is_empty() || only == "egress" {
+        egress_rows(&mut rows, quick).await?;
     }
 
     println!(
@@ -918,6 +921,124 @@ fn p(values: &mut [f64], q: f64) -> f64 {
 /// The harness: what the loop adds per iteration, 100 sessions at once, and
 /// how the log grows over a 200-turn conversation, each against the
 /// scripted model server answering at once.
+/// What the egress proxy adds to a connection and to a download, against
+/// the same requests from a `bridge` sandbox straight to the server, in one
+/// run: the servers on a Docker network of the bench's own (the web server
+/// on the default bridge too), and in each sandbox the same client
+/// (`egress-peer time`: a new connection per request).
+async fn egress_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
+    use bridle_proto::control::v1 as cpb;
+    use bridle_tests::control::{self, exec, put_file, ControlPlane};
+    use bridle_tests::upstream::{Upstream, BIG_BYTES};
+
+    let n = if quick { 50 } else { 300 };
+    eprintln!("bench: egress — the upstream servers and a control plane...");
+    let upstream = Upstream::start()?;
+    let bridge_ip = upstream.web_on_bridge()?;
+    let cp = ControlPlane::start(&[
+        &format!("egress.treat_as_public=[{:?}]", upstream.subnet),
+        &format!(r#"egress.hosts={{ "web.test" = {:?} }}"#, upstream.web_ip),
+    ])
+    .await?;
+    let defaults =
+        std::fs::read_to_string(bridle_tests::repo_root().join("deploy/policies/default.cedar"))?;
+    let allow = r#"
+@id("bench-egress")
+permit (principal, action in [Bridle::Action::"network.resolve", Bridle::Action::"network.connect"], resource)
+when { resource.owner == principal.owner && context.host == "web.test" };
+"#;
+    let mut admin = cp.admin(&cp.admin_token).await?;
+    admin
+        .set_policy(cpb::SetPolicyRequest {
+            source: format!("{defaults}\n{allow}"),
+            expected_version: 0,
+        })
+        .await?;
+    let mut c = cp.sandboxes(&cp.admin_token).await?;
+    let peer = std::fs::read(bridle_tests::workspace_binary("bridle-tests", "egress-peer")?)?;
+    let mut measure = async |network: cpb::NetworkMode, base: &str| -> anyhow::Result<(f64, f64, f64)> {
+        let sb = c
+            .create(cpb::CreateSandboxRequest {
+                network: network as i32,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        put_file(&mut c, &sb.id, "peer", 0o755, &peer).await?;
+        let run = async |c: &mut control::Sandboxes, cmd: String| -> anyhow::Result<String> {
+            let r = exec(c, &sb.id, bridle_tests::client::shell(&cmd)).await?;
+            anyhow::ensure!(r.code() == Some(0), "{cmd}: {r:?}");
+            Ok(r.stdout_str())
+        };
+        // Until the relay is followed (egress), and warm either way.
+        let mut ready = false;
+        for _ in 0..100 {
+            if run(&mut c, format!("./peer fetch {base}/simple/")).await.is_ok() {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::ensure!(ready, "{base} never answered from a {network:?} sandbox");
+        let field = |out: &str, name: &str| -> anyhow::Result<f64> {
+            out.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+                .with_context(|| format!("no {name} in {out:?}"))
+        };
+        let small = run(&mut c, format!("./peer time {base}/simple/ {n}")).await?;
+        let big = run(&mut c, format!("./peer time {base}/big 3")).await?;
+        let _ = c
+            .delete(cpb::DeleteSandboxRequest {
+                sandbox_id: sb.id.clone(),
+            })
+            .await;
+        Ok((
+            field(&small, "p50_us")? / 1000.0,
+            field(&small, "p99_us")? / 1000.0,
+            field(&big, "bytes_per_s")? / MB,
+        ))
+    };
+    eprintln!("bench: egress — {n} requests and a {} MiB download each way...", BIG_BYTES >> 20);
+    let bridge = measure(cpb::NetworkMode::Bridge, &format!("http://{bridge_ip}:8080")).await?;
+    let egress = measure(cpb::NetworkMode::Egress, "http://web.test:8080").await?;
+    let added = egress.0 - bridge.0;
+    rows.push(Row {
+        name: "egress: GET p50, new connection each".into(),
+        bridle: egress.0,
+        docker: Some(bridge.0),
+        unit: "ms",
+        ratio: Some(bridge.0 / egress.0),
+        target: "baseline: bridge".into(),
+        met: None,
+    });
+    rows.push(report(
+        "  added per connection p50",
+        added,
+        "ms",
+        "<= 1 ms (policy x2 + audit before connecting)",
+        Some(added <= 1.0),
+    ));
+    rows.push(Row {
+        name: "egress: GET p99".into(),
+        bridle: egress.1,
+        docker: Some(bridge.1),
+        unit: "ms",
+        ratio: Some(bridge.1 / egress.1),
+        target: "report".into(),
+        met: None,
+    });
+    rows.push(Row {
+        name: format!("egress: one {} MiB download", BIG_BYTES >> 20),
+        bridle: egress.2,
+        docker: Some(bridge.2),
+        unit: "MB/s",
+        ratio: Some(egress.2 / bridge.2),
+        target: ">= 80% of bridge".into(),
+        met: Some(egress.2 >= 0.8 * bridge.2),
+    });
+    Ok(())
+}
+
 async fn harness_rows(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     use bridle_tests::control::ControlPlane;
 
