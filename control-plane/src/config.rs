@@ -86,8 +86,8 @@ pub struct EgressConfig {
     pub credentials: Vec<EgressCredential>,
 }
 
-/// A header the proxy sets on every plain-HTTP request to `host` (and
-/// `port`, when given), its value read at start from the environment
+/// A header the proxy sets on every plain-HTTP request to `host` and `port`
+/// (80 when not given), its value read at start from the environment
 /// variable `value_env` or the file `value_file`. What a command sent in
 /// that header is replaced. HTTPS requests cannot be given one: their
 /// headers are encrypted between the command and the server.
@@ -120,6 +120,26 @@ impl EgressConfig {
                         c.header
                     )));
                 }
+                // Headers that frame or route the request: set by the proxy,
+                // they would make it another request.
+                let framing = [
+                    "host",
+                    "content-length",
+                    "transfer-encoding",
+                    "connection",
+                    "keep-alive",
+                    "upgrade",
+                    "te",
+                    "trailer",
+                    "expect",
+                ];
+                let lower = c.header.to_ascii_lowercase();
+                if framing.contains(&lower.as_str()) || lower.starts_with("proxy-") {
+                    return Err(Error::Invalid(format!(
+                        "{at}: header {} frames or routes the request; it cannot be a credential",
+                        c.header
+                    )));
+                }
                 let value = match (c.value_env.is_empty(), c.value_file.is_empty()) {
                     (false, true) => std::env::var(&c.value_env).map_err(|_| {
                         Error::Invalid(format!("{at}: the variable {} is not set", c.value_env))
@@ -136,14 +156,15 @@ impl EgressConfig {
                         )))
                     }
                 };
-                if value.is_empty() || value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                if value.is_empty() || value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+                {
                     return Err(Error::Invalid(format!(
-                        "{at}: the value is empty or has a line break"
+                        "{at}: the value is empty or has a line break or another control character"
                     )));
                 }
                 Ok(crate::egress::proxy::Credential {
                     host,
-                    port: c.port,
+                    port: c.port.unwrap_or(80),
                     header: c.header.clone(),
                     value,
                 })
@@ -1125,6 +1146,60 @@ price_output_per_mtok = 15.0
         let e = Config::load(None, Vec::new(), &[set]).unwrap_err();
         assert!(e.to_string().contains("api_key_file"), "{e}");
         assert!(e.to_string().contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn egress_credentials_are_read_at_load_and_bad_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("auth");
+        std::fs::write(&file, "Bearer from-file-77\n").unwrap();
+        let set = |entry: &str| format!("egress.credentials=[{{ {entry} }}]");
+        let good = set(&format!(
+            r#"host = "Git.Internal.", header = "Authorization", value_file = {:?}"#,
+            file.display().to_string()
+        ));
+        let c = Config::load(None, Vec::new(), &[good]).unwrap();
+        let creds = c.egress.credentials().unwrap();
+        assert_eq!(creds[0].host, "git.internal");
+        assert_eq!(creds[0].value, "Bearer from-file-77");
+        assert!(!format!("{creds:?}").contains("from-file-77"));
+        assert!(!c.to_toml().contains("from-file-77"));
+        for (entry, says) in [
+            (
+                r#"host = "x", header = "Bad Header", value_env = "HOME""#,
+                "not a header name",
+            ),
+            (
+                r#"host = "", header = "X-A", value_env = "HOME""#,
+                "host is required",
+            ),
+            (
+                r#"host = "x", header = "X-A""#,
+                "one of value_env and value_file",
+            ),
+            (
+                r#"host = "x", header = "Content-Length", value_env = "HOME""#,
+                "frames or routes",
+            ),
+            (
+                r#"host = "x", header = "Proxy-Authorization", value_env = "HOME""#,
+                "frames or routes",
+            ),
+            (
+                r#"host = "x", header = "X-A", value_env = "BRIDLE_TEST_SURELY_UNSET_42""#,
+                "is not set",
+            ),
+        ] {
+            let e = Config::load(None, Vec::new(), &[set(entry)]).unwrap_err();
+            assert!(e.to_string().contains(says), "{entry}: {e}");
+        }
+        std::fs::write(&file, "a\r\nInjected: yes").unwrap();
+        let split = set(&format!(
+            r#"host = "x", header = "X-A", value_file = {:?}"#,
+            file.display().to_string()
+        ));
+        let e = Config::load(None, Vec::new(), &[split]).unwrap_err();
+        assert!(e.to_string().contains("line break"), "{e}");
     }
 
     #[test]

@@ -135,6 +135,13 @@ impl Relay {
         (waiting, receiver)
     }
 
+    /// Keeps in `sent` only the ids that still wait: the others were taken
+    /// or dropped, and a listing never shows them again.
+    pub fn prune(&self, sent: &mut std::collections::HashSet<u64>) {
+        let pending = self.inner.pending.lock().expect("lock");
+        sent.retain(|id| pending.contains_key(id));
+    }
+
     /// Takes what waits as `id`, once.
     pub fn take(&self, id: u64) -> Option<Waiting> {
         self.inner

@@ -24,7 +24,7 @@ type ChunkStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// Bytes per streamed message for files and snapshots.
 const STREAM_CHUNK: usize = 1 << 20;
 /// Bytes of an egress connection per message.
-const EGRESS_CHUNK: usize = 64 << 10;
+const EGRESS_CHUNK: usize = 256 << 10;
 /// Output bytes per event when replaying or following an exec.
 const OUTPUT_BATCH: usize = 256 * 1024;
 
@@ -877,6 +877,10 @@ impl pb::sandbox_agent_server::SandboxAgent for AgentService {
                 };
                 if sent.insert(a.id) && tx.send(Ok(announce(a))).await.is_err() {
                     return;
+                }
+                // Bounded by what waits, not by every connection ever made.
+                if sent.len() > 2 * crate::egress::MAX_PENDING {
+                    relay.prune(&mut sent);
                 }
             }
         });

@@ -61,7 +61,7 @@ async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
     let auth_file = secrets.path().join("upstream-auth");
     std::fs::write(&auth_file, format!("{UPSTREAM_AUTH}\n")).unwrap();
     let credentials = format!(
-        r#"egress.credentials=[{{ host = "allowed.test", header = "Authorization", value_file = {:?} }}]"#,
+        r#"egress.credentials=[{{ host = "allowed.test", port = 8080, header = "Authorization", value_file = {:?} }}]"#,
         auth_file.display().to_string()
     );
     let cp = ControlPlane::start(&[&public, &hosts, &credentials])
@@ -241,7 +241,7 @@ async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
     )
     .await;
     let held = &pending[0];
-    assert_eq!(held.scope, format!("network.connect held.test:{port}"));
+    assert_eq!(held.scope, format!("network.connect http held.test:{port}"));
     let mut own = cp.approvals(&alice).await.unwrap();
     let refused = bounded(
         "Approvals/Decide",

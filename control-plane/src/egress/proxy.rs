@@ -12,6 +12,7 @@
 //! The connection comes from anywhere that reads and writes bytes: the
 //! sandbox's relay in production, an in-memory pipe in the tests.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,8 +73,7 @@ pub struct Settings {
 pub struct Credential {
     /// Lower case, without a trailing dot.
     pub host: String,
-    /// None: any port.
-    pub port: Option<u16>,
+    pub port: u16,
     pub header: String,
     pub value: String,
 }
@@ -108,6 +108,53 @@ pub struct Origin {
     pub owner: String,
     /// Numbers the sandbox's connections for the audit log.
     pub connection: u64,
+    /// The run (or agent session) the sandbox is for, if it is a run's.
+    pub run_id: String,
+}
+
+impl Origin {
+    /// Who asks for the sandbox's egress: the sandbox, on its owner's
+    /// behalf (so nobody acting for that owner decides its approvals).
+    pub(super) fn principal(&self) -> Principal {
+        Principal {
+            token_id: format!("sandbox:{}", self.sandbox_id),
+            name: format!("sandbox {}", self.sandbox_id),
+            role: Role::Submitter,
+            owner: self.owner.clone(),
+        }
+    }
+
+    pub(super) fn resource(&self) -> Resource {
+        Resource {
+            kind: ResourceKind::Sandbox,
+            id: self.sandbox_id.clone(),
+            owner: self.owner.clone(),
+        }
+    }
+
+    /// An audit entry of the sandbox's egress (`egress/…`): how a
+    /// connection ended, what a query was answered.
+    pub(super) fn entry(
+        &self,
+        request_id: String,
+        action: &str,
+        decision: &str,
+        outcome: String,
+    ) -> crate::audit::Entry {
+        crate::audit::Entry {
+            unix_ms: crate::clock::now_ms(),
+            request_id,
+            token_id: format!("sandbox:{}", self.sandbox_id),
+            principal: format!("sandbox {}", self.sandbox_id),
+            role: Role::Submitter.as_str().to_string(),
+            owner: self.owner.clone(),
+            action: action.to_string(),
+            resource: self.sandbox_id.clone(),
+            decision: decision.to_string(),
+            outcome,
+            ..Default::default()
+        }
+    }
 }
 
 /// How a connection ended, for the record.
@@ -136,7 +183,21 @@ pub struct Proxy {
     pub(super) guard: Guard,
     pub(super) resolve: Resolve,
     pub(super) settings: Settings,
+    /// Names a sandbox's connections resolved lately: (sandbox, name, port)
+    /// → the address, the policy version that allowed the lookup, and when.
+    /// A connection to a name found here is not looked up again (so it
+    /// needs no new `network.resolve` decision: nothing reaches the name's
+    /// server); its `network.connect` is decided and recorded as ever.
+    resolved: std::sync::Mutex<HashMap<ResolvedKey, (SocketAddr, u64, Instant)>>,
 }
+
+/// A sandbox, a name, a port.
+type ResolvedKey = (String, String, u16);
+
+/// How long a name's lookup serves a sandbox's later connections.
+const RESOLVED_FOR: Duration = Duration::from_secs(30);
+/// Names kept at most, for all sandboxes (expired ones are dropped first).
+const RESOLVED_MAX: usize = 4096;
 
 impl Proxy {
     pub fn new(guard: Guard, resolve: Resolve, settings: Settings) -> Self {
@@ -144,6 +205,7 @@ impl Proxy {
             guard,
             resolve,
             settings,
+            resolved: Default::default(),
         }
     }
 
@@ -209,6 +271,7 @@ impl Proxy {
             scheme: target.scheme.as_str().to_string(),
             address: addr.ip().to_string(),
             address_class: class.as_str().to_string(),
+            run_id: origin.run_id.clone(),
             ..Facts::default()
         };
         let what = match target.scheme {
@@ -268,8 +331,14 @@ impl Proxy {
                     .settings
                     .credentials
                     .iter()
-                    .find(|c| c.host == target.host && c.port.is_none_or(|p| p == target.port));
+                    .find(|c| c.host == target.host && c.port == target.port);
                 let head = match credential {
+                    // TRACE answers with the request it got: the credential.
+                    Some(_) if is_trace(&target.forward_head) => {
+                        let why = "bridle: TRACE is not sent where the proxy adds a credential";
+                        answer(client, 403, why).await;
+                        return Err(why.into());
+                    }
                     Some(c) => {
                         outcome.credential = c.header.clone();
                         target::with_header(&target.forward_head, &c.header, &c.value)
@@ -325,22 +394,15 @@ impl Proxy {
         if !outcome.credential.is_empty() {
             how = format!("credential {} added; {how}", outcome.credential);
         }
-        let entry = crate::audit::Entry {
-            unix_ms: crate::clock::now_ms(),
-            request_id: format!("{}:c{}", origin.sandbox_id, origin.connection),
-            token_id: format!("sandbox:{}", origin.sandbox_id),
-            principal: format!("sandbox {}", origin.sandbox_id),
-            role: Role::Submitter.as_str().to_string(),
-            owner: origin.owner.clone(),
-            action: "egress/connection".into(),
-            resource: origin.sandbox_id.clone(),
-            decision: outcome.decision.clone(),
-            outcome: format!(
+        let entry = origin.entry(
+            format!("{}:c{}", origin.sandbox_id, origin.connection),
+            "egress/connection",
+            &outcome.decision,
+            format!(
                 "{target}: {how}; {} bytes out, {} in, {} ms",
                 outcome.bytes_out, outcome.bytes_in, outcome.duration_ms
             ),
-            ..Default::default()
-        };
+        );
         if let Err(e) = self.guard.audit.append(entry).await {
             tracing::error!(sandbox = %origin.sandbox_id, "audit: {e:#}");
         }
@@ -361,9 +423,17 @@ impl Proxy {
             decision: String::new(),
             why: format!("bridle: the name {:?} is refused: {e}", target.host),
         })?;
+        let key = (origin.sandbox_id.clone(), name.clone(), target.port);
+        let version = self.guard.policies.engine.version();
+        if let Some((addr, v, at)) = self.resolved.lock().expect("lock").get(&key) {
+            if *v == version && at.elapsed() < RESOLVED_FOR {
+                return Ok(*addr);
+            }
+        }
         let facts = Facts {
             host: name.clone(),
             scheme: "dns".into(),
+            run_id: origin.run_id.clone(),
             ..Facts::default()
         };
         let what = format!("resolve {name}");
@@ -390,10 +460,19 @@ impl Proxy {
         .await
         .map_err(|_| bad_gateway(format!("resolving {name} timed out")))?
         .map_err(|e| bad_gateway(format!("{name} does not resolve: {e}")))?;
-        found
+        let addr = found
             .into_iter()
             .next()
-            .ok_or_else(|| bad_gateway(format!("{name} has no address")))
+            .ok_or_else(|| bad_gateway(format!("{name} has no address")))?;
+        let mut resolved = self.resolved.lock().expect("lock");
+        if resolved.len() >= RESOLVED_MAX {
+            resolved.retain(|_, (_, _, at)| at.elapsed() < RESOLVED_FOR);
+            if resolved.len() >= RESOLVED_MAX {
+                resolved.clear();
+            }
+        }
+        resolved.insert(key, (addr, version, Instant::now()));
+        Ok(addr)
     }
 
     /// The address's class; a private address in a network configured as
@@ -425,27 +504,14 @@ impl Proxy {
         facts: &Facts,
         what: &str,
     ) -> Result<(String, String), (String, String)> {
-        let principal = Principal {
-            token_id: format!("sandbox:{}", origin.sandbox_id),
-            name: format!("sandbox {}", origin.sandbox_id),
-            role: Role::Submitter,
-            owner: origin.owner.clone(),
-        };
-        let resource = Resource {
-            kind: ResourceKind::Sandbox,
-            id: origin.sandbox_id.clone(),
-            owner: origin.owner.clone(),
-        };
+        let (principal, resource) = (origin.principal(), origin.resource());
         let ask = Ask {
             principal: &principal,
             action,
             resource: &resource,
             facts,
         };
-        let scope = match action {
-            Action::NetworkResolve => format!("{} {}", action.name(), facts.host),
-            _ => format!("{} {}:{}", action.name(), facts.host, facts.port),
-        };
+        let scope = scope(action, facts);
         let record = Record::Egress {
             sandbox_id: &origin.sandbox_id,
             request_id: format!("{}:c{}", origin.sandbox_id, origin.connection),
@@ -531,6 +597,30 @@ impl Proxy {
     }
 }
 
+/// What an approval of a connection covers if its approver remembers it:
+/// the action, the scheme, the host and port, and the class of the address
+/// (with the address itself when it is not public, so that a name later
+/// pointed elsewhere is asked for again). A connection to loopback,
+/// link-local, the metadata address or an unroutable one has no scope: such
+/// an approval is for its one connection only.
+fn scope(action: Action, facts: &Facts) -> String {
+    if action == Action::NetworkResolve {
+        return format!("{} {}", action.name(), facts.host);
+    }
+    let at = format!(
+        "{} {} {}:{}",
+        action.name(),
+        facts.scheme,
+        facts.host,
+        facts.port
+    );
+    match facts.address_class.as_str() {
+        "public" => at,
+        "private" => format!("{at} private {}", facts.address),
+        _ => String::new(),
+    }
+}
+
 /// Copies both ways between the client and the upstream until both have
 /// closed, counting the bytes each way in `moved` (out, in); an error when
 /// the connection breaks or moves nothing for `idle`.
@@ -546,8 +636,8 @@ where
 {
     let (mut client_in, mut client_out) = tokio::io::split(client);
     let (mut upstream_in, mut upstream_out) = tokio::io::split(upstream);
-    let mut out_buf = vec![0u8; 64 << 10];
-    let mut in_buf = vec![0u8; 64 << 10];
+    let mut out_buf = vec![0u8; 256 << 10];
+    let mut in_buf = vec![0u8; 256 << 10];
     let (mut client_done, mut upstream_done) = (false, false);
     while !(client_done && upstream_done) {
         tokio::select! {
@@ -626,6 +716,13 @@ async fn answer<S: AsyncWrite + Unpin>(client: &mut S, status: u16, why: &str) {
     );
     let _ = client.write_all(head.as_bytes()).await;
     let _ = client.write_all(body.as_bytes()).await;
+}
+
+/// Whether a request head is a TRACE (or the older TRACK), which a server
+/// answers with the request itself.
+fn is_trace(head: &[u8]) -> bool {
+    let method = head.split(|b| *b == b' ').next().unwrap_or_default();
+    method.eq_ignore_ascii_case(b"TRACE") || method.eq_ignore_ascii_case(b"TRACK")
 }
 
 fn in_network(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
@@ -752,6 +849,7 @@ when { resource.owner == principal.owner && context.host == "held.test" };
             sandbox_id: "sb-1".into(),
             owner: "alice".into(),
             connection: 1,
+            run_id: String::new(),
         }
     }
 
@@ -790,15 +888,10 @@ when { resource.owner == principal.owner && context.host == "held.test" };
 
     /// Sends `request` through the proxy and reads the answer to its end.
     async fn through(proxy: &Arc<Proxy>, request: &[u8]) -> (String, Outcome) {
-        through_as(proxy, origin(), request).await
-    }
-
-    /// [`through`], for the connection `origin`.
-    async fn through_as(proxy: &Arc<Proxy>, origin: Origin, request: &[u8]) -> (String, Outcome) {
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let serving = {
             let proxy = proxy.clone();
-            tokio::spawn(async move { proxy.serve(&origin, server).await })
+            tokio::spawn(async move { proxy.serve(&origin(), server).await })
         };
         client.write_all(request).await.unwrap();
         let mut answer = Vec::new();
@@ -994,7 +1087,7 @@ when { resource.owner == principal.owner && context.host == "held.test" };
         let settings = Settings {
             credentials: vec![Credential {
                 host: "allowed.test".into(),
-                port: None,
+                port: 80,
                 header: "Authorization".into(),
                 value: "Bearer s3cr3t-token".into(),
             }],
@@ -1020,6 +1113,11 @@ when { resource.owner == principal.owner && context.host == "held.test" };
         );
         assert!(!head.contains("forged"), "{head}");
         assert!(head.starts_with("GET /repo HTTP/1.1\r\n"), "{head}");
+        // A TRACE would be answered with the credential: never sent.
+        let (answer, outcome) =
+            through(&proxy, b"TRACE http://allowed.test/ HTTP/1.1\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+        assert_eq!(outcome.credential, "");
 
         // The held host is not the credential's: it never gets it.
         let settings = Settings {
@@ -1051,13 +1149,67 @@ when { resource.owner == principal.owner && context.host == "held.test" };
         );
     }
 
-    /// An approver who remembers an approval lets the sandbox's later
-    /// connections to the same host and port through without asking again
-    /// (each still decided and recorded); another port, or another
-    /// sandbox, is asked for anew, and an approval nobody decided before
-    /// the connection gave up expires with it.
+    /// What a remembered approval covers: the action, scheme, host and port,
+    /// and the address class — with the address itself when private, and
+    /// nothing at all (one connection only) for loopback, link-local, the
+    /// metadata address or an unroutable one.
+    #[test]
+    fn a_remembered_approval_covers_one_scheme_host_port_and_class() {
+        let facts = |scheme: &str, host: &str, port, address: &str, class: &str| Facts {
+            host: host.into(),
+            port,
+            scheme: scheme.into(),
+            address: address.into(),
+            address_class: class.into(),
+            ..Facts::default()
+        };
+        let connect = Action::NetworkConnect;
+        let private = Action::NetworkConnectPrivate;
+        let at = |a, f: Facts| scope(a, &f);
+        let public = at(
+            connect,
+            facts("http", "pypi.org", 80, "151.101.0.223", "public"),
+        );
+        assert_eq!(public, "network.connect http pypi.org:80");
+        // Another scheme, port or host is another scope.
+        for other in [
+            at(
+                connect,
+                facts("connect", "pypi.org", 80, "151.101.0.223", "public"),
+            ),
+            at(
+                connect,
+                facts("http", "pypi.org", 8080, "151.101.0.223", "public"),
+            ),
+            at(
+                connect,
+                facts("http", "pypi.org.evil", 80, "151.101.0.223", "public"),
+            ),
+        ] {
+            assert_ne!(other, public);
+        }
+        // A private address is pinned: the name pointed elsewhere asks again.
+        assert_eq!(
+            at(
+                private,
+                facts("http", "git.internal", 80, "10.0.0.5", "private")
+            ),
+            "network.connect_private http git.internal:80 private 10.0.0.5"
+        );
+        for class in ["loopback", "link_local", "metadata", "unroutable"] {
+            assert_eq!(
+                at(private, facts("http", "x.test", 80, "127.0.0.1", class)),
+                ""
+            );
+        }
+    }
+
+    /// An approval of a connection to loopback (or link-local, metadata)
+    /// cannot be remembered; a connection whose approval nobody decided
+    /// before it gave up is refused and its approval expires with it, so
+    /// nobody approves something that no longer waits.
     #[tokio::test]
-    async fn a_remembered_approval_covers_its_sandbox_host_and_port_only() {
+    async fn held_connections_expire_with_their_wait_and_loopback_is_never_remembered() {
         let world = world().await;
         let (addr, _) = upstream(false).await;
         let settings = Settings {
@@ -1066,16 +1218,30 @@ when { resource.owner == principal.owner && context.host == "held.test" };
             ..Settings::default()
         };
         let waiting = Arc::new(Proxy::new(world.guard.clone(), resolver(addr), settings));
-        let proxy = proxy(&world, addr);
         let approvals = world.guard.approvals.clone();
+        let (answer, outcome) = through(&waiting, b"GET http://held.test/ HTTP/1.1\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+        assert!(answer.contains("waits for approval"), "{answer}");
+        assert_eq!(outcome.approval, "");
+        let all = approvals.list(&[], "", None, 10, 0).await.unwrap();
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert_eq!(all[0].state(), State::Expired);
+        assert_eq!(all[0].scope, "", "a loopback connection has no scope");
         let operator = Principal {
             token_id: "t-ops".into(),
             name: "ops".into(),
             role: Role::Operator,
             owner: "ops".into(),
         };
+        let late = approvals
+            .decide(&all[0].id, &operator, true, "too late", "req-2")
+            .await;
+        assert!(late.is_err());
+
+        // Pending, and an operator tries to remember it: refused.
+        let proxy = proxy(&world, addr);
         let approver = {
-            let (approvals, operator) = (approvals.clone(), operator.clone());
+            let approvals = approvals.clone();
             tokio::spawn(async move {
                 for _ in 0..3000 {
                     let pending = approvals
@@ -1083,57 +1249,30 @@ when { resource.owner == principal.owner && context.host == "held.test" };
                         .await
                         .unwrap();
                     if let Some(a) = pending.first() {
-                        return approvals
-                            .decide_remembering(&a.id, &operator, true, "our mirror", "req-1", true)
+                        let remembered = approvals
+                            .decide_remembering(&a.id, &operator, true, "ok", "req-3", true)
+                            .await;
+                        approvals
+                            .decide(&a.id, &operator, false, "no, then", "req-4")
                             .await
                             .unwrap();
+                        return remembered;
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 panic!("no approval was asked for");
             })
         };
-        let request = b"GET http://held.test/ HTTP/1.1\r\n\r\n";
-        let (answer, first) = through(&proxy, request).await;
+        let (answer, _) = through(&proxy, b"GET http://held.test/ HTTP/1.1\r\n\r\n").await;
         let remembered = approver.await.unwrap();
-        assert!(answer.ends_with("hello"), "{answer}");
-        assert_eq!(remembered.scope, "network.connect_private held.test:80");
-        assert!(remembered.remember);
-        assert_eq!(first.approval, remembered.id);
-
-        // The same sandbox, host and port: through at once, on the record.
-        let (answer, again) = through(&waiting, request).await;
-        assert!(answer.ends_with("hello"), "{answer}");
-        assert_eq!(again.decision, "require_approval");
-        assert_eq!(again.approval, format!("{} (remembered)", remembered.id));
-
-        // Another port, and another sandbox: asked for again; nobody
-        // answers, so the connection is refused and its approval expires.
-        let other = Origin {
-            sandbox_id: "sb-2".into(),
-            ..origin()
-        };
-        for (origin, request) in [
-            (
-                origin(),
-                &b"GET http://held.test:8080/ HTTP/1.1\r\n\r\n"[..],
+        assert!(
+            matches!(
+                remembered,
+                Err(crate::approvals::Refusal::NotRememberable(_))
             ),
-            (other, &request[..]),
-        ] {
-            let (answer, outcome) = through_as(&waiting, origin, request).await;
-            assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
-            assert!(answer.contains("waits for approval"), "{answer}");
-            assert_eq!(outcome.approval, "");
-        }
-        let all = approvals.list(&[], "", None, 10, 0).await.unwrap();
-        assert_eq!(all.len(), 3, "{all:?}");
-        let expired: Vec<_> = all.iter().filter(|a| a.state() == State::Expired).collect();
-        assert_eq!(expired.len(), 2, "{all:?}");
-        // An expired approval cannot be approved afterwards.
-        let late = approvals
-            .decide(&expired[0].id, &operator, true, "too late", "req-2")
-            .await;
-        assert!(late.is_err());
+            "{remembered:?}"
+        );
+        assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
     }
 
     /// A DNS query for `name`, of `kind`, as a sandbox's resolver library
@@ -1258,6 +1397,57 @@ when { resource.owner == principal.owner && context.host == "held.test" };
             decided, 4,
             "each name that reached policy was decided on the record"
         );
+    }
+
+    /// A sandbox's later connections to a name it resolved within 30 s use
+    /// that address without a new lookup (so without a new
+    /// `network.resolve`: nothing reaches the name's server); each is still
+    /// decided and recorded as a connection, and a policy change looks the
+    /// name up again.
+    #[tokio::test]
+    async fn a_name_resolved_lately_is_not_looked_up_again_until_policy_changes() {
+        let world = world().await;
+        let (addr, _) = upstream(false).await;
+        let lookups = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = lookups.clone();
+        let resolve: Resolve = Arc::new(move |_host, _port| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move { Ok(vec![addr]) })
+        });
+        let proxy = Arc::new(Proxy::new(
+            world.guard.clone(),
+            resolve,
+            Settings::default(),
+        ));
+        let count = || lookups.load(std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..3 {
+            let (answer, _) = through(&proxy, b"GET http://allowed.test/ HTTP/1.1\r\n\r\n").await;
+            assert!(answer.ends_with("hello"), "{answer}");
+        }
+        assert_eq!(count(), 1);
+        let (entries, _) = world
+            .guard
+            .audit
+            .entries_after(0, 0, 0, 1000)
+            .await
+            .unwrap();
+        let actions = |name: &str| entries.iter().filter(|(e, _)| e.action == name).count();
+        assert_eq!(actions("egress/network.resolve"), 1);
+        assert_eq!(actions("egress/network.connect_private"), 3);
+        // Another port is another lookup; so is a new policy version.
+        let (answer, _) = through(&proxy, b"GET http://allowed.test:81/ HTTP/1.1\r\n\r\n").await;
+        assert!(answer.ends_with("hello"), "{answer}");
+        assert_eq!(count(), 2);
+        let (source, version) = world.guard.policies.engine.current();
+        world
+            .guard
+            .policies
+            .change(&source, "test", version)
+            .await
+            .unwrap();
+        let (answer, _) = through(&proxy, b"GET http://allowed.test/ HTTP/1.1\r\n\r\n").await;
+        assert!(answer.ends_with("hello"), "{answer}");
+        assert_eq!(count(), 3);
     }
 
     /// A name is looked up only once policy let it be resolved, and never

@@ -25,7 +25,7 @@ use crate::sandboxes::Sandboxes;
 /// How often running sandboxes are looked over for one without a follower.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
 /// Bytes of a connection per message to the agent.
-const CHUNK: usize = 64 << 10;
+const CHUNK: usize = 256 << 10;
 /// Connections of one sandbox carried at once; more wait in its agent (which
 /// keeps 1,024 and closes the rest).
 const MAX_CONNECTIONS: usize = 64;
@@ -58,8 +58,14 @@ pub async fn follow_all<R: Runtime>(
                 let proxy = proxy.clone();
                 let following = following.clone();
                 let owner = sb.owner.clone().unwrap_or_default();
+                let run_id = sb
+                    .spec
+                    .labels
+                    .get(crate::host::RUN_LABEL)
+                    .cloned()
+                    .unwrap_or_default();
                 tokio::spawn(async move {
-                    if let Err(e) = follow(agent, proxy, &sb.id, &owner).await {
+                    if let Err(e) = follow(agent, proxy, &sb.id, &owner, &run_id).await {
                         tracing::debug!(sandbox = %sb.id, "egress relay: {e}");
                     }
                     following.lock().expect("lock").remove(&sb.id);
@@ -79,6 +85,7 @@ async fn follow(
     proxy: Arc<Proxy>,
     sandbox_id: &str,
     owner: &str,
+    run_id: &str,
 ) -> Result<(), tonic::Status> {
     let mut accepted = agent
         .egress_accepted(agent_pb::EgressAcceptedRequest {})
@@ -95,6 +102,7 @@ async fn follow(
             sandbox_id: sandbox_id.to_string(),
             owner: owner.to_string(),
             connection: u64::from_str_radix(&crate::ids::random_hex(8), 16).unwrap_or(0),
+            run_id: run_id.to_string(),
         };
         let (agent, proxy) = (agent.clone(), proxy.clone());
         tokio::spawn(async move {

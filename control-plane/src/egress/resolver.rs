@@ -20,9 +20,8 @@ use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{DNSClass, RData, Record as DnsRecord, RecordType};
 
 use super::proxy::{Origin, Proxy};
-use crate::auth::{Principal, Role};
 use crate::guard::{Ask, Record};
-use crate::policy::{Action, Decision, Facts, Resource, ResourceKind};
+use crate::policy::{Action, Decision, Facts};
 
 /// How long an answer may be kept by the sandbox's resolver.
 const TTL: u32 = 30;
@@ -165,20 +164,11 @@ impl Proxy {
     /// server before anyone approved. The proxy asks for the approval when
     /// a connection names it.
     async fn resolvable(&self, origin: &Origin, name: &str) -> Result<String, (String, String)> {
-        let principal = Principal {
-            token_id: format!("sandbox:{}", origin.sandbox_id),
-            name: format!("sandbox {}", origin.sandbox_id),
-            role: Role::Submitter,
-            owner: origin.owner.clone(),
-        };
-        let resource = Resource {
-            kind: ResourceKind::Sandbox,
-            id: origin.sandbox_id.clone(),
-            owner: origin.owner.clone(),
-        };
+        let (principal, resource) = (origin.principal(), origin.resource());
         let facts = Facts {
             host: name.to_string(),
             scheme: "dns".into(),
+            run_id: origin.run_id.clone(),
             ..Facts::default()
         };
         let ask = Ask {
@@ -221,19 +211,12 @@ impl Proxy {
         if !answered.why.is_empty() {
             outcome.push_str(&format!(" ({})", answered.why));
         }
-        let entry = crate::audit::Entry {
-            unix_ms: crate::clock::now_ms(),
-            request_id: format!("{}:d{}", origin.sandbox_id, origin.connection),
-            token_id: format!("sandbox:{}", origin.sandbox_id),
-            principal: format!("sandbox {}", origin.sandbox_id),
-            role: Role::Submitter.as_str().to_string(),
-            owner: origin.owner.clone(),
-            action: "egress/dns".into(),
-            resource: origin.sandbox_id.clone(),
-            decision: answered.decision.clone(),
+        let entry = origin.entry(
+            format!("{}:d{}", origin.sandbox_id, origin.connection),
+            "egress/dns",
+            &answered.decision,
             outcome,
-            ..Default::default()
-        };
+        );
         if let Err(e) = self.guard.audit.append(entry).await {
             tracing::error!(sandbox = %origin.sandbox_id, "audit: {e:#}");
         }

@@ -192,6 +192,11 @@ impl Engine {
         Ok(())
     }
 
+    /// The version in force.
+    pub fn version(&self) -> u64 {
+        self.loaded.read().expect("policy lock").version
+    }
+
     /// The text and version in force.
     pub fn current(&self) -> (String, u64) {
         let l = self.loaded.read().expect("policy lock").clone();

@@ -955,51 +955,65 @@ when { resource.owner == principal.owner && context.host == "web.test" };
         })
         .await?;
     let mut c = cp.sandboxes(&cp.admin_token).await?;
-    let peer = std::fs::read(bridle_tests::workspace_binary("bridle-tests", "egress-peer")?)?;
-    let mut measure = async |network: cpb::NetworkMode, base: &str| -> anyhow::Result<(f64, f64, f64)> {
-        let sb = c
-            .create(cpb::CreateSandboxRequest {
-                network: network as i32,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        put_file(&mut c, &sb.id, "peer", 0o755, &peer).await?;
-        let run = async |c: &mut control::Sandboxes, cmd: String| -> anyhow::Result<String> {
-            let r = exec(c, &sb.id, bridle_tests::client::shell(&cmd)).await?;
-            anyhow::ensure!(r.code() == Some(0), "{cmd}: {r:?}");
-            Ok(r.stdout_str())
-        };
-        // Until the relay is followed (egress), and warm either way.
-        let mut ready = false;
-        for _ in 0..100 {
-            if run(&mut c, format!("./peer fetch {base}/simple/")).await.is_ok() {
-                ready = true;
-                break;
+    let peer = std::fs::read(bridle_tests::workspace_binary(
+        "bridle-tests",
+        "egress-peer",
+    )?)?;
+    let mut measure =
+        async |network: cpb::NetworkMode, base: &str| -> anyhow::Result<(f64, f64, f64)> {
+            let sb = c
+                .create(cpb::CreateSandboxRequest {
+                    network: network as i32,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            put_file(&mut c, &sb.id, "peer", 0o755, &peer).await?;
+            let run = async |c: &mut control::Sandboxes, cmd: String| -> anyhow::Result<String> {
+                let r = exec(c, &sb.id, bridle_tests::client::shell(&cmd)).await?;
+                anyhow::ensure!(r.code() == Some(0), "{cmd}: {r:?}");
+                Ok(r.stdout_str())
+            };
+            // Until the relay is followed (egress), and warm either way.
+            let mut ready = false;
+            for _ in 0..100 {
+                if run(&mut c, format!("./peer fetch {base}/simple/"))
+                    .await
+                    .is_ok()
+                {
+                    ready = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        anyhow::ensure!(ready, "{base} never answered from a {network:?} sandbox");
-        let field = |out: &str, name: &str| -> anyhow::Result<f64> {
-            out.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
-                .with_context(|| format!("no {name} in {out:?}"))
+            anyhow::ensure!(ready, "{base} never answered from a {network:?} sandbox");
+            let field = |out: &str, name: &str| -> anyhow::Result<f64> {
+                out.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+                    .with_context(|| format!("no {name} in {out:?}"))
+            };
+            let small = run(&mut c, format!("./peer time {base}/simple/ {n}")).await?;
+            let big = run(&mut c, format!("./peer time {base}/big 3")).await?;
+            let _ = c
+                .delete(cpb::DeleteSandboxRequest {
+                    sandbox_id: sb.id.clone(),
+                })
+                .await;
+            Ok((
+                field(&small, "p50_us")? / 1000.0,
+                field(&small, "p99_us")? / 1000.0,
+                field(&big, "bytes_per_s")? / MB,
+            ))
         };
-        let small = run(&mut c, format!("./peer time {base}/simple/ {n}")).await?;
-        let big = run(&mut c, format!("./peer time {base}/big 3")).await?;
-        let _ = c
-            .delete(cpb::DeleteSandboxRequest {
-                sandbox_id: sb.id.clone(),
-            })
-            .await;
-        Ok((
-            field(&small, "p50_us")? / 1000.0,
-            field(&small, "p99_us")? / 1000.0,
-            field(&big, "bytes_per_s")? / MB,
-        ))
-    };
-    eprintln!("bench: egress — {n} requests and a {} MiB download each way...", BIG_BYTES >> 20);
-    let bridge = measure(cpb::NetworkMode::Bridge, &format!("http://{bridge_ip}:8080")).await?;
+    eprintln!(
+        "bench: egress — {n} requests and a {} MiB download each way...",
+        BIG_BYTES >> 20
+    );
+    let bridge = measure(
+        cpb::NetworkMode::Bridge,
+        &format!("http://{bridge_ip}:8080"),
+    )
+    .await?;
     let egress = measure(cpb::NetworkMode::Egress, "http://web.test:8080").await?;
     let added = egress.0 - bridge.0;
     rows.push(Row {
