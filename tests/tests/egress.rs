@@ -40,6 +40,37 @@ permit (principal, action == Bridle::Action::"network.connect", resource)
 when { resource.owner == principal.owner && context.host == "held.test" };
 "#;
 
+/// Puts the default policy and [`ALLOW`] in force.
+async fn allow_test_hosts(cp: &ControlPlane) {
+    let defaults =
+        std::fs::read_to_string(bridle_tests::repo_root().join("deploy/policies/default.cedar"))
+            .unwrap();
+    let mut admin = cp.admin(&cp.admin_token).await.unwrap();
+    bounded(
+        "Admin/SetPolicy",
+        admin.set_policy(pb::SetPolicyRequest {
+            source: format!("{defaults}\n{ALLOW}"),
+            expected_version: 0,
+        }),
+    )
+    .await
+    .unwrap();
+}
+
+/// A new `egress` sandbox.
+async fn egress_sandbox(sandboxes: &mut bridle_tests::control::Sandboxes) -> pb::Sandbox {
+    bounded(
+        "Sandboxes/Create",
+        sandboxes.create(pb::CreateSandboxRequest {
+            network: pb::NetworkMode::Egress as i32,
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 /// The peer that runs in the sandbox (an HTTPS client, a flood, a
 /// slowloris).
 fn peer() -> Vec<u8> {
@@ -67,31 +98,10 @@ async fn an_egress_sandbox_reaches_what_policy_allows_and_nothing_else() {
     let cp = ControlPlane::start(&[&public, &hosts, &credentials])
         .await
         .unwrap();
-    let defaults =
-        std::fs::read_to_string(bridle_tests::repo_root().join("deploy/policies/default.cedar"))
-            .unwrap();
-    let mut admin = cp.admin(&cp.admin_token).await.unwrap();
-    bounded(
-        "Admin/SetPolicy",
-        admin.set_policy(pb::SetPolicyRequest {
-            source: format!("{defaults}\n{ALLOW}"),
-            expected_version: 0,
-        }),
-    )
-    .await
-    .unwrap();
+    allow_test_hosts(&cp).await;
     let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
     let mut sandboxes = cp.sandboxes(&alice).await.unwrap();
-    let sb = bounded(
-        "Sandboxes/Create",
-        sandboxes.create(pb::CreateSandboxRequest {
-            network: pb::NetworkMode::Egress as i32,
-            ..Default::default()
-        }),
-    )
-    .await
-    .unwrap()
-    .into_inner();
+    let sb = egress_sandbox(&mut sandboxes).await;
     assert_eq!(sb.network, pb::NetworkMode::Egress as i32);
 
     // An allowed host, through the proxy the environment names. The
@@ -417,31 +427,10 @@ async fn the_proxy_serves_a_thousand_connections_at_once_and_drops_a_slowloris()
         upstream.web_ip
     );
     let cp = ControlPlane::start(&[&public, &hosts]).await.unwrap();
-    let defaults =
-        std::fs::read_to_string(bridle_tests::repo_root().join("deploy/policies/default.cedar"))
-            .unwrap();
-    let mut admin = cp.admin(&cp.admin_token).await.unwrap();
-    bounded(
-        "Admin/SetPolicy",
-        admin.set_policy(pb::SetPolicyRequest {
-            source: format!("{defaults}\n{ALLOW}"),
-            expected_version: 0,
-        }),
-    )
-    .await
-    .unwrap();
+    allow_test_hosts(&cp).await;
     let alice = cp.token(pb::Role::Submitter, "alice").await.unwrap();
     let mut sandboxes = cp.sandboxes(&alice).await.unwrap();
-    let sb = bounded(
-        "Sandboxes/Create",
-        sandboxes.create(pb::CreateSandboxRequest {
-            network: pb::NetworkMode::Egress as i32,
-            ..Default::default()
-        }),
-    )
-    .await
-    .unwrap()
-    .into_inner();
+    let sb = egress_sandbox(&mut sandboxes).await;
     put_file(&mut sandboxes, &sb.id, "peer", 0o755, &peer())
         .await
         .unwrap();

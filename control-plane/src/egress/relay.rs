@@ -120,6 +120,34 @@ async fn follow(
     Ok(())
 }
 
+/// Opens the agent's stream for `connection` (the first message names it):
+/// what to send the agent on, and what it sends back.
+async fn open(
+    agent: &mut SandboxAgentClient<Channel>,
+    connection: u64,
+    buffer: usize,
+) -> Result<
+    (
+        mpsc::Sender<agent_pb::EgressChunk>,
+        tonic::Streaming<agent_pb::EgressChunk>,
+    ),
+    tonic::Status,
+> {
+    let (to_agent, rx) = mpsc::channel::<agent_pb::EgressChunk>(buffer);
+    let _ = to_agent
+        .send(agent_pb::EgressChunk {
+            connection,
+            data: Bytes::new(),
+            eof: false,
+        })
+        .await;
+    let from_agent = agent
+        .egress_connection(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((to_agent, from_agent))
+}
+
 /// Answers one DNS query: its bytes (one message from the agent, at most
 /// [`MAX_QUERY`]), and the answer back as one message.
 async fn answer(
@@ -128,18 +156,7 @@ async fn answer(
     origin: &Origin,
     connection: u64,
 ) -> Result<(), tonic::Status> {
-    let (to_agent, rx) = mpsc::channel::<agent_pb::EgressChunk>(2);
-    let _ = to_agent
-        .send(agent_pb::EgressChunk {
-            connection,
-            data: Bytes::new(),
-            eof: false,
-        })
-        .await;
-    let mut from_agent = agent
-        .egress_connection(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let (to_agent, mut from_agent) = open(&mut agent, connection, 2).await?;
     let query = tokio::time::timeout(Duration::from_secs(5), from_agent.message())
         .await
         .map_err(|_| tonic::Status::deadline_exceeded("the query did not come"))??
@@ -174,19 +191,7 @@ async fn carry(
     origin: &Origin,
     connection: u64,
 ) -> Result<(), tonic::Status> {
-    let (to_agent, rx) = mpsc::channel::<agent_pb::EgressChunk>(16);
-    // The first message names the connection.
-    let _ = to_agent
-        .send(agent_pb::EgressChunk {
-            connection,
-            data: Bytes::new(),
-            eof: false,
-        })
-        .await;
-    let mut from_agent = agent
-        .egress_connection(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let (to_agent, mut from_agent) = open(&mut agent, connection, 16).await?;
     let (proxy_side, relay_side) = tokio::io::duplex(4 * CHUNK);
     let (mut from_proxy, mut to_proxy) = tokio::io::split(relay_side);
     // The command's bytes, into the proxy.
